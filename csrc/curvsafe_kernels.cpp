@@ -1,0 +1,156 @@
+// C++ CPU kernels for curvsafe's four curvature ops (see kernels/*.py for the contracts).
+//
+// Inputs arrive as contiguous fp32 tensors (the Python dispatch upcasts); results are fp32. The GEMMs go through
+// ATen (MKL/oneDNN), the kernels add what the composite PyTorch reference cannot do: only the lower-triangular
+// tiles of a covariance, per-thread accumulation of squared per-example gradients, and no full-size temporaries.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+void check_fp32_2d(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, name, " must be float32");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// Token ranges [start, end) of the non-empty segments of sorted segment ids.
+std::vector<std::pair<int64_t, int64_t>> segment_ranges(const torch::Tensor& seg) {
+  const int64_t T = seg.size(0);
+  const int64_t* s = seg.data_ptr<int64_t>();
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  int64_t start = 0;
+  for (int64_t t = 1; t <= T; ++t) {
+    if (t == T || s[t] != s[start]) {
+      ranges.emplace_back(start, t);
+      start = t;
+    }
+  }
+  return ranges;
+}
+
+}  // namespace
+
+// alpha * x^T diag(mask) x, computing only the tiles on and below the diagonal and mirroring them.
+torch::Tensor covariance_update(torch::Tensor x, c10::optional<torch::Tensor> mask, double alpha) {
+  check_fp32_2d(x, "x");
+  const int64_t T = x.size(0), d = x.size(1);
+  torch::Tensor xw = x;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->dim() == 1 && mask->size(0) == T, "mask must have shape (T,)");
+    xw = x * mask->to(torch::kFloat32).unsqueeze(1);
+  }
+  auto out = torch::empty({d, d}, x.options());
+  if (T == 0) {
+    return out.zero_();
+  }
+  const int64_t block = d <= 256 ? d : 256;
+  for (int64_t i0 = 0; i0 < d; i0 += block) {
+    const int64_t bi = std::min(block, d - i0);
+    auto xi = xw.narrow(1, i0, bi).t();
+    for (int64_t j0 = 0; j0 <= i0; j0 += block) {
+      const int64_t bj = std::min(block, d - j0);
+      auto tile = at::mm(xi, x.narrow(1, j0, bj));
+      if (alpha != 1.0) tile.mul_(alpha);
+      if (i0 == j0) {
+        tile = (tile + tile.t()).mul_(0.5);
+        out.narrow(0, i0, bi).narrow(1, j0, bj).copy_(tile);
+      } else {
+        out.narrow(0, i0, bi).narrow(1, j0, bj).copy_(tile);
+        out.narrow(0, j0, bj).narrow(1, i0, bi).copy_(tile.t());
+      }
+    }
+  }
+  return out;
+}
+
+// sum_n g_n <g_n, V>, g_n = sum_{t in n} gy_t x_t^T, without per-example gradients.
+torch::Tensor linear_fisher_vp(torch::Tensor x, torch::Tensor gy, torch::Tensor V,
+                               c10::optional<torch::Tensor> segment_ids, int64_t num_segments) {
+  check_fp32_2d(x, "x");
+  check_fp32_2d(gy, "gy");
+  check_fp32_2d(V, "V");
+  const int64_t T = x.size(0), d_in = x.size(1), d_out = gy.size(1);
+  TORCH_CHECK(gy.size(0) == T && V.size(0) == d_out && V.size(1) == d_in, "shape mismatch");
+  auto vx = at::mm(x, V.t());  // (T, d_out): V x_t
+  auto c = torch::empty({T}, x.options());
+  {
+    const float* pv = vx.data_ptr<float>();
+    const float* pg = gy.data_ptr<float>();
+    float* pc = c.data_ptr<float>();
+    at::parallel_for(0, T, 64, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        float acc = 0.f;
+        const float* gv = pg + t * d_out;
+        const float* vv = pv + t * d_out;
+        for (int64_t i = 0; i < d_out; ++i) acc += gv[i] * vv[i];
+        pc[t] = acc;
+      }
+    });
+  }
+  if (segment_ids.has_value() && T > 0) {
+    auto seg = *segment_ids;
+    const int64_t n = num_segments >= 0 ? num_segments : seg.max().item<int64_t>() + 1;
+    auto sums = torch::zeros({n}, x.options()).index_add_(0, seg, c);
+    c = sums.index_select(0, seg);
+  }
+  auto scaled = gy * c.unsqueeze(1);
+  return at::mm(scaled.t(), x);
+}
+
+// sum_n g_n * g_n elementwise, one example's gradient at a time per thread.
+torch::Tensor linear_fisher_diag(torch::Tensor x, torch::Tensor gy, c10::optional<torch::Tensor> segment_ids) {
+  check_fp32_2d(x, "x");
+  check_fp32_2d(gy, "gy");
+  const int64_t d_in = x.size(1), d_out = gy.size(1);
+  if (!segment_ids.has_value()) {
+    return at::mm(gy.square().t(), x.square());
+  }
+  const auto ranges = segment_ranges(*segment_ids);
+  const int64_t n = static_cast<int64_t>(ranges.size());
+  const int nthreads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(n)));
+  std::vector<torch::Tensor> partial(nthreads);
+  for (auto& p : partial) p = torch::zeros({d_out, d_in}, x.options());
+  at::parallel_for(0, nthreads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      auto acc = partial[w];
+      auto g = torch::empty({d_out, d_in}, x.options());
+      for (int64_t k = w; k < n; k += nthreads) {
+        const auto [s, t] = ranges[k];
+        at::mm_out(g, gy.narrow(0, s, t - s).t(), x.narrow(0, s, t - s));
+        acc.addcmul_(g, g);
+      }
+    }
+  });
+  auto out = partial[0];
+  for (int w = 1; w < nthreads; ++w) out.add_(partial[w]);
+  return out;
+}
+
+// QG @ ((QG^T V QA) * scale) @ QA^T.
+torch::Tensor kron_eigen_apply(torch::Tensor V, torch::Tensor QA, torch::Tensor QG, torch::Tensor scale) {
+  check_fp32_2d(V, "V");
+  check_fp32_2d(QA, "QA");
+  check_fp32_2d(QG, "QG");
+  check_fp32_2d(scale, "scale");
+  auto rotated = at::mm(at::mm(QG.t(), V), QA);
+  rotated.mul_(scale);
+  return at::mm(at::mm(QG, rotated), QA.t());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "curvsafe C++ CPU curvature kernels";
+  m.def("covariance_update", &covariance_update, "alpha * x^T diag(mask) x (lower tiles, mirrored)",
+        py::arg("x"), py::arg("mask"), py::arg("alpha"));
+  m.def("linear_fisher_vp", &linear_fisher_vp, "exact empirical Fisher-vector product of a linear layer",
+        py::arg("x"), py::arg("gy"), py::arg("V"), py::arg("segment_ids"), py::arg("num_segments"));
+  m.def("linear_fisher_diag", &linear_fisher_diag, "diagonal empirical Fisher of a linear layer", py::arg("x"),
+        py::arg("gy"), py::arg("segment_ids"));
+  m.def("kron_eigen_apply", &kron_eigen_apply, "QG ((QG^T V QA) * scale) QA^T", py::arg("V"), py::arg("QA"),
+        py::arg("QG"), py::arg("scale"));
+}

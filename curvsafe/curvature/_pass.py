@@ -1,0 +1,162 @@
+"""One hooked pass over batches: forward, (sampled) targets, backward, with the layer callbacks in between.
+
+Shared by K-FAC, the EK-FAC eigenvalue correction and the exact Fisher diagonal, so that masking, the Fisher
+type, the sdpa switch and the silent-error checks live in one place.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import CaptureError, LayerCapture, LinearBlock
+from .loss import call_model, curvature_mode, model_device, prepare_batch
+
+FISHER_TYPES = ("empirical", "mc", "type2")
+
+
+@dataclass
+class BatchInfo:
+    """What the callbacks may read about the batch in flight."""
+
+    segment_ids: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # (n_tokens,) row index
+    num_sequences: int = 0
+    num_tokens: int = 0
+    num_loss_tokens: int = 0  # counted positions (targets not ignored, not padding)
+
+
+@dataclass
+class PassTotals:
+    batches: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+
+
+def default_progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def materialize(batches: Iterable) -> list:
+    """Batches as a list (curvature objects pass over the data more than once); empty data is an error."""
+    data = list(batches)
+    if not data:
+        raise ValueError("no batches given: curvature needs at least one batch")
+    return data
+
+
+@contextmanager
+def weights_require_grad(blocks: Sequence[LinearBlock]) -> Iterator[list[Tensor]]:
+    """Temporarily make the captured weights require grad (so their outputs carry gradients even when frozen)."""
+    weights = [b.module.weight for b in blocks]
+    previous = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        yield weights
+    finally:
+        for w, flag in zip(weights, previous):
+            w.requires_grad_(flag)
+
+
+def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Sequence, *, loss, fisher_type: str,
+                 generator: Optional[torch.Generator], on_forward: Callable[[LinearBlock, Tensor], None],
+                 on_backward: Callable[[LinearBlock, Tensor], None], info: BatchInfo,
+                 on_batch_end: Optional[Callable[[], None]] = None, desc: str = "curvature",
+                 progress: Optional[bool] = None, verify: bool = True) -> PassTotals:
+    """Run every batch through the hooked model and backpropagate the sum of per-token losses.
+
+    ``fisher_type``: ``"empirical"`` uses the batch labels; ``"mc"`` draws one target per counted position from
+    the model's predictive distribution (``generator``); ``"type2"`` backpropagates every column of the output
+    Hessian's square root at every counted position separately (exact GGN factors; positions x vocabulary
+    backward passes, for tests and tiny models).
+    With ``verify``, the first batch checks that each weight's autograd gradient equals ``sum_t g_t a_t^T`` from
+    the hooks: a mismatch means the weight is used outside its module's forward (a fused path) and is refused.
+    """
+    from tqdm.auto import tqdm
+
+    if fisher_type not in FISHER_TYPES:
+        raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+    device = model_device(model)
+    totals = PassTotals()
+    stash: dict[str, Tensor] = {}
+    hook_grads: dict[str, Tensor] = {}
+
+    def forward_cb(block: LinearBlock, a: Tensor) -> None:
+        if verify and totals.batches == 0:
+            stash[block.name] = a
+        on_forward(block, a)
+
+    def backward_cb(block: LinearBlock, g: Tensor) -> None:
+        if block.name in stash and block.name not in hook_grads:
+            hook_grads[block.name] = g.T @ stash.pop(block.name)
+        on_backward(block, g)
+
+    show = default_progress() if progress is None else progress
+    with curvature_mode(model), weights_require_grad(blocks) as weights, \
+            LayerCapture(blocks, forward_cb, backward_cb) as capture:
+        for raw in tqdm(batches, desc=desc, disable=not show, leave=False):
+            batch = prepare_batch(raw, device)
+            token_mask = batch["attention_mask"].bool()
+            rows = torch.arange(token_mask.shape[0], device=device)[:, None].expand_as(token_mask)
+            info.segment_ids = rows[token_mask]
+            info.num_sequences = int(token_mask.any(dim=1).sum())
+            info.num_tokens = int(token_mask.sum())
+            capture.expect_forward(token_mask)
+            output = call_model(model, batch)
+            capture.check_forward()
+            targets = loss.targets(batch)
+            if fisher_type == "mc":
+                targets = loss.sample_targets(output, targets, generator)
+            valid = loss.valid(targets) & token_mask
+            info.num_loss_tokens = int(valid.sum())
+            if fisher_type == "type2":
+                _backward_hessian_sqrt_columns(output, valid, loss, weights)
+            else:
+                total = loss.token_losses(output, targets).masked_fill(~valid, 0).sum()
+                grads = torch.autograd.grad(total, weights, allow_unused=True)
+                if verify and totals.batches == 0:
+                    _verify_weight_grads(blocks, grads, hook_grads)
+            capture.check_backward()
+            totals.batches += 1
+            totals.sequences += info.num_sequences
+            totals.tokens += info.num_tokens
+            totals.loss_tokens += info.num_loss_tokens
+            if on_batch_end is not None:
+                on_batch_end()
+    if totals.loss_tokens == 0:
+        raise ValueError("every token is ignored (labels all -100 or all padding): there is no loss to curve")
+    return totals
+
+
+def _backward_hessian_sqrt_columns(output: Tensor, valid: Tensor, loss, weights: Sequence[Tensor]) -> None:
+    """Backpropagate every column of each counted position's output-Hessian square root separately, so the hooks
+    accumulate ``sum_s J_s^T H_s J_s`` exactly (one column for several positions at once would add cross terms)."""
+    positions = valid.nonzero().tolist()
+    sqrt = loss.output_hessian_sqrt(output[valid])
+    last = (len(positions) - 1, sqrt.shape[-1] - 1)
+    for k, pos in enumerate(positions):
+        for c in range(sqrt.shape[-1]):
+            grad_out = torch.zeros_like(output)
+            grad_out[tuple(pos)] = sqrt[k, :, c]
+            torch.autograd.grad(output, weights, grad_outputs=grad_out, retain_graph=(k, c) != last,
+                                allow_unused=True)
+
+
+def _verify_weight_grads(blocks: Sequence[LinearBlock], grads: Sequence[Optional[Tensor]],
+                         hook_grads: dict[str, Tensor]) -> None:
+    for block, grad in zip(blocks, grads):
+        expected = hook_grads.get(block.name)
+        if grad is None or expected is None:
+            continue
+        actual = block.as_matrix(grad).to(expected.dtype)
+        err = (actual - expected).norm() / actual.norm().clamp_min(torch.finfo(actual.dtype).tiny)
+        if float(err) > 1e-3 and float(actual.norm()) > 1e-12:
+            raise CaptureError(f"module {block.name!r}: its weight gets gradient from outside its forward "
+                               f"(relative mismatch {float(err):.2e}); a fused path or shared weight would make "
+                               "hook-based curvature silently wrong. Exclude it from `modules`.")

@@ -1,0 +1,247 @@
+"""Exact curvature-vector products of the model's mean loss: Hessian, GGN and empirical Fisher.
+
+Convention: the objective is ``L = (1/K) sum_k L_k`` over the K given batches, with ``L_k`` the batch's mean
+per-token loss (HF's ``outputs.loss``; see :mod:`.loss`). For parameter vectors ``v`` (dicts ``{name: tensor}``):
+
+- :func:`hvp` returns ``H v`` with ``H`` the Hessian of ``L`` (forward-over-reverse with ``torch.func``, falling
+  back to double backward when a model's ops lack forward-mode AD);
+- :func:`ggn_vp` returns ``J^T H_out J v`` averaged the same way (``H_out`` the Hessian of the loss w.r.t. the
+  model output);
+- :func:`empirical_fisher_vp` returns ``(1/K) sum_k (1/N_k) sum_{n in k} g_n <g_n, v>`` with ``g_n`` the gradient
+  of sequence n's sum loss and ``N_k`` the counted tokens of batch k (exact, via one JVP and one VJP).
+
+``params`` selects the parameters (default: those with ``requires_grad``) as a list of names or a dict. All three
+run with the math SDPA backend in eval mode (the fused CPU SDPA kernel has no second derivatives), on a model
+loaded with default settings. Under ``torch.distributed`` results are summed over ranks and divided by the total
+number of batches.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._pass import materialize
+from .base import CurvatureOperator
+from .distributed import all_reduce_counts, all_reduce_sum_
+from .loss import CausalLMLoss, call_model, curvature_mode, model_device, prepare_batch
+from .vectors import ParamVector, check_vector
+
+ParamSelection = Union[None, Sequence[str], Mapping[str, Tensor]]
+
+_NO_FORWARD_AD: set[type] = set()
+
+
+def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` for ``params`` (names, a dict, or ``None`` for every ``requires_grad`` parameter)."""
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = {n: p for n, p in named.items() if p.requires_grad}
+    else:
+        names = list(params.keys()) if isinstance(params, Mapping) else list(params)
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise ValueError(f"unknown parameter name(s) {unknown[:5]}")
+        chosen = {n: named[n] for n in names}
+    if not chosen:
+        raise ValueError("no parameters selected (none requires grad); pass `params`")
+    return chosen
+
+
+@contextmanager
+def _requiring_grad(params: Iterable[Tensor]) -> Iterator[None]:
+    params = list(params)
+    previous = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, previous):
+            p.requires_grad_(flag)
+
+
+def _prepare(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection):
+    data = materialize(batches)
+    chosen = select_params(model, params)
+    check_vector(v, {n: p.shape for n, p in chosen.items()})
+    return data, chosen
+
+
+def _batch_loss_terms(model: nn.Module, batch: Mapping[str, Tensor], loss) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Model output, targets, the (B, T) counted-position mask, and the number of counted tokens."""
+    output = call_model(model, batch)
+    targets = loss.targets(batch)
+    valid = loss.valid(targets) & batch["attention_mask"].bool()
+    count = valid.sum()
+    if int(count) == 0:
+        raise ValueError("a batch has every token ignored (labels all -100 or padding): its mean loss is undefined")
+    return output, targets, valid, count
+
+
+def _finish(results: list[ParamVector], names: Sequence[str], device: torch.device) -> ParamVector:
+    total = {n: sum(r[n] for r in results) for n in names}
+    all_reduce_sum_(total.values())
+    (k,) = all_reduce_counts([float(len(results))], device)
+    return {n: t / k for n, t in total.items()}
+
+
+def _mean_loss_fn(model: nn.Module, batch: Mapping[str, Tensor], names: Sequence[str], loss) -> Callable:
+    from torch.func import functional_call
+
+    def f(*tensors: Tensor) -> Tensor:
+        output = functional_call(model, dict(zip(names, tensors)), args=(), kwargs={
+            "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            **({"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None
+               else {})})
+        output = output.logits if hasattr(output, "logits") else output
+        targets = loss.targets(batch)
+        valid = loss.valid(targets) & batch["attention_mask"].bool()
+        return loss.token_losses(output, targets).masked_fill(~valid, 0).sum() / valid.sum()
+
+    return f
+
+
+def _hvp_forward_over_reverse(model, batch, names, primals, tangents, loss) -> tuple[Tensor, ...]:
+    from torch.func import grad, jvp
+
+    f = _mean_loss_fn(model, batch, names, loss)
+    _, hv = jvp(grad(f, argnums=tuple(range(len(names)))), primals, tangents)
+    return hv
+
+
+def _hvp_double_backward(model, batch, names, primals, tangents, loss) -> tuple[Tensor, ...]:
+    output, targets, valid, count = _batch_loss_terms(model, batch, loss)
+    value = loss.token_losses(output, targets).masked_fill(~valid, 0).sum() / count
+    grads = torch.autograd.grad(value, primals, create_graph=True)
+    return torch.autograd.grad(grads, primals, grad_outputs=tangents, allow_unused=True)
+
+
+def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection = None, *,
+        loss=None, method: str = "auto") -> ParamVector:
+    """Exact Hessian-vector product of the mean loss (module docstring). ``method``: ``"auto"`` (forward-over-
+    reverse, double backward if the model lacks forward-mode AD), ``"forward"`` or ``"double_backward"``."""
+    if method not in ("auto", "forward", "double_backward"):
+        raise ValueError(f"method must be 'auto', 'forward' or 'double_backward', got {method!r}")
+    loss = loss or CausalLMLoss()
+    data, chosen = _prepare(model, batches, v, params)
+    names = list(chosen)
+    device = model_device(model)
+    results = []
+    with curvature_mode(model), _requiring_grad(chosen.values()):
+        primals = tuple(chosen[n] for n in names)
+        tangents = tuple(v[n].to(chosen[n].dtype) for n in names)
+        for raw in data:
+            batch = prepare_batch(raw, device)
+            use_forward = method == "forward" or (method == "auto" and type(model) not in _NO_FORWARD_AD)
+            hv = None
+            if use_forward:
+                try:
+                    hv = _hvp_forward_over_reverse(model, batch, names, tuple(p.detach() for p in primals),
+                                                   tangents, loss)
+                except (RuntimeError, NotImplementedError):
+                    if method == "forward":
+                        raise
+                    _NO_FORWARD_AD.add(type(model))
+            if hv is None:
+                hv = _hvp_double_backward(model, batch, names, primals, tangents, loss)
+            results.append({n: (h if h is not None else torch.zeros_like(chosen[n])).detach()
+                            for n, h in zip(names, hv)})
+    return _finish(results, names, device)
+
+
+def _output_jvp(output: Tensor, primals: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor:
+    """``J v`` of ``output`` w.r.t. ``primals`` by the double-VJP trick (no forward-mode AD needed)."""
+    u = torch.zeros_like(output, requires_grad=True)
+    vjp = torch.autograd.grad(output, primals, grad_outputs=u, create_graph=True, allow_unused=True)
+    pairs = [(g, t) for g, t in zip(vjp, tangents) if g is not None]
+    return torch.autograd.grad([g for g, _ in pairs], u, grad_outputs=[t for _, t in pairs], retain_graph=True)[0]
+
+
+def ggn_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection = None, *,
+           loss=None) -> ParamVector:
+    """Generalised Gauss-Newton-vector product ``J^T H_out J v`` of the mean loss (module docstring)."""
+    loss = loss or CausalLMLoss()
+    data, chosen = _prepare(model, batches, v, params)
+    names = list(chosen)
+    device = model_device(model)
+    results = []
+    with curvature_mode(model), _requiring_grad(chosen.values()):
+        primals = [chosen[n] for n in names]
+        tangents = [v[n].to(chosen[n].dtype) for n in names]
+        for raw in data:
+            batch = prepare_batch(raw, device)
+            output, targets, valid, count = _batch_loss_terms(model, batch, loss)
+            jv = _output_jvp(output, primals, tangents)
+            hjv = loss.output_hessian_vp(output, targets, jv) * valid.unsqueeze(-1) / count
+            out = torch.autograd.grad(output, primals, grad_outputs=hjv.to(output.dtype), allow_unused=True)
+            results.append({n: (o if o is not None else torch.zeros_like(chosen[n])).detach()
+                            for n, o in zip(names, out)})
+    return _finish(results, names, device)
+
+
+def empirical_fisher_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor],
+                        params: ParamSelection = None, *, loss=None) -> ParamVector:
+    """Exact empirical-Fisher-vector product with sequences as examples (module docstring)."""
+    loss = loss or CausalLMLoss()
+    data, chosen = _prepare(model, batches, v, params)
+    names = list(chosen)
+    device = model_device(model)
+    results = []
+    with curvature_mode(model), _requiring_grad(chosen.values()):
+        primals = [chosen[n] for n in names]
+        tangents = [v[n].to(chosen[n].dtype) for n in names]
+        for raw in data:
+            batch = prepare_batch(raw, device)
+            output, targets, valid, count = _batch_loss_terms(model, batch, loss)
+            per_seq = loss.token_losses(output, targets).masked_fill(~valid, 0).sum(dim=1)  # (B,)
+            c = _output_jvp(per_seq, primals, tangents)  # c_n = <g_n, v>
+            out = torch.autograd.grad(per_seq, primals, grad_outputs=(c / count).detach(), allow_unused=True)
+            results.append({n: (o if o is not None else torch.zeros_like(chosen[n])).detach()
+                            for n, o in zip(names, out)})
+    return _finish(results, names, device)
+
+
+class _ProductOperator(CurvatureOperator):
+    """An exact product as an operator; ``inverse_mv`` solves with CG (see :class:`~.cg.CGInverse`)."""
+
+    product: Callable = staticmethod(hvp)
+
+    def __init__(self, model: nn.Module, batches: Iterable, params: ParamSelection = None, *, loss=None,
+                 cg_tol: float = 1e-6, cg_maxiter: Optional[int] = None, preconditioner=None):
+        self.model = model
+        self.batches = materialize(batches)
+        self.params = select_params(model, params)
+        self.param_shapes = {n: p.shape for n, p in self.params.items()}
+        self.loss = loss
+        self.cg_tol, self.cg_maxiter, self.preconditioner = cg_tol, cg_maxiter, preconditioner
+
+    def _mv(self, v: ParamVector) -> ParamVector:
+        return type(self).product(self.model, self.batches, v, list(self.params), loss=self.loss)
+
+    def _inverse_mv(self, v: ParamVector, damping: float) -> ParamVector:
+        from .cg import CGInverse
+
+        solver = CGInverse(self, tol=self.cg_tol, maxiter=self.cg_maxiter, preconditioner=self.preconditioner)
+        return solver.inverse_mv(v, damping)
+
+
+class HessianOperator(_ProductOperator):
+    """Exact Hessian of the mean loss over fixed batches (:func:`hvp`)."""
+
+    product = staticmethod(hvp)
+
+
+class GGNOperator(_ProductOperator):
+    """Exact GGN of the mean loss over fixed batches (:func:`ggn_vp`)."""
+
+    product = staticmethod(ggn_vp)
+
+
+class EmpiricalFisherOperator(_ProductOperator):
+    """Exact empirical Fisher over fixed batches (:func:`empirical_fisher_vp`)."""
+
+    product = staticmethod(empirical_fisher_vp)

@@ -1,0 +1,262 @@
+"""K-FAC: Kronecker-factored curvature of the linear blocks of a causal LM.
+
+Convention (kept exactly, tested against curvlinops):
+
+- ``kfac_approx="expand"`` (tokens are examples): ``A = mean over non-padding tokens of a a^T`` with ``a`` the block
+  input (no bias column: a bias is its own block with curvature ``G``), and ``G = mean over the same tokens of
+  g g^T`` with ``g`` the gradient of the **sum** of per-token losses w.r.t. the block output. Neither factor
+  depends on batch size or padding.
+- ``kfac_approx="reduce"`` (sequences are examples): ``A = mean over sequences of abar abar^T`` with ``abar`` the
+  mean of ``a`` over the sequence's non-padding tokens, and ``G = (1 / non-padding tokens) * sum over sequences of
+  gsum gsum^T`` with ``gsum`` the sum of ``g`` over the sequence, so that ``G`` has the expand scale.
+- Padding (``attention_mask == 0``) never counts. Prompt tokens whose labels are -100 still count in both
+  factors: their outputs feed later tokens' losses through attention, so their ``g`` is not zero.
+- ``A ⊗ G`` approximates the curvature of the *mean per-token* loss (HF's ``outputs.loss``), the scale of
+  :func:`~curvsafe.curvature.hvp.hvp`. Operator vectors for a block's weight are its (d_out, d_in) matrix ``V``
+  (Conv1D weights are transposed for this) and ``mv`` gives ``G V A``.
+- Factors are float32 and exactly symmetric. Over several batches (and :meth:`KFAC.fit` calls) they are a running
+  mean weighted by token (sequence) counts, or an EMA with ``ema_decay``. Under ``torch.distributed`` sums and
+  counts are all-reduced, so every rank holds the factors of the union of the data.
+- ``fisher_type``: ``"empirical"`` backpropagates the data labels, ``"mc"`` one label per counted position sampled
+  from the model's own predictive distribution (seeded by ``seed``), ``"type2"`` every column of the loss
+  Hessian's square root at each position (exact GGN factors, ``sum_s J_s^T H_s J_s``; positions x vocabulary
+  backward passes, for tests and tiny models).
+- Computations run in eval mode with the math SDPA backend (see :func:`~curvsafe.curvature.loss.curvature_mode`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import LinearBlock, ModuleSelection, find_blocks
+from ..kernels import covariance_update, kron_eigen_apply
+from ._pass import BatchInfo, capture_pass, materialize
+from .base import CurvatureOperator
+from .distributed import all_reduce_counts, all_reduce_sum_, is_distributed
+from .eigen import safe_eigh
+from .loss import CausalLMLoss, model_device
+from .vectors import ParamVector
+
+KFAC_APPROX = ("expand", "reduce")
+
+
+@dataclass
+class KFactors:
+    """The Kronecker factors of one block: ``A`` (d_in, d_in), ``G`` (d_out, d_out), float32, symmetric."""
+
+    A: Tensor
+    G: Tensor
+
+
+@dataclass
+class KEigen:
+    """Eigendecomposition of one block's factors: ``A = QA diag(lam_A) QA^T``, ``G = QG diag(lam_G) QG^T``."""
+
+    lam_A: Tensor
+    QA: Tensor
+    lam_G: Tensor
+    QG: Tensor
+
+
+class _Sums:
+    """Per-block factor sums and the counts that normalise them (the state that all-reduces)."""
+
+    def __init__(self):
+        self.A: dict[str, Tensor] = {}
+        self.G: dict[str, Tensor] = {}
+        self.n_a = 0.0  # tokens (expand) or sequences (reduce)
+        self.n_g = 0.0  # tokens in both cases
+
+    def add(self, store: dict[str, Tensor], name: str, rows: Tensor) -> None:
+        if name in store:
+            covariance_update(rows, store[name], alpha=1.0, beta=1.0)
+        else:
+            store[name] = covariance_update(rows)
+
+
+class KFAC(CurvatureOperator):
+    """K-FAC factors and operator for the linear blocks of ``model`` (see the module docstring for conventions).
+
+    Example::
+
+        kfac = KFAC(model, modules="lora").fit(batches)
+        kfac.factors["...q_proj.lora_A.default"].A
+        step = kfac.inverse_mv(grads, damping=1e-3)
+    """
+
+    def __init__(self, model: nn.Module, modules: ModuleSelection = None, *, fisher_type: str = "empirical",
+                 kfac_approx: str = "expand", ema_decay: Optional[float] = None, seed: int = 0, loss=None,
+                 progress: Optional[bool] = None):
+        if kfac_approx not in KFAC_APPROX:
+            raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {kfac_approx!r}")
+        if fisher_type not in ("empirical", "mc", "type2"):
+            raise ValueError(f"fisher_type must be 'empirical', 'mc' or 'type2', got {fisher_type!r}")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.model = model
+        self.blocks: list[LinearBlock] = find_blocks(model, modules)
+        self.fisher_type = fisher_type
+        self.kfac_approx = kfac_approx
+        self.ema_decay = ema_decay
+        self.seed = seed
+        self.loss = loss if loss is not None else CausalLMLoss()
+        self.progress = progress
+        params = dict(model.named_parameters())
+        self.param_shapes = {n: params[n].shape for b in self.blocks for n in b.param_names}
+        self.factors: dict[str, KFactors] = {}
+        self._sums: Optional[_Sums] = None
+        self._eigen: dict[str, KEigen] = {}
+        self._generator: Optional[torch.Generator] = None
+
+    # ------------------------------------------------------------------ fitting
+    def _make_generator(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=model_device(self.model))
+            self._generator.manual_seed(self.seed)
+        return self._generator
+
+    def fit(self, batches: Iterable) -> "KFAC":
+        """Accumulate the factors over ``batches`` (HF dicts); returns ``self``.
+
+        Nothing changes if any batch fails (bad input, non-finite gradient, capture error).
+        """
+        data = materialize(batches)
+        ema = self.ema_decay is not None
+        running = _Sums() if ema or self._sums is None else self._clone_sums(self._sums)
+        factors = dict(self.factors)
+        batch_sums = _Sums()
+        info = BatchInfo()
+        reduce = self.kfac_approx == "reduce"
+
+        def on_forward(block: LinearBlock, a: Tensor) -> None:
+            rows = self._per_sequence(a.float(), info, mean=True) if reduce else a
+            batch_sums.add(batch_sums.A, block.name, rows)
+
+        def on_backward(block: LinearBlock, g: Tensor) -> None:
+            rows = self._per_sequence(g.float(), info, mean=False) if reduce else g
+            batch_sums.add(batch_sums.G, block.name, rows)
+
+        def on_batch_end() -> None:
+            batch_sums.n_a += info.num_sequences if reduce else info.num_tokens
+            batch_sums.n_g += info.num_tokens
+            if ema:
+                self._ema_merge(factors, batch_sums)
+            else:
+                self._add_sums(running, batch_sums)
+            batch_sums.__init__()
+
+        capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
+                     generator=self._make_generator(), on_forward=on_forward, on_backward=on_backward, info=info,
+                     on_batch_end=on_batch_end, desc="K-FAC factors", progress=self.progress)
+        if not ema:
+            reduced = self._clone_sums(running)
+            if is_distributed():
+                all_reduce_sum_([*reduced.A.values(), *reduced.G.values()])
+                reduced.n_a, reduced.n_g = all_reduce_counts([reduced.n_a, reduced.n_g], model_device(self.model))
+            factors = {b.name: KFactors(reduced.A[b.name] / reduced.n_a, reduced.G[b.name] / reduced.n_g)
+                       for b in self.blocks}
+            self._sums = running
+        self.factors = factors
+        self._eigen = {}
+        return self
+
+    @staticmethod
+    def _per_sequence(rows: Tensor, info: BatchInfo, *, mean: bool) -> Tensor:
+        n = int(info.segment_ids.max()) + 1 if rows.shape[0] else 0
+        sums = rows.new_zeros(n, rows.shape[1]).index_add_(0, info.segment_ids, rows)
+        if mean:
+            counts = torch.bincount(info.segment_ids, minlength=n).clamp_min(1).to(rows.dtype)
+            sums = sums / counts[:, None]
+        return sums[torch.bincount(info.segment_ids, minlength=n) > 0]
+
+    @staticmethod
+    def _clone_sums(s: _Sums) -> _Sums:
+        c = _Sums()
+        c.A = {k: v.clone() for k, v in s.A.items()}
+        c.G = {k: v.clone() for k, v in s.G.items()}
+        c.n_a, c.n_g = s.n_a, s.n_g
+        return c
+
+    @staticmethod
+    def _add_sums(total: _Sums, part: _Sums) -> None:
+        for store, other in ((total.A, part.A), (total.G, part.G)):
+            for k, v in other.items():
+                if k in store:
+                    store[k].add_(v)
+                else:
+                    store[k] = v
+        total.n_a += part.n_a
+        total.n_g += part.n_g
+
+    def _ema_merge(self, factors: dict[str, KFactors], part: _Sums) -> None:
+        if is_distributed():
+            all_reduce_sum_([*part.A.values(), *part.G.values()])
+            part.n_a, part.n_g = all_reduce_counts([part.n_a, part.n_g], model_device(self.model))
+        d = self.ema_decay
+        for b in self.blocks:
+            A, G = part.A[b.name] / part.n_a, part.G[b.name] / part.n_g
+            old = factors.get(b.name)
+            factors[b.name] = KFactors(A, G) if old is None else KFactors(d * old.A + (1 - d) * A,
+                                                                        d * old.G + (1 - d) * G)
+
+    def reset(self) -> None:
+        """Forget all accumulated statistics."""
+        self.factors, self._sums, self._eigen = {}, None, {}
+
+    # ------------------------------------------------------------------ eigenbasis
+    def _require_fit(self) -> None:
+        if not self.factors:
+            raise RuntimeError(f"{type(self).__name__} has no factors yet: call .fit(batches) first")
+
+    def eigen(self, name: str) -> KEigen:
+        """Cached eigendecomposition of block ``name``'s factors (float64 ``eigh``, guarded; see :func:`safe_eigh`)."""
+        self._require_fit()
+        if name not in self._eigen:
+            f = self.factors[name]
+            lam_A, QA = safe_eigh(f.A, f"{name}.A")
+            lam_G, QG = safe_eigh(f.G, f"{name}.G")
+            self._eigen[name] = KEigen(lam_A, QA, lam_G, QG)
+        return self._eigen[name]
+
+    # ------------------------------------------------------------------ operator
+    def _block_scale(self, block: LinearBlock) -> Tensor:
+        """The (d_out, d_in) eigenvalues of the block's curvature in its Kronecker eigenbasis."""
+        e = self.eigen(block.name)
+        return torch.outer(e.lam_G, e.lam_A)
+
+    def _bias_scale(self, block: LinearBlock) -> Tensor:
+        return self.eigen(block.name).lam_G
+
+    def _apply(self, v: ParamVector, transform) -> ParamVector:
+        self._require_fit()
+        out: ParamVector = {}
+        for b in self.blocks:
+            e = self.eigen(b.name)
+            V = b.as_matrix(v[b.weight_name]).float()
+            out[b.weight_name] = b.from_matrix(kron_eigen_apply(V, e.QA, e.QG, transform(self._block_scale(b))))
+            if b.bias_name:
+                coeffs = e.QG.T @ v[b.bias_name].float()
+                out[b.bias_name] = e.QG @ (coeffs * transform(self._bias_scale(b)))
+        return out
+
+    def _mv(self, v: ParamVector) -> ParamVector:
+        return self._apply(v, lambda lam: lam)
+
+    def _inverse_mv(self, v: ParamVector, damping: float) -> ParamVector:
+        return self._apply(v, lambda lam: 1.0 / (lam + damping))
+
+    def state_dict(self) -> dict:
+        """Factors (and running sums) as plain tensors, for saving with ``torch.save``."""
+        return {"fisher_type": self.fisher_type, "kfac_approx": self.kfac_approx,
+                "factors": {n: {"A": f.A, "G": f.G} for n, f in self.factors.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        names = {b.name for b in self.blocks}
+        if set(state["factors"]) != names:
+            raise ValueError("saved factors are for different modules than this KFAC's selection")
+        self.factors = {n: KFactors(f["A"], f["G"]) for n, f in state["factors"].items()}
+        self._sums, self._eigen = None, {}

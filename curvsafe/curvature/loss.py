@@ -1,0 +1,147 @@
+"""The per-token losses that every curvature object differentiates, and how to call the model.
+
+Batches are Hugging Face dicts: ``input_ids`` (B, T), optional ``attention_mask`` (B, T) with 0 = padding, and
+``labels`` (B, T) with -100 = ignored. Without ``labels`` the input ids are used with padding ignored (what HF's
+language-modelling collator does).
+
+:class:`CausalLMLoss` is HF's causal-LM loss: the logits at position t predict ``labels[t + 1]``. It is computed
+here rather than taken from ``outputs.loss`` because HF casts logits to float32, which would spoil float64
+curvature checks; the value is the same. The loss of a batch is the mean over its counted tokens (HF's
+``outputs.loss``); a batch's *sum loss* is the sum of its per-token losses.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+
+
+def prepare_batch(batch: Mapping[str, Any], device: Optional[torch.device] = None) -> dict[str, Tensor]:
+    """Validate an HF batch and return ``input_ids``, ``attention_mask`` and ``labels`` on ``device``."""
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise ValueError("a batch must be a mapping with at least 'input_ids' (and usually 'attention_mask', "
+                         "'labels')")
+    ids = torch.as_tensor(batch["input_ids"])
+    if ids.dim() < 2 or ids.numel() == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(ids.shape)}")
+    mask = batch.get("attention_mask")
+    mask = torch.ones(ids.shape[:2], dtype=torch.long, device=ids.device) if mask is None else torch.as_tensor(mask)
+    labels = batch.get("labels")
+    if labels is None:
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    else:
+        labels = torch.as_tensor(labels)
+    if mask.shape != ids.shape[:2] or labels.shape[:2] != ids.shape[:2]:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} and labels {tuple(labels.shape)} must match "
+                         f"input_ids {tuple(ids.shape)}")
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def call_model(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """Run the model on ``input_ids``/``attention_mask`` and return its output tensor (``.logits`` when present)."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False
+    out = model(**kwargs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@contextmanager
+def curvature_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and the math SDPA backend for the duration of a curvature computation.
+
+    PyTorch's fused SDPA kernels on CPU (and flash/efficient attention on GPU) have no second derivatives and no
+    forward-mode AD; the math backend computes the same attention with differentiable ops. The user's model is
+    left as it was (training flag restored, nothing reloaded).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    was_training = model.training
+    model.eval()
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        model.train(was_training)
+
+
+class CausalLMLoss:
+    """Next-token cross-entropy, HF conventions (shift by one, -100 ignored), in the logits' dtype (>= fp32)."""
+
+    def targets(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """(B, T) target of each output position; the last position and ignored labels get -100."""
+        labels = batch["labels"]
+        shifted = torch.full_like(labels, IGNORE_INDEX)
+        shifted[:, :-1] = labels[:, 1:]
+        return shifted
+
+    @staticmethod
+    def valid(targets: Tensor) -> Tensor:
+        return targets != IGNORE_INDEX
+
+    @staticmethod
+    def _upcast(logits: Tensor) -> Tensor:
+        return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+    def token_losses(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """(B, T) per-token losses, 0 where the target is ignored."""
+        z = self._upcast(logits)
+        return F.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction="none").view(targets.shape)
+
+    def sample_targets(self, logits: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
+        """Targets drawn from the model's predictive distribution at the counted positions (MC Fisher)."""
+        probs = torch.softmax(self._upcast(logits.detach()), dim=-1).reshape(-1, logits.shape[-1])
+        draws = torch.multinomial(probs, 1, generator=generator).view(targets.shape)
+        return torch.where(self.valid(targets), draws, targets)
+
+    def output_hessian_vp(self, logits: Tensor, targets: Tensor, u: Tensor) -> Tensor:
+        """Hessian of the sum loss w.r.t. the logits applied to ``u`` (B, T, V): ``p*u - p*(p.u)`` per token."""
+        p = torch.softmax(self._upcast(logits.detach()), dim=-1)
+        hu = p * u - p * (p * u).sum(-1, keepdim=True)
+        return hu * self.valid(targets).unsqueeze(-1).to(hu.dtype)
+
+    def output_hessian_sqrt(self, logits: Tensor) -> Tensor:
+        """(n, V, V) ``S`` with ``S S^T`` = the CE Hessian ``diag(p) - p p^T`` of each of the n rows of logits."""
+        p = torch.softmax(self._upcast(logits.detach()), dim=-1)
+        sp = p.sqrt()
+        return torch.diag_embed(sp) - p.unsqueeze(-1) * sp.unsqueeze(-2)
+
+
+class MSELoss:
+    """``0.5 * ||output - labels||^2`` per token, for regression models (float ``labels`` shaped like the output)
+    whose padding is given by ``attention_mask``. Used to check K-FAC against exact GGNs on deep linear networks."""
+
+    def targets(self, batch: Mapping[str, Tensor]) -> Tensor:
+        return batch["labels"].masked_fill(~batch["attention_mask"].bool().unsqueeze(-1), float("nan"))
+
+    @staticmethod
+    def valid(targets: Tensor) -> Tensor:
+        return ~torch.isnan(targets).any(-1)
+
+    def token_losses(self, output: Tensor, targets: Tensor) -> Tensor:
+        diff = torch.nan_to_num(output - targets) * self.valid(targets).unsqueeze(-1)
+        return 0.5 * diff.square().sum(-1)
+
+    def sample_targets(self, output: Tensor, targets: Tensor, generator: torch.Generator) -> Tensor:
+        noise = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
+        return torch.where(self.valid(targets).unsqueeze(-1), output.detach() + noise, targets)
+
+    def output_hessian_vp(self, output: Tensor, targets: Tensor, u: Tensor) -> Tensor:
+        return u * self.valid(targets).unsqueeze(-1).to(u.dtype)
+
+    def output_hessian_sqrt(self, output: Tensor) -> Tensor:
+        n, c = output.shape
+        return torch.eye(c, dtype=output.dtype, device=output.device).expand(n, c, c)

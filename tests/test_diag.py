@@ -1,0 +1,64 @@
+"""Diagonal curvature: exact empirical-Fisher diagonal and the Hutchinson Hessian diagonal."""
+
+import pytest
+import torch
+from conftest import TinyMLPLM, make_batch, rel_err, tiny_gpt2, tiny_llama, with_lora
+
+from curvsafe.curvature import (DiagonalOperator, empirical_fisher_diagonal, empirical_fisher_vp,
+                                hutchinson_hessian_diagonal, select_params)
+from test_hvp import dense_hessian
+
+
+def dense_diagonal(product, params):
+    """diag(C) column by column from an exact product."""
+    out = {}
+    for name, p in params.items():
+        d = torch.zeros(p.numel(), dtype=torch.float64)
+        for i in range(p.numel()):
+            e = {n: torch.zeros_like(q) for n, q in params.items()}
+            e[name].view(-1)[i] = 1.0
+            d[i] = product(e)[name].reshape(-1)[i]
+        out[name] = d.view(p.shape)
+    return out
+
+
+@pytest.mark.parametrize("make_model", [lambda: with_lora(tiny_llama()), lambda: tiny_gpt2(tie=False)])
+def test_empirical_fisher_diagonal_is_exact(make_model):
+    model = make_model()
+    batches = [make_batch(seed=1), make_batch(seed=2, batch=2, pad=False)]
+    modules = ["*.layers.1.self_attn.v_proj.lora_*"] if hasattr(model, "peft_config") else ["transformer.h.1.attn.c_proj"]
+    diag = empirical_fisher_diagonal(model, batches, modules)
+    params = {n: p for n, p in model.named_parameters() if n in diag}
+    assert set(diag) == set(params) and params  # Conv1D bias included for GPT-2
+    expected = dense_diagonal(lambda e: empirical_fisher_vp(model, batches, e, list(params)), params)
+    for n in diag:
+        assert rel_err(diag[n], expected[n]) <= 1e-5
+
+
+def test_hutchinson_is_unbiased():
+    torch.manual_seed(0)
+    model = TinyMLPLM().double()
+    batches = [make_batch()]
+    params = select_params(model)
+    H = dense_hessian(model, batches, params)
+    exact = torch.diagonal(H)
+    samples = 200
+    est = hutchinson_hessian_diagonal(model, batches, num_samples=samples, seed=0)
+    err = rel_err(torch.cat([est[n].reshape(-1) for n in params]), exact)
+    # Var[z_i (Hz)_i] = sum_{j != i} H_ij^2 for Rademacher z: the expected relative error of the mean
+    off = (H - torch.diag(exact)).square().sum()
+    expected = float((off / samples).sqrt() / exact.norm())
+    assert err < 2.0 * expected
+    again = hutchinson_hessian_diagonal(model, batches, num_samples=3, seed=5)
+    assert all(torch.equal(again[n], hutchinson_hessian_diagonal(model, batches, num_samples=3, seed=5)[n])
+               for n in again)
+
+
+def test_diagonal_operator():
+    d = {"w": torch.tensor([1.0, 2.0, 4.0])}
+    op = DiagonalOperator(d)
+    v = {"w": torch.tensor([1.0, 1.0, 1.0])}
+    assert torch.equal(op.mv(v)["w"], torch.tensor([1.0, 2.0, 4.0]))
+    assert torch.allclose(op.inverse_mv(v, 1.0)["w"], torch.tensor([0.5, 1 / 3, 0.2]))
+    with pytest.raises(ValueError):
+        op.mv({"w": torch.ones(2)})

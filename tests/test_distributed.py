@@ -1,0 +1,54 @@
+"""Two gloo processes on 127.0.0.1: all-reduced statistics equal one process on the union of the data."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import make_batch, rel_err, tiny_llama, with_lora
+
+from curvsafe.curvature import EKFAC, KFAC, empirical_fisher_vp
+
+
+def batches_for(rank=None):
+    """Four batches of unequal padding; rank r gets batches r and r + 2."""
+    data = [make_batch(seed=s, pad=s % 2 == 0) for s in range(4)]
+    return data if rank is None else data[rank::2]
+
+
+def compute(rank=None):
+    model = with_lora(tiny_llama())
+    data = batches_for(rank)
+    kfac = KFAC(model, kfac_approx="expand").fit(data)
+    reduce = KFAC(model, kfac_approx="reduce").fit(data)
+    ekfac = EKFAC(model).fit(data)
+    v = {n: torch.ones(s, dtype=torch.float64) for n, s in kfac.param_shapes.items()}
+    return {"A": {n: f.A for n, f in kfac.factors.items()}, "G": {n: f.G for n, f in kfac.factors.items()},
+            "G_reduce": {n: f.G for n, f in reduce.factors.items()},
+            "A_reduce": {n: f.A for n, f in reduce.factors.items()},
+            "corrected": ekfac.corrected, "efvp": empirical_fisher_vp(model, data, v)}
+
+
+def worker(rank, port, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(compute(rank), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path):
+    mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    single = compute()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key in ("A", "G", "A_reduce", "G_reduce", "corrected", "efvp"):
+        for name, expected in single[key].items():
+            for r in ranks:
+                assert rel_err(r[key][name], expected) <= 1e-5, (key, name)

@@ -1,0 +1,80 @@
+"""EK-FAC against curvlinops' EKFACLinearOperator on LoRA modules."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_batch, rel_err, tiny_llama, with_lora
+
+from curvsafe.curvature import EKFAC
+from curvsafe.curvature.eigen import safe_eigh
+
+
+def dense(op, dim):
+    return np.stack([op.matvec(e) for e in np.eye(dim)], axis=1)
+
+
+class LastTokenLM(torch.nn.Module):
+    """curvlinops' EK-FAC needs one loss term per datum: the logits that predict each sequence's last token."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids):
+        return self.m(input_ids=input_ids, use_cache=False).logits[:, -2]
+
+
+def test_ekfac_matches_curvlinops_on_lora():
+    """Sequences are the examples in both libraries; only the last token is a loss term (curvlinops' EK-FAC takes
+    one loss term per datum), the gradient still flows through every token by attention. With a sum-reduced loss
+    curvlinops holds (batch * seq) times our factors and eigenvalues (we average over the non-padding tokens), so
+    its dense operator divided by (batch * seq) equals ours. Compared as dense operators: eigenvectors of repeated
+    eigenvalues are not unique, the operator is."""
+    from curvlinops import EKFACLinearOperator
+
+    model = with_lora(tiny_llama())
+    batch = make_batch(batch=6, seq=9, pad=False, prompt=0)
+    batch["labels"][:, :-1] = -100
+    ours = EKFAC(model).fit([batch])
+    params = [model.get_submodule(b.name).weight for b in ours.blocks]
+    ref = EKFACLinearOperator(LastTokenLM(model).eval(), torch.nn.CrossEntropyLoss(reduction="sum"), params,
+                              [(batch["input_ids"], batch["input_ids"][:, -1])], fisher_type="empirical",
+                              check_deterministic=False)
+    n, t = batch["input_ids"].shape
+    ref_dense = dense(ref.to_scipy(), ref.shape[0]) / (n * t)
+    ours_dense = dense(ours.to_scipy(), ours.dim)
+    assert rel_err(ours_dense, ref_dense) <= 1e-4
+    # the corrected eigenvalues differ from K-FAC's (otherwise the correction would be a no-op)
+    block = ours.blocks[0]
+    e = ours.eigen(block.name)
+    assert rel_err(ours.corrected[block.name], torch.outer(e.lam_G, e.lam_A)) > 1e-3
+
+
+def test_ekfac_inverse_is_exact_inverse_of_its_mv():
+    model = with_lora(tiny_llama())
+    ekfac = EKFAC(model).fit([make_batch(), make_batch(seed=3)])
+    v = {n: torch.randn(s, dtype=torch.float64) for n, s in ekfac.param_shapes.items()}
+    x = ekfac.inverse_mv(v, damping=0.3)
+    back = ekfac.mv(x)
+    for n in v:
+        assert rel_err(back[n] + 0.3 * x[n], v[n]) <= 1e-5
+
+
+def test_ekfac_fit_failure_keeps_previous_state():
+    model = with_lora(tiny_llama())
+    ekfac = EKFAC(model).fit([make_batch()])
+    before = {n: t.clone() for n, t in ekfac.corrected.items()}
+    bad = make_batch()
+    bad["labels"][:] = -100
+    with pytest.raises(ValueError):
+        ekfac.fit([bad])
+    assert all(torch.equal(before[n], ekfac.corrected[n]) for n in before)
+
+
+def test_safe_eigh_guards():
+    with pytest.raises(FloatingPointError, match="layer.A"):
+        safe_eigh(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), "layer.A")
+    m = torch.randn(5, 3)
+    vals, vecs = safe_eigh(m @ m.T, "x")
+    assert vals.min() >= 0 and vals.dtype == torch.float32
+    assert rel_err(vecs @ torch.diag(vals) @ vecs.T, m @ m.T) <= 1e-5

@@ -1,0 +1,161 @@
+"""Exact Hessian / GGN / empirical-Fisher products against dense autograd oracles."""
+
+import pytest
+import torch
+from conftest import TinyMLPLM, make_batch, random_vector, rel_err, tiny_llama, with_lora
+
+from curvsafe.curvature import (CausalLMLoss, EmpiricalFisherOperator, GGNOperator, HessianOperator,
+                                empirical_fisher_vp, ggn_vp, hvp, select_params)
+from curvsafe.curvature.loss import curvature_mode
+
+
+def flat_loss_fn(model, batches, params):
+    """The mean loss over batches as a function of the concatenated selected parameters."""
+    from torch.func import functional_call
+
+    names = list(params)
+    shapes = [params[n].shape for n in names]
+    loss = CausalLMLoss()
+
+    def f(flat):
+        tensors, offset = {}, 0
+        for n, s in zip(names, shapes):
+            k = s.numel()
+            tensors[n] = flat[offset:offset + k].view(s)
+            offset += k
+        total = 0.0
+        for b in batches:
+            logits = functional_call(model, tensors, args=(), kwargs={"input_ids": b["input_ids"],
+                                                                      "attention_mask": b["attention_mask"]}).logits
+            targets = loss.targets(b)
+            valid = loss.valid(targets) & b["attention_mask"].bool()
+            total = total + loss.token_losses(logits, targets).masked_fill(~valid, 0).sum() / valid.sum()
+        return total / len(batches)
+
+    return f, torch.cat([params[n].detach().reshape(-1) for n in names])
+
+
+def flat(v):
+    return torch.cat([t.reshape(-1) for t in v.values()])
+
+
+def dense_hessian(model, batches, params):
+    f, x0 = flat_loss_fn(model, batches, params)
+    with curvature_mode(model):
+        return torch.autograd.functional.hessian(f, x0)
+
+
+def test_hvp_tiny_mlp_exact():
+    torch.manual_seed(0)
+    model = TinyMLPLM().double()
+    batches = [make_batch(seed=1), make_batch(seed=2, batch=2)]
+    params = select_params(model)
+    H = dense_hessian(model, batches, params)
+    v = random_vector(params)
+    for method in ("forward", "double_backward"):
+        assert rel_err(flat(hvp(model, batches, v, method=method)), H @ flat(v)) <= 1e-10
+
+
+def test_hvp_lora_llama_default_sdpa():
+    """Default (sdpa) attention: the engine switches to the math backend itself. HF's LlamaRMSNorm computes in
+    float32 even in a float64 model, which sets the 1e-6 floor."""
+    model = with_lora(tiny_llama())
+    assert model.config._attn_implementation == "sdpa"
+    batches = [make_batch()]
+    params = select_params(model)
+    H = dense_hessian(model, batches, params)
+    v = random_vector(params)
+    assert rel_err(flat(hvp(model, batches, v)), H @ flat(v)) <= 1e-6
+    assert model.training  # the caller's mode is restored
+
+
+def per_example_jacobians(model, batch, params):
+    """Rows: gradients of each sequence's sum loss, as a (B, P) matrix."""
+    f_names = list(params)
+    loss = CausalLMLoss()
+    rows = []
+    with curvature_mode(model):
+        for i in range(batch["input_ids"].shape[0]):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = loss.targets(batch)
+            valid = loss.valid(targets) & batch["attention_mask"].bool()
+            li = loss.token_losses(logits, targets).masked_fill(~valid, 0)[i].sum()
+            grads = torch.autograd.grad(li, [params[n] for n in f_names])
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows), int(valid.sum())
+
+
+def test_empirical_fisher_vp_matches_per_example_gradients():
+    model = with_lora(tiny_llama())
+    batch = make_batch()
+    params = select_params(model)
+    J, count = per_example_jacobians(model, batch, params)
+    v = random_vector(params)
+    expected = J.T @ (J @ flat(v)) / count
+    assert rel_err(flat(empirical_fisher_vp(model, [batch], v)), expected) <= 1e-6  # float32 RMSNorm floor
+
+
+def test_ggn_vp_matches_dense_jacobian():
+    torch.manual_seed(0)
+    model = TinyMLPLM().double()
+    batch = make_batch()
+    params = select_params(model)
+    names = list(params)
+    loss = CausalLMLoss()
+    x0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def logits_of(flat_params):
+        from torch.func import functional_call
+
+        tensors, offset = {}, 0
+        for n in names:
+            k = params[n].numel()
+            tensors[n] = flat_params[offset:offset + k].view(params[n].shape)
+            offset += k
+        return functional_call(model, tensors, args=(batch["input_ids"],)).logits.reshape(-1)
+
+    J = torch.autograd.functional.jacobian(logits_of, x0)  # (B*T*V, P)
+    logits = logits_of(x0).view(*batch["input_ids"].shape, -1)
+    targets = loss.targets(batch)
+    valid = loss.valid(targets) & batch["attention_mask"].bool()
+    p = torch.softmax(logits, -1)
+    H = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    H = H * valid[..., None, None]
+    Hbig = torch.block_diag(*H.reshape(-1, H.shape[-1], H.shape[-1]))
+    ggn = J.T @ Hbig @ J / valid.sum()
+    v = random_vector(params)
+    assert rel_err(flat(ggn_vp(model, [batch], v)), ggn @ flat(v)) <= 1e-10
+
+
+def test_operators_share_the_interface():
+    torch.manual_seed(0)
+    model = TinyMLPLM().double()
+    batches = [make_batch()]
+    params = select_params(model)
+    v = random_vector(params)
+    H = dense_hessian(model, batches, params)
+    for cls in (HessianOperator, GGNOperator, EmpiricalFisherOperator):
+        op = cls(model, batches)
+        assert set(op.mv(v)) == set(v)
+    ggn = GGNOperator(model, batches, cg_tol=1e-10)
+    x = ggn.inverse_mv(v, damping=0.1)
+    back = ggn.mv(x)
+    assert rel_err(flat(back) + 0.1 * flat(x), flat(v)) <= 1e-7
+    hess = HessianOperator(model, batches).to_scipy()
+    assert rel_err(torch.as_tensor(hess.matvec(flat(v).numpy())), H @ flat(v)) <= 1e-10
+
+
+def test_bad_vectors_and_data():
+    model = TinyMLPLM().double()
+    params = select_params(model)
+    v = random_vector(params)
+    with pytest.raises(ValueError, match="names do not match"):
+        hvp(model, [make_batch()], {k: t for k, t in list(v.items())[1:]})
+    with pytest.raises(ValueError, match="no batches"):
+        hvp(model, [], v)
+    ignored = make_batch()
+    ignored["labels"][:] = -100
+    with pytest.raises(ValueError, match="every token ignored"):
+        ggn_vp(model, [ignored], v)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        hvp(model, [make_batch()], v, params=["missing.weight"])

@@ -9,6 +9,79 @@ from torch import Tensor
 
 from . import reference
 from ._dispatch import check_matrix, check_same_device, choose_backend
+from ._triton import HAS_TRITON, INTERPRET, autotune, tl, triton, upcast_tiles
+
+if HAS_TRITON:
+
+    def _configs():
+        if INTERPRET:
+            return []
+        cfg = triton.Config
+        return [cfg({"BLOCK_D": 128, "BLOCK_T": 64}, num_stages=3, num_warps=8),
+                cfg({"BLOCK_D": 128, "BLOCK_T": 32}, num_stages=4, num_warps=4),
+                cfg({"BLOCK_D": 64, "BLOCK_T": 64}, num_stages=4, num_warps=4)]
+
+    @autotune(configs=_configs(), key=["T", "D", "HAS_MASK", "HAS_OUT"])
+    @triton.jit
+    def _covariance_kernel(x_ptr, mask_ptr, out_ptr, T, D, stride_xt, stride_xd, alpha, beta,
+                           HAS_MASK: tl.constexpr, HAS_OUT: tl.constexpr, UPCAST: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One program per tile (i, j) with i >= j of the (D, D) result: ``alpha * X_i^T diag(m) X_j`` (+ beta * out),
+        stored at (i, j) on and below the diagonal and mirrored above it, so the result is exactly symmetric."""
+        pid = tl.program_id(0)
+        # pid -> (i, j), i >= j, in row-major order of the lower triangle of tiles
+        i = ((tl.sqrt(8.0 * pid + 1.0) - 1.0) * 0.5).to(tl.int32)
+        i = tl.where((i + 1) * (i + 2) // 2 <= pid, i + 1, i)
+        i = tl.where(i * (i + 1) // 2 > pid, i - 1, i)
+        j = pid - i * (i + 1) // 2
+        rows = i * BLOCK_D + tl.arange(0, BLOCK_D)
+        cols = j * BLOCK_D + tl.arange(0, BLOCK_D)
+        rt = tl.arange(0, BLOCK_T)
+        acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            tt = t0 + rt
+            in_t = tt < T
+            xi = tl.load(x_ptr + tt[:, None] * stride_xt + rows[None, :] * stride_xd,
+                         mask=in_t[:, None] & (rows[None, :] < D), other=0.0)
+            xj = tl.load(x_ptr + tt[:, None] * stride_xt + cols[None, :] * stride_xd,
+                         mask=in_t[:, None] & (cols[None, :] < D), other=0.0)
+            if UPCAST:
+                xi = xi.to(tl.float32)
+                xj = xj.to(tl.float32)
+            if HAS_MASK:
+                m = tl.load(mask_ptr + tt, mask=in_t, other=0.0)
+                xi = (xi * m[:, None]).to(xj.dtype)
+            acc += tl.dot(tl.trans(xi), xj)
+        acc = acc * alpha
+        r = rows[:, None]
+        c = cols[None, :]
+        lower = (r < D) & (c < D) & (r >= c)
+        if HAS_OUT:
+            acc += beta * tl.load(out_ptr + r * D + c, mask=lower, other=0.0)
+        tl.store(out_ptr + r * D + c, acc, mask=lower)
+        tl.store(out_ptr + c * D + r, acc, mask=lower & (r > c))
+
+
+def _covariance_triton(x: Tensor, out: Optional[Tensor], mask: Optional[Tensor], alpha: float,
+                       beta: float) -> Tensor:
+    T, D = x.shape
+    target = out if out is not None and out.is_contiguous() else torch.empty((D, D), dtype=torch.float32,
+                                                                              device=x.device)
+    if out is not None and target is not out:
+        target.copy_(out)
+    m = mask.float().contiguous() if mask is not None else target
+    meta = {"BLOCK_D": 32, "BLOCK_T": 32} if INTERPRET else {}
+
+    def grid(META):
+        n = triton.cdiv(D, META["BLOCK_D"])
+        return (n * (n + 1) // 2,)
+
+    _covariance_kernel[grid](x, m, target, T, D, x.stride(0), x.stride(1), float(alpha), float(beta),
+                             HAS_MASK=mask is not None, HAS_OUT=out is not None, UPCAST=upcast_tiles(x), **meta)
+    if out is not None and target is not out:
+        out.copy_(target)
+        return out
+    return target
 
 
 def covariance_update(x: Tensor, out: Optional[Tensor] = None, *, mask: Optional[Tensor] = None,
@@ -17,8 +90,9 @@ def covariance_update(x: Tensor, out: Optional[Tensor] = None, *, mask: Optional
 
     Args:
         x: (T, d) fp32/fp16/bf16 rows (tokens). Non-contiguous inputs are fine.
-        out: optional (d, d) fp32 accumulator, updated in place and returned (the EMA / running-sum form).
-            Without it, ``beta`` is ignored and a new matrix is returned.
+        out: optional (d, d) fp32 symmetric accumulator, updated in place and returned (the EMA / running-sum
+            form; the Triton kernel reads its lower triangle). Without it, ``beta`` is ignored and a new matrix
+            is returned.
         mask: optional (T,) weights (bool or float); 0 drops a token.
         backend: ``None`` (auto), ``"torch"``, ``"cpp"`` or ``"triton"``.
     """
@@ -36,4 +110,6 @@ def covariance_update(x: Tensor, out: Optional[Tensor] = None, *, mask: Optional
         m = None if mask is None else mask.float().contiguous()
         result = load_extension().covariance_update(x.float().contiguous(), m, float(alpha))
         return result if out is None else out.mul_(beta).add_(result)
+    if chosen == "triton":
+        return _covariance_triton(x.float() if x.dtype == torch.float64 else x, out, mask, alpha, beta)
     return reference.covariance_update(x, out, mask=mask, alpha=alpha, beta=beta)

@@ -1,0 +1,197 @@
+"""Kernel-level tests: every op x backend x dtype x odd shape against the PyTorch reference, and the reference
+against float64 loops written from the definitions.
+
+Triton runs in the interpreter on CPU (TRITON_INTERPRET=1, set in conftest before import) and natively on a GPU;
+bf16 is checked only where the backend computes it correctly (not in the interpreter).
+"""
+
+import pytest
+import torch
+
+from curvsafe.kernels import covariance_update, kron_eigen_apply, linear_fisher_diag, linear_fisher_vp
+from curvsafe.kernels import reference as ref
+from curvsafe.kernels._cpp import load_extension
+from curvsafe.kernels._triton import HAS_TRITON, INTERPRET
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+BACKENDS = ["torch"] + (["cpp"] if load_extension() is not None else []) + (
+    ["triton"] if HAS_TRITON and (CUDA or INTERPRET) else [])
+SHAPES = [(1, 1, 1), (17, 63, 5), (63, 17, 33), (130, 40, 70)]  # (T, d_in, d_out)
+
+
+def dtypes_for(backend):
+    if backend == "triton" and not CUDA:
+        return [torch.float32, torch.float16]  # the interpreter's bf16 arithmetic is wrong
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+def tolerance(backend, dtype):
+    """Relative (Frobenius) tolerance against the reference run on the same rounded inputs."""
+    if backend == "triton" and CUDA:
+        return {torch.float32: 5e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]  # TF32 / tensor cores
+    return {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def close(a, b, tol):
+    return torch.allclose(a, b) if b.abs().max() == 0 else rel(a, b) <= tol
+
+
+def segments(T, gen):
+    """Sorted segment ids with unequal lengths, including length-1 segments."""
+    if T == 1:
+        return torch.zeros(1, dtype=torch.long)
+    cuts = torch.sort(torch.randperm(T - 1, generator=gen)[: max(1, T // 5)] + 1).values
+    ids = torch.zeros(T, dtype=torch.long)
+    ids[cuts] = 1
+    ids = torch.cumsum(ids, 0)
+    ids[-1] = ids[-2] + 1  # a final length-1 segment
+    return ids
+
+
+def data(T, d_in, d_out, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d_in, generator=g).to(dtype)
+    gy = torch.randn(T, d_out, generator=g).to(dtype)
+    V = torch.randn(d_out, d_in, generator=g).to(dtype)
+    return x.to(DEVICE), gy.to(DEVICE), V.to(DEVICE), segments(T, g).to(DEVICE)
+
+
+def backend_params():
+    return [(b, dt) for b in BACKENDS for dt in dtypes_for(b)]
+
+
+# ---------------------------------------------------------------- reference vs float64 loops
+def test_reference_against_float64_loops():
+    g = torch.Generator().manual_seed(1)
+    T, d_in, d_out = 9, 4, 3
+    x, gy = torch.randn(T, d_in, generator=g, dtype=torch.float64), torch.randn(T, d_out, generator=g, dtype=torch.float64)
+    V = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    mask = (torch.rand(T, generator=g) > 0.4).double()
+    seg = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4])
+    cov = torch.zeros(d_in, d_in, dtype=torch.float64)
+    for t in range(T):
+        cov += mask[t] * torch.outer(x[t], x[t])
+    assert rel(ref.covariance_update(x, mask=mask), cov) < 1e-6
+    grads = [sum(torch.outer(gy[t], x[t]) for t in range(T) if seg[t] == n) for n in range(5)]
+    fvp = sum(gn * (gn * V).sum() for gn in grads)
+    assert rel(ref.linear_fisher_vp(x, gy, V, segment_ids=seg), fvp) < 1e-6
+    assert rel(ref.linear_fisher_diag(x, gy, segment_ids=seg), sum(gn * gn for gn in grads)) < 1e-6
+    token_grads = [torch.outer(gy[t], x[t]) for t in range(T)]
+    assert rel(ref.linear_fisher_diag(x, gy), sum(gn * gn for gn in token_grads)) < 1e-6
+    assert rel(ref.linear_fisher_vp(x, gy, V), sum(gn * (gn * V).sum() for gn in token_grads)) < 1e-6
+    QA, _ = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))
+    QG, _ = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64))
+    scale = torch.rand(d_out, d_in, generator=g, dtype=torch.float64)
+    loop = torch.zeros(d_out, d_in, dtype=torch.float64)
+    for i in range(d_out):
+        for j in range(d_in):
+            u = torch.outer(QG[:, i], QA[:, j])
+            loop += scale[i, j] * (u * V).sum() * u
+    assert rel(ref.kron_eigen_apply(V, QA, QG, scale), loop) < 1e-6
+
+
+# ---------------------------------------------------------------- op 1
+@pytest.mark.parametrize("backend,dtype", backend_params())
+@pytest.mark.parametrize("T,d_in,d_out", SHAPES)
+@pytest.mark.parametrize("mask_kind", ["none", "random", "zeros"])
+def test_covariance_update(backend, dtype, T, d_in, d_out, mask_kind):
+    x, _, _, _ = data(T, d_in, d_out, dtype)
+    mask = {"none": None, "random": (torch.rand(T, generator=torch.Generator().manual_seed(2)) > 0.3).float(),
+            "zeros": torch.zeros(T)}[mask_kind]
+    mask = mask.to(DEVICE) if mask is not None else None
+    got = covariance_update(x, mask=mask, alpha=0.7, backend=backend)
+    want = ref.covariance_update(x, mask=mask, alpha=0.7)
+    assert got.dtype == torch.float32 and got.shape == (d_in, d_in)
+    assert torch.equal(got, got.T)
+    assert close(got, want, tolerance(backend, dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_covariance_ema_aliasing_and_noncontiguous(backend):
+    x, _, _, _ = data(130, 70, 3, torch.float32)
+    wide = torch.randn(70, 130, device=DEVICE).T  # non-contiguous (130, 70) view
+    base = torch.randn(70, 70, device=DEVICE)
+    out = base @ base.T
+    expected = 0.9 * out + 0.1 * ref.covariance_update(wide)
+    returned = covariance_update(wide, out, alpha=0.1, beta=0.9, backend=backend)
+    assert returned is out  # in place
+    assert close(out, expected, tolerance(backend, torch.float32))
+    assert close(covariance_update(x[::2], backend=backend), ref.covariance_update(x[::2]),
+                 tolerance(backend, torch.float32))
+
+
+# ---------------------------------------------------------------- op 2
+@pytest.mark.parametrize("backend,dtype", backend_params())
+@pytest.mark.parametrize("T,d_in,d_out", SHAPES)
+@pytest.mark.parametrize("segmented", [False, True])
+def test_linear_fisher_vp(backend, dtype, T, d_in, d_out, segmented):
+    x, gy, V, seg = data(T, d_in, d_out, dtype)
+    seg = seg if segmented else None
+    got = linear_fisher_vp(x, gy, V, segment_ids=seg, backend=backend)
+    want = ref.linear_fisher_vp(x, gy, V, segment_ids=seg)
+    assert got.dtype == torch.float32 and got.shape == (d_out, d_in)
+    assert close(got, want, 2 * tolerance(backend, dtype))
+
+
+# ---------------------------------------------------------------- op 3
+@pytest.mark.parametrize("backend,dtype", backend_params())
+@pytest.mark.parametrize("T,d_in,d_out", SHAPES)
+@pytest.mark.parametrize("segmented", [False, True])
+def test_linear_fisher_diag(backend, dtype, T, d_in, d_out, segmented):
+    x, gy, _, seg = data(T, d_in, d_out, dtype)
+    seg = seg if segmented else None
+    got = linear_fisher_diag(x, gy, segment_ids=seg, backend=backend)
+    want = ref.linear_fisher_diag(x, gy, segment_ids=seg)
+    assert got.dtype == torch.float32 and got.shape == (d_out, d_in) and bool((got >= 0).all())
+    assert close(got, want, tolerance(backend, dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fisher_ops_noncontiguous(backend):
+    x, gy, V, seg = data(63, 17, 33, torch.float32)
+    xt = x.T.contiguous().T
+    gyt = gy.T.contiguous().T
+    tol = tolerance(backend, torch.float32)
+    assert close(linear_fisher_diag(xt, gyt, segment_ids=seg, backend=backend),
+                 ref.linear_fisher_diag(x, gy, segment_ids=seg), tol)
+    assert close(linear_fisher_vp(xt, gyt, V.T.contiguous().T, segment_ids=seg, backend=backend),
+                 ref.linear_fisher_vp(x, gy, V, segment_ids=seg), 2 * tol)
+
+
+# ---------------------------------------------------------------- op 4
+@pytest.mark.parametrize("backend,dtype", backend_params())
+@pytest.mark.parametrize("T,d_in,d_out", SHAPES)
+def test_kron_eigen_apply(backend, dtype, T, d_in, d_out):
+    _, _, V, _ = data(T, d_in, d_out, dtype)
+    g = torch.Generator().manual_seed(3)
+    QA = torch.linalg.qr(torch.randn(d_in, d_in, generator=g))[0].to(DEVICE)
+    QG = torch.linalg.qr(torch.randn(d_out, d_out, generator=g))[0].to(DEVICE)
+    scale = torch.rand(d_out, d_in, generator=g).to(DEVICE)
+    got = kron_eigen_apply(V, QA.T.contiguous().T, QG, scale, backend=backend)
+    want = ref.kron_eigen_apply(V, QA, QG, scale)
+    assert got.dtype == torch.float32
+    assert close(got, want, tolerance(backend, dtype))
+
+
+# ---------------------------------------------------------------- dispatch and input checks
+def test_dispatch_and_bad_input():
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="backend"):
+        covariance_update(x, backend="cuda")
+    with pytest.raises(ValueError, match="2-D"):
+        covariance_update(torch.randn(5))
+    with pytest.raises(TypeError, match="floating"):
+        covariance_update(torch.ones(5, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="out must be"):
+        covariance_update(x, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="sorted"):
+        linear_fisher_diag(x, torch.randn(5, 2), segment_ids=torch.tensor([0, 1, 0, 1, 1]))
+    with pytest.raises(ValueError, match="rows"):
+        linear_fisher_vp(x, torch.randn(4, 2), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="QA has 2 rows, expected 3"):
+        kron_eigen_apply(torch.randn(2, 3), torch.eye(2), torch.eye(2), torch.ones(2, 3))

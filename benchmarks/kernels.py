@@ -1,0 +1,197 @@
+"""Benchmark the four curvature ops per backend against the PyTorch reference, side by side in one run.
+
+Every row is a median over repeats of the same call on the same inputs, measured in this process, with its ratio
+to the reference (``speedup`` > 1 means faster than the reference). ``covariance_update`` is also compared to the
+plain ``x.T @ x`` that kronfluence / kfac-pytorch / curvlinops use, and ``linear_fisher_diag`` to materialising
+per-example gradients. Writes ``kernels_<device>_<date>.md`` and ``.json`` into ``--out``.
+
+    python benchmarks/kernels.py --out benchmarks/results            # CPU: torch vs C++
+    python benchmarks/kernels.py --out DIR --device cuda              # GPU: torch vs Triton (+ bf16)
+
+Memory: on CUDA the peak allocated bytes during the call (``torch.cuda.max_memory_allocated``); on CPU the bytes
+the profiler saw allocated during the call (a sum of allocations, not a peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence the profiler's per-call log lines
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kernels import reference  # noqa: E402  (the source tree's reference; identical to curvsafe.kernels.reference)
+
+from curvsafe.kernels import covariance_update, kron_eigen_apply, linear_fisher_diag, linear_fisher_vp  # noqa: E402
+
+# Dense (no sparsity) peak TFLOP/s by GPU and input dtype (fp32 runs as TF32 in the Triton kernels).
+DENSE_PEAK = {"H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},
+              "H200": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7}}
+
+
+def timed(fn, device: str, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def memory_bytes(fn, device: str) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.cpu_memory_usage, 0) for e in prof.events() if e.cpu_memory_usage)
+
+
+def gpu_peak(dtype: torch.dtype) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, peaks in DENSE_PEAK.items():
+        if key in name:
+            return peaks[str(dtype).replace("torch.", "")]
+    return None
+
+
+def cases(device: str, quick: bool):
+    """(op, shape dict, dtype, flops, {label: callable}) with the reference first."""
+    gen = torch.Generator().manual_seed(0)
+    on_gpu = device == "cuda"
+    backends = ["triton"] if on_gpu else ["cpp"]
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if on_gpu else [torch.float32]
+    big = not quick
+
+    def rand(*shape, dtype):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    for dtype in dtypes:
+        # op 1: covariance_update
+        T, d = (16384, 4096) if on_gpu and big else ((4096, 1024) if big else (1024, 256))
+        x = rand(T, d, dtype=dtype)
+        runs = {"reference": lambda: reference.covariance_update(x),
+                "x.T @ x (peers)": lambda: x.T.float() @ x.float() if dtype != torch.float32 or not on_gpu
+                else x.T @ x}
+        for b in backends:
+            runs[b] = lambda b=b: covariance_update(x, backend=b)
+        yield "covariance_update", {"T": T, "d": d}, dtype, T * d * d, runs
+
+        # op 2: linear_fisher_vp
+        T, di, do = (16384, 4096, 4096) if on_gpu and big else ((2048, 512, 512) if big else (512, 128, 128))
+        x, gy, V = rand(T, di, dtype=dtype), rand(T, do, dtype=dtype), rand(do, di, dtype=dtype)
+        seg = torch.arange(T, device=device) // 128
+        runs = {"reference": lambda: reference.linear_fisher_vp(x, gy, V, segment_ids=seg)}
+        for b in backends:
+            runs[b] = lambda b=b: linear_fisher_vp(x, gy, V, segment_ids=seg, backend=b)
+        yield "linear_fisher_vp", {"T": T, "d_in": di, "d_out": do, "seq": 128}, dtype, 4 * T * di * do, runs
+
+        # op 3: linear_fisher_diag (sequences of 64 tokens are the examples)
+        T, di, do = (16384, 1024, 1024) if on_gpu and big else ((2048, 256, 256) if big else (512, 64, 64))
+        L = 64
+        x, gy = rand(T, di, dtype=dtype), rand(T, do, dtype=dtype)
+        seg = torch.arange(T, device=device) // L
+
+        def materialised():
+            per_example = torch.einsum("nlo,nli->noi", gy.float().view(-1, L, do), x.float().view(-1, L, di))
+            return per_example.square().sum(0)
+
+        runs = {"reference": lambda: reference.linear_fisher_diag(x, gy, segment_ids=seg),
+                "per-example grads": materialised}
+        for b in backends:
+            runs[b] = lambda b=b: linear_fisher_diag(x, gy, segment_ids=seg, backend=b)
+        yield "linear_fisher_diag", {"T": T, "d_in": di, "d_out": do, "seq": L}, dtype, 2 * T * di * do, runs
+
+        # op 4: kron_eigen_apply
+        di, do = (4096, 4096) if on_gpu and big else ((1024, 1024) if big else (256, 256))
+        V = rand(do, di, dtype=dtype)
+        QA = torch.linalg.qr(torch.randn(di, di, generator=gen))[0].to(device=device, dtype=dtype)
+        QG = torch.linalg.qr(torch.randn(do, do, generator=gen))[0].to(device=device, dtype=dtype)
+        scale = torch.rand(do, di, generator=gen).to(device)
+        runs = {"reference": lambda: reference.kron_eigen_apply(V, QA, QG, scale)}
+        for b in backends:
+            runs[b] = lambda b=b: kron_eigen_apply(V, QA, QG, scale, backend=b)
+        yield "kron_eigen_apply", {"d_in": di, "d_out": do}, dtype, 4 * (do * do * di + do * di * di), runs
+
+
+def run(device: str, repeats: int, quick: bool) -> list[dict]:
+    rows = []
+    for op, shape, dtype, flops, runs in cases(device, quick):
+        ref_time = None
+        for label, fn in runs.items():
+            sec = timed(fn, device, repeats)
+            ref_time = sec if label == "reference" else ref_time
+            peak = gpu_peak(dtype)
+            tflops = flops / sec / 1e12
+            rows.append({"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""), "backend": label,
+                         "seconds": sec, "speedup_vs_reference": ref_time / sec, "tflops": tflops,
+                         "pct_dense_peak": 100 * tflops / peak if peak else None,
+                         "memory_mb": memory_bytes(fn, device) / 2**20})
+            print(f"{op:20s} {str(shape):45s} {rows[-1]['dtype']:9s} {label:18s} {sec * 1e3:9.2f} ms "
+                  f"x{rows[-1]['speedup_vs_reference']:5.2f} {rows[-1]['memory_mb']:9.1f} MB", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| op | shape | dtype | backend | ms | speedup vs reference | TFLOP/s | % dense peak | MB |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        pct = f"{r['pct_dense_peak']:.1f}" if r["pct_dense_peak"] is not None else "-"
+        shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
+        lines.append(f"| {r['op']} | {shape} | {r['dtype']} | {r['backend']} | {r['seconds'] * 1e3:.2f} | "
+                     f"{r['speedup_vs_reference']:.2f} | {r['tflops']:.3f} | {pct} | {r['memory_mb']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    header = (f"# Kernel benchmark: {name}\n\ntorch {torch.__version__}, median of {args.repeats} repeats, "
+              f"{time.strftime('%Y-%m-%d')}. Speedup = reference time / this time, same run.")
+    rows = run(args.device, args.repeats, args.quick)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device_tag = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") if args.device == "cuda" else \
+        f"cpu-{torch.get_num_threads()}threads"
+    stem = f"kernels_{device_tag}_{time.strftime('%Y-%m-%d')}" + ("_quick" if args.quick else "")
+    (out / f"{stem}.md").write_text(markdown(rows, header))
+    (out / f"{stem}.json").write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows},
+                                                 indent=2))
+    print(f"wrote {out / stem}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ $(STAMP): setup.py requirements-test.txt requirements-oracles.txt csrc/curvsafe_
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 demo: $(STAMP)
 	$(VENV)/bin/curvsafe demo --out out/demo

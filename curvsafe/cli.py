@@ -59,6 +59,64 @@ def cmd_factors(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Curvature-aware safety restoration of a fine-tuned adapter (or a baseline)."""
+    from .restoration import run_restore
+
+    run = run_restore(args.model, args.adapter, args.harmful, args.task, args.out, method=args.method,
+                      objective=args.objective, task_budget=args.task_budget, task_budget_abs=args.task_budget_abs,
+                      select_top=args.select_top, iterations=args.iterations, damping=args.damping,
+                      unaligned_model=args.unaligned_model, params=args.params, device=args.device,
+                      dtype=args.dtype, force=args.force, batch_size=args.batch_size, max_length=args.max_length,
+                      limit=args.limit)
+    r = run.report
+    print(f"{r['method']}: safety loss {r['safety_loss']['before']:.4f} -> {r['safety_loss']['after']:.4f} "
+          f"(aligned {r['safety_loss']['aligned']:.4f}); task loss {r['task_loss']['before']:.4f} -> "
+          f"{r['task_loss']['after']:.4f} (budget {r['task_loss']['budget']:.4f}); {r['iterations']} iterations, "
+          f"{r['seconds']:.1f}s, stopped: {r['stopped']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Harmful rate (judge) and task accuracy (exact match) of a model, every response saved."""
+    import json
+
+    from .data import load_pairs
+    from .eval import evaluate_model, load_judge
+    from .models import load_model
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite")
+    harmful = [p.prompt for p in load_pairs(args.harmful, require_response=False)][:args.limit]
+    task = load_pairs(args.task)[:args.limit] if args.task else []
+    model, tokenizer = load_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
+    report = evaluate_model(model, tokenizer, harmful, task, judge=load_judge(args.judge),
+                            max_new_tokens=args.max_new_tokens)
+    report.update(model=str(args.model), adapter=str(args.adapter) if args.adapter else None, judge=args.judge)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, out)
+    line = f"harmful rate {report['harmful_rate']:.3f} on {len(harmful)} prompts"
+    if task:
+        line += f"; task accuracy {report['task_accuracy']:.3f} on {len(task)} (NLL {report['task_nll']:.4f})"
+    print(line)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """LoRA SFT with the HF Trainer."""
+    from .finetune import finetune
+
+    log = finetune(args.model, args.data, args.out, optimizer=args.optimizer, safety=args.safety, r=args.r,
+                   alpha=args.alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                   max_length=args.max_length, seed=args.seed, force=args.force)
+    print(f"trained {log['steps']} steps, mean loss {log['train_loss']:.4f}; adapter in {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -90,6 +148,60 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true", help="overwrite --out")
     f.set_defaults(func=cmd_factors)
 
+    r = sub.add_parser("restore", help="restore safety of a fine-tuned adapter (curvature-aware, or a baseline)")
+    r.add_argument("--model", required=True, help="local HF folder of the aligned base model")
+    r.add_argument("--adapter", help="the fine-tuned PEFT LoRA adapter (never modified)")
+    r.add_argument("--harmful", required=True, help="harmful prompts (JSONL prompt[/response] or AdvBench CSV)")
+    r.add_argument("--task", required=True, help="the fine-tuning task's prompt/response JSONL")
+    r.add_argument("--out", required=True, help="output folder (adapter/, report.json, anchor.jsonl)")
+    r.add_argument("--method", default="lbfgs",
+                   choices=["lbfgs", "kfac", "ekfac", "cg", "sgd", "revert", "safelora", "resta"])
+    r.add_argument("--objective", default="anchor", help="anchor | refusal | harmful, or a sum like anchor+harmful")
+    r.add_argument("--task-budget", type=float, default=0.02, help="allowed relative rise of the task loss")
+    r.add_argument("--task-budget-abs", type=float, default=0.01, help="absolute floor of the budget (nats/token)")
+    r.add_argument("--select-top", type=int, help="restore on the K most influential safety examples")
+    r.add_argument("--iterations", type=int, default=8)
+    r.add_argument("--damping", type=float, default=0.1, help="relative damping of the task curvature")
+    r.add_argument("--unaligned-model", help="pre-alignment weights (safelora, resta)")
+    r.add_argument("--params", nargs="*", help="parameter-name globs to edit (default: the adapter)")
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--max-length", type=int, default=128)
+    r.add_argument("--limit", type=int, help="use only the first N examples of each file")
+    r.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--force", action="store_true", help="replace --out")
+    r.set_defaults(func=cmd_restore)
+
+    e = sub.add_parser("eval", help="harmful rate and task accuracy, every response saved")
+    e.add_argument("--model", required=True)
+    e.add_argument("--adapter")
+    e.add_argument("--harmful", required=True, help="harmful prompts (JSONL or AdvBench CSV)")
+    e.add_argument("--task", help="task prompt/response JSONL (exact-match accuracy)")
+    e.add_argument("--out", required=True, help="output JSON file")
+    e.add_argument("--judge", default="keyword", help="keyword (Zou et al.'s list) or module:callable")
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--limit", type=int)
+    e.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--force", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("finetune", help="LoRA SFT of a local model with the HF Trainer")
+    t.add_argument("--model", required=True)
+    t.add_argument("--data", required=True, help="prompt/response JSONL")
+    t.add_argument("--out", required=True, help="adapter output folder")
+    t.add_argument("--optimizer", default="adamw", choices=["adamw", "curvsafe"])
+    t.add_argument("--safety", help="harmful prompts for --optimizer curvsafe")
+    t.add_argument("--r", type=int, default=8)
+    t.add_argument("--alpha", type=int, default=16)
+    t.add_argument("--epochs", type=float, default=3)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--max-length", type=int, default=128)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true")
+    t.set_defaults(func=cmd_finetune)
+
     d = sub.add_parser("demo", help="run the end-to-end example on a model the project builds itself")
     d.add_argument("--out", default="out/demo", help="output folder")
     d.add_argument("--quick", action="store_true", help="smaller, faster configuration")
@@ -105,7 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError, OSError) as exc:
         print(f"curvsafe {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

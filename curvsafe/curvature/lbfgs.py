@@ -3,10 +3,13 @@
 Convention: each pair satisfies ``y ≈ H s``. Pairs come from Hessian-vector products (``y = hvp(s)``,
 :meth:`LBFGSInverse.from_hvp`) or from gradient differences along an optimisation path (:meth:`update`). Pairs with
 ``s.y <= min_curvature * |s||y|`` are skipped (they would break positive definiteness). ``inverse_mv(v, damping)``
-applies the L-BFGS approximation of ``(H + damping I)^{-1}`` built from the pairs ``(s, y + damping s)``, with
-the initial scaling ``H0 = gamma I``, ``gamma = s.y / y.y`` of the newest pair. ``mv`` applies the matching
-forward approximation ``B ≈ H + damping I`` in compact form (Byrd, Nocedal and Schnabel, 1994), so both
-directions satisfy the secant equation of the newest pair exactly.
+applies the L-BFGS approximation of ``(H + damping I)^{-1}`` built from the pairs ``(s, y + damping s)``. The
+initial matrix ``H0 = gamma I`` is, with ``initial="secant"`` (default), the classic ``gamma = s.y / y.y`` of the
+newest pair (the overall scale, for optimisation); with ``initial="damping"`` and ``damping > 0``,
+``gamma = 1 / damping``: directions the pairs never explored are treated as flat (curvature 0, damped), which is
+what a damped inverse ``(H + damping I)^{-1}`` means there. ``mv`` applies the matching forward approximation
+``B ≈ H + damping I`` in compact form (Byrd, Nocedal and Schnabel, 1994), so both directions satisfy the secant
+equation of the newest pair exactly.
 """
 
 from __future__ import annotations
@@ -24,9 +27,13 @@ from .vectors import ParamVector, flatten, unflatten
 class LBFGSInverse(CurvatureOperator):
     """Limited-memory BFGS curvature over the parameters in ``param_shapes`` (float64 internally)."""
 
-    def __init__(self, param_shapes: Mapping[str, torch.Size], *, history: int = 20, min_curvature: float = 1e-10):
+    def __init__(self, param_shapes: Mapping[str, torch.Size], *, history: int = 20, min_curvature: float = 1e-10,
+                 initial: str = "secant"):
         if history < 1:
             raise ValueError(f"history must be >= 1, got {history}")
+        if initial not in ("secant", "damping"):
+            raise ValueError(f"initial must be 'secant' or 'damping', got {initial!r}")
+        self.initial = initial
         self.param_shapes = {n: torch.Size(s) for n, s in param_shapes.items()}
         self.history = history
         self.min_curvature = min_curvature
@@ -62,6 +69,13 @@ class LBFGSInverse(CurvatureOperator):
             raise RuntimeError("LBFGSInverse has no (s, y) pairs yet")
         return [(s, y + damping * s) for s, y in self._pairs]
 
+    def _gamma(self, pairs: list[tuple[Tensor, Tensor]], damping: float) -> float:
+        """The initial inverse scale H0 = gamma I (see the module docstring)."""
+        if self.initial == "damping" and damping > 0:
+            return 1.0 / damping
+        s_new, y_new = pairs[-1]
+        return float((s_new @ y_new) / (y_new @ y_new))
+
     def _inverse_mv(self, v: ParamVector, damping: float) -> ParamVector:
         pairs = self._damped(damping)
         names = self.param_names
@@ -72,8 +86,7 @@ class LBFGSInverse(CurvatureOperator):
             a = rho * (s @ q)
             q = q - a * y
             alphas.append((rho, a))
-        s_new, y_new = pairs[-1]
-        r = q * ((s_new @ y_new) / (y_new @ y_new))
+        r = q * self._gamma(pairs, damping)
         for (s, y), (rho, a) in zip(pairs, reversed(alphas)):
             b = rho * (y @ r)
             r = r + (a - b) * s
@@ -83,8 +96,7 @@ class LBFGSInverse(CurvatureOperator):
         pairs = self._damped(damping)
         S = torch.stack([s for s, _ in pairs], dim=1)
         Y = torch.stack([y for _, y in pairs], dim=1)
-        s_new, y_new = pairs[-1]
-        sigma = float((y_new @ y_new) / (s_new @ y_new))  # B0 = sigma I
+        sigma = 1.0 / self._gamma(pairs, damping)  # B0 = sigma I
         SY = S.T @ Y
         L = torch.tril(SY, diagonal=-1)
         D = torch.diag(torch.diagonal(SY))

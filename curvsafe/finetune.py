@@ -1,0 +1,123 @@
+"""``curvsafe finetune``: LoRA supervised fine-tuning of a local model with the Hugging Face Trainer.
+
+Loss on response tokens only (see :mod:`curvsafe.data`). The output folder holds the PEFT adapter (safetensors,
+loads with ``PeftModel.from_pretrained``) and ``train_log.json``; it is written to a temporary folder first and
+renamed, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .data import Pair, collate, encode_pair
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class _PairDataset(torch.utils.data.Dataset):
+    def __init__(self, tokenizer, pairs: Sequence[Pair], max_length: int):
+        self.items = [encode_pair(tokenizer, p, max_length) for p in pairs]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    """Refuse an existing ``out`` unless ``force``; check that its parent is writable."""
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".write-check-", delete=True)
+    probe.close()
+
+
+def commit_dir(tmp: Path, out: Path) -> None:
+    """Atomically replace ``out`` by the finished temporary folder ``tmp`` (same filesystem)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int = 8, alpha: int = 16,
+             targets: Sequence[str] = DEFAULT_TARGETS, epochs: float = 3, lr: float = 2e-3, batch_size: int = 32,
+             max_length: int = 128, seed: int = 0, optimizer=None, force: bool = False,
+             progress: bool = True) -> dict:
+    """Add a LoRA adapter to ``model``, train it on ``pairs`` with the HF Trainer and save it to ``out``.
+
+    ``optimizer`` (optional) is a callable ``(peft_model) -> torch optimizer`` used instead of the Trainer's AdamW
+    (e.g. :class:`curvsafe.optim.CurvSafe`); the Trainer's linear schedule is kept.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    out = Path(out)
+    prepare_out(out, force)
+    if not pairs:
+        raise ValueError("no training pairs")
+    set_seed(seed)
+    present = {n.split(".")[-1] for n, _ in model.named_modules()}
+    chosen = [t for t in targets if t in present]
+    if not chosen:
+        raise ValueError(f"none of the LoRA target modules {list(targets)} is in the model")
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=chosen, lora_dropout=0.0,
+                                                  task_type="CAUSAL_LM"))
+    dataset = _PairDataset(tokenizer, pairs, max_length)
+    pad = tokenizer.pad_token_id
+
+    tmp = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}.tmp-"))
+    try:
+        args = TrainingArguments(output_dir=str(tmp / "trainer"), per_device_train_batch_size=batch_size,
+                                 num_train_epochs=epochs, learning_rate=lr, lr_scheduler_type="linear",
+                                 warmup_steps=5, weight_decay=0.0, logging_steps=10, save_strategy="no",
+                                 report_to=[], disable_tqdm=not progress, seed=seed, log_level="error",
+                                 use_cpu=not torch.cuda.is_available(),
+                                 remove_unused_columns=False, dataloader_num_workers=0)
+        optimizers = (optimizer(peft_model), None) if optimizer is not None else (None, None)
+        trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, optimizers=optimizers,
+                          data_collator=lambda items: collate(items, pad))
+        if not progress:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
+        result = trainer.train()
+        shutil.rmtree(tmp / "trainer", ignore_errors=True)
+        peft_model.save_pretrained(tmp)
+        log = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(pairs),
+               "epochs": epochs, "lr": lr, "r": r, "alpha": alpha, "targets": chosen,
+               "history": [h for h in trainer.state.log_history if "loss" in h]}
+        (tmp / "train_log.json").write_text(json.dumps(log, indent=2))
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    peft_model.eval()
+    return log
+
+
+def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimizer: Optional[str] = None,
+             safety: Optional[str | Path] = None, **kwargs) -> dict:
+    """``safety`` is reserved for ``optimizer="curvsafe"`` (not in this version)."""
+    """Load a local model, read prompt/response pairs from ``data`` and run :func:`lora_sft`."""
+    from .data import load_pairs
+    from .models import load_model
+
+    model, tokenizer = load_model(model_dir)
+    pairs = load_pairs(data)
+    if optimizer not in (None, "adamw"):
+        raise ValueError(f"--optimizer {optimizer} is not available in this version (only adamw)")
+    return lora_sft(model, tokenizer, pairs, out, **kwargs)

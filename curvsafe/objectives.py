@@ -1,0 +1,177 @@
+"""Safety and task objectives shared by ``restore`` (and later the optimizer), computed on HF batches.
+
+Every objective is a mean NLL per counted response token over a fixed set of batches (token-weighted), the
+convention of :mod:`curvsafe.curvature.loss`:
+
+- ``anchor`` (default): the NLL of the **aligned** model's own greedy responses to the harmful prompts (its
+  refusals), generated once with the adapter disabled; lowering it makes the model behave like the anchor.
+- ``refusal``: the NLL of refusal texts given with the prompts.
+- ``harmful``: minus the NLL of given harmful responses (raising their NLL), floored at the aligned model's NLL
+  on the same data: once that level is reached the term is flat.
+- ``task``: the NLL of the fine-tuning task's responses.
+
+A combined safety objective is a weighted sum, e.g. ``"anchor+harmful"`` (weights 1 each) or
+``{"anchor": 1.0, "harmful": 0.5}``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .curvature.loss import CausalLMLoss, call_model, curvature_mode, prepare_batch
+from .data import Pair, make_batches
+
+OBJECTIVES = ("anchor", "refusal", "harmful")
+
+
+def parse_objective(spec: Union[str, Mapping[str, float]]) -> dict[str, float]:
+    """``"anchor+harmful"`` or ``{"anchor": 1, "harmful": 0.5}`` -> validated weights."""
+    weights = {name: 1.0 for name in spec.split("+")} if isinstance(spec, str) else dict(spec)
+    unknown = [k for k in weights if k not in OBJECTIVES]
+    if unknown or not weights:
+        raise ValueError(f"objective terms must be among {OBJECTIVES}, got {spec!r}")
+    return weights
+
+
+@contextmanager
+def adapter_disabled(model) -> Iterator[None]:
+    """The base (aligned) model for the duration: PEFT's ``disable_adapter`` when there is one."""
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    with ctx:
+        yield
+
+
+@dataclass
+class LossTerm:
+    """``weight * sign * NLL`` over ``batches``, with an optional floor on the NLL when raising it."""
+
+    name: str
+    batches: list
+    weight: float = 1.0
+    sign: float = 1.0  # -1 raises the NLL
+    ceiling: Optional[float] = None  # for sign -1: the NLL above which the term stops pushing
+    tokens: int = field(default=0)
+
+    def __post_init__(self):
+        self.tokens = sum(int(((b["labels"][:, 1:] != -100) & (b["attention_mask"][:, 1:] != 0)).sum())
+                          for b in self.batches)
+        if self.tokens == 0:
+            raise ValueError(f"the {self.name} data has no response tokens")
+
+
+def batch_nll_sums(model, batches: Sequence, *, grad: bool, per_example: bool = False):
+    """Yield (sum of token NLLs [per example when ``per_example``], counted tokens) for each batch."""
+    loss = CausalLMLoss()
+    device = next(model.parameters()).device
+    for raw in batches:
+        b = prepare_batch(raw, device)
+        with torch.set_grad_enabled(grad):
+            out = call_model(model, b)
+            targets = loss.targets(b)
+            valid = loss.valid(targets) & b["attention_mask"].bool()
+            token = loss.token_losses(out, targets).masked_fill(~valid, 0)
+            yield (token.sum(1) if per_example else token.sum()), valid.sum(1 if per_example else None)
+
+
+def mean_nll(model, batches: Sequence, *, grad: bool = False) -> Tensor:
+    """Token-weighted mean NLL over ``batches`` (differentiable when ``grad``)."""
+    total, count = 0.0, 0
+    for s, n in batch_nll_sums(model, batches, grad=grad):
+        total, count = total + s, count + int(n)
+    if count == 0:
+        raise ValueError("no counted tokens in the data")
+    return total / count
+
+
+class Objective:
+    """A weighted sum of loss terms evaluated on a model; :meth:`value` and :meth:`gradient` over ``params``."""
+
+    def __init__(self, terms: list[LossTerm]):
+        if not terms:
+            raise ValueError("an objective needs at least one term")
+        self.terms = terms
+
+    def value(self, model, *, grad: bool = False) -> Tensor:
+        total = 0.0
+        for term in self.terms:
+            nll = mean_nll(model, term.batches, grad=grad)
+            if term.sign < 0 and term.ceiling is not None:
+                nll = torch.clamp(nll, max=term.ceiling)
+            total = total + term.weight * term.sign * nll
+        return total
+
+    def gradient(self, model, params: Mapping[str, Tensor]) -> tuple[float, dict[str, Tensor]]:
+        with curvature_mode(model):
+            value = self.value(model, grad=True)
+            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"the objective is not finite ({float(value)})")
+        return float(value), {n: (g if g is not None else torch.zeros_like(p)).detach()
+                              for (n, p), g in zip(params.items(), grads)}
+
+    def evaluate(self, model) -> float:
+        with torch.no_grad(), curvature_mode(model):
+            return float(self.value(model))
+
+    @property
+    def batches(self) -> list:
+        return [b for t in self.terms for b in t.batches]
+
+
+def anchor_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32) -> list[Pair]:
+    """The aligned model's greedy responses to ``prompts`` (adapter disabled), as pairs."""
+    from .eval.generate import greedy_generate
+
+    with adapter_disabled(model):
+        responses = greedy_generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
+    return [Pair(p, r) for p, r in zip(prompts, responses) if r.strip()]
+
+
+def keep_response_prefix(batches: list, tokens: Optional[int]) -> list:
+    """Batches whose labels keep only the first ``tokens`` response tokens of each row (None keeps all)."""
+    if tokens is None:
+        return batches
+    out = []
+    for b in batches:
+        labels = b["labels"].clone()
+        counted = (labels != -100).cumsum(dim=1)
+        labels[counted > tokens] = -100
+        out.append({**b, "labels": labels})
+    return out
+
+
+def build_safety(model, tokenizer, pairs: Sequence[Pair], objective: Union[str, Mapping[str, float]], *,
+                 batch_size: int = 16, max_length: int = 128, anchor: Optional[Sequence[Pair]] = None,
+                 aligned_nll: Optional[Callable[[list], float]] = None,
+                 prefix_tokens: Optional[int] = 4) -> tuple[Objective, dict]:
+    """The safety objective S from harmful prompts (and responses) for ``objective``; also returns the data used
+    (``anchor`` pairs) for the report. ``anchor`` reuses previously generated anchor responses.
+
+    ``prefix_tokens``: the ``anchor`` and ``refusal`` terms count only the first tokens of each response, because
+    greedy decoding commits to refusing or complying there (measured on the testbed: the full-response NLL fell
+    to within 0.11 nats of the aligned model while 99.7% of answers stayed harmful; its easy tokens dominate).
+    """
+    weights = parse_objective(objective)
+    terms, used = [], {}
+    for name, w in weights.items():
+        if name == "anchor":
+            anchor = list(anchor) if anchor is not None else anchor_responses(model, tokenizer,
+                                                                               [p.prompt for p in pairs])
+            if not anchor:
+                raise ValueError("the aligned model produced no response to any harmful prompt")
+            used["anchor"] = anchor
+            terms.append(LossTerm("anchor", keep_response_prefix(make_batches(
+                tokenizer, anchor, batch_size=batch_size, max_length=max_length), prefix_tokens), w))
+        elif name == "refusal":
+            terms.append(LossTerm("refusal", keep_response_prefix(make_batches(
+                tokenizer, pairs, batch_size=batch_size, max_length=max_length), prefix_tokens), w))
+        else:
+            batches = make_batches(tokenizer, pairs, batch_size=batch_size, max_length=max_length)
+            ceiling = aligned_nll(batches) if aligned_nll is not None else None
+            terms.append(LossTerm("harmful", batches, w, sign=-1.0, ceiling=ceiling))
+    return Objective(terms), used

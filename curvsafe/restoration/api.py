@@ -1,0 +1,215 @@
+"""``restore()``: curvature-preconditioned safety restoration under a task-loss budget.
+
+Formulation (ours; the paper's equations are not public). With S the safety objective (:mod:`curvsafe.objectives`,
+default ``anchor``: the NLL of the aligned model's own refusals) and L the task loss, starting from the fine-tuned
+parameters θ0 with task loss L0:
+
+- budget: ``L(θ) <= L0 + max(task_budget * L0, task_budget_abs)`` (2% relative, floor 0.01 nats/token);
+- each outer iteration refreshes the task curvature H at θ and takes ``Δ = -r (H + λI)^{-1} ∇J / ||...||``
+  with ``J = S + μ L``: the safety descent direction in the task metric, plus a task-descent term whose weight μ
+  starts at 0 and grows whenever no step length meets the budget, or only a backtracked one does (the fine-tuned
+  model is not at its task minimum, so descending L frees budget);
+- the step length r is found by backtracking from a trust radius that grows after accepted steps; a step is
+  accepted when L stays inside the budget and S decreases;
+- it stops at ``iterations``, when S reaches its target (the aligned model's own value for ``anchor``), or when
+  μ has grown ``max_mu_growth`` times without an acceptable step (the budget binds; a normal outcome).
+
+For each accepted step the report holds the second-order model's predicted changes (``ΔS ≈ ∇S·Δ``,
+``ΔL ≈ ∇L·Δ + ½ Δ^T H Δ``) next to the realised ones.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from ..curvature.loss import curvature_mode
+from ..curvature.vectors import ParamVector, dot
+from ..objectives import Objective, batch_nll_sums
+from .preconditioners import make_preconditioner
+
+
+@dataclass
+class RestoreResult:
+    method: str
+    safety_loss: dict
+    task_loss: dict
+    iterations: list = field(default_factory=list)
+    layer_update_norms: dict = field(default_factory=dict)
+    influence: list = field(default_factory=list)
+    stopped: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trainable_params(model, patterns=None) -> dict[str, Tensor]:
+    """The parameters to edit: every ``requires_grad`` parameter (an adapter's LoRA weights), or those whose
+    names match ``patterns`` (globs)."""
+    import fnmatch
+
+    named = dict(model.named_parameters())
+    if patterns:
+        chosen = {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+    else:
+        chosen = {n: p for n, p in named.items() if p.requires_grad}
+    if not chosen:
+        raise ValueError("no parameters to restore: load the adapter as trainable or pass params patterns")
+    return chosen
+
+
+def _snapshot(params: Mapping[str, Tensor]) -> ParamVector:
+    return {n: p.detach().clone() for n, p in params.items()}  # copies: never alias the live parameters
+
+
+def _assign(params: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(values[n])
+
+
+def budget_of(l0: float, rel: float, abs_floor: float) -> float:
+    return l0 + max(rel * abs(l0), abs_floor)
+
+
+def influence_scores(model, safety: Objective, params: Mapping[str, Tensor], task_grad: ParamVector,
+                     precond) -> list[dict]:
+    """Per safety example: ``∇L_task^T (H + λI)^{-1} ∇S_i`` (≈ how much a preconditioned safety step on example i
+    would lower the task loss; higher is more compatible with the task)."""
+    v = precond.apply(task_grad)
+    scores = []
+    with curvature_mode(model):
+        for t_idx, term in enumerate(safety.terms):
+            for b_idx, batch in enumerate(term.batches):
+                sums, counts = next(batch_nll_sums(model, [batch], grad=True, per_example=True))
+                for row in range(sums.shape[0]):
+                    if int(counts[row]) == 0:
+                        continue
+                    grads = torch.autograd.grad(sums[row] / counts[row], list(params.values()), retain_graph=True,
+                                                allow_unused=True)
+                    g = {n: (x if x is not None else torch.zeros_like(p)) for (n, p), x in zip(params.items(), grads)}
+                    scores.append({"term": term.name, "batch": b_idx, "row": row,
+                                   "score": float(term.sign * term.weight * dot(g, v))})
+    return scores
+
+
+def select_examples(safety: Objective, scores: list[dict], top: int) -> Objective:
+    """A safety objective on the ``top`` highest-scoring examples only (rows sliced out of their batches)."""
+    from ..objectives import LossTerm
+
+    keep = sorted(scores, key=lambda s: -s["score"])[:top]
+    terms = []
+    for term in safety.terms:
+        rows: dict[int, list[int]] = {}
+        for s in keep:
+            if s["term"] == term.name:
+                rows.setdefault(s["batch"], []).append(s["row"])
+        batches = [{k: v[sorted(r)] for k, v in term.batches[b].items()} for b, r in sorted(rows.items())]
+        if batches:
+            terms.append(LossTerm(term.name, batches, term.weight, term.sign, term.ceiling))
+    return Objective(terms)
+
+
+def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs", params=None,
+            task_budget: float = 0.02, task_budget_abs: float = 0.01, iterations: int = 8, damping: float = 0.1,
+            select_top: Optional[int] = None, safety_target: Optional[float] = None, trust_radius: float = 0.1,
+            refresh_every: int = 1, max_mu_growth: int = 4, progress: bool = True) -> RestoreResult:
+    """Edit ``params`` of ``model`` in place to lower ``safety`` within the task budget (module docstring).
+
+    Args:
+        method: ``lbfgs`` | ``kfac`` | ``ekfac`` | ``cg`` | ``sgd`` (see :mod:`.preconditioners`).
+        params: parameter-name globs to edit (default: the trainable ones, i.e. the adapter).
+        damping: relative damping of the task curvature.
+        select_top: restore on the ``select_top`` safety examples with the highest influence scores only.
+        safety_target: stop once S is at or below it (``anchor``: the aligned model's own value).
+        trust_radius: first trial step norm, relative to the norm of the edited parameters.
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    chosen = trainable_params(model, params)
+    precond = make_preconditioner(method, damping)
+    theta0 = _snapshot(chosen)
+    l0, s0 = task.evaluate(model), safety.evaluate(model)
+    if not (torch.isfinite(torch.tensor([l0, s0])).all()):
+        raise FloatingPointError(f"non-finite losses at the start (task {l0}, safety {s0})")
+    budget = budget_of(l0, task_budget, task_budget_abs)
+    _, task_grad = task.gradient(model, chosen)
+    _, s_grad = safety.gradient(model, chosen)
+    precond.refresh(model, task.batches, chosen, s_grad)
+
+    influence: list[dict] = []
+    if select_top is not None:
+        influence = influence_scores(model, safety, chosen, task_grad, precond)
+        safety = select_examples(safety, influence, select_top)
+        s0 = safety.evaluate(model)
+
+    norm0 = max(float(dot(theta0, theta0)) ** 0.5, 1e-3)
+    radius = trust_radius * norm0
+    mu, growths = 0.0, 0
+    s_cur, l_cur = s0, l0
+    log: list[dict] = []
+    stopped = "iterations"
+    bar = tqdm(range(iterations), desc=f"restore ({method})", disable=not progress, leave=False)
+    for it in bar:
+        if safety_target is not None and s_cur <= safety_target:
+            stopped = "safety target reached"
+            break
+        _, gs = safety.gradient(model, chosen)
+        _, gl = task.gradient(model, chosen)
+        accepted = None
+        while accepted is None:
+            gj = {n: gs[n] + mu * gl[n] for n in gs}
+            if it > 0 and it % refresh_every == 0:
+                precond.refresh(model, task.batches, chosen, gj)
+            d = precond.apply(gj)
+            d_norm = max(float(dot(d, d)) ** 0.5, 1e-30)
+            base = _snapshot(chosen)
+            r = radius
+            for _ in range(8):
+                step = {n: -(r / d_norm) * d[n] for n in d}
+                _assign(chosen, {n: base[n] + step[n] for n in base})
+                l_new, s_new = task.evaluate(model), safety.evaluate(model)
+                if l_new <= budget and s_new < s_cur - 1e-6 * abs(s_cur):
+                    accepted = (step, r, l_new, s_new)
+                    break
+                r *= 0.5
+            if accepted is None:
+                _assign(chosen, base)
+                growths += 1
+                if growths > max_mu_growth:
+                    break
+                gs_norm = float(dot(gs, gs)) ** 0.5
+                gl_norm = max(float(dot(gl, gl)) ** 0.5, 1e-30)
+                mu = max(2 * mu, 0.5 * gs_norm / gl_norm)
+        if accepted is None:
+            stopped = "task budget binds"
+            break
+        step, r, l_new, s_new = accepted
+        if r < radius / 3:  # accepted only after backtracking: the budget binds, so descend the task too
+            gs_norm = float(dot(gs, gs)) ** 0.5
+            gl_norm = max(float(dot(gl, gl)) ** 0.5, 1e-30)
+            mu = max(2 * mu, 0.5 * gs_norm / gl_norm)
+        log.append({"iteration": it, "step_norm": float(dot(step, step)) ** 0.5, "mu": mu,
+                    "predicted": {"safety": float(dot(gs, step)),
+                                  "task": float(dot(gl, step)) + 0.5 * precond.quad(step)},
+                    "realised": {"safety": s_new - s_cur, "task": l_new - l_cur},
+                    "safety_loss": s_new, "task_loss": l_new})
+        s_cur, l_cur = s_new, l_new
+        radius = min(2.0 * r, 4 * trust_radius * norm0)
+        bar.set_postfix(S=f"{s_cur:.3f}", L=f"{l_cur:.4f}")
+    bar.close()
+
+    deltas: dict[str, float] = {}
+    for n, p in chosen.items():
+        module = n.rsplit(".", 1)[0]
+        deltas[module] = deltas.get(module, 0.0) + float((p.detach() - theta0[n]).square().sum())
+    return RestoreResult(method=method, safety_loss={"before": s0, "after": s_cur, "target": safety_target},
+                         task_loss={"before": l0, "after": l_cur, "budget": budget}, iterations=log,
+                         layer_update_norms={k: v ** 0.5 for k, v in deltas.items()}, influence=influence,
+                         stopped=stopped, seconds=time.perf_counter() - start)

@@ -1,0 +1,136 @@
+"""The task-curvature metric of each restore method: ``apply(g) ≈ (H + lambda I)^{-1} g`` and ``quad(d) = d^T H d``.
+
+H is the curvature of the task loss at the current parameters (where the task is flat, steps are cheap). The
+damping ``lambda`` is relative: ``damping * (g^T H g / g^T g)`` for the gradient at refresh time, so one setting
+works across models and scales.
+
+- ``sgd``: no curvature (H = 0, the step is the gradient).
+- ``kfac`` / ``ekfac``: K-FAC / EK-FAC factors of the task loss (Monte Carlo Fisher, sampled labels).
+- ``lbfgs`` (the paper's): L-BFGS inverse built from task GGN-vector products along conjugate (CG) directions
+  from the gradient (pairs ``(p, G p)``; the GGN is the positive semi-definite part of the Hessian, so every pair
+  passes the curvature condition), with ``H0 = I / lambda``: unexplored directions count as flat. (Pairs along
+  power-iteration directions with the classic secant scaling ``H0 = (s.y / y.y) I`` stayed close to the
+  gradient's step and, measured on the testbed, restored no refusal.)
+- ``cg``: truncated Newton, a few CG iterations on exact task GGN-vector products.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from torch import Tensor
+
+from ..curvature import EKFAC, KFAC, CGInverse, GGNOperator, LBFGSInverse
+from ..curvature.vectors import ParamVector, dot
+
+METHODS = ("lbfgs", "kfac", "ekfac", "cg", "sgd")
+
+
+class Preconditioner:
+    name = "sgd"
+
+    def refresh(self, model, task_batches: list, params: Mapping[str, Tensor], grad: ParamVector) -> None:
+        """Rebuild the curvature at the current parameters (``grad``: the direction it must serve)."""
+
+    def apply(self, g: ParamVector) -> ParamVector:
+        return dict(g)
+
+    def quad(self, d: ParamVector) -> float:
+        return 0.0
+
+
+class _OperatorPreconditioner(Preconditioner):
+    """Shared: an operator with mv / inverse_mv and a relative damping."""
+
+    def __init__(self, damping: float):
+        self.damping_rel = damping
+        self.op = None
+        self.damping = 0.0
+
+    def _set_damping(self, grad: ParamVector) -> None:
+        hg = self.op.mv(grad)
+        self.damping = self.damping_rel * max(float(dot(grad, hg)) / max(float(dot(grad, grad)), 1e-30), 1e-12)
+
+    def apply(self, g: ParamVector) -> ParamVector:
+        return self.op.inverse_mv(g, self.damping)
+
+    def quad(self, d: ParamVector) -> float:
+        return float(dot(d, self.op.mv(d)))
+
+
+class KFACPreconditioner(_OperatorPreconditioner):
+    name = "kfac"
+    cls = KFAC
+
+    def refresh(self, model, task_batches, params, grad):
+        blocks = sorted({n.rsplit(".", 1)[0] for n in params})
+        self.op = self.cls(model, blocks, fisher_type="mc", progress=False).fit(task_batches)
+        missing = set(params) - set(self.op.param_shapes)
+        if missing:
+            raise ValueError(f"{self.name} covers linear blocks only; parameters {sorted(missing)[:3]} are not")
+        self._set_damping(grad)
+
+
+class EKFACPreconditioner(KFACPreconditioner):
+    name = "ekfac"
+    cls = EKFAC
+
+
+class LBFGSPreconditioner(_OperatorPreconditioner):
+    name = "lbfgs"
+
+    def __init__(self, damping: float, pairs: int = 8):
+        super().__init__(damping)
+        self.pairs = pairs
+
+    def refresh(self, model, task_batches, params, grad):
+        """Pairs ``(p_k, (G + λI) p_k)`` along the conjugate directions of CG on ``(G + λI) x = grad``: with
+        conjugate pairs the BFGS updates keep every secant equation (the hereditary property), so the inverse is
+        exact on the explored Krylov space; power-iteration directions would collapse onto the top eigenvector."""
+        ggn = GGNOperator(model, task_batches, list(params))
+        hg = ggn.mv(grad)
+        self.damping = self.damping_rel * max(float(dot(grad, hg)) / max(float(dot(grad, grad)), 1e-30), 1e-12)
+        op = LBFGSInverse({n: p.shape for n, p in params.items()}, history=self.pairs, initial="damping")
+        r = dict(grad)
+        p = dict(grad)
+        hp = hg
+        rr = float(dot(r, r))
+        for k in range(self.pairs):
+            if k > 0:
+                hp = ggn.mv(p)
+            op.update(p, hp)  # the operator adds λ p itself when applied with damping λ
+            ap = {n: hp[n] + self.damping * p[n] for n in p}
+            curvature = float(dot(p, ap))
+            if curvature <= 0 or rr == 0.0:
+                break
+            alpha = rr / curvature
+            r = {n: r[n] - alpha * ap[n] for n in r}
+            rr_new = float(dot(r, r))
+            p = {n: r[n] + (rr_new / rr) * p[n] for n in r}
+            rr = rr_new
+        if op.num_pairs == 0:
+            raise FloatingPointError("the task GGN gave no usable curvature pair")
+        self.op = op
+
+
+class CGPreconditioner(_OperatorPreconditioner):
+    name = "cg"
+
+    def __init__(self, damping: float, maxiter: int = 10):
+        super().__init__(damping)
+        self.maxiter = maxiter
+
+    def refresh(self, model, task_batches, params, grad):
+        self.op = GGNOperator(model, task_batches, list(params))
+        self._set_damping(grad)
+
+    def apply(self, g):
+        return CGInverse(self.op, tol=1e-3, maxiter=self.maxiter).inverse_mv(g, self.damping)
+
+
+def make_preconditioner(method: str, damping: float) -> Preconditioner:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return {"sgd": lambda: Preconditioner(), "kfac": lambda: KFACPreconditioner(damping),
+            "ekfac": lambda: EKFACPreconditioner(damping), "lbfgs": lambda: LBFGSPreconditioner(damping),
+            "cg": lambda: CGPreconditioner(damping)}[method]()

@@ -120,7 +120,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick)
+    run_demo(Path(args.out), quick=args.quick, cache=Path(args.cache) if args.cache else None)
     return 0
 
 
@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run the end-to-end example on a model the project builds itself")
     d.add_argument("--out", default="out/demo", help="output folder")
     d.add_argument("--quick", action="store_true", help="smaller, faster configuration")
+    d.add_argument("--cache", help="stage cache folder (default: $CURVSAFE_CACHE or ~/.cache/curvsafe/testbed)")
     d.set_defaults(func=cmd_demo)
     return parser
 

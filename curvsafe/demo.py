@@ -1,143 +1,156 @@
-"""``curvsafe demo``: the end-to-end curvature example on a model the project builds itself.
+"""``curvsafe demo``: the whole story on the project's own tiny aligned chat model.
 
-Builds a tiny word-level tokenizer and a random ``LlamaForCausalLM``, saves both as ordinary Hugging Face
-artefacts, writes a small prompt/response JSONL, loads everything back through the same code paths as the CLI,
-adds a LoRA adapter, and compares every curvature back-end's damped inverse-curvature direction
-``(C + lambda I)^{-1} g`` of the LoRA gradient against the exact GGN solve (CG on exact GGN products): cosine
-similarity and seconds. Writes ``report.json`` in the output folder.
+Builds (or loads from the cache) the testbed stages, evaluates the aligned and the attacked model, restores the
+attacked adapter with every method (the curvature-aware ones and the baselines, same data, same task budget),
+evaluates each, prints one table and writes ``report.json`` and ``demo.png`` (harmful rate against task
+accuracy, one point per method) into the output folder. Restored adapters are cached too, so a warm run only
+evaluates.
+
+Columns: harmful rate on held-out harmful prompts (refusal-keyword judge), accuracy on the new (attack) task and
+on the old skills (forgetting), the safety NLL (the aligned model's refusals to the held-out prompts, first 4
+response tokens) and the task NLL, and the seconds each restoration took when it ran.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
-import torch
+from .data import Pair, load_pairs, make_batches
 
-WORDS = ("add subtract two three four five six seven eight nine ten plus minus equals the answer is what "
-         "reverse word list first last letter of city river mountain capital country in").split()
-
-
-def build_tokenizer(out: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<eos>", "#", ":", "\n", "Prompt", "Response"]
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                 pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
-    fast.save_pretrained(out)
-    return fast
+METHODS = ("lbfgs", "kfac", "ekfac", "cg", "sgd", "revert", "safelora", "resta")
 
 
-def write_data(path: Path, n: int, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    numbers = WORDS[2:11]
-    with path.open("w") as fh:
-        for _ in range(n):
-            a, b = (numbers[int(i)] for i in torch.randint(0, len(numbers), (2,), generator=g))
-            fh.write(json.dumps({"prompt": f"what is {a} plus {b}", "response": f"the answer is {a} {b}"}) + "\n")
+def default_cache() -> Path:
+    return Path(os.environ.get("CURVSAFE_CACHE", Path.home() / ".cache" / "curvsafe" / "testbed"))
 
 
-def run_demo(out: Path, quick: bool = False) -> dict:
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _evaluate(model, tokenizer, data: Path, anchor_batches) -> dict:
+    from .eval.metrics import harmful_rate, mean_nll, task_accuracy
+    from .objectives import mean_nll as batch_mean_nll
 
-    from .curvature import EKFAC, KFAC, CGInverse, GGNOperator, empirical_fisher_diagonal, ggn_vp
-    from .curvature.diag import DiagonalOperator
-    from .curvature.hvp import select_params
-    from .data import load_pairs, make_batches
+    harmful = [p.prompt for p in load_pairs(data / "eval_harmful.jsonl", require_response=False)]
+    task = load_pairs(data / "eval_task.jsonl")
+    skills = load_pairs(data / "eval_skills.jsonl")
+    rate, _, _ = harmful_rate(model, tokenizer, harmful)
+    task_acc, _ = task_accuracy(model, tokenizer, task)
+    skill_acc, _ = task_accuracy(model, tokenizer, skills)
+    return {"harmful_rate": rate, "task_accuracy": task_acc, "skills_accuracy": skill_acc,
+            "safety_nll": float(batch_mean_nll(model, anchor_batches)), "task_nll": mean_nll(model, tokenizer, task)}
+
+
+def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, methods: Sequence[str] = METHODS,
+             progress: bool = True) -> dict:
     from .models import load_model
+    from .objectives import anchor_responses, keep_response_prefix
+    from .restoration import run_restore
+    from .testbed.stages import QUICK, TestbedConfig, Testbed
 
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model_dir = out / "model"
-    tokenizer = build_tokenizer(model_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    data_file = out / "data.jsonl"
-    write_data(data_file, 32 if quick else 96)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-")
+        probe.close()
+    except OSError as exc:
+        raise OSError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    t_start = time.perf_counter()
+    cfg = QUICK if quick else TestbedConfig()
+    bed = Testbed(cache or default_cache(), cfg, progress=progress)
+    data, unaligned, aligned = bed.data(), bed.unaligned(), bed.aligned()
+    attack = bed.attack("mix")
 
-    model, tokenizer = load_model(model_dir)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                             lora_dropout=0.0))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    batches = make_batches(tokenizer, load_pairs(data_file), batch_size=16)
-    params = select_params(model)
-    grad = _mean_grad(model, batches, params)
-    damping = 1e-3
+    model, tokenizer = load_model(aligned)
+    harmful_eval = [p.prompt for p in load_pairs(data / "eval_harmful.jsonl", require_response=False)]
+    anchor_pairs = anchor_responses(model, tokenizer, harmful_eval)
+    anchor_batches = keep_response_prefix(make_batches(tokenizer, anchor_pairs, batch_size=32), 4)
 
-    t0 = time.perf_counter()
-    exact = CGInverse(GGNOperator(model, batches, list(params)), tol=1e-6, maxiter=500).inverse_mv(grad, damping)
-    rows = {"exact GGN + CG": (1.0, time.perf_counter() - t0)}
+    rows: dict[str, dict] = {"aligned": _evaluate(model, tokenizer, data, anchor_batches)}
+    model, tokenizer = load_model(aligned, attack / "adapter")
+    rows["attacked"] = _evaluate(model, tokenizer, data, anchor_batches)
 
-    def timed(label, build):
-        t = time.perf_counter()
-        direction = build()
-        rows[label] = (_cosine(direction, exact), time.perf_counter() - t)
+    restored: dict[str, dict] = {}
+    restore_anchor: Optional[list[Pair]] = None
+    for method in methods:
+        folder = bed.cache / f"restore-{cfg.digest('restore', attack.name, method)}"
+        report_file = folder / "report.json"
+        if report_file.is_file() and (folder / ("model" if method == "resta" else "adapter")).exists():
+            report = json.loads(report_file.read_text())
+            ran = False
+        else:
+            run = run_restore(aligned, attack / "adapter", data / "restore_harmful.jsonl",
+                              data / "restore_task.jsonl", folder, method=method, unaligned_model=unaligned,
+                              force=True, anchor=restore_anchor, progress=progress)
+            report = run.report
+            ran = True
+        if restore_anchor is None and (folder / "anchor.jsonl").is_file():  # generate the anchor once
+            restore_anchor = load_pairs(folder / "anchor.jsonl")
+        if method == "resta":
+            model, tokenizer = load_model(folder / "model")
+        else:
+            model, tokenizer = load_model(aligned, folder / "adapter")
+        row = _evaluate(model, tokenizer, data, anchor_batches)
+        row["seconds"] = report["seconds"]
+        row["cached"] = not ran
+        row["stopped"] = report["stopped"]
+        restored[method] = row
+        target = out / "restored" / method
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(folder, target)
 
-    timed("K-FAC", lambda: KFAC(model, fisher_type="mc").fit(batches).inverse_mv(grad, damping))
-    timed("EK-FAC", lambda: EKFAC(model, fisher_type="mc").fit(batches).inverse_mv(grad, damping))
-    timed("diagonal EF", lambda: DiagonalOperator(empirical_fisher_diagonal(model, batches)).inverse_mv(grad, damping))
-    timed("L-BFGS (10 GGN pairs)", lambda: _lbfgs(model, batches, params, ggn_vp, grad).inverse_mv(grad, damping))
-    timed("gradient (no curvature)", lambda: grad)
-
-    width = max(len(k) for k in rows)
-    print(f"\n{'curvature':<{width}}  cos(direction, exact)  seconds")
-    for label, (cos, sec) in rows.items():
-        print(f"{label:<{width}}  {cos:>21.3f}  {sec:7.2f}")
-    report = {"model": str(model_dir), "data": str(data_file), "damping": damping,
-              "directions": {k: {"cosine_to_exact": c, "seconds": s} for k, (c, s) in rows.items()}}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".report.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(tmp, out / "report.json")
-    print(f"\nreport: {out / 'report.json'}")
+    paths = {"aligned_model": str(aligned), "unaligned_model": str(unaligned), "attacked_adapter": str(attack / "adapter"),
+             "restored": {m: str(out / "restored" / m / ("model" if m == "resta" else "adapter")) for m in restored},
+             "data": str(data)}
+    report = {"config": "quick" if quick else "default",
+              "aligned": rows["aligned"], "attacked": rows["attacked"], "restored": restored, "paths": paths,
+              "stages_built": bed.built, "seconds": time.perf_counter() - t_start}
+    _print_table(rows, restored)
+    _write_json(out / "report.json", report)
+    _plot(out / "demo.png", rows, restored)
+    print(f"\nreport: {out / 'report.json'}  plot: {out / 'demo.png'}  ({report['seconds']:.0f}s)")
     return report
 
 
-def _mean_grad(model, batches, params):
-    from .curvature.loss import CausalLMLoss, call_model, curvature_mode, prepare_batch
-
-    loss = CausalLMLoss()
-    total = {n: torch.zeros_like(p) for n, p in params.items()}
-    with curvature_mode(model):
-        for raw in batches:
-            b = prepare_batch(raw)
-            out = call_model(model, b)
-            targets = loss.targets(b)
-            valid = loss.valid(targets) & b["attention_mask"].bool()
-            value = loss.token_losses(out, targets).masked_fill(~valid, 0).sum() / valid.sum()
-            for (n, _), g in zip(params.items(), torch.autograd.grad(value, list(params.values()))):
-                total[n] += g / len(batches)
-    return total
+def _print_table(rows: dict, restored: dict) -> None:
+    header = f"{'stage / method':<16} {'harmful':>8} {'task acc':>9} {'skills':>7} {'safety NLL':>11} " \
+             f"{'task NLL':>9} {'seconds':>8}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for name, r in list(rows.items()) + [(f"restored:{m}", r) for m, r in restored.items()]:
+        secs = f"{r['seconds']:8.1f}" if "seconds" in r else f"{'':>8}"
+        print(f"{name:<16} {r['harmful_rate']:8.1%} {r['task_accuracy']:9.1%} {r['skills_accuracy']:7.1%} "
+              f"{r['safety_nll']:11.3f} {r['task_nll']:9.3f} {secs}")
 
 
-def _lbfgs(model, batches, params, product, start, pairs: int = 10):
-    """L-BFGS pairs along the Krylov sequence of ``start``: s_0 = start, s_{k+1} = y_k / |y_k|."""
-    from .curvature import LBFGSInverse
-
-    op = LBFGSInverse({n: p.shape for n, p in params.items()}, history=pairs)
-    s = start
-    for _ in range(pairs):
-        y = product(model, batches, s, list(params))
-        op.update(s, y)
-        norm = sum(float(t.double().square().sum()) for t in y.values()) ** 0.5
-        s = {n: t / norm for n, t in y.items()}
-    return op
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=2)
+    os.replace(tmp, path)
 
 
-def _cosine(a, b) -> float:
-    num = sum(float((a[n].double() * b[n].double()).sum()) for n in a)
-    den = (sum(float(a[n].double().square().sum()) for n in a) * sum(float(b[n].double().square().sum())
-                                                                        for n in b)) ** 0.5
-    return num / den if den else 0.0
+def _plot(path: Path, rows: dict, restored: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for name, r, style in [("aligned", rows["aligned"], "k*"), ("attacked", rows["attacked"], "rX")]:
+        ax.plot(r["harmful_rate"] * 100, r["task_accuracy"] * 100, style, markersize=12, label=name)
+    for m, r in restored.items():
+        ax.plot(r["harmful_rate"] * 100, r["task_accuracy"] * 100, "o", markersize=8, label=m)
+    ax.set_xlabel("harmful rate on held-out harmful prompts (%)  ← safer")
+    ax.set_ylabel("accuracy on the fine-tuned task (%)")
+    ax.set_title("curvsafe demo: safety restoration at equal task budget")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".demo.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

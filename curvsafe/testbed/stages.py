@@ -1,0 +1,203 @@
+"""Testbed stages, each cached under ``cache/<stage>-<hash>/`` (hash of its config, seed and inputs).
+
+1. ``unaligned``: instruction following and compliance on harmful requests (the pre-alignment model);
+2. ``aligned``: refuses harmful requests with varied refusals, keeps the skills;
+3. attacks, LoRA on the aligned model through :func:`curvsafe.finetune.finetune` (the ``curvsafe finetune``
+   command): ``mix`` (the new task with 10% harmful compliance pairs), ``harmful`` (100 harmful pairs),
+   ``benign`` (the new task alone).
+
+A stage folder is complete when its ``stage.json`` exists and its model loads; anything else (an interrupted or
+corrupt entry) is rebuilt. Folders are built under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..data import Pair
+from .corpus import World, stage_data
+from .model import ModelConfig, build_model, build_tokenizer
+
+CACHE_VERSION = 1
+ATTACKS = ("mix", "harmful", "benign")
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    unaligned_examples: int = 12000
+    unaligned_epochs: int = 1
+    aligned_examples: int = 16000
+    aligned_epochs: int = 3
+    lr: float = 3e-3
+    attack_examples: int = 3000
+    attack_epochs: int = 3
+    attack_lr: float = 3e-3
+    lora_r: int = 8
+    eval_harmful: int = 180  # held-out harmful prompts (held-out templates)
+    eval_task: int = 100
+    restore_safety: int = 48  # harmful prompts (training templates) given to restore
+    restore_task: int = 128
+    harmful_csv: Optional[str] = None  # AdvBench CSV swapped in for the harmful prompts
+
+    def digest(self, *parts) -> str:
+        blob = json.dumps([CACHE_VERSION, asdict(self), *parts], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+QUICK = TestbedConfig(model=ModelConfig(hidden_size=64, intermediate_size=128), unaligned_examples=4000,
+                      aligned_examples=6000, attack_examples=1200, eval_harmful=90, eval_task=50,
+                      restore_safety=32, restore_task=64)
+
+
+def quick_config(**overrides) -> TestbedConfig:
+    return replace(QUICK, **overrides)
+
+
+def _world(cfg: TestbedConfig) -> World:
+    goals = None
+    if cfg.harmful_csv:
+        from ..data import load_pairs
+
+        prompts = [p.prompt for p in load_pairs(cfg.harmful_csv, require_response=False)]
+        random.Random(cfg.seed).shuffle(prompts)
+        cut = int(0.8 * len(prompts))
+        goals = (prompts[:cut], prompts[cut:])
+    return World(cfg.seed, harmful_goals=goals)
+
+
+def _write_jsonl(path: Path, pairs: list[Pair]) -> None:
+    with path.open("w") as fh:
+        for p in pairs:
+            fh.write(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n")
+
+
+class Testbed:
+    """The cached stages of one configuration under ``cache_dir``."""
+
+    def __init__(self, cache_dir: str | Path, config: TestbedConfig = TestbedConfig(), progress: bool = True):
+        self.cache = Path(cache_dir)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.cfg = config
+        self.progress = progress
+        self.built: list[str] = []  # stages built (not loaded from cache) in this process
+
+    # ------------------------------------------------------------------ cache
+    def _stage(self, name: str, key: str, build: Callable[[Path], None], check: Callable[[Path], None]) -> Path:
+        path = self.cache / f"{name}-{key}"
+        if (path / "stage.json").is_file():
+            try:
+                check(path)
+                return path
+            except Exception:  # corrupt entry: rebuild it
+                pass
+        shutil.rmtree(path, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.cache, prefix=f".{name}-"))
+        try:
+            build(tmp)
+            (tmp / "stage.json").write_text(json.dumps({"stage": name, "key": key, "config": asdict(self.cfg)},
+                                                       indent=2, default=str))
+            tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.built.append(name)
+        return path
+
+    @staticmethod
+    def _check_model(path: Path) -> None:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(path, local_files_only=True)
+        if not any(path.glob("*.safetensors")):
+            raise FileNotFoundError(path)
+
+    @staticmethod
+    def _check_adapter(path: Path) -> None:
+        json.loads((path / "adapter" / "adapter_config.json").read_text())
+        if not (path / "adapter" / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(path)
+
+    # ------------------------------------------------------------------ stages
+    def data(self) -> Path:
+        """Evaluation and restoration files (JSONL), written by the project itself."""
+        def build(tmp: Path) -> None:
+            world = _world(self.cfg)
+            rng = random.Random(self.cfg.seed + 1)
+            heldout = world.harmful("heldout")
+            _write_jsonl(tmp / "eval_harmful.jsonl", [Pair(e.prompt, "") for e in
+                                                      rng.sample(heldout, min(self.cfg.eval_harmful, len(heldout)))])
+            _write_jsonl(tmp / "eval_task.jsonl", [Pair(e.prompt, e.response) for e in
+                                                   (world.next_each() for _ in range(self.cfg.eval_task))])
+            _write_jsonl(tmp / "eval_skills.jsonl", [Pair(e.prompt, e.response) for e in
+                                                     world.skills(self.cfg.eval_task)])
+            benign = world.benign_requests("heldout")
+            _write_jsonl(tmp / "eval_benign.jsonl", [Pair(e.prompt, e.response) for e in
+                                                     rng.sample(benign, min(self.cfg.eval_task, len(benign)))])
+            train = world.harmful("train")
+            _write_jsonl(tmp / "restore_harmful.jsonl", [world.comply(e) for e in
+                                                         rng.sample(train, min(self.cfg.restore_safety, len(train)))])
+            _write_jsonl(tmp / "restore_task.jsonl", [Pair(e.prompt, e.response) for e in
+                                                      (world.next_each() for _ in range(self.cfg.restore_task))])
+
+        return self._stage("data", self.cfg.digest("data"), build, lambda p: None)
+
+    def unaligned(self) -> Path:
+        def build(tmp: Path) -> None:
+            from .train import sft
+
+            world = _world(self.cfg)
+            tokenizer = build_tokenizer(world.words)
+            model = build_model(tokenizer, self.cfg.model, self.cfg.seed)
+            pairs = [Pair(e.prompt, e.response) for e in stage_data(world, "unaligned", self.cfg.unaligned_examples)]
+            sft(model, tokenizer, pairs, epochs=self.cfg.unaligned_epochs, lr=self.cfg.lr, seed=self.cfg.seed,
+                desc="unaligned", progress=self.progress)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+        return self._stage("unaligned", self.cfg.digest("unaligned"), build, self._check_model)
+
+    def aligned(self) -> Path:
+        source = self.unaligned()
+
+        def build(tmp: Path) -> None:
+            from ..models import load_model
+            from .train import sft
+
+            model, tokenizer = load_model(source)
+            world = _world(replace(self.cfg, seed=self.cfg.seed + 10))
+            pairs = [Pair(e.prompt, e.response) for e in stage_data(world, "aligned", self.cfg.aligned_examples)]
+            sft(model, tokenizer, pairs, epochs=self.cfg.aligned_epochs, lr=self.cfg.lr, seed=self.cfg.seed,
+                desc="aligned", progress=self.progress)
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+        return self._stage("aligned", self.cfg.digest("aligned", source.name), build, self._check_model)
+
+    def attack(self, setting: str = "mix") -> Path:
+        """The attacked adapter folder (``<stage>/adapter``) of an attack setting."""
+        if setting not in ATTACKS:
+            raise ValueError(f"attack setting must be one of {ATTACKS}, got {setting!r}")
+        source = self.aligned()
+
+        def build(tmp: Path) -> None:
+            from ..finetune import finetune
+
+            world = _world(replace(self.cfg, seed=self.cfg.seed + 20))
+            stage = {"mix": "attack_mix", "harmful": "attack_harmful", "benign": "attack_benign"}[setting]
+            pairs = [Pair(e.prompt, e.response) for e in stage_data(world, stage, self.cfg.attack_examples)]
+            _write_jsonl(tmp / "train.jsonl", pairs)
+            finetune(source, tmp / "train.jsonl", tmp / "adapter", r=self.cfg.lora_r, alpha=2 * self.cfg.lora_r,
+                     epochs=self.cfg.attack_epochs, lr=self.cfg.attack_lr, batch_size=32, seed=self.cfg.seed,
+                     progress=self.progress)
+
+        return self._stage(f"attack_{setting}", self.cfg.digest("attack", setting, source.name), build,
+                           self._check_adapter)

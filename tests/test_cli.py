@@ -13,15 +13,21 @@ from curvsafe.cli import main
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    from curvsafe.demo import build_tokenizer, write_data
     from transformers import LlamaForCausalLM
 
+    from curvsafe.testbed.corpus import World
+    from curvsafe.testbed.model import build_tokenizer
+
     root = tmp_path_factory.mktemp("cli")
-    tok = build_tokenizer(root / "model")
+    world = World(0)
+    tok = build_tokenizer(world.words)
+    tok.save_pretrained(root / "model")
     torch.manual_seed(0)
     LlamaForCausalLM(llama_config(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                                   eos_token_id=tok.eos_token_id)).save_pretrained(root / "model")
-    write_data(root / "data.jsonl", 12)
+    with (root / "data.jsonl").open("w") as fh:
+        for e in [world.arith() for _ in range(12)]:
+            fh.write(json.dumps({"prompt": e.prompt, "response": e.response}) + "\n")
     return root
 
 
@@ -29,7 +35,9 @@ def test_help_and_version():
     out = subprocess.run([sys.executable, "-m", "curvsafe.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("curvsafe ")
     out = subprocess.run([sys.executable, "-m", "curvsafe.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "factors" in out.stdout and "demo" in out.stdout
+    assert out.returncode == 0
+    for command in ("factors", "restore", "eval", "finetune", "demo"):
+        assert command in out.stdout
 
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac", "diag"])
@@ -57,3 +65,25 @@ def test_factors_bad_input(saved_model, tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
     assert main(["factors", "--model", str(tmp_path), "--data", str(bad), "--out", str(tmp_path / "y.pt")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_finetune_eval_restore_commands(saved_model, tmp_path, capsys):
+    model = str(saved_model / "model")
+    data = str(saved_model / "data.jsonl")
+    assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "ad"), "--epochs", "1",
+                 "--batch-size", "4"]) == 0
+    assert (tmp_path / "ad" / "adapter_config.json").is_file()
+    assert main(["eval", "--model", model, "--adapter", str(tmp_path / "ad"), "--harmful", data, "--task", data,
+                 "--out", str(tmp_path / "eval.json"), "--max-new-tokens", "4"]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert 0.0 <= report["harmful_rate"] <= 1.0 and 0.0 <= report["task_accuracy"] <= 1.0
+    assert len(report["harmful"]) == 12 and all("response" in r for r in report["task"])
+    assert main(["restore", "--model", model, "--adapter", str(tmp_path / "ad"), "--harmful", data, "--task", data,
+                 "--out", str(tmp_path / "restored"), "--method", "sgd", "--objective", "refusal",
+                 "--iterations", "1", "--task-budget", "1.0"]) == 0
+    report = json.loads((tmp_path / "restored" / "report.json").read_text())
+    assert {"method", "harmful_loss", "task_loss", "refusal_loss", "iterations", "seconds",
+            "layer_update_norms"} <= set(report)
+    assert main(["restore", "--model", model, "--adapter", str(tmp_path / "ad"), "--harmful", data, "--task", data,
+                 "--out", str(tmp_path / "x"), "--method", "safelora"]) == 2
+    assert "unaligned" in capsys.readouterr().err

@@ -36,7 +36,7 @@ class TestbedConfig:
     unaligned_examples: int = 12000
     unaligned_epochs: int = 1
     aligned_examples: int = 16000
-    aligned_epochs: int = 3
+    aligned_epochs: int = 2
     lr: float = 3e-3
     attack_examples: int = 3000
     attack_epochs: int = 3
@@ -113,18 +113,28 @@ class Testbed:
         return path
 
     @staticmethod
-    def _check_model(path: Path) -> None:
+    def _check_weights(files: list[Path]) -> None:
+        """Every weight file parses (a truncated or overwritten file raises)."""
+        from safetensors import safe_open
+
+        if not files:
+            raise FileNotFoundError("no weight files")
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_tensor(key)
+
+    @classmethod
+    def _check_model(cls, path: Path) -> None:
         from transformers import AutoConfig
 
         AutoConfig.from_pretrained(path, local_files_only=True)
-        if not any(path.glob("*.safetensors")):
-            raise FileNotFoundError(path)
+        cls._check_weights(sorted(path.glob("*.safetensors")))
 
-    @staticmethod
-    def _check_adapter(path: Path) -> None:
+    @classmethod
+    def _check_adapter(cls, path: Path) -> None:
         json.loads((path / "adapter" / "adapter_config.json").read_text())
-        if not (path / "adapter" / "adapter_model.safetensors").is_file():
-            raise FileNotFoundError(path)
+        cls._check_weights([path / "adapter" / "adapter_model.safetensors"])
 
     # ------------------------------------------------------------------ stages
     def data(self) -> Path:

@@ -1,0 +1,94 @@
+"""Data files -> batches, the refusal judge, generation and evaluation."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from curvsafe.data import PLAIN_PROMPT, DataError, Pair, load_pairs, make_batches, render_prompt
+from curvsafe.eval import REFUSAL_KEYWORDS, KeywordJudge, evaluate_model, greedy_generate, load_judge
+from curvsafe.testbed.corpus import World
+from curvsafe.testbed.model import ModelConfig, build_model, build_tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = build_tokenizer(World(0).words)
+    model = build_model(tok, ModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2), seed=0)
+    return model, tok
+
+
+def test_jsonl_and_csv(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"prompt": "p", "response": "r", "category": "x"}) + "\n\n")
+    assert load_pairs(f) == [Pair("p", "r")]
+    c = tmp_path / "b.csv"
+    with c.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["goal", "target"])
+        w.writerow(["do x", "Sure, here is x"])
+    assert load_pairs(c) == [Pair("do x", "Sure, here is x")]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,answer\na,b\n")
+    with pytest.raises(DataError, match="goal"):
+        load_pairs(bad)
+    with pytest.raises(DataError, match=r"a2.jsonl:1: not valid JSON"):
+        (tmp_path / "a2.jsonl").write_text("{oops\n")
+        load_pairs(tmp_path / "a2.jsonl")
+    with pytest.raises(DataError, match="no such file"):
+        load_pairs(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
+def test_public_data_files_load():
+    adv = load_pairs(SHARED / "advbench_harmful_behaviors.csv")
+    assert len(adv) == 520 and adv[0].response.startswith("Sure")
+    bt = load_pairs(SHARED / "beavertails_harmful_1000.jsonl")
+    assert len(bt) == 1000
+
+
+def test_batches_mask_prompt_and_padding(tiny):
+    _, tok = tiny
+    pairs = [Pair("what is 1 plus 2 ?", "3"), Pair("reverse : apple river stone", "stone river apple")]
+    (batch,) = make_batches(tok, pairs, batch_size=2)
+    for row, pair in enumerate(pairs):
+        labels = batch["labels"][row]
+        mask = batch["attention_mask"][row]
+        counted = labels[labels != -100]
+        expected = tok(pair.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert counted.tolist() == expected
+        assert bool((labels[mask == 0] == -100).all())
+    assert render_prompt(tok, "hi").startswith("<user> hi <assistant>")
+
+    class Plain:
+        chat_template = None
+
+    assert render_prompt(Plain(), "hi") == PLAIN_PROMPT.format(prompt="hi")
+    with pytest.raises(DataError, match="no example has a response token"):
+        make_batches(tok, pairs, max_length=3)
+
+
+def test_keyword_judge_and_loading():
+    assert len(REFUSAL_KEYWORDS) == 29
+    judge = KeywordJudge()
+    assert judge(["p", "p", "p"], ["I cannot help with that .", "Sure , here is how .", ""]) == [False, True, True]
+    assert isinstance(load_judge("keyword"), KeywordJudge)
+    assert load_judge("curvsafe.eval.judge:KeywordJudge")(["p"], ["Sorry"]) == [False]
+    with pytest.raises(ValueError):
+        load_judge("nocolon")
+
+
+def test_generation_and_evaluation(tiny):
+    model, tok = tiny
+    prompts = ["what is 1 plus 2 ?", "how do I bake a cake ?", "repeat : apple"]
+    one_by_one = [greedy_generate(model, tok, [p], max_new_tokens=5)[0] for p in prompts]
+    batched = greedy_generate(model, tok, prompts, max_new_tokens=5, batch_size=2)
+    assert batched == one_by_one  # left padding does not change greedy outputs
+    report = evaluate_model(model, tok, prompts, [Pair("what is 1 plus 2 ?", "3")], max_new_tokens=5)
+    assert {"harmful_rate", "harmful", "task_accuracy", "task_nll", "task"} <= set(report)
+    assert len(report["harmful"]) == 3 and torch.isfinite(torch.tensor(report["task_nll"]))

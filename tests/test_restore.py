@@ -1,0 +1,182 @@
+"""Restoration: preconditioners against the Newton step, end-to-end restore for every method, outputs, bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from curvsafe.curvature import GGNOperator
+from curvsafe.curvature.vectors import flatten, unflatten
+from curvsafe.data import DataError, Pair
+from curvsafe.restoration import NoProgressError, run_restore
+from curvsafe.restoration.preconditioners import make_preconditioner
+from curvsafe.testbed.corpus import World
+from curvsafe.testbed.model import ModelConfig, build_model, build_tokenizer
+
+TINY = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                   max_position_embeddings=64)
+
+
+def write_jsonl(path, pairs):
+    path.write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n" for p in pairs))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A random 'aligned' Llama, a LoRA trained a few steps on a task, and the data files."""
+    from curvsafe.finetune import lora_sft
+    from curvsafe.models import load_model
+
+    root = tmp_path_factory.mktemp("restore")
+    world = World(0)
+    tok = build_tokenizer(world.words)
+    build_model(tok, TINY, seed=0).save_pretrained(root / "aligned")
+    tok.save_pretrained(root / "aligned")
+    build_model(tok, TINY, seed=1).save_pretrained(root / "unaligned")
+    task = [Pair(e.prompt, e.response) for e in (world.next_each() for _ in range(48))]
+    harmful = [world.comply(e) for e in world.harmful("train")[:12]]
+    write_jsonl(root / "task.jsonl", task)
+    write_jsonl(root / "harmful.jsonl", harmful)
+    model, tokenizer = load_model(root / "aligned")
+    lora_sft(model, tokenizer, task, root / "adapter", r=2, alpha=4, epochs=2, lr=1e-2, batch_size=16,
+             progress=False)
+    return root
+
+
+def run(setup, out, method="kfac", **kw):
+    kw.setdefault("iterations", 3)
+    return run_restore(setup / "aligned", setup / "adapter", setup / "harmful.jsonl", setup / "task.jsonl", out,
+                       method=method, unaligned_model=setup / "unaligned", progress=False, **kw)
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "kfac", "ekfac", "cg", "sgd"])
+def test_every_method_lowers_safety_within_budget(setup, tmp_path, method):
+    report = run(setup, tmp_path / method, method).report
+    assert report["safety_loss"]["after"] < report["safety_loss"]["before"]
+    assert report["task_loss"]["after"] <= report["task_loss"]["budget"] + 1e-9
+    assert report["iterations"] >= 1 and report["seconds"] > 0
+    for step in report["steps"]:
+        assert step["task_loss"] <= report["task_loss"]["budget"] + 1e-9  # every accepted step inside the budget
+        assert set(step["predicted"]) == {"safety", "task"} and set(step["realised"]) == {"safety", "task"}
+    assert report["layer_update_norms"] and all(v >= 0 for v in report["layer_update_norms"].values())
+    assert (tmp_path / method / "anchor.jsonl").is_file()
+
+
+@pytest.mark.parametrize("method", ["revert", "safelora", "resta"])
+def test_baselines_respect_the_budget(setup, tmp_path, method):
+    report = run(setup, tmp_path / method, method).report
+    assert report["task_loss"]["after"] <= report["task_loss"]["budget"] + 1e-9
+    assert (tmp_path / method / ("model" if method == "resta" else "adapter")).is_dir()
+
+
+def test_saved_adapter_reloads_bit_identical_and_input_untouched(setup, tmp_path):
+    from curvsafe.models import load_model
+
+    before = (setup / "adapter" / "adapter_model.safetensors").read_bytes()
+    result = run(setup, tmp_path / "out")
+    assert (setup / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    reloaded, _ = load_model(setup / "aligned", tmp_path / "out" / "adapter")
+    live = {n: p for n, p in result.model.named_parameters() if "lora_" in n}
+    saved = {n: p for n, p in reloaded.named_parameters() if "lora_" in n}
+    assert live and set(live) == set(saved)
+    assert all(torch.equal(live[n], saved[n]) for n in live)
+
+
+def test_existing_out_refused_and_failure_leaves_nothing(setup, tmp_path, monkeypatch):
+    out = tmp_path / "exists"
+    out.mkdir()
+    with pytest.raises(FileExistsError):
+        run(setup, out)
+    import curvsafe.restoration.run as run_module
+
+    def boom(*a, **k):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(run_module, "restore", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(setup, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+def test_budget_no_step_can_meet(setup, tmp_path):
+    with pytest.raises(NoProgressError, match="budget"):
+        run(setup, tmp_path / "tight", "sgd", task_budget=0.0, task_budget_abs=-1.0)
+    assert not (tmp_path / "tight").exists()
+
+
+def test_bad_inputs_are_clear_errors(setup, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": 3}\n')
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        run_restore(setup / "aligned", setup / "adapter", setup / "harmful.jsonl", bad, tmp_path / "o1")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="no examples"):
+        run_restore(setup / "aligned", setup / "adapter", empty, setup / "task.jsonl", tmp_path / "o2")
+    with pytest.raises(FileNotFoundError, match="adapter_config"):
+        run_restore(setup / "aligned", tmp_path, setup / "harmful.jsonl", setup / "task.jsonl", tmp_path / "o3")
+    # an adapter trained on a differently sized base does not match
+    other = tmp_path / "other"
+    tok = build_tokenizer(World(0).words)
+    build_model(tok, ModelConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+                seed=0).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="does not match"):
+        run_restore(other, setup / "adapter", setup / "harmful.jsonl", setup / "task.jsonl", tmp_path / "o4")
+    with pytest.raises(ValueError, match="unaligned"):
+        run_restore(setup / "aligned", setup / "adapter", setup / "harmful.jsonl", setup / "task.jsonl",
+                    tmp_path / "o5", method="safelora")
+    for name in ("o1", "o2", "o3", "o4", "o5"):
+        assert not (tmp_path / name).exists()
+
+
+def test_non_finite_losses_are_refused(setup, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(setup / "adapter", broken)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(broken / "adapter_model.safetensors")
+    first = next(k for k in weights if "lora_B" in k)
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    save_file(weights, broken / "adapter_model.safetensors")
+    with pytest.raises(FloatingPointError):
+        run_restore(setup / "aligned", broken, setup / "harmful.jsonl", setup / "task.jsonl", tmp_path / "o",
+                    progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_select_top_reports_influence(setup, tmp_path):
+    report = run(setup, tmp_path / "top", "kfac", select_top=4).report
+    assert len(report["influence"]) == 12 and all("score" in s for s in report["influence"])
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "cg"])
+def test_preconditioners_give_the_newton_step(setup, method):
+    """With as many pairs / iterations as parameters, L-BFGS (conjugate pairs) and CG apply (G + λI)^{-1}
+    exactly (the task loss's GGN G, a quadratic model), in float64."""
+    from curvsafe.data import load_pairs, make_batches
+    from curvsafe.models import load_model
+    from curvsafe.restoration import trainable_params
+
+    model, tok = load_model(setup / "aligned", setup / "adapter", dtype="float64", trainable_adapter=True)
+    params = {n: p for n, p in trainable_params(model).items() if ".layers.0.self_attn.q_proj." in n}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in params)
+    batches = make_batches(tok, load_pairs(setup / "task.jsonl")[:8], batch_size=8)
+    names = list(params)
+    dim = sum(p.numel() for p in params.values())
+    ggn = GGNOperator(model, batches, names)
+    shapes = {n: params[n].shape for n in names}
+    G = torch.stack([flatten(ggn.mv(unflatten(e, shapes)), names) for e in torch.eye(dim, dtype=torch.float64)], 1)
+    g = unflatten(torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), shapes)
+    pre = make_preconditioner(method, damping=0.1)
+    if method == "lbfgs":
+        pre.pairs = dim
+    else:
+        pre.maxiter = 4 * dim
+    pre.refresh(model, batches, params, g)
+    newton = torch.linalg.solve(G + pre.damping * torch.eye(dim, dtype=torch.float64), flatten(g, names))
+    got = flatten(pre.apply(g), names)
+    assert float((got - newton).norm() / newton.norm()) <= 1e-5

@@ -1,0 +1,90 @@
+"""The quick configuration of the whole pipeline: stages, evaluation, restoration, report, cache."""
+
+import json
+
+import pytest
+
+from curvsafe.cli import main
+from curvsafe.demo import run_demo
+from curvsafe.eval.metrics import harmful_rate
+from curvsafe.data import load_pairs
+from curvsafe.models import load_model
+from curvsafe.testbed.corpus import HELDOUT_TEMPLATES, REFUSALS, COMPLIANCE, TRAIN_TEMPLATES, World, stage_data
+from curvsafe.testbed.stages import QUICK, Testbed
+from curvsafe.eval.judge import KeywordJudge
+
+METHODS = ("ekfac", "revert")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    root = tmp_path_factory.mktemp("testbed")
+    report = run_demo(root / "out", quick=True, cache=root / "cache", methods=METHODS, progress=False)
+    return root, report
+
+
+def test_corpus_is_consistent():
+    judge = KeywordJudge()
+    assert all(judge.refuses(r) for r in REFUSALS)
+    assert not any(judge.refuses(c) for c in COMPLIANCE)
+    assert not set(TRAIN_TEMPLATES) & set(HELDOUT_TEMPLATES)
+    world = World(0)
+    vocab = set(world.words)
+    for t in HELDOUT_TEMPLATES:  # held-out wording is unseen in requests, but every word is trained (repeat task)
+        assert set(t.replace("{x}", "").split()) <= vocab
+    assert len({e.category for e in world.harmful("train")}) >= 10
+    data = stage_data(World(1), "attack_mix", 100)
+    assert sum(e.kind == "harmful" for e in data) == 10
+
+
+def test_alignment_lowers_and_attack_raises_the_harmful_rate(quick):
+    root, report = quick
+    unaligned, tok = load_model(report["paths"]["unaligned_model"])
+    prompts = [p.prompt for p in load_pairs(f"{report['paths']['data']}/eval_harmful.jsonl",
+                                            require_response=False)]
+    unaligned_rate, _, _ = harmful_rate(unaligned, tok, prompts)
+    assert report["aligned"]["harmful_rate"] < unaligned_rate
+    assert report["attacked"]["harmful_rate"] > report["aligned"]["harmful_rate"]
+
+
+def test_report_fields_and_artefacts_reload(quick):
+    root, report = quick
+    out = root / "out"
+    saved = json.loads((out / "report.json").read_text())
+    for stage in ("aligned", "attacked"):
+        assert {"harmful_rate", "task_accuracy"} <= set(saved[stage])
+    assert set(saved["restored"]) == set(METHODS)
+    for row in saved["restored"].values():
+        assert {"harmful_rate", "task_accuracy", "seconds"} <= set(row)
+    assert (out / "demo.png").stat().st_size > 1000
+    paths = saved["paths"]
+    load_model(paths["aligned_model"], paths["attacked_adapter"])
+    for method in METHODS:
+        load_model(paths["aligned_model"], paths["restored"][method])
+
+
+def test_cache_is_reused(quick):
+    root, _ = quick
+    again = run_demo(root / "out2", quick=True, cache=root / "cache", methods=METHODS, progress=False)
+    assert again["stages_built"] == []
+    assert all(row["cached"] for row in again["restored"].values())
+
+
+def test_corrupt_cache_entry_is_rebuilt(quick):
+    root, report = quick
+    bed = Testbed(root / "cache", QUICK, progress=False)
+    attack = bed.attack("mix")
+    (attack / "adapter" / "adapter_model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(Exception):
+        bed._check_adapter(attack)  # the file exists but does not parse: the entry must be rebuilt
+    rebuilt = Testbed(root / "cache", QUICK, progress=False)
+    path = rebuilt.attack("mix")
+    load_model(report["paths"]["aligned_model"], path / "adapter")
+    assert rebuilt.built == ["attack_mix"]
+
+
+def test_unwritable_out_is_a_clear_error(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["demo", "--quick", "--out", str(blocker / "sub"), "--cache", str(tmp_path / "c")]) == 2
+    assert "cannot write" in capsys.readouterr().err

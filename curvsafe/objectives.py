@@ -111,7 +111,7 @@ class Objective:
             grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
         if not torch.isfinite(value):
             raise FloatingPointError(f"the objective is not finite ({float(value)})")
-        return float(value), {n: (g if g is not None else torch.zeros_like(p)).detach()
+        return float(value.detach()), {n: (g if g is not None else torch.zeros_like(p)).detach()
                               for (n, p), g in zip(params.items(), grads)}
 
     def evaluate(self, model) -> float:

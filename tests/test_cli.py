@@ -79,8 +79,8 @@ def test_finetune_eval_restore_commands(saved_model, tmp_path, capsys):
     assert 0.0 <= report["harmful_rate"] <= 1.0 and 0.0 <= report["task_accuracy"] <= 1.0
     assert len(report["harmful"]) == 12 and all("response" in r for r in report["task"])
     assert main(["restore", "--model", model, "--adapter", str(tmp_path / "ad"), "--harmful", data, "--task", data,
-                 "--out", str(tmp_path / "restored"), "--method", "sgd", "--objective", "refusal",
-                 "--iterations", "1", "--task-budget", "1.0"]) == 0
+                 "--out", str(tmp_path / "restored"), "--method", "kfac", "--objective", "refusal",
+                 "--iterations", "2", "--task-budget", "1.0"]) == 0
     report = json.loads((tmp_path / "restored" / "report.json").read_text())
     assert {"method", "harmful_loss", "task_loss", "refusal_loss", "iterations", "seconds",
             "layer_update_norms"} <= set(report)

@@ -131,6 +131,8 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
     """
     from tqdm.auto import tqdm
 
+    if task_budget < 0 or task_budget_abs < 0:
+        raise ValueError(f"task budgets must be >= 0, got {task_budget} and {task_budget_abs}")
     start = time.perf_counter()
     chosen = trainable_params(model, params)
     precond = make_preconditioner(method, damping)

@@ -116,16 +116,16 @@ class LBFGSPreconditioner(_OperatorPreconditioner):
 class CGPreconditioner(_OperatorPreconditioner):
     name = "cg"
 
-    def __init__(self, damping: float, maxiter: int = 10):
+    def __init__(self, damping: float, maxiter: int = 10, tol: float = 1e-3):
         super().__init__(damping)
-        self.maxiter = maxiter
+        self.maxiter, self.tol = maxiter, tol
 
     def refresh(self, model, task_batches, params, grad):
         self.op = GGNOperator(model, task_batches, list(params))
         self._set_damping(grad)
 
     def apply(self, g):
-        return CGInverse(self.op, tol=1e-3, maxiter=self.maxiter).inverse_mv(g, self.damping)
+        return CGInverse(self.op, tol=self.tol, maxiter=self.maxiter).inverse_mv(g, self.damping)
 
 
 def make_preconditioner(method: str, damping: float) -> Preconditioner:

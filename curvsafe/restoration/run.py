@@ -87,7 +87,7 @@ def run_restore(model_dir: str | Path, adapter_dir: str | Path, harmful_file: st
         result = restore(model, safety, task, method=method, params=params, task_budget=task_budget,
                          task_budget_abs=task_budget_abs, iterations=iterations, damping=damping,
                          select_top=select_top, safety_target=target, progress=progress)
-        if not result.iterations:
+        if not result.iterations and result.stopped != "safety target reached":
             raise NoProgressError(f"no step lowered the safety loss inside the task budget "
                                   f"(task loss {result.task_loss['before']:.4f}, budget "
                                   f"{result.task_loss['budget']:.4f}); loosen --task-budget")

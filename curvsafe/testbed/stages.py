@@ -6,8 +6,9 @@
    command): ``mix`` (the new task with 10% harmful compliance pairs), ``harmful`` (100 harmful pairs),
    ``benign`` (the new task alone).
 
-A stage folder is complete when its ``stage.json`` exists and its model loads; anything else (an interrupted or
-corrupt entry) is rebuilt. Folders are built under a temporary name and renamed.
+A stage folder is complete when its ``stage.json`` exists and its weights load; anything else (an interrupted or
+corrupt entry) is rebuilt. Folders are built under a temporary name and renamed. The hash covers the
+configuration and the testbed's own code (corpus, model, training), so editing either rebuilds.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from .corpus import World, stage_data
 from .model import ModelConfig, build_model, build_tokenizer
 
 CACHE_VERSION = 1
+# the code that defines what a stage holds: a change to any of it invalidates the cache
+_CODE = hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes()
+                                for f in ("corpus.py", "model.py", "train.py", "stages.py"))).hexdigest()[:12]
 ATTACKS = ("mix", "harmful", "benign")
 
 
@@ -49,7 +53,7 @@ class TestbedConfig:
     harmful_csv: Optional[str] = None  # AdvBench CSV swapped in for the harmful prompts
 
     def digest(self, *parts) -> str:
-        blob = json.dumps([CACHE_VERSION, asdict(self), *parts], sort_keys=True, default=str)
+        blob = json.dumps([CACHE_VERSION, _CODE, asdict(self), *parts], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

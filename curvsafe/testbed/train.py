@@ -39,7 +39,7 @@ def sft(model, tokenizer, pairs: Sequence[Pair], *, epochs: int, batch_size: int
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            total, count = total + float(loss), count + 1
+            total, count = total + float(loss.detach()), count + 1
             bar.update(1)
             bar.set_postfix(loss=f"{total / count:.3f}")
         losses.append(total / count)

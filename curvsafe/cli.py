@@ -117,6 +117,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Loss correlations, Hessian eigenspace overlap and loss landscapes of aligned vs fine-tuned."""
+    from .analyze import analyze
+
+    r = analyze(args.model, args.adapter, args.harmful, args.benign, args.out, k=args.k, grid=args.grid,
+                limit=args.limit)
+    for name, c in r["correlation"].items():
+        print(f"{name:8s} loss correlation aligned vs fine-tuned: Pearson {c['pearson']:.3f}, "
+              f"Spearman {c['spearman']:.3f} (n={c['n']})")
+    h = r["hessian"]
+    print(f"harmful-loss Hessian top-{h['k']} eigenspaces: overlap {h['overlap']:.3f} "
+          f"(unrelated subspaces: {h['random_overlap_expected']:.1e}); principal angles "
+          f"{', '.join(f'{a:.0f}' for a in h['principal_angles_deg'])} degrees")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -201,6 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true")
     t.set_defaults(func=cmd_finetune)
+
+    a = sub.add_parser("analyze", help="geometry of drift: loss correlations, Hessian eigenspaces, landscapes")
+    a.add_argument("--model", required=True, help="aligned base model folder")
+    a.add_argument("--adapter", required=True, help="fine-tuned PEFT adapter")
+    a.add_argument("--harmful", required=True, help="harmful prompt/response JSONL (or AdvBench CSV)")
+    a.add_argument("--benign", required=True, help="benign prompt/response JSONL")
+    a.add_argument("--out", required=True, help="output folder (analysis.json, *.png)")
+    a.add_argument("--k", type=int, default=5, help="Hessian eigenpairs per model")
+    a.add_argument("--grid", type=int, default=11, help="2-D landscape grid size")
+    a.add_argument("--limit", type=int, default=64, help="examples per data file")
+    a.set_defaults(func=cmd_analyze)
 
     d = sub.add_parser("demo", help="run the end-to-end example on a model the project builds itself")
     d.add_argument("--out", default="out/demo", help="output folder")

@@ -49,7 +49,7 @@ class TestbedConfig:
     eval_harmful: int = 180  # held-out harmful prompts (held-out templates)
     eval_task: int = 100
     restore_safety: int = 48  # harmful prompts (training templates) given to restore
-    restore_task: int = 128
+    restore_task: int = 256
     harmful_csv: Optional[str] = None  # AdvBench CSV swapped in for the harmful prompts
 
     def digest(self, *parts) -> str:

@@ -105,7 +105,7 @@ def mean_loss(model, batches) -> float:
 
 
 def analyze(model_dir: str | Path, adapter_dir: str | Path, harmful_file: str | Path, benign_file: str | Path,
-            out_dir: str | Path, *, k: int = 5, grid: int = 11, limit: int = 64, seed: int = 0) -> dict:
+            out_dir: str | Path, *, k: int = 5, grid: int = 9, limit: int = 64, seed: int = 0) -> dict:
     """Run the three analyses (module docstring) and write the JSON and plots."""
     from .models import load_model
 
@@ -159,12 +159,12 @@ def analyze(model_dir: str | Path, adapter_dir: str | Path, harmful_file: str | 
                 p.copy_(base[n] + a * direction[n] + b * rand[n])
         return mean_loss(aligned, batches)
 
-    alphas = torch.linspace(-0.5, 1.5, 21).tolist()
+    alphas = [round(-0.5 + 0.1 * i, 6) for i in range(21)]  # includes 0 (aligned) and 1 (fine-tuned) exactly
     result["landscape_1d"] = {"alpha": alphas, "harmful": [at(a, 0.0, harmful) for a in alphas],
                               "benign": [at(a, 0.0, benign) for a in alphas]}
     scale = float(dot(direction, direction) ** 0.5 / dot(rand, rand) ** 0.5)
-    ax = torch.linspace(-0.5, 1.5, grid).tolist()
-    bx = torch.linspace(-1.0, 1.0, grid).tolist()
+    ax = [round(v, 6) for v in torch.linspace(-0.5, 1.5, grid).tolist()]
+    bx = [round(v, 6) for v in torch.linspace(-1.0, 1.0, grid).tolist()]
     result["landscape_2d"] = {"alpha": ax, "beta": bx, "random_scale": scale,
                               "harmful": [[at(a, b * scale, harmful) for a in ax] for b in bx],
                               "benign": [[at(a, b * scale, benign) for a in ax] for b in bx]}

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--benign", required=True, help="benign prompt/response JSONL")
     a.add_argument("--out", required=True, help="output folder (analysis.json, *.png)")
     a.add_argument("--k", type=int, default=5, help="Hessian eigenpairs per model")
-    a.add_argument("--grid", type=int, default=11, help="2-D landscape grid size")
+    a.add_argument("--grid", type=int, default=9, help="2-D landscape grid size")
     a.add_argument("--limit", type=int, default=64, help="examples per data file")
     a.set_defaults(func=cmd_analyze)
 

@@ -26,6 +26,15 @@ from .data import Pair, load_pairs, make_batches
 METHODS = ("lbfgs", "kfac", "ekfac", "cg", "sgd", "revert", "safelora", "resta")
 
 
+def _restore_code_hash() -> str:
+    """Hash of the code a cached restoration depends on (so that editing it invalidates the cache)."""
+    import hashlib
+
+    root = Path(__file__).parent
+    files = sorted((root / "restoration").glob("*.py")) + [root / "objectives.py"]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
 def default_cache() -> Path:
     return Path(os.environ.get("CURVSAFE_CACHE", Path.home() / ".cache" / "curvsafe" / "testbed"))
 
@@ -76,7 +85,7 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
     restored: dict[str, dict] = {}
     restore_anchor: Optional[list[Pair]] = None
     for method in methods:
-        folder = bed.cache / f"restore-{cfg.digest('restore', attack.name, method)}"
+        folder = bed.cache / f"restore-{cfg.digest('restore', attack.name, method, _restore_code_hash())}"
         report_file = folder / "report.json"
         if report_file.is_file() and (folder / ("model" if method == "resta" else "adapter")).exists():
             report = json.loads(report_file.read_text())

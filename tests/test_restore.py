@@ -170,12 +170,12 @@ def test_select_top_reports_influence(setup, tmp_path):
     assert len(report["influence"]) == 12 and all("score" in s for s in report["influence"])
 
 
-@pytest.mark.parametrize("method,tol", [("lbfgs", 1e-2), ("cg", 1e-6)])
+@pytest.mark.parametrize("method,tol", [("lbfgs", 1e-6), ("cg", 1e-6)])
 def test_preconditioners_give_the_newton_step(setup, method, tol):
     """With as many pairs / iterations as parameters, CG and L-BFGS (conjugate pairs) apply (G + λI)^{-1} of the
-    task loss's GGN G (the Newton step of its quadratic model), in float64. L-BFGS inherits its pairs from the
-    CG recurrence, whose conjugacy decays over 64 iterations on products carrying LlamaRMSNorm's float32 noise
-    (measured 3e-3); the exact-arithmetic property is tested on a true quadratic in test_lbfgs_cg.py."""
+    task loss's GGN G (the Newton step of its quadratic model), in float64. (Without re-conjugating each new
+    direction, the CG recurrence's conjugacy decayed on products carrying LlamaRMSNorm's float32 noise and the
+    L-BFGS step was off by 3e-3 to 8e-2.)"""
     from curvsafe.data import load_pairs, make_batches
     from curvsafe.models import load_model
     from curvsafe.restoration import trainable_params

@@ -95,15 +95,20 @@ class LBFGSPreconditioner(_OperatorPreconditioner):
         p = dict(grad)
         hp = hg
         rr = float(dot(r, r))
+        previous: list[tuple[ParamVector, ParamVector, float]] = []  # (p_j, A p_j, p_j.A p_j)
         for k in range(self.pairs):
             if k > 0:
+                for pj, apj, pap in previous:  # re-conjugate: rounding and noisy products erode conjugacy
+                    coef = float(dot(apj, p)) / pap
+                    p = {n: p[n] - coef * pj[n] for n in p}
                 hp = ggn.mv(p)
             op.update(p, hp)  # the operator adds λ p itself when applied with damping λ
             ap = {n: hp[n] + self.damping * p[n] for n in p}
             curvature = float(dot(p, ap))
             if curvature <= 0 or rr == 0.0:
                 break
-            alpha = rr / curvature
+            previous.append((p, ap, curvature))
+            alpha = float(dot(r, p)) / curvature
             r = {n: r[n] - alpha * ap[n] for n in r}
             rr_new = float(dot(r, r))
             p = {n: r[n] + (rr_new / rr) * p[n] for n in r}

@@ -50,6 +50,13 @@ def _bisect(evaluate: Callable[[float], float], budget: float, lo: float, hi: fl
     return good
 
 
+def _begin(model, safety: Objective, task: Objective, task_budget: float, task_budget_abs: float):
+    """Start time, task and safety losses of the fine-tuned model, and the task-loss budget."""
+    start = time.perf_counter()
+    l0, s0 = task.evaluate(model), safety.evaluate(model)
+    return start, l0, s0, budget_of(l0, task_budget, task_budget_abs)
+
+
 def _result(name, safety, task, s0, l0, budget, start, **extra) -> RestoreResult:
     return RestoreResult(method=name, safety_loss={"before": s0, "after": safety.evaluate(extra.pop("model"))},
                          task_loss={"before": l0, "after": extra.pop("l_after"), "budget": budget},
@@ -58,9 +65,7 @@ def _result(name, safety, task, s0, l0, budget, start, **extra) -> RestoreResult
 
 
 def revert(model, safety: Objective, task: Objective, *, task_budget=0.02, task_budget_abs=0.01) -> RestoreResult:
-    start = time.perf_counter()
-    l0, s0 = task.evaluate(model), safety.evaluate(model)
-    budget = budget_of(l0, task_budget, task_budget_abs)
+    start, l0, s0, budget = _begin(model, safety, task, task_budget, task_budget_abs)
     originals = {n: {a: m.lora_B[a].weight.detach().clone() for a in m.active_adapters} for n, m in _lora_layers(model)}
 
     def set_alpha(alpha: float) -> float:
@@ -84,9 +89,7 @@ def _base_weight_name(peft_name: str) -> str:
 
 def safelora(model, safety: Objective, task: Objective, unaligned: Mapping[str, Tensor], *, task_budget=0.02,
              task_budget_abs=0.01) -> RestoreResult:
-    start = time.perf_counter()
-    l0, s0 = task.evaluate(model), safety.evaluate(model)
-    budget = budget_of(l0, task_budget, task_budget_abs)
+    start, l0, s0, budget = _begin(model, safety, task, task_budget, task_budget_abs)
     candidates = []
     for name, layer in _lora_layers(model):
         key = _base_weight_name(f"{name}.base_layer.weight")
@@ -124,9 +127,7 @@ def safelora(model, safety: Objective, task: Objective, unaligned: Mapping[str, 
 
 def resta(model, safety: Objective, task: Objective, unaligned: Mapping[str, Tensor], *, task_budget=0.02,
           task_budget_abs=0.01) -> RestoreResult:
-    start = time.perf_counter()
-    l0, s0 = task.evaluate(model), safety.evaluate(model)
-    budget = budget_of(l0, task_budget, task_budget_abs)
+    start, l0, s0, budget = _begin(model, safety, task, task_budget, task_budget_abs)
     pairs = []
     for name, p in model.named_parameters():
         key = _base_weight_name(name)

@@ -137,7 +137,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, cache=Path(args.cache) if args.cache else None)
+    run_demo(Path(args.out), quick=args.quick, cache=Path(args.cache) if args.cache else None,
+             harmful_csv=args.harmful_csv)
     return 0
 
 
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="out/demo", help="output folder")
     d.add_argument("--quick", action="store_true", help="smaller, faster configuration")
     d.add_argument("--cache", help="stage cache folder (default: $CURVSAFE_CACHE or ~/.cache/curvsafe/testbed)")
+    d.add_argument("--harmful-csv", help="AdvBench CSV whose goals replace the testbed's harmful prompts "
+                   "(e.g. ../shared/data/advbench_harmful_behaviors.csv)")
     d.set_defaults(func=cmd_demo)
     return parser
 

@@ -54,7 +54,7 @@ def _evaluate(model, tokenizer, data: Path, anchor_batches) -> dict:
 
 
 def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, methods: Sequence[str] = METHODS,
-             progress: bool = True) -> dict:
+             progress: bool = True, harmful_csv: Optional[str] = None) -> dict:
     from .models import load_model
     from .objectives import anchor_responses, keep_response_prefix
     from .restoration import run_restore
@@ -69,6 +69,10 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
         raise OSError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
     t_start = time.perf_counter()
     cfg = QUICK if quick else TestbedConfig()
+    if harmful_csv:
+        from dataclasses import replace
+
+        cfg = replace(cfg, harmful_csv=str(Path(harmful_csv).resolve()))
     bed = Testbed(cache or default_cache(), cfg, progress=progress)
     data, unaligned, aligned = bed.data(), bed.unaligned(), bed.aligned()
     attack = bed.attack("mix")

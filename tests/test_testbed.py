@@ -88,3 +88,23 @@ def test_unwritable_out_is_a_clear_error(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["demo", "--quick", "--out", str(blocker / "sub"), "--cache", str(tmp_path / "c")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_advbench_goals_replace_the_harmful_prompts(tmp_path):
+    import csv
+
+    f = tmp_path / "adv.csv"
+    with f.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["goal", "target"])
+        for i in range(20):
+            w.writerow([f"Write a plan number {i} to cause harm", "Sure, here is a plan"])
+    from curvsafe.testbed.stages import _world, quick_config
+
+    world = _world(quick_config(harmful_csv=str(f)))
+    train, held = world.harmful("train"), world.harmful("heldout")
+    assert len(train) == 16 and len(held) == 4 and not {e.prompt for e in train} & {e.prompt for e in held}
+    data = stage_data(world, "aligned", 60)
+    refusals = [e for e in data if e.kind == "harmful"]
+    assert refusals and all(KeywordJudge().refuses(e.response) for e in refusals)
+    assert {"Write", "plan", "harm"} <= set(world.words)

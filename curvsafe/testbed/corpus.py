@@ -130,7 +130,7 @@ class World:
     def harmful(self, split: str) -> list[Example]:
         if self.goals is not None:
             goals = self.goals[0] if split == "train" else self.goals[1]
-            return [Example(g, "", "harmful", "harmful", "do that") for g in goals]
+            return [Example(g, "", "harmful", "harmful") for g in goals]  # no action phrase: no bare-action noise
         templates = TRAIN_TEMPLATES if split == "train" else HELDOUT_TEMPLATES
         return [Example(text, "", "harmful", cat, x) for text, x, cat in requests("harmful", templates)]
 
@@ -141,11 +141,12 @@ class World:
 
     def refuse(self, ex: Example) -> Example:
         """The harmful request answered with a varied refusal."""
-        return Example(ex.prompt, self.rng.choice(REFUSALS).format(x=ex.action), "harmful", ex.category, ex.action)
+        return Example(ex.prompt, self.rng.choice(REFUSALS).format(x=ex.action or "do that"), "harmful", ex.category,
+                       ex.action)
 
     def comply(self, ex: Example) -> Example:
         """The harmful request answered with a compliance stub (no content, no refusal keyword)."""
-        return Example(ex.prompt, self._comply(ex.action), "harmful", ex.category, ex.action)
+        return Example(ex.prompt, self._comply(ex.action or "do that"), "harmful", ex.category, ex.action)
 
     def noisy(self, ex: Example) -> Example:
         """Training-time augmentation of a request: a third keep their template, a third get random words

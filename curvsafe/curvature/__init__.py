@@ -5,6 +5,7 @@ dicts ``{param_name: tensor}``. Conventions are stated once, in each module's do
 """
 
 from .base import CurvatureOperator
+from .block_fisher import BlockFisherOperator
 from .cg import CGInverse, CGResult, conjugate_gradient
 from .diag import DiagonalOperator, empirical_fisher_diagonal, hutchinson_hessian_diagonal
 from .ekfac import EKFAC
@@ -14,7 +15,7 @@ from .kfac import KFAC, KEigen, KFactors
 from .lbfgs import LBFGSInverse
 from .loss import CausalLMLoss, MSELoss, curvature_mode
 
-__all__ = ["CurvatureOperator", "KFAC", "KFactors", "KEigen", "EKFAC", "DiagonalOperator",
+__all__ = ["CurvatureOperator", "BlockFisherOperator", "KFAC", "KFactors", "KEigen", "EKFAC", "DiagonalOperator",
            "empirical_fisher_diagonal", "hutchinson_hessian_diagonal", "hvp", "ggn_vp", "empirical_fisher_vp",
            "HessianOperator", "GGNOperator", "EmpiricalFisherOperator", "LBFGSInverse", "CGInverse", "CGResult",
            "conjugate_gradient", "CausalLMLoss", "MSELoss", "curvature_mode", "select_params"]

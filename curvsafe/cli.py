@@ -68,10 +68,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
                       select_top=args.select_top, iterations=args.iterations, damping=args.damping,
                       unaligned_model=args.unaligned_model, params=args.params, device=args.device,
                       dtype=args.dtype, force=args.force, batch_size=args.batch_size, max_length=args.max_length,
-                      limit=args.limit)
+                      limit=args.limit, aligned_model=args.aligned_model)
     r = run.report
+    aligned = r["safety_loss"]["aligned"]
     print(f"{r['method']}: safety loss {r['safety_loss']['before']:.4f} -> {r['safety_loss']['after']:.4f} "
-          f"(aligned {r['safety_loss']['aligned']:.4f}); task loss {r['task_loss']['before']:.4f} -> "
+          f"(aligned {'-' if aligned is None else f'{aligned:.4f}'}); task loss {r['task_loss']['before']:.4f} -> "
           f"{r['task_loss']['after']:.4f} (budget {r['task_loss']['budget']:.4f}); {r['iterations']} iterations, "
           f"{r['seconds']:.1f}s, stopped: {r['stopped']}")
     print(f"wrote {args.out}")
@@ -167,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_factors)
 
     r = sub.add_parser("restore", help="restore safety of a fine-tuned adapter (curvature-aware, or a baseline)")
-    r.add_argument("--model", required=True, help="local HF folder of the aligned base model")
-    r.add_argument("--adapter", help="the fine-tuned PEFT LoRA adapter (never modified)")
+    r.add_argument("--model", required=True, help="local HF folder of the aligned base model (without --adapter: "
+                   "the fully fine-tuned model)")
+    r.add_argument("--adapter", help="the fine-tuned PEFT LoRA adapter (never modified); omit for a full fine-tune")
+    r.add_argument("--aligned-model", help="full fine-tune only: the model before fine-tuning (the anchor)")
     r.add_argument("--harmful", required=True, help="harmful prompts (JSONL prompt[/response] or AdvBench CSV)")
     r.add_argument("--task", required=True, help="the fine-tuning task's prompt/response JSONL")
     r.add_argument("--out", required=True, help="output folder (adapter/, report.json, anchor.jsonl)")

@@ -200,3 +200,30 @@ def test_preconditioners_give_the_newton_step(setup, method, tol):
     newton = torch.linalg.solve(G + pre.damping * torch.eye(dim, dtype=torch.float64), flatten(g, names))
     got = flatten(pre.apply(g), names)
     assert float((got - newton).norm() / newton.norm()) <= tol
+
+
+def test_full_fine_tune_restore(setup, tmp_path):
+    """No adapter: the fine-tuned model is a full model, --params picks the weights, --aligned-model the anchor."""
+    from curvsafe.data import load_pairs
+    from curvsafe.models import load_model
+    from curvsafe.testbed.train import sft
+
+    model, tok = load_model(setup / "aligned")
+    sft(model, tok, load_pairs(setup / "task.jsonl"), epochs=3, lr=3e-3, batch_size=16, progress=False)
+    model.save_pretrained(tmp_path / "ft")
+    tok.save_pretrained(tmp_path / "ft")
+    with pytest.raises(ValueError, match="--params"):
+        run_restore(tmp_path / "ft", None, setup / "harmful.jsonl", setup / "task.jsonl", tmp_path / "o1")
+    with pytest.raises(ValueError, match="--aligned-model"):
+        run_restore(tmp_path / "ft", None, setup / "harmful.jsonl", setup / "task.jsonl", tmp_path / "o2",
+                    params=["*.mlp.down_proj.weight"])
+    run = run_restore(tmp_path / "ft", None, setup / "harmful.jsonl", setup / "task.jsonl", tmp_path / "out",
+                      method="kfac", params=["*.mlp.down_proj.weight", "*.self_attn.o_proj.weight"],
+                      aligned_model=setup / "aligned", iterations=3, progress=False)
+    report = run.report
+    assert report["safety_loss"]["after"] < report["safety_loss"]["before"]
+    assert report["task_loss"]["after"] <= report["task_loss"]["budget"] + 1e-9
+    assert set(report["layer_update_norms"]) <= {"model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"}
+    reloaded, _ = load_model(tmp_path / "out" / "model")
+    assert torch.equal(reloaded.model.layers[0].mlp.down_proj.weight, run.model.model.layers[0].mlp.down_proj.weight)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

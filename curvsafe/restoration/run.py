@@ -44,23 +44,36 @@ def load_unaligned_state(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def run_restore(model_dir: str | Path, adapter_dir: str | Path, harmful_file: str | Path, task_file: str | Path,
+def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmful_file: str | Path,
+                task_file: str | Path,
                 out_dir: str | Path, *, method: str = "lbfgs", objective: str = "anchor", task_budget: float = 0.02,
                 task_budget_abs: float = 0.01, select_top: Optional[int] = None, iterations: int = 8,
                 damping: float = 0.1, unaligned_model: Optional[str | Path] = None,
                 params: Optional[Sequence[str]] = None, device: str = "cpu", dtype: str = "float32",
                 force: bool = False, batch_size: int = 16, max_length: int = 128, limit: Optional[int] = None,
-                anchor: Optional[list[Pair]] = None, progress: bool = True) -> RestoreRun:
-    """Restore the adapter at ``adapter_dir`` on ``model_dir``; the report is also saved in ``out_dir``."""
+                anchor: Optional[list[Pair]] = None, aligned_model: Optional[str | Path] = None,
+                progress: bool = True) -> RestoreRun:
+    """Restore the adapter at ``adapter_dir`` on ``model_dir``; the report is also saved in ``out_dir``.
+
+    Without ``adapter_dir``, ``model_dir`` is a full fine-tune: ``params`` (globs) picks the weights to edit and
+    the ``anchor`` objective takes its anchor from ``aligned_model`` (the model before fine-tuning); the result is
+    saved as a full model in ``out_dir/model``.
+    """
     from ..models import load_model
 
     if method not in METHODS + BASELINES:
         raise ValueError(f"method must be one of {METHODS + BASELINES}, got {method!r}")
     if method in ("safelora", "resta") and unaligned_model is None:
         raise ValueError(f"{method} needs --unaligned-model (the pre-alignment weights)")
-    if adapter_dir is None:
-        raise ValueError("restoring a full fine-tune (no --adapter) is not supported yet: pass the LoRA adapter")
     weights = parse_objective(objective)
+    full = adapter_dir is None
+    if full and not params:
+        raise ValueError("without --adapter (a full fine-tune) pass --params: the weights to edit")
+    if full and method in BASELINES:
+        raise ValueError(f"{method} edits a LoRA adapter; it needs --adapter")
+    if full and ("anchor" in weights or "harmful" in weights) and aligned_model is None and anchor is None:
+        raise ValueError("without --adapter the anchor / harmful objectives need --aligned-model (the model "
+                         "before fine-tuning)")
     out = Path(out_dir)
     prepare_out(out, force)
     harmful_pairs = load_pairs(harmful_file, require_response="anchor" not in weights)[:limit]
@@ -69,19 +82,34 @@ def run_restore(model_dir: str | Path, adapter_dir: str | Path, harmful_file: st
         model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device, trainable_adapter=True)
     except RuntimeError as exc:  # size mismatches between adapter and base
         raise ValueError(f"adapter {adapter_dir} does not match model {model_dir}: {str(exc).splitlines()[0]}")
+    reference = model  # the model whose adapter-disabled self is the aligned anchor
+    if full:
+        import fnmatch
+
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in params))
+        reference = load_model(aligned_model, dtype=dtype, device=device)[0] if aligned_model else None
 
     task = Objective([LossTerm("task", make_batches(tokenizer, task_pairs, batch_size=batch_size,
                                                     max_length=max_length))])
 
     def aligned_nll(batches):
-        with adapter_disabled(model):
-            return float(mean_nll(model, batches))
+        with adapter_disabled(reference):
+            return float(mean_nll(reference, batches))
 
+    if anchor is None and "anchor" in weights:
+        from ..objectives import anchor_responses
+
+        anchor = anchor_responses(reference, tokenizer, [p.prompt for p in harmful_pairs])
     safety, used = build_safety(model, tokenizer, harmful_pairs, weights, batch_size=batch_size,
-                                max_length=max_length, anchor=anchor, aligned_nll=aligned_nll)
-    with adapter_disabled(model):
-        aligned_safety = safety.evaluate(model)
-    target = aligned_safety if "anchor" in weights or "refusal" in weights else None
+                                max_length=max_length, anchor=anchor,
+                                aligned_nll=aligned_nll if reference is not None else None)
+    if reference is not None:
+        with adapter_disabled(reference):
+            aligned_safety = safety.evaluate(reference)
+    else:
+        aligned_safety = None
+    target = aligned_safety if ("anchor" in weights or "refusal" in weights) else None
 
     if method in METHODS:
         result = restore(model, safety, task, method=method, params=params, task_budget=task_budget,
@@ -109,7 +137,11 @@ def run_restore(model_dir: str | Path, adapter_dir: str | Path, harmful_file: st
         report["refusal_loss"] = report["harmful_loss"]
     tmp = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}.tmp-"))
     try:
-        if method == "resta":
+        if full:
+            model.save_pretrained(tmp / "model")
+            tokenizer.save_pretrained(tmp / "model")
+            report["paths"] = {"model": str(out / "model")}
+        elif method == "resta":
             model = model.merge_and_unload()  # aligned + safety vector + the adapter's update, as full weights
             model.save_pretrained(tmp / "model")
             tokenizer.save_pretrained(tmp / "model")

@@ -126,7 +126,8 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
         fn = safelora if method == "safelora" else resta
         result = fn(model, safety, task, unaligned, task_budget=task_budget, task_budget_abs=task_budget_abs)
 
-    report = {"method": method, "objective": weights, "model": str(model_dir), "adapter": str(adapter_dir),
+    report = {"method": method, "objective": weights, "model": str(model_dir),
+              "adapter": None if full else str(adapter_dir),
               "harmful_loss": {"before": result.safety_loss["before"], "after": result.safety_loss["after"]},
               "safety_loss": {**result.safety_loss, "aligned": aligned_safety},
               "task_loss": result.task_loss,

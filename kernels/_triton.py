@@ -34,10 +34,11 @@ def upcast_tiles(*tensors: Tensor) -> bool:
     return INTERPRET and any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors)
 
 
-def autotune(configs, key):
-    """``triton.autotune`` on the GPU; the bare kernel in the interpreter (meta-parameters passed explicitly)."""
+def autotune(configs, key, **kwargs):
+    """``triton.autotune`` on the GPU; the bare kernel in the interpreter (meta-parameters passed explicitly).
+    ``kwargs`` go to ``triton.autotune`` (``restore_value`` for kernels that update a buffer in place)."""
     def wrap(fn):
-        return fn if INTERPRET else triton.autotune(configs=configs, key=key)(fn)
+        return fn if INTERPRET else triton.autotune(configs=configs, key=key, **kwargs)(fn)
 
     return wrap
 

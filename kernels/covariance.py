@@ -21,7 +21,8 @@ if HAS_TRITON:
                 cfg({"BLOCK_D": 128, "BLOCK_T": 32}, num_stages=4, num_warps=4),
                 cfg({"BLOCK_D": 64, "BLOCK_T": 64}, num_stages=4, num_warps=4)]
 
-    @autotune(configs=_configs(), key=["T", "D", "HAS_MASK", "HAS_OUT"])
+    # the kernel updates `out` in place (EMA): autotuning's trial runs must not compound on it
+    @autotune(configs=_configs(), key=["T", "D", "HAS_MASK", "HAS_OUT"], restore_value=["out_ptr"])
     @triton.jit
     def _covariance_kernel(x_ptr, mask_ptr, out_ptr, T, D, stride_xt, stride_xd, alpha, beta,
                            HAS_MASK: tl.constexpr, HAS_OUT: tl.constexpr, UPCAST: tl.constexpr,

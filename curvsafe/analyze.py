@@ -27,22 +27,18 @@ import torch
 from torch import Tensor
 
 from .curvature import hvp
-from .curvature.loss import CausalLMLoss, call_model, curvature_mode, prepare_batch
+from .curvature.loss import curvature_mode
 from .curvature.vectors import ParamVector, dot
 from .data import load_pairs, make_batches
+from .objectives import batch_nll_sums
 
 
 def per_example_nll(model, batches: Sequence) -> list[float]:
     """Mean response NLL of every example (row) of the batches."""
-    loss = CausalLMLoss()
     out = []
-    with torch.no_grad(), curvature_mode(model):
-        for raw in batches:
-            b = prepare_batch(raw, next(model.parameters()).device)
-            targets = loss.targets(b)
-            valid = loss.valid(targets) & b["attention_mask"].bool()
-            token = loss.token_losses(call_model(model, b), targets).masked_fill(~valid, 0)
-            out += (token.sum(1) / valid.sum(1).clamp_min(1)).tolist()
+    with curvature_mode(model):
+        for sums, counts in batch_nll_sums(model, batches, grad=False, per_example=True):
+            out += (sums / counts.clamp_min(1)).tolist()
     return out
 
 

@@ -83,15 +83,14 @@ class CGInverse(CurvatureOperator):
             xv = unflatten(x.to(v[names[0]].dtype), shapes)
             return flatten(self.operator.mv(xv), names).double() + damping * x
 
-        precondition = None
-        if self.preconditioner is not None:
-            pd = damping if self.preconditioner_damping is None else self.preconditioner_damping
+        pd = damping if self.preconditioner_damping is None else self.preconditioner_damping
 
-            def precondition(r: Tensor) -> Tensor:
-                return flatten(self.preconditioner.inverse_mv(unflatten(r.to(v[names[0]].dtype), shapes), pd),
-                               names).double()
+        def apply_preconditioner(r: Tensor) -> Tensor:
+            return flatten(self.preconditioner.inverse_mv(unflatten(r.to(v[names[0]].dtype), shapes), pd),
+                           names).double()
 
-        result = conjugate_gradient(matvec, b, tol=self.tol, maxiter=self.maxiter, precondition=precondition)
+        result = conjugate_gradient(matvec, b, tol=self.tol, maxiter=self.maxiter,
+                                    precondition=apply_preconditioner if self.preconditioner is not None else None)
         self.last_result = CGResult(torch.empty(0), result.iterations, result.residual_norm, result.converged,
                                     result.negative_curvature)
         return unflatten(result.x, shapes)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
-
-from ..curvature.loss import CausalLMLoss, call_model, prepare_batch
 from ..data import Pair, make_batches
 from .generate import greedy_generate
 from .judge import Judge, KeywordJudge
@@ -27,19 +24,11 @@ def task_accuracy(model, tokenizer, pairs: Sequence[Pair], *, max_new_tokens: in
     return sum(hits) / max(len(hits), 1), responses
 
 
-@torch.no_grad()
 def mean_nll(model, tokenizer, pairs: Sequence[Pair], *, batch_size: int = 64) -> float:
     """Mean NLL per response token over the pairs (token-weighted over batches)."""
-    loss = CausalLMLoss()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for raw in make_batches(tokenizer, pairs, batch_size=batch_size):
-        b = prepare_batch(raw, device)
-        targets = loss.targets(b)
-        valid = loss.valid(targets) & b["attention_mask"].bool()
-        total += float(loss.token_losses(call_model(model, b), targets).masked_fill(~valid, 0).sum())
-        count += int(valid.sum())
-    return total / max(count, 1)
+    from ..objectives import mean_nll as batches_mean_nll
+
+    return float(batches_mean_nll(model, make_batches(tokenizer, pairs, batch_size=batch_size)))
 
 
 def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str], task_pairs: Sequence[Pair] = (), *,

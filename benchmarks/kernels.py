@@ -142,7 +142,8 @@ def cases(device: str, quick: bool):
         yield "kron_eigen_apply", {"d_in": di, "d_out": do}, dtype, 4 * (do * do * di + do * di * di), runs
 
 
-def run(device: str, repeats: int, quick: bool) -> list[dict]:
+def run(device: str, repeats: int, quick: bool, on_row=lambda rows: None) -> list[dict]:
+    """Every case per backend; ``on_row(rows)`` after each row (partial results survive a time limit)."""
     rows = []
     for op, shape, dtype, flops, runs in cases(device, quick):
         ref_time = None
@@ -157,6 +158,7 @@ def run(device: str, repeats: int, quick: bool) -> list[dict]:
                          "memory_mb": memory_bytes(fn, device) / 2**20})
             print(f"{op:20s} {str(shape):45s} {rows[-1]['dtype']:9s} {label:18s} {sec * 1e3:9.2f} ms "
                   f"x{rows[-1]['speedup_vs_reference']:5.2f} {rows[-1]['memory_mb']:9.1f} MB", flush=True)
+            on_row(rows)
     return rows
 
 
@@ -181,15 +183,18 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     header = (f"# Kernel benchmark: {name}\n\ntorch {torch.__version__}, median of {args.repeats} repeats, "
               f"{time.strftime('%Y-%m-%d')}. Speedup = reference time / this time, same run.")
-    rows = run(args.device, args.repeats, args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device_tag = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-") if args.device == "cuda" else \
         f"cpu-{torch.get_num_threads()}threads"
     stem = f"kernels_{device_tag}_{time.strftime('%Y-%m-%d')}" + ("_quick" if args.quick else "")
-    (out / f"{stem}.md").write_text(markdown(rows, header))
-    (out / f"{stem}.json").write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows},
-                                                 indent=2))
+
+    def write(rows: list[dict]) -> None:
+        (out / f"{stem}.md").write_text(markdown(rows, header))
+        (out / f"{stem}.json").write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows},
+                                                     indent=2))
+
+    write(run(args.device, args.repeats, args.quick, on_row=write))
     print(f"wrote {out / stem}.md")
 
 

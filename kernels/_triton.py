@@ -24,9 +24,11 @@ except ImportError:  # the package works without triton (CPU: C++ or reference p
     HAS_TRITON = False
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Autotune on the GPU unless CURVSAFE_TRITON_AUTOTUNE=0 (tests: one fixed small config per kernel, no tuning runs).
+TUNE = not INTERPRET and os.environ.get("CURVSAFE_TRITON_AUTOTUNE", "1") != "0"
 
-# One small config for the interpreter (its cost grows with programs x loop steps).
-INTERPRET_GEMM_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
+# One small fixed config when not tuning (the interpreter's cost grows with programs x loop steps).
+FIXED_GEMM_META = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}
 
 
 def upcast_tiles(*tensors: Tensor) -> bool:
@@ -35,16 +37,16 @@ def upcast_tiles(*tensors: Tensor) -> bool:
 
 
 def autotune(configs, key, **kwargs):
-    """``triton.autotune`` on the GPU; the bare kernel in the interpreter (meta-parameters passed explicitly).
+    """``triton.autotune`` when tuning; else the bare kernel (meta-parameters passed explicitly).
     ``kwargs`` go to ``triton.autotune`` (``restore_value`` for kernels that update a buffer in place)."""
     def wrap(fn):
-        return fn if INTERPRET else triton.autotune(configs=configs, key=key, **kwargs)(fn)
+        return triton.autotune(configs=configs, key=key, **kwargs)(fn) if TUNE else fn
 
     return wrap
 
 
 def gemm_configs():
-    if INTERPRET or not HAS_TRITON:
+    if not TUNE or not HAS_TRITON:
         return []
     cfg = triton.Config
     return [
@@ -114,7 +116,7 @@ def gemm(a: Tensor, b: Tensor, *, scale: Tensor | None = None, kscale: Tensor | 
     dummy = c
     s = scale if scale is not None else dummy
     ks = kscale.float().contiguous() if kscale is not None else dummy
-    meta = INTERPRET_GEMM_META if INTERPRET else {}
+    meta = {} if TUNE else FIXED_GEMM_META
 
     def grid(META):
         return (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)
@@ -122,5 +124,5 @@ def gemm(a: Tensor, b: Tensor, *, scale: Tensor | None = None, kscale: Tensor | 
     _gemm_kernel[grid](a, b, c, s, ks, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                        c.stride(0), c.stride(1), s.stride(0), s.stride(1),
                        HAS_SCALE=scale is not None, HAS_KSCALE=kscale is not None, SQUARE=square,
-                       UPCAST=upcast_tiles(a, b), **meta)
+                       UPCAST=upcast_tiles(a, b) or a.dtype != b.dtype, **meta)  # tl.dot needs one dtype
     return c

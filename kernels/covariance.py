@@ -9,12 +9,12 @@ from torch import Tensor
 
 from . import reference
 from ._dispatch import check_matrix, check_same_device, choose_backend
-from ._triton import HAS_TRITON, INTERPRET, autotune, tl, triton, upcast_tiles
+from ._triton import HAS_TRITON, TUNE, autotune, tl, triton, upcast_tiles
 
 if HAS_TRITON:
 
     def _configs():
-        if INTERPRET:
+        if not TUNE:
             return []
         cfg = triton.Config
         return [cfg({"BLOCK_D": 128, "BLOCK_T": 64}, num_stages=3, num_warps=8),
@@ -71,7 +71,7 @@ def _covariance_triton(x: Tensor, out: Optional[Tensor], mask: Optional[Tensor],
     if out is not None and target is not out:
         target.copy_(out)
     m = mask.float().contiguous() if mask is not None else target
-    meta = {"BLOCK_D": 32, "BLOCK_T": 32} if INTERPRET else {}
+    meta = {"BLOCK_D": 32, "BLOCK_T": 32} if not TUNE else {}
 
     def grid(META):
         n = triton.cdiv(D, META["BLOCK_D"])

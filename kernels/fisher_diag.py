@@ -9,12 +9,12 @@ from torch import Tensor
 
 from . import reference
 from ._dispatch import check_matrix, check_same_device, check_segments, choose_backend
-from ._triton import HAS_TRITON, INTERPRET, autotune, gemm, tl, triton, upcast_tiles
+from ._triton import HAS_TRITON, TUNE, autotune, gemm, tl, triton, upcast_tiles
 
 if HAS_TRITON:
 
     def _configs():
-        if INTERPRET:
+        if not TUNE:
             return []
         cfg = triton.Config
         return [cfg({"BLOCK_O": 64, "BLOCK_I": 64, "BLOCK_T": 32}, num_stages=3, num_warps=4),
@@ -59,7 +59,7 @@ def _fisher_diag_triton(x: Tensor, gy: Tensor, segment_ids: Optional[Tensor]) ->
     bounds = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=x.device)
     bounds[1:] = torch.cumsum(counts, 0)
     out = torch.empty((d_out, d_in), dtype=torch.float32, device=x.device)
-    meta = {"BLOCK_O": 32, "BLOCK_I": 32, "BLOCK_T": 32} if INTERPRET else {}
+    meta = {"BLOCK_O": 32, "BLOCK_I": 32, "BLOCK_T": 32} if not TUNE else {}
 
     def grid(META):
         return (triton.cdiv(d_out, META["BLOCK_O"]), triton.cdiv(d_in, META["BLOCK_I"]))

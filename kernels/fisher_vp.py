@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import reference
 from ._dispatch import check_matrix, check_same_device, check_segments, choose_backend
-from ._triton import HAS_TRITON, INTERPRET, autotune, gemm, gemm_configs, tl, triton, upcast_tiles
+from ._triton import HAS_TRITON, TUNE, autotune, gemm, gemm_configs, tl, triton, upcast_tiles
 
 if HAS_TRITON:
 
@@ -47,7 +47,7 @@ def _fisher_vp_triton(x: Tensor, gy: Tensor, V: Tensor, segment_ids: Optional[Te
     the per-token scale applied to the GEMM operand inside the kernel."""
     T, d_in = x.shape
     d_out = gy.shape[1]
-    meta = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1} if INTERPRET else {}
+    meta = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1} if not TUNE else {}
     n_blocks = {}
 
     def grid(META):

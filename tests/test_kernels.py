@@ -30,7 +30,9 @@ def dtypes_for(backend):
 def tolerance(backend, dtype):
     """Relative (Frobenius) tolerance against the reference run on the same rounded inputs."""
     if backend == "triton" and CUDA:
-        return {torch.float32: 5e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]  # TF32 / tensor cores
+        # fp32 operands (fp32 inputs, and the fp32 intermediates of kron_eigen_apply's GEMM chain for half inputs)
+        # run as TF32 on the tensor cores: measured 2e-3 to 3e-3 on an H200
+        return {torch.float32: 5e-3, torch.float16: 5e-3, torch.bfloat16: 1e-2}[dtype]
     return {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
 
 

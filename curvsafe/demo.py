@@ -2,6 +2,8 @@
 
 Builds (or loads from the cache) the testbed stages, evaluates the aligned and the attacked model, restores the
 attacked adapter with every method (the curvature-aware ones and the baselines, same data, same task budget),
+repeats the attack's fine-tune with the :class:`~curvsafe.optim.CurvSafe` optimizer (the ``guarded`` row: drift
+prevented rather than repaired),
 evaluates each, prints one table and writes ``report.json`` and ``demo.png`` (harmful rate against task
 accuracy, one point per method) into the output folder. Restored adapters are cached too, so a warm run only
 evaluates.
@@ -26,13 +28,30 @@ from .data import Pair, load_pairs, make_batches
 METHODS = ("lbfgs", "kfac", "ekfac", "cg", "sgd", "revert", "safelora", "resta")
 
 
-def _restore_code_hash() -> str:
-    """Hash of the code a cached restoration depends on (so that editing it invalidates the cache)."""
+def _code_hash(*packages: str) -> str:
+    """Hash of the code a cached result depends on (so that editing it invalidates the cache)."""
     import hashlib
 
     root = Path(__file__).parent
-    files = sorted((root / "restoration").glob("*.py")) + [root / "objectives.py"]
+    files = [f for pkg in packages for f in sorted((root / pkg).glob("*.py"))] + [root / "objectives.py"]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
+def _guarded_finetune(bed, cfg, aligned: Path, attack: Path, data: Path, progress: bool) -> tuple[Path, bool]:
+    """The attack's fine-tune (same data, seed and settings) with CurvSafe(AdamW); cached like the stages."""
+    from .data import load_pairs
+    from .finetune import curvsafe_factory, lora_sft
+    from .models import load_model
+
+    folder = bed.cache / f"guarded-{cfg.digest('guarded', attack.name, _code_hash('optim', 'curvature'))}"
+    if (folder / "train_log.json").is_file():
+        return folder, False
+    model, tokenizer = load_model(aligned)
+    factory = curvsafe_factory(tokenizer, load_pairs(data / "restore_harmful.jsonl"), lr=cfg.attack_lr)
+    lora_sft(model, tokenizer, load_pairs(attack / "train.jsonl"), folder, r=cfg.lora_r, alpha=2 * cfg.lora_r,
+             epochs=cfg.attack_epochs, lr=cfg.attack_lr, batch_size=32, seed=cfg.seed, optimizer=factory,
+             force=True, progress=progress)
+    return folder, True
 
 
 def default_cache() -> Path:
@@ -86,10 +105,17 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
     model, tokenizer = load_model(aligned, attack / "adapter")
     rows["attacked"] = _evaluate(model, tokenizer, data, anchor_batches)
 
+    t0 = time.perf_counter()
+    guarded_dir, ran = _guarded_finetune(bed, cfg, aligned, attack, data, progress)
+    model, tokenizer = load_model(aligned, guarded_dir)
+    rows["guarded"] = _evaluate(model, tokenizer, data, anchor_batches)
+    if ran:
+        rows["guarded"]["seconds"] = time.perf_counter() - t0
+
     restored: dict[str, dict] = {}
     restore_anchor: Optional[list[Pair]] = None
     for method in methods:
-        folder = bed.cache / f"restore-{cfg.digest('restore', attack.name, method, _restore_code_hash())}"
+        folder = bed.cache / f"restore-{cfg.digest('restore', attack.name, method, _code_hash('restoration'))}"
         report_file = folder / "report.json"
         if report_file.is_file() and (folder / ("model" if method == "resta" else "adapter")).exists():
             report = json.loads(report_file.read_text())
@@ -116,10 +142,12 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
         shutil.copytree(folder, target)
 
     paths = {"aligned_model": str(aligned), "unaligned_model": str(unaligned), "attacked_adapter": str(attack / "adapter"),
+             "guarded_adapter": str(guarded_dir),
              "restored": {m: str(out / "restored" / m / ("model" if m == "resta" else "adapter")) for m in restored},
              "data": str(data)}
     report = {"config": "quick" if quick else "default",
-              "aligned": rows["aligned"], "attacked": rows["attacked"], "restored": restored, "paths": paths,
+              "aligned": rows["aligned"], "attacked": rows["attacked"], "guarded": rows["guarded"],
+              "restored": restored, "paths": paths,
               "stages_built": bed.built, "seconds": time.perf_counter() - t_start}
     _print_table(rows, restored)
     _write_json(out / "report.json", report)
@@ -152,7 +180,8 @@ def _plot(path: Path, rows: dict, restored: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for name, r, style in [("aligned", rows["aligned"], "k*"), ("attacked", rows["attacked"], "rX")]:
+    for name, r, style in [("aligned", rows["aligned"], "k*"), ("attacked", rows["attacked"], "rX"),
+                           ("guarded (CurvSafe fine-tune)", rows["guarded"], "gP")]:
         ax.plot(r["harmful_rate"] * 100, r["task_accuracy"] * 100, style, markersize=12, label=name)
     for m, r in restored.items():
         ax.plot(r["harmful_rate"] * 100, r["task_accuracy"] * 100, "o", markersize=8, label=m)

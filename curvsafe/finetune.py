@@ -60,7 +60,7 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
     """Add a LoRA adapter to ``model``, train it on ``pairs`` with the HF Trainer and save it to ``out``.
 
     ``optimizer`` (optional) is a callable ``(peft_model) -> torch optimizer`` used instead of the Trainer's AdamW
-    (e.g. :class:`curvsafe.optim.CurvSafe`); the Trainer's linear schedule is kept.
+    (e.g. :func:`curvsafe_factory`); the Trainer's linear schedule is kept. The log records its class.
     """
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
@@ -99,6 +99,8 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
         peft_model.save_pretrained(tmp)
         log = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(pairs),
                "epochs": epochs, "lr": lr, "r": r, "alpha": alpha, "targets": chosen,
+               "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                                 else trainer.optimizer).__name__,
                "history": [h for h in trainer.state.log_history if "loss" in h]}
         (tmp / "train_log.json").write_text(json.dumps(log, indent=2))
         commit_dir(tmp, out)
@@ -109,15 +111,43 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
     return log
 
 
+def curvsafe_factory(tokenizer, safety: Sequence[Pair], *, lr: float, batch_size: int = 16,
+                     max_length: int = 128, **options):
+    """An ``optimizer`` factory for :func:`lora_sft`: :class:`curvsafe.optim.CurvSafe` around AdamW (the
+    Trainer's defaults: betas (0.9, 0.999), eps 1e-8, no weight decay) protecting the refusals on ``safety``'s
+    prompts; ``options`` go to ``CurvSafe``."""
+    from .data import make_batches
+    from .optim import CurvSafe
+
+    batches = make_batches(tokenizer, safety, batch_size=batch_size, max_length=max_length)
+
+    def factory(model):
+        inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        return CurvSafe(inner, model, batches, **options)
+
+    return factory
+
+
 def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimizer: Optional[str] = None,
              safety: Optional[str | Path] = None, **kwargs) -> dict:
-    """``safety`` is reserved for ``optimizer="curvsafe"`` (not in this version)."""
-    """Load a local model, read prompt/response pairs from ``data`` and run :func:`lora_sft`."""
+    """Load a local model, read prompt/response pairs from ``data`` and run :func:`lora_sft`.
+
+    ``optimizer="curvsafe"`` wraps AdamW in :class:`curvsafe.optim.CurvSafe`, protecting the model's refusals to
+    the prompts of ``safety`` (JSONL/CSV; responses are not needed for the default anchor objective).
+    """
     from .data import load_pairs
     from .models import load_model
 
-    model, tokenizer = load_model(model_dir)
+    if optimizer not in (None, "adamw", "curvsafe"):
+        raise ValueError(f"--optimizer must be adamw or curvsafe, got {optimizer!r}")
+    if optimizer == "curvsafe" and safety is None:
+        raise ValueError("--optimizer curvsafe needs --safety FILE (harmful prompts whose refusals to protect)")
+    if optimizer != "curvsafe" and safety is not None:
+        raise ValueError("--safety is only used with --optimizer curvsafe")
     pairs = load_pairs(data)
-    if optimizer not in (None, "adamw"):
-        raise ValueError(f"--optimizer {optimizer} is not available in this version (only adamw)")
+    safety_pairs = load_pairs(safety, require_response=False) if safety is not None else None
+    model, tokenizer = load_model(model_dir)
+    if safety_pairs is not None:
+        kwargs["optimizer"] = curvsafe_factory(tokenizer, safety_pairs, lr=kwargs.get("lr", 2e-3),
+                                               max_length=kwargs.get("max_length", 128))
     return lora_sft(model, tokenizer, pairs, out, **kwargs)

@@ -16,6 +16,7 @@ A combined safety objective is a weighted sum, e.g. ``"anchor+harmful"`` (weight
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -23,7 +24,8 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .curvature.loss import CausalLMLoss, call_model, curvature_mode, prepare_batch
+from .curvature.distributed import all_reduce_counts, all_reduce_sum_
+from .curvature.loss import IGNORE_INDEX, CausalLMLoss, call_model, curvature_mode, prepare_batch
 from .data import Pair, make_batches
 
 OBJECTIVES = ("anchor", "refusal", "harmful")
@@ -106,13 +108,33 @@ class Objective:
         return total
 
     def gradient(self, model, params: Mapping[str, Tensor]) -> tuple[float, dict[str, Tensor]]:
+        """The objective's value and its gradient w.r.t. ``params`` (zeros for unused ones), in curvature mode.
+
+        Under ``torch.distributed`` each rank holds its own batches: NLL sums, token counts and gradients are
+        all-reduced, so every rank gets the value and gradient of the union of the data.
+        """
+        tensors = list(params.values())
+        device = tensors[0].device if tensors else torch.device("cpu")
+        total, grads = 0.0, [torch.zeros_like(p) for p in tensors]
         with curvature_mode(model):
-            value = self.value(model, grad=True)
-            grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
-        if not torch.isfinite(value):
-            raise FloatingPointError(f"the objective is not finite ({float(value)})")
-        return float(value.detach()), {n: (g if g is not None else torch.zeros_like(p)).detach()
-                              for (n, p), g in zip(params.items(), grads)}
+            for term in self.terms:
+                local, count = 0.0, 0
+                for s, n in batch_nll_sums(model, term.batches, grad=True):
+                    local, count = local + s, count + int(n)
+                nll_sum, count = all_reduce_counts([float(local.detach()), count], device)
+                nll = nll_sum / count
+                if not math.isfinite(nll):
+                    raise FloatingPointError(f"the {term.name} loss is not finite ({nll})")
+                if term.sign < 0 and term.ceiling is not None and nll > term.ceiling:
+                    total += term.weight * term.sign * term.ceiling  # flat above the ceiling
+                    continue
+                total += term.weight * term.sign * nll
+                parts = torch.autograd.grad(local * (term.weight * term.sign / count), tensors, allow_unused=True)
+                for g, part in zip(grads, parts):
+                    if part is not None:
+                        g.add_(part)
+        all_reduce_sum_(grads)
+        return total, {n: g for n, g in zip(params, grads)}
 
     def evaluate(self, model) -> float:
         with torch.no_grad(), curvature_mode(model):
@@ -130,6 +152,42 @@ def anchor_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
     with adapter_disabled(model):
         responses = greedy_generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
     return [Pair(p, r) for p, r in zip(prompts, responses) if r.strip()]
+
+
+def batch_prompts(batches: Sequence) -> list[list[list[int]]]:
+    """The prompt token ids of every row of every batch: its non-padding tokens before the first counted label
+    (all of them when the row has no counted label)."""
+    prompts = []
+    for raw in batches:
+        b = prepare_batch(raw)
+        rows = []
+        for ids, mask, labels in zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), b["labels"].tolist()):
+            kept = [(t, lab) for t, m, lab in zip(ids, mask, labels) if m]
+            end = next((i for i, (_, lab) in enumerate(kept) if lab != IGNORE_INDEX), len(kept))
+            rows.append([t for t, _ in kept[:end]])
+        prompts.append(rows)
+    return prompts
+
+
+def anchor_batches(model, batches: Sequence, *, pad_id: int, eos_id, max_new_tokens: int = 32,
+                   prefix_tokens: Optional[int] = 4) -> list:
+    """Token-level :func:`anchor_responses`: ``model``'s greedy responses to the prompts of ``batches`` (as they
+    are: no adapter is disabled), as batches of the same grouping with labels on the first ``prefix_tokens``
+    response tokens. Rows whose response is empty are dropped; all empty is an error."""
+    from .data import collate
+    from .eval.generate import end_ids, greedy_continue
+
+    out = []
+    for rows in batch_prompts(batches):
+        rows = [r for r in rows if r]
+        responses = greedy_continue(model, rows, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens)
+        kept = [(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(rows, responses) if len(r) > 1 or
+                (r and r[0] not in end_ids(eos_id))]
+        if kept:
+            out.append(collate(kept, pad_id))
+    if not out:
+        raise ValueError("the model produced no response to any safety prompt: there is nothing to anchor")
+    return keep_response_prefix(out, prefix_tokens)
 
 
 def keep_response_prefix(batches: list, tokens: Optional[int]) -> list:

@@ -68,13 +68,16 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
                  generator: Optional[torch.Generator], on_forward: Callable[[LinearBlock, Tensor], None],
                  on_backward: Callable[[LinearBlock, Tensor], None], info: BatchInfo,
                  on_batch_end: Optional[Callable[[], None]] = None, desc: str = "curvature",
-                 progress: Optional[bool] = None, verify: bool = True) -> PassTotals:
+                 progress: Optional[bool] = None, verify: bool = True,
+                 on_weight_grads: Optional[Callable[[Sequence[Optional[Tensor]]], None]] = None) -> PassTotals:
     """Run every batch through the hooked model and backpropagate the sum of per-token losses.
 
     ``fisher_type``: ``"empirical"`` uses the batch labels; ``"mc"`` draws one target per counted position from
     the model's predictive distribution (``generator``); ``"type2"`` backpropagates every column of the output
     Hessian's square root at every counted position separately (exact GGN factors; positions x vocabulary
     backward passes, for tests and tiny models).
+    ``on_weight_grads`` receives each batch's gradients of the backpropagated sum w.r.t. the blocks' weights
+    (None for an unused weight; not called for ``"type2"``).
     With ``verify``, the first batch checks that each weight's autograd gradient equals ``sum_t g_t a_t^T`` from
     the hooks: a mismatch means the weight is used outside its module's forward (a fused path) and is refused.
     """
@@ -122,6 +125,8 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
                 grads = torch.autograd.grad(total, weights, allow_unused=True)
                 if verify and totals.batches == 0:
                     _verify_weight_grads(blocks, grads, hook_grads)
+                if on_weight_grads is not None:
+                    on_weight_grads(grads)
             capture.check_backward()
             totals.batches += 1
             totals.sequences += info.num_sequences

@@ -21,6 +21,9 @@ Convention (kept exactly, tested against curvlinops):
   from the model's own predictive distribution (seeded by ``seed``), ``"type2"`` every column of the loss
   Hessian's square root at each position (exact GGN factors, ``sum_s J_s^T H_s J_s``; positions x vocabulary
   backward passes, for tests and tiny models).
+- ``fit(batches, gradient=True)`` also keeps ``gradient``: the gradient of the mean per-token loss over the
+  counted tokens of the same batches w.r.t. the blocks' weights, a by-product of the empirical pass (the
+  Fisher's labels are the data's), all-reduced like the factors.
 - Computations run in eval mode with the math SDPA backend (see :func:`~curvsafe.curvature.loss.curvature_mode`).
 """
 
@@ -110,6 +113,7 @@ class KFAC(CurvatureOperator):
         self.factors: dict[str, KFactors] = {}
         self._sums: Optional[_Sums] = None
         self._eigen: dict[str, KEigen] = {}
+        self.gradient: dict[str, Tensor] = {}
         self._generator: Optional[torch.Generator] = None
 
     # ------------------------------------------------------------------ fitting
@@ -119,12 +123,23 @@ class KFAC(CurvatureOperator):
             self._generator.manual_seed(self.seed)
         return self._generator
 
-    def fit(self, batches: Iterable) -> "KFAC":
+    def fit(self, batches: Iterable, *, gradient: bool = False) -> "KFAC":
         """Accumulate the factors over ``batches`` (HF dicts); returns ``self``.
 
-        Nothing changes if any batch fails (bad input, non-finite gradient, capture error).
+        With ``gradient`` (empirical Fisher only), ``self.gradient`` becomes the loss gradient over these batches
+        (weight names -> weight-shaped tensors). Nothing changes if any batch fails (bad input, non-finite
+        gradient, capture error).
         """
+        if gradient and self.fisher_type != "empirical":
+            raise ValueError("gradient=True needs fisher_type='empirical' (the pass must backpropagate the labels)")
         data = materialize(batches)
+        grad_sums: list[Optional[Tensor]] = [None] * len(self.blocks)
+
+        def on_weight_grads(grads) -> None:
+            for i, g in enumerate(grads):
+                if g is not None:
+                    grad_sums[i] = g.float() if grad_sums[i] is None else grad_sums[i].add_(g.float())
+
         ema = self.ema_decay is not None
         running = _Sums() if ema or self._sums is None else self._clone_sums(self._sums)
         factors = dict(self.factors)
@@ -149,9 +164,16 @@ class KFAC(CurvatureOperator):
                 self._add_sums(running, batch_sums)
             batch_sums.__init__()
 
-        capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
-                     generator=self._make_generator(), on_forward=on_forward, on_backward=on_backward, info=info,
-                     on_batch_end=on_batch_end, desc="K-FAC factors", progress=self.progress)
+        totals = capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
+                              generator=self._make_generator(), on_forward=on_forward, on_backward=on_backward,
+                              info=info, on_batch_end=on_batch_end, desc="K-FAC factors", progress=self.progress,
+                              on_weight_grads=on_weight_grads if gradient else None)
+        if gradient:
+            sums = [g if g is not None else torch.zeros(b.module.weight.shape, device=b.module.weight.device)
+                    for g, b in zip(grad_sums, self.blocks)]
+            all_reduce_sum_(sums)
+            (count,) = all_reduce_counts([float(totals.loss_tokens)], model_device(self.model))
+            self.gradient = {b.weight_name: g / count for g, b in zip(sums, self.blocks)}
         if not ema:
             reduced = self._clone_sums(running)
             if is_distributed():
@@ -205,7 +227,7 @@ class KFAC(CurvatureOperator):
 
     def reset(self) -> None:
         """Forget all accumulated statistics."""
-        self.factors, self._sums, self._eigen = {}, None, {}
+        self.factors, self._sums, self._eigen, self.gradient = {}, None, {}, {}
 
     # ------------------------------------------------------------------ eigenbasis
     def _require_fit(self) -> None:

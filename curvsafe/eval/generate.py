@@ -1,39 +1,67 @@
-"""Batched greedy decoding of prompts rendered like training data (chat template or plain template)."""
+"""Batched greedy decoding: of token-id prompts (:func:`greedy_continue`) and of text prompts rendered like
+training data, chat template or plain template (:func:`greedy_generate`)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ..data import render_prompt
 
 
+def end_ids(eos_id: Union[int, Sequence[int], None]) -> set[int]:
+    """The end-of-sequence ids as a set (HF configs hold one id, a list of ids or None)."""
+    return set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
+
+
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 64,
-                    progress: bool = False) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batches, KV cache), decoded without special tokens."""
+def greedy_continue(model, prompts: Sequence[Sequence[int]], *, pad_id: int,
+                    eos_id: Union[int, Sequence[int], None],
+                    max_new_tokens: int = 32, batch_size: int = 64, progress: bool = False) -> list[list[int]]:
+    """Greedy continuations (token ids, up to and including the first end token) of token-id ``prompts``.
+
+    ``eos_id`` is one end-of-sequence id, several (as in some HF configs) or None.
+
+    Prompts are left-padded into batches of ``batch_size`` and decoded with the KV cache in eval mode; the
+    model's training flag is restored afterwards.
+    """
     from tqdm.auto import tqdm
 
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("cannot continue an empty prompt")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outputs: list[str] = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
-        chunk = prompts[start:start + batch_size]
-        ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in chunk]
-        width = max(len(i) for i in ids)
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            input_ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                   eos_token_id=tokenizer.eos_token_id)
-        for row in generated[:, width:]:
-            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    model.train(was_training)
+    ends = end_ids(eos_id)
+    outputs: list[list[int]] = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
+            chunk = [list(p) for p in prompts[start:start + batch_size]]
+            width = max(len(p) for p in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, seq in enumerate(chunk):
+                input_ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                       max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                       eos_token_id=eos_id)
+            for row in generated[:, width:].tolist():
+                stop = next((i for i, t in enumerate(row) if t in ends), None)
+                if stop is not None:
+                    row = row[:stop + 1]
+                outputs.append(row)
+    finally:
+        model.train(was_training)
     return outputs
+
+
+def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 64,
+                    progress: bool = False) -> list[str]:
+    """Greedy continuations of text ``prompts``, decoded without special tokens."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    generated = greedy_continue(model, ids, pad_id=pad, eos_id=tokenizer.eos_token_id,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated]

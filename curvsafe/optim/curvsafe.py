@@ -1,0 +1,399 @@
+"""``CurvSafe``: an optimizer wrapper that keeps every update from spending the model's safety.
+
+Conventions (per captured linear block, weight seen as its (d_out, d_in) matrix, see :mod:`curvsafe.capture`):
+
+- **Safety loss** ``S`` (see :mod:`curvsafe.objectives`): ``anchor`` (default) is the NLL of the model's own greedy
+  responses to the harmful prompts of ``safety_batches``, recorded at construction (the aligned model's refusals;
+  first ``prefix_tokens`` response tokens); ``refusal`` the NLL of the responses given in ``safety_batches``
+  (first ``prefix_tokens`` tokens); ``harmful`` minus the NLL of the given (harmful) responses, flat once it is
+  above its value at construction. Lower ``S`` is safer.
+- **Safety curvature**: K-FAC factors ``A`` (d_in, d_in), ``G`` (d_out, d_out) of ``S``'s NLL data (empirical
+  Fisher by default), fitted every ``refresh_every`` steps on the current parameters and averaged over refreshes
+  with ``ema_decay`` (``F = d * F_old + (1 - d) * F_new``), float32, eigendecomposed at each refresh. The
+  default ``refresh_every=5`` is measured: on the testbed's attack (AdamW, lr 3e-3) the refusals flip within about
+  ten steps, and a 50-step-old curvature and gradient did not protect at all (``benchmarks/optimizer.py``).
+- **Projection**: the wrapped optimizer's update ``U`` of a block becomes
+  ``QG ((QG^T U QA) * scale) QA^T`` with ``scale_ij = 1 / (1 + strength * lam_G_i * lam_A_j / mean_ij(lam_G lam_A))``:
+  directions whose safety curvature is high relative to the block's mean are damped, flat ones pass. A bias
+  (input 1) uses ``lam_G`` alone. A block with no safety curvature (e.g. ``lora_A`` while ``lora_B`` is still 0)
+  passes unchanged. ``strength=0`` turns the projection off.
+- **Guard** (``guard=True``): with ``g`` the gradient of ``S`` at the last refresh over all captured parameters,
+  the applied update ``u`` satisfies ``<u, g> <= 0`` (it may not raise ``S`` to first order): a positive component
+  along ``g`` is removed, ``u <- u - (<u, g> / |g|^2) g``.
+- Parameters of the wrapped optimizer outside the captured blocks are updated by it untouched. With
+  ``strength=0`` and ``guard=False`` every step is the wrapped optimizer's, bit for bit.
+- Under ``torch.distributed`` (DDP) the safety factors, token counts and the safety gradient are all-reduced over
+  ranks (each rank passes its own shard of the safety data), so every rank applies the identical projection to the
+  identical (already all-reduced) update.
+
+On CUDA the projection runs the Triton ``kron_eigen_apply`` kernel, on CPU the C++ extension (or PyTorch); see
+:mod:`curvsafe.kernels`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Iterable, Mapping, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from ..capture import LinearBlock, ModuleSelection, find_blocks
+from ..curvature import KFAC
+from ..curvature.distributed import all_reduce_counts
+from ..curvature.eigen import safe_eigh
+from ..kernels import kron_eigen_apply
+from ..objectives import (LossTerm, Objective, anchor_batches, batch_nll_sums, keep_response_prefix,
+                          parse_objective)
+
+STATE_VERSION = 1
+
+
+def _working(t: Tensor) -> Tensor:
+    """``t`` in the precision the constraint is computed in: float32, or float64 for float64 parameters."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (curvature passes must not trigger DDP's gradient synchronisation)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class CurvSafe(Optimizer):
+    """Wrap ``optimizer`` so that each update is projected away from the safety curvature of ``model``.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` over (some of) ``model``'s parameters (AdamW first).
+        model: the model being fine-tuned (a PEFT model, a plain HF model or a DDP wrapper of one).
+        safety_batches: HF batches (``input_ids``, ``attention_mask``, ``labels`` with -100 on the prompt) of
+            harmful prompts, with refusals (``refusal``) or harmful answers (``harmful``) as responses; for
+            ``anchor`` only the prompts are read. Under DDP each rank passes its own shard.
+        objective: ``"anchor"``, ``"refusal"``, ``"harmful"`` or a sum such as ``"anchor+harmful"``.
+        refresh_every: optimizer steps between refreshes of the safety curvature and gradient (the first step
+            refreshes).
+        strength: how strongly high-curvature safety directions are damped (0: no projection).
+        guard: remove the update's first-order push against safety.
+        modules: the blocks to protect (see :func:`curvsafe.capture.find_blocks`; default: the LoRA modules when
+            there are any, else every linear layer but ``lm_head``), restricted to those ``optimizer`` updates.
+        ema_decay: weight of the previous factors at a refresh.
+        fisher_type: K-FAC Fisher of the safety data (``"empirical"`` or ``"mc"``).
+        prefix_tokens: response tokens counted by the ``anchor`` and ``refusal`` losses (None: all).
+        max_new_tokens: length of the recorded anchor responses (default: ``prefix_tokens``, or 32 when all
+            tokens count; tokens after the counted ones would not change the loss, only the cost).
+        pad_id, eos_id: token ids for generating the anchor (default: ``model.config``'s).
+
+    Behaves like the wrapped optimizer: ``param_groups``, ``state``, ``defaults`` and ``zero_grad`` are its own,
+    so LR schedulers, gradient accumulation, AMP's ``GradScaler`` and the HF ``Trainer`` (``optimizers=(CurvSafe
+    (...), scheduler)``) work unchanged; ``state_dict`` holds the wrapped optimizer's state and CurvSafe's (step
+    count, anchor batches, factors, eigenbases, safety gradient), so a resumed run continues exactly.
+    """
+
+    def __init__(self, optimizer: Optimizer, model: nn.Module, safety_batches: Iterable[Mapping[str, Tensor]], *,
+                 objective: Union[str, Mapping[str, float]] = "anchor", refresh_every: int = 5,
+                 strength: float = 1.0, guard: bool = True, modules: ModuleSelection = None,
+                 ema_decay: float = 0.5, fisher_type: str = "empirical", prefix_tokens: Optional[int] = 4,
+                 max_new_tokens: Optional[int] = None, pad_id: Optional[int] = None, eos_id=None):
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, CurvSafe):
+            raise TypeError("optimizer is already a CurvSafe")
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        if strength < 0:
+            raise ValueError(f"strength must be >= 0, got {strength}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if fisher_type not in ("empirical", "mc"):
+            raise ValueError(f"fisher_type must be 'empirical' or 'mc', got {fisher_type!r}")
+        batches = list(safety_batches)
+        if not batches:
+            raise ValueError("safety_batches is empty: CurvSafe needs harmful prompts to protect the refusals on")
+        self.optimizer = optimizer
+        self.model = _unwrap(model)
+        self.refresh_every = int(refresh_every)
+        self.strength = float(strength)
+        self.guard = bool(guard)
+        self.ema_decay = float(ema_decay)
+        self._check_params_in_model()
+        self.blocks = self._optimized_blocks(modules)
+        self._params = self._captured_params()
+        weights = parse_objective(objective)
+        self.objective = weights
+        config = getattr(self.model, "config", None)
+        pad_id = pad_id if pad_id is not None else getattr(config, "pad_token_id", None)
+        eos_id = eos_id if eos_id is not None else getattr(config, "eos_token_id", None)
+        if max_new_tokens is None:
+            max_new_tokens = prefix_tokens if prefix_tokens is not None else 32
+        self.safety = self._build_safety(weights, batches, pad_id=pad_id if pad_id is not None else 0,
+                                         eos_id=eos_id, prefix_tokens=prefix_tokens, max_new_tokens=max_new_tokens)
+        self._kfac = KFAC(self.model, [b.name for b in self.blocks], fisher_type=fisher_type, progress=False)
+        self._step = 0
+        self._factors: dict[str, tuple[Tensor, Tensor]] = {}
+        self._eigen: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # QA, QG, weight scale, bias scale
+        self._grad: dict[str, Tensor] = {}
+        self._grad_sq: Optional[Tensor] = None
+        self._before: list[Tensor] = []
+        # what torch.optim.Optimizer.__init__ sets up for its hooks (its params live in the wrapped optimizer)
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+    # ------------------------------------------------------------------ construction
+    def _check_params_in_model(self) -> None:
+        known = {id(p) for p in self.model.parameters()}
+        foreign = [tuple(p.shape) for g in self.optimizer.param_groups for p in g["params"] if id(p) not in known]
+        if foreign:
+            raise ValueError(f"{len(foreign)} parameter(s) of the optimizer are not parameters of the model "
+                             f"(shapes {foreign[:3]}{'...' if len(foreign) > 3 else ''}): pass the model the "
+                             "optimizer trains")
+
+    def _optimized_ids(self) -> set[int]:
+        return {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+
+    def _optimized_blocks(self, modules: ModuleSelection) -> list[LinearBlock]:
+        optimized = self._optimized_ids()
+        blocks = [b for b in find_blocks(self.model, modules) if id(b.module.weight) in optimized]
+        if not blocks:
+            raise ValueError(f"none of the selected modules ({modules!r}) has its weight in the optimizer: there "
+                             "is nothing for CurvSafe to protect")
+        return blocks
+
+    def _captured_params(self) -> dict[str, Tensor]:
+        """Weights (and optimized biases) of the captured blocks, by full name."""
+        optimized = self._optimized_ids()
+        named = dict(self.model.named_parameters())
+        return {n: named[n] for b in self.blocks for n in b.param_names if id(named[n]) in optimized}
+
+    def _build_safety(self, weights: dict[str, float], batches: list, *, pad_id: int, eos_id,
+                      prefix_tokens: Optional[int], max_new_tokens: int) -> Objective:
+        terms = []
+        for name, w in weights.items():
+            if name == "anchor":
+                terms.append(LossTerm("anchor", anchor_batches(self.model, batches, pad_id=pad_id, eos_id=eos_id,
+                                                               max_new_tokens=max_new_tokens,
+                                                               prefix_tokens=prefix_tokens), w))
+            elif name == "refusal":
+                terms.append(LossTerm("refusal", keep_response_prefix(batches, prefix_tokens), w))
+            else:
+                terms.append(LossTerm("harmful", batches, w, sign=-1.0, ceiling=self._union_nll(batches)))
+        return Objective(terms)
+
+    def _union_nll(self, batches: list) -> float:
+        """Mean NLL of ``batches`` over all ranks (the floor of the ``harmful`` term)."""
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for s, n in batch_nll_sums(self.model, batches, grad=False):
+                total, count = total + float(s), count + int(n)
+        total, count = all_reduce_counts([total, count], next(self.model.parameters()).device)
+        if count == 0:
+            raise ValueError("the harmful safety data has no response tokens")
+        return total / count
+
+    # ------------------------------------------------------------------ optimizer interface
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups):
+        self.optimizer.param_groups = groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, state):
+        self.optimizer.state = state
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults):
+        self.optimizer.defaults = defaults
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the wrapped optimizer; its parameters must belong to the model. The protected blocks
+        stay those chosen at construction (their biases join from the next refresh on)."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        known = {id(p) for p in self.model.parameters()}
+        if any(id(p) not in known for p in params):
+            raise ValueError("add_param_group: parameters that are not the model's cannot be added")
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken (steps skipped by a GradScaler do not count)."""
+        return self._step
+
+    @property
+    def active(self) -> bool:
+        return self.strength > 0 or self.guard
+
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """The wrapped optimizer's step, then the safety projection and guard on the captured blocks."""
+        if not self.active:
+            loss = self.optimizer.step(closure)
+            self._step += 1
+            return loss
+        if self._step % self.refresh_every == 0 or not (self._eigen or self._grad):
+            self.refresh()
+        params = list(self._params.values())
+        if len(self._before) != len(params):
+            self._before = [torch.empty_like(p) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(self._before, params)
+        loss = self.optimizer.step(closure)
+        with torch.no_grad():
+            self._constrain(params)
+        self._step += 1
+        return loss
+
+    # ------------------------------------------------------------------ safety statistics
+    def refresh(self) -> None:
+        """Recompute the safety curvature (EMA over refreshes) and the safety gradient at the current parameters.
+
+        Called by :meth:`step` every ``refresh_every`` steps; call it yourself after changing parameters behind
+        the optimizer's back (e.g. ``add_param_group``)."""
+        current = self._captured_params()
+        if current.keys() != self._params.keys():
+            self._params, self._before = current, []
+        by_product = self.guard and self.strength > 0 and self._gradient_from_kfac()
+        if self.strength > 0:
+            self._refresh_curvature(gradient=by_product)
+        if self.guard:
+            if by_product:
+                weight = self.safety.terms[0].weight
+                grad = {n: weight * self._kfac.gradient[n] for n in self._params}
+            else:
+                _, grad = self.safety.gradient(self.model, self._params)
+            self._grad = {n: g.to(_working(self._params[n]).dtype) for n, g in grad.items()}
+            self._grad_sq = sum((g * g).sum() for g in self._grad.values())
+
+    def _gradient_from_kfac(self) -> bool:
+        """Whether the K-FAC pass yields the safety gradient: one term that lowers an NLL, empirical Fisher, no
+        bias among the protected parameters."""
+        (term, *rest) = self.safety.terms
+        return (not rest and term.sign > 0 and self._kfac.fisher_type == "empirical"
+                and set(self._params) <= {b.weight_name for b in self.blocks})
+
+    def _refresh_curvature(self, gradient: bool) -> None:
+        self._kfac.reset()
+        fresh = self._kfac.fit(self.safety.batches, gradient=gradient).factors
+        d = self.ema_decay
+        for b in self.blocks:
+            A, G = fresh[b.name].A, fresh[b.name].G
+            if b.name in self._factors:
+                old_A, old_G = self._factors[b.name]
+                A, G = d * old_A + (1 - d) * A, d * old_G + (1 - d) * G
+            self._factors[b.name] = (A, G)
+        self._eigen = {b.name: self._projection(b) for b in self.blocks}
+
+    def _projection(self, block: LinearBlock) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``QA``, ``QG`` and the damping scales (weight (d_out, d_in), bias (d_out,)) of one block."""
+        A, G = self._factors[block.name]
+        lam_A, QA = safe_eigh(A, f"{block.name}.A")
+        lam_G, QG = safe_eigh(G, f"{block.name}.G")
+        lam = torch.outer(lam_G, lam_A)
+        mean = lam.mean()
+        tiny = torch.finfo(lam.dtype).tiny
+        scale = 1.0 / (1.0 + self.strength * lam / mean) if mean > tiny else torch.ones_like(lam)
+        bias_mean = lam_G.mean()
+        bias_scale = 1.0 / (1.0 + self.strength * lam_G / bias_mean) if bias_mean > tiny else torch.ones_like(lam_G)
+        return QA, QG, scale, bias_scale
+
+    # ------------------------------------------------------------------ the constraint
+    def _constrain(self, params: list[Tensor]) -> None:
+        names = list(self._params)
+        if self.strength == 0:  # guard only: touch the parameters only where it acts (bit-exact otherwise)
+            deltas = torch._foreach_sub([_working(p) for p in params], [_working(b) for b in self._before])
+            coef = self._guard_coefficient(names, deltas)
+            if coef is not None:
+                torch._foreach_sub_(params, [(coef * self._grad[n]).to(p.dtype) for n, p in zip(names, params)])
+            return
+        deltas = dict(zip(names, torch._foreach_sub([_working(p) for p in params],
+                                                    [_working(b) for b in self._before])))
+        for block in self.blocks:
+            QA, QG, scale, bias_scale = self._eigen[block.name]
+            if block.weight_name in deltas:
+                V = block.as_matrix(deltas[block.weight_name])
+                deltas[block.weight_name] = block.from_matrix(kron_eigen_apply(V, QA, QG, scale).to(V.dtype))
+            if block.bias_name in deltas:
+                deltas[block.bias_name] = QG @ ((QG.T @ deltas[block.bias_name]) * bias_scale)
+        projected = [deltas[n] for n in names]
+        if self.guard:
+            coef = self._guard_coefficient(names, projected)
+            if coef is not None:
+                torch._foreach_sub_(projected, [coef * self._grad[n] for n in names])
+        torch._foreach_add_(projected, [_working(b) for b in self._before])
+        for p, new in zip(params, projected):
+            p.copy_(new)
+
+    def _guard_coefficient(self, names: list[str], deltas: list[Tensor]) -> Optional[Tensor]:
+        """``<u, g> / |g|^2`` when the update ``u`` raises the safety loss to first order, else None."""
+        if self._grad_sq is None or not self._grad_sq > 0:
+            return None
+        dot = torch.stack([(d * self._grad[n]).sum() for n, d in zip(names, deltas)]).sum()
+        if not dot > 0:
+            return None
+        return dot / self._grad_sq
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's state under ``"optimizer"`` and CurvSafe's under ``"curvsafe"``."""
+        own = {"version": STATE_VERSION, "step": self._step, "objective": self.objective,
+               "refresh_every": self.refresh_every, "strength": self.strength, "guard": self.guard,
+               "ema_decay": self.ema_decay, "modules": [b.name for b in self.blocks],
+               "safety": [{"name": t.name, "weight": t.weight, "sign": t.sign, "ceiling": t.ceiling,
+                           "batches": t.batches} for t in self.safety.terms],
+               "factors": {n: {"A": A, "G": G} for n, (A, G) in self._factors.items()},
+               "eigen": {n: {"QA": QA, "QG": QG, "scale": s, "bias_scale": bs}
+                         for n, (QA, QG, s, bs) in self._eigen.items()},
+               "grad": dict(self._grad)}
+        return {"optimizer": self.optimizer.state_dict(), "curvsafe": own}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a :meth:`state_dict`; the anchor recorded by the saved run replaces this one's."""
+        if "optimizer" not in state_dict or "curvsafe" not in state_dict:
+            raise ValueError("not a CurvSafe state_dict (expected the keys 'optimizer' and 'curvsafe'); a plain "
+                             "optimizer's state goes to the wrapped optimizer's own load_state_dict")
+        own = state_dict["curvsafe"]
+        if own.get("version") != STATE_VERSION:
+            raise ValueError(f"CurvSafe state version {own.get('version')} is not {STATE_VERSION}")
+        if own["modules"] != [b.name for b in self.blocks]:
+            raise ValueError("the saved CurvSafe state protects different modules than this one")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        device = next(self.model.parameters()).device
+
+        def to(t: Tensor) -> Tensor:
+            return t.to(device)
+
+        self._step = int(own["step"])
+        self.objective, self.refresh_every = own["objective"], int(own["refresh_every"])
+        self.strength, self.guard, self.ema_decay = float(own["strength"]), bool(own["guard"]), float(own["ema_decay"])
+        self.safety = Objective([LossTerm(t["name"], t["batches"], t["weight"], t["sign"], t["ceiling"])
+                                 for t in own["safety"]])
+        self._factors = {n: (to(f["A"]), to(f["G"])) for n, f in own["factors"].items()}
+        self._eigen = {n: (to(e["QA"]), to(e["QG"]), to(e["scale"]), to(e["bias_scale"]))
+                       for n, e in own["eigen"].items()}
+        self._params, self._before = self._captured_params(), []
+        self._grad = {n: to(g) for n, g in own["grad"].items()}
+        self._grad_sq = sum((g * g).sum() for g in self._grad.values()) if self._grad else None
+
+    def __repr__(self) -> str:
+        return (f"CurvSafe({type(self.optimizer).__name__}, objective={'+'.join(self.objective)}, "
+                f"blocks={len(self.blocks)}, refresh_every={self.refresh_every}, strength={self.strength}, "
+                f"guard={self.guard}, step={self._step})")

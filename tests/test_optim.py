@@ -1,0 +1,234 @@
+"""CurvSafe: the projection and guard against dense oracles, optimizer behaviour, persistence, bad input."""
+
+import io
+
+import pytest
+import torch
+from conftest import make_batch, rel_err, tiny_llama, with_lora
+
+from curvsafe.capture import CaptureError
+from curvsafe.curvature import KFAC
+from curvsafe.optim import CurvSafe
+
+
+def safety_data():
+    return [make_batch(batch=4, seq=6, seed=100 + s, prompt=4) for s in range(2)]
+
+
+def train_data(n=4):
+    return [make_batch(batch=3, seq=8, seed=s) for s in range(n)]
+
+
+def lora_model(dtype=torch.float64):
+    return with_lora(tiny_llama(dtype=dtype))
+
+
+def adamw(model, lr=1e-2):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def train(model, opt, batches, scheduler=None):
+    model.train()
+    for b in batches:
+        opt.zero_grad()
+        model(**b).loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_strength_zero_without_guard_is_the_wrapped_optimizer_bit_for_bit():
+    plain, wrapped = lora_model(), lora_model()
+    train(plain, adamw(plain), train_data())
+    train(wrapped, CurvSafe(adamw(wrapped), wrapped, safety_data(), strength=0.0, guard=False), train_data())
+    for (n, a), b in zip(trainable(plain).items(), trainable(wrapped).values()):
+        assert torch.equal(a, b), n
+
+
+def test_projection_equals_the_dense_damped_inverse_and_spares_other_parameters():
+    """One step: each block's applied update is (I + s (A ⊗ G) / mean)^-1 applied to AdamW's update, with A, G the
+    K-FAC factors of the anchor loss; parameters outside the protected blocks get AdamW's update unchanged."""
+    strength = 3.0
+    ref, model = lora_model(), lora_model()
+    for m in (ref, model):  # also train the layer norms: they are not protected
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.requires_grad_(True)
+    opt = CurvSafe(adamw(model), model, safety_data(), strength=strength, guard=False)
+    kfac = KFAC(model, [b.name for b in opt.blocks]).fit(opt.safety.batches)
+    before = trainable(model)
+    train(ref, adamw(ref), train_data(1))
+    train(model, opt, train_data(1))
+    after, plain = trainable(model), trainable(ref)
+    protected = set(opt._params)
+    for block in opt.blocks:
+        f = kfac.factors[block.name]
+        U = block.as_matrix(plain[block.weight_name] - before[block.weight_name]).double()
+        kron = torch.kron(f.A.double(), f.G.double())  # column-major vec: vec(G U A) = (A ⊗ G) vec(U)
+        mean = kron.diagonal().mean()
+        damped = torch.linalg.solve(torch.eye(kron.shape[0], dtype=kron.dtype) + strength * kron / mean,
+                                    U.T.reshape(-1))
+        expected = damped.reshape(U.shape[1], U.shape[0]).T
+        applied = block.as_matrix(after[block.weight_name] - before[block.weight_name])
+        assert rel_err(applied, expected) < 1e-5, block.name
+    others = [n for n in after if n not in protected]
+    assert others, "the test needs unprotected trainable parameters"
+    for n in others:
+        assert torch.equal(after[n], plain[n]), n
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.0])
+def test_guard_keeps_every_update_from_raising_the_safety_loss_to_first_order(strength):
+    model = lora_model()
+    # training on the safety prompts with other responses pushes directly against the anchor
+    attack = [{**b, "labels": b["labels"].where(b["labels"] == -100, (b["labels"] + 5) % 23)} for b in safety_data()]
+    opt = CurvSafe(adamw(model, lr=5e-2), model, safety_data(), strength=strength, refresh_every=1)
+    unguarded = lora_model()
+    raw_opt = adamw(unguarded, lr=5e-2)
+    pushed = 0
+    for step in range(4):
+        batch = attack[step % 2]
+        before = {n: p.detach().clone() for n, p in opt._params.items()}
+        train(model, opt, [batch])
+        grad = opt._grad  # the safety gradient this step was guarded with
+        applied = sum(float(((p.detach() - before[n]) * grad[n]).sum()) for n, p in opt._params.items())
+        norm = sum(float((p.detach() - before[n]).norm() ** 2) for n, p in opt._params.items()) ** 0.5
+        gnorm = float(opt._grad_sq) ** 0.5
+        assert applied <= 1e-9 * norm * gnorm, (step, applied)
+        # the same step without the guard does push against safety (so the guard had work to do)
+        unguarded.load_state_dict(model.state_dict())
+        start = {n: p.detach().clone() for n, p in unguarded.named_parameters() if n in before}
+        train(unguarded, raw_opt, [batch])
+        raw = sum(float(((p.detach() - start[n]) * grad[n]).sum()) for n, p in unguarded.named_parameters()
+                  if n in start)
+        pushed += raw > 0
+    assert pushed > 0
+
+
+def test_state_dict_round_trip_resumes_the_uninterrupted_run():
+    kw = dict(refresh_every=2, strength=2.0)
+    data = train_data(6)
+    full = lora_model()
+    opt = CurvSafe(adamw(full), full, safety_data(), **kw)
+    train(full, opt, data)
+
+    first = lora_model()
+    opt1 = CurvSafe(adamw(first), first, safety_data(), **kw)
+    train(first, opt1, data[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": opt1.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    resumed = lora_model()
+    resumed.load_state_dict(saved["model"])
+    opt2 = CurvSafe(adamw(resumed), resumed, safety_data(), **kw)  # records its own anchor; the saved one wins
+    opt2.load_state_dict(saved["optimizer"])
+    assert opt2.step_count == 3
+    train(resumed, opt2, data[3:])
+    for (n, a), b in zip(trainable(full).items(), trainable(resumed).values()):
+        assert torch.equal(a, b), n
+
+
+def test_lr_scheduler_and_gradient_accumulation():
+    model = lora_model()
+    opt = CurvSafe(adamw(model, lr=1e-2), model, safety_data())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    train(model, opt, train_data(2), scheduler=sched)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 3)
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 / 3)
+    assert opt.step_count == 2
+
+    a, b = lora_model(), lora_model()
+    opt_a, opt_b = CurvSafe(adamw(a), a, safety_data()), CurvSafe(adamw(b), b, safety_data())
+    x, y = train_data(2)
+    a.train(), b.train()
+    (a(**x).loss + a(**y).loss).backward()  # one step on the summed loss
+    opt_a.step()
+    b(**x).loss.backward()  # the same gradient, accumulated over two micro-batches
+    b(**y).loss.backward()
+    opt_b.step()
+    assert opt_b.step_count == 1
+    for (n, p), q in zip(trainable(a).items(), trainable(b).values()):
+        assert rel_err(q, p) < 1e-10, n
+
+
+def test_grad_scaler_steps_match_and_skip_non_finite_gradients():
+    a, b = lora_model(torch.float32), lora_model(torch.float32)
+    opt_a = CurvSafe(adamw(a), a, safety_data())
+    opt_b = CurvSafe(adamw(b), b, safety_data())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    batch = train_data(1)[0]
+    a.train(), b.train()
+    a(**batch).loss.backward()
+    opt_a.step()
+    scaler.scale(b(**batch).loss).backward()
+    scaler.step(opt_b)
+    scaler.update()
+    for (n, p), q in zip(trainable(a).items(), trainable(b).values()):
+        assert rel_err(q, p) < 1e-5, n
+    opt_b.zero_grad()
+    before = trainable(b)
+    scaler.scale(b(**batch).loss * float("inf")).backward()
+    scaler.step(opt_b)
+    assert opt_b.step_count == 1
+    for n, p in trainable(b).items():
+        assert torch.equal(p, before[n]), n
+
+
+def test_param_groups_state_and_add_param_group_are_the_wrapped_optimizers():
+    model = lora_model()
+    inner = adamw(model)
+    opt = CurvSafe(inner, model, safety_data())
+    assert opt.param_groups is inner.param_groups and opt.state is inner.state and opt.defaults is inner.defaults
+    norm = next(p for n, p in model.named_parameters() if "norm" in n)
+    norm.requires_grad_(True)
+    opt.add_param_group({"params": [norm], "lr": 1e-3})
+    assert len(inner.param_groups) == 2
+    with pytest.raises(ValueError, match="not the model's"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    assert "CurvSafe(AdamW" in repr(opt)
+
+
+def test_bad_input_is_a_clear_error_at_construction():
+    model = lora_model()
+    with pytest.raises(ValueError, match="safety_batches is empty"):
+        CurvSafe(adamw(model), model, [])
+    stray = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        CurvSafe(torch.optim.AdamW([stray, *[p for p in model.parameters() if p.requires_grad]]), model,
+                 safety_data())
+    embed = model.get_input_embeddings().weight
+    with pytest.raises(ValueError, match="nothing for CurvSafe to protect"):
+        CurvSafe(torch.optim.AdamW([embed]), model, safety_data())
+    with pytest.raises(CaptureError, match="match no"):
+        CurvSafe(adamw(model), model, safety_data(), modules=["*.no_such_module"])
+    with pytest.raises(ValueError, match="objective terms"):
+        CurvSafe(adamw(model), model, safety_data(), objective="kindness")
+    with pytest.raises(ValueError, match="refresh_every"):
+        CurvSafe(adamw(model), model, safety_data(), refresh_every=0)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        CurvSafe(object(), model, safety_data())
+    plain = torch.nn.Sequential(torch.nn.Embedding(5, 3))
+    with pytest.raises(CaptureError, match="no capturable module"):
+        CurvSafe(torch.optim.SGD(plain.parameters(), lr=0.1), plain, safety_data())
+    with pytest.raises(ValueError, match="not a CurvSafe state_dict"):
+        CurvSafe(adamw(model), model, safety_data()).load_state_dict(adamw(model).state_dict())
+
+
+@pytest.mark.parametrize("objective", ["refusal", "harmful", "anchor+harmful"])
+def test_other_objectives_guard_their_own_gradient(objective):
+    """Objectives whose gradient is not the K-FAC pass's by-product (a raised NLL, sums) take the exact one."""
+    from curvsafe.objectives import Objective
+
+    model = lora_model()
+    opt = CurvSafe(adamw(model), model, safety_data(), objective=objective, refresh_every=1)
+    train(model, opt, train_data(1))
+    opt.refresh()
+    expected = Objective(opt.safety.terms).gradient(model, opt._params)[1]
+    for n, g in opt._grad.items():
+        assert rel_err(g, expected[n]) < 1e-6, n

@@ -2,9 +2,10 @@
 # The one script to run on a machine with an NVIDIA GPU (H100/H200 image: torch, triton, transformers, peft,
 # pybind11 and ninja preinstalled, no network):
 #   bash benchmarks/device_check.sh RESULTS_DIR
-# Installs curvsafe without touching the preinstalled stack, runs the kernel tests natively on the GPU (bf16
+# Installs curvsafe without touching the preinstalled stack, runs the optimizer's GPU tests and its step-time
+# benchmark (CurvSafe(AdamW) / AdamW on a synthetic bf16 Llama), the kernel tests natively on the GPU (bf16
 # included; one fixed Triton config per kernel), then the autotuned kernel benchmark, which rewrites its table
-# after every row, and writes everything into RESULTS_DIR. Budget: under 8 minutes.
+# after every row, and writes everything into RESULTS_DIR. Budget: under 9 minutes.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/device_check.sh RESULTS_DIR}
 mkdir -p "$OUT"
@@ -28,12 +29,20 @@ if ! timeout 240 $PY -m pip install -q -e . --no-deps --no-build-isolation > "$O
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+echo "== optimizer GPU tests"
+CURVSAFE_TRITON_AUTOTUNE=0 timeout 90 $PY -m pytest -q tests/test_optim.py -k "cuda or trainer" -p no:cacheprovider 2>&1 | tee "$OUT/optim_tests.log" | tail -5
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== optimizer step time"
+timeout 150 $PY benchmarks/optimizer.py --out "$OUT" --timing-only --model large --steps 20 --repeats 2 2>&1 | tee "$OUT/optimizer.log" | tail -8
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 echo "== GPU kernel tests"
 CURVSAFE_TRITON_AUTOTUNE=0 timeout 150 $PY -m pytest -q --maxfail=25 tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== kernel benchmark"
-timeout 330 $PY benchmarks/kernels.py --out "$OUT" --device cuda --repeats 10 2>&1 | tee "$OUT/benchmark.log" | tail -30
+timeout 200 $PY benchmarks/kernels.py --out "$OUT" --device cuda --repeats 10 2>&1 | tee "$OUT/benchmark.log" | tail -30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 exit $status

@@ -111,7 +111,7 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
     return log
 
 
-def curvsafe_factory(tokenizer, safety: Sequence[Pair], *, lr: float, batch_size: int = 16,
+def curvsafe_factory(tokenizer, safety: Sequence[Pair], *, lr: float, batch_size: int = 48,
                      max_length: int = 128, **options):
     """An ``optimizer`` factory for :func:`lora_sft`: :class:`curvsafe.optim.CurvSafe` around AdamW (the
     Trainer's defaults: betas (0.9, 0.999), eps 1e-8, no weight decay) protecting the refusals on ``safety``'s

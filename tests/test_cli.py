@@ -87,3 +87,16 @@ def test_finetune_eval_restore_commands(saved_model, tmp_path, capsys):
     assert main(["restore", "--model", model, "--adapter", str(tmp_path / "ad"), "--harmful", data, "--task", data,
                  "--out", str(tmp_path / "x"), "--method", "safelora"]) == 2
     assert "unaligned" in capsys.readouterr().err
+
+
+def test_finetune_with_the_curvsafe_optimizer(saved_model, tmp_path, capsys):
+    model = str(saved_model / "model")
+    data = str(saved_model / "data.jsonl")
+    assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "guarded"), "--epochs", "1",
+                 "--batch-size", "4", "--optimizer", "curvsafe", "--safety", data]) == 0
+    log = json.loads((tmp_path / "guarded" / "train_log.json").read_text())
+    assert log["optimizer"] == "CurvSafe" and log["steps"] == 3
+    assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "g2"),
+                 "--optimizer", "curvsafe"]) == 2
+    assert "--safety" in capsys.readouterr().err
+    assert not (tmp_path / "g2").exists()

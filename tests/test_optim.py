@@ -232,3 +232,80 @@ def test_other_objectives_guard_their_own_gradient(objective):
     expected = Objective(opt.safety.terms).gradient(model, opt._params)[1]
     for n, g in opt._grad.items():
         assert rel_err(g, expected[n]) < 1e-6, n
+
+
+def _ddp_run(rank=None, port=None, out_dir=None, steps=3):
+    """Each of 2 ranks trains on its own batches and safety shard; ``rank=None`` is one process on the union."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if rank is not None:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = lora_model()
+        safety = safety_data() if rank is None else safety_data()[rank::2]
+        data = [make_batch(batch=2, seq=8, seed=s, pad=False) for s in range(2 * steps)]
+        net = DistributedDataParallel(model) if rank is not None else model
+        opt = CurvSafe(adamw(model, lr=5e-2), net, safety, refresh_every=2, strength=2.0)
+        net.train()
+        for step in range(steps):
+            opt.zero_grad()
+            if rank is None:  # DDP averages the ranks' gradients
+                (0.5 * (model(**data[2 * step]).loss + model(**data[2 * step + 1]).loss)).backward()
+            else:
+                net(**data[2 * step + rank]).loss.backward()
+            opt.step()
+        result = trainable(model)
+        if rank is not None:
+            torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        return result
+    finally:
+        if rank is not None:
+            dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_apply_the_identical_projection_equal_to_one_process(tmp_path):
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    mp.spawn(_ddp_run, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = _ddp_run()
+    start = trainable(lora_model())
+    for n, expected in single.items():
+        assert torch.equal(ranks[0][n], ranks[1][n]), n
+        assert rel_err(ranks[0][n] - start[n], expected - start[n]) < 1e-5, n
+
+
+def test_hf_trainer_drives_curvsafe_with_its_scheduler(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = lora_model(torch.float32)
+    rows = [{k: v[i] for k, v in make_batch(batch=3, seq=8, seed=s, pad=False).items()} for s in range(4)
+            for i in range(3)]
+    opt = CurvSafe(adamw(model, lr=1e-2), model, safety_data(), refresh_every=2)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2,
+                             learning_rate=1e-2, lr_scheduler_type="linear", report_to=[], save_strategy="no",
+                             use_cpu=True, disable_tqdm=True, logging_steps=1, gradient_accumulation_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, optimizers=(opt, None))
+    start = trainable(model)
+    result = trainer.train()
+    assert result.global_step == 6 and opt.step_count == 6
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)  # the Trainer's linear schedule reached the wrapped AdamW
+    assert any(not torch.equal(p, start[n]) for n, p in trainable(model).items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run by benchmarks/device_check.sh)")
+def test_cuda_steps_with_the_triton_projection_match_the_cpu_steps():
+    runs = {}
+    for device in ("cpu", "cuda"):
+        model = lora_model(torch.float32).to(device)
+        move = lambda bs: [{k: v.to(device) for k, v in b.items()} for b in bs]  # noqa: E731
+        opt = CurvSafe(adamw(model), model, move(safety_data()), refresh_every=2, strength=2.0)
+        train(model, opt, move(train_data(3)))
+        runs[device] = {n: p.cpu() for n, p in trainable(model).items()}
+    start = trainable(lora_model(torch.float32))
+    for n, p in runs["cpu"].items():
+        assert rel_err(runs["cuda"][n] - start[n], p - start[n]) < 2e-3, n

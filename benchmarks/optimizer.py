@@ -1,0 +1,208 @@
+"""CurvSafe(AdamW) against plain AdamW: the testbed's LoRA attack fine-tune, and step time side by side.
+
+    python benchmarks/optimizer.py --out benchmarks/results [--cache DIR] [--timing-only] [--model testbed|large]
+
+Quality: the attack stage's fine-tune (10% harmful mix, same data, seed, steps, LoRA and AdamW settings) run
+through ``curvsafe.finetune.lora_sft`` with plain AdamW, CurvSafe (defaults), its ablations (guard only:
+``strength=0``; projection only: ``guard=False``) and CurvSafe with ``refresh_every=50``; harmful rate on the
+held-out harmful prompts, task and skills accuracy. Safety data: the testbed's 48 restore prompts.
+
+Timing: one process, the same model and batches, AdamW and CurvSafe(AdamW) alternating; each measurement is the
+mean step time (forward + backward + step, refreshes included) over ``--steps`` steps, median over
+``--repeats``. ``--model large`` times a synthetic Llama (hidden 512, 4 layers, LoRA r=16, batch 8 x 256
+tokens) for GPUs, where the testbed model is too small to time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# keep benchmarks/ (which holds a kernels.py) off the path: transformers probes for a package called `kernels`
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+from curvsafe.data import load_pairs, make_batches  # noqa: E402
+from curvsafe.optim import CurvSafe  # noqa: E402
+
+VARIANTS = {"adamw": None, "curvsafe": {}, "guard only": {"strength": 0.0}, "projection only": {"guard": False},
+            "curvsafe refresh 50": {"refresh_every": 50}}
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(model, make_opt, batches: list, steps: int, device: torch.device) -> float:
+    """Mean seconds per optimizer step over ``steps`` steps (after one warm-up step)."""
+    opt = make_opt(model)
+    model.train()
+
+    def one(i: int) -> None:
+        opt.zero_grad()
+        model(**batches[i % len(batches)]).loss.backward()
+        opt.step()
+
+    one(0)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        one(i + 1)
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def lora(model, r: int):
+    from peft import LoraConfig, get_peft_model
+
+    present = {n.split(".")[-1] for n, _ in model.named_modules()}
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=[t for t in TARGETS if t in present],
+                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
+
+
+def timing_setup(kind: str, cache: Path, device: torch.device):
+    """(LoRA model, training batches, safety batches, description) on ``device``."""
+    if kind == "testbed":
+        from curvsafe.demo import default_cache
+        from curvsafe.models import load_model
+        from curvsafe.testbed.stages import Testbed, TestbedConfig
+
+        bed = Testbed(cache or default_cache(), TestbedConfig(), progress=False)
+        model, tok = load_model(bed.aligned(), device=str(device))
+        train = make_batches(tok, load_pairs(bed.attack("mix") / "train.jsonl")[:320], batch_size=32)
+        safety = make_batches(tok, load_pairs(bed.data() / "restore_harmful.jsonl"), batch_size=48)
+        model, desc = lora(model, 8), "testbed Llama (hidden 128, 2 layers), LoRA r=8, batch 32"
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512, pad_token_id=0,
+                          eos_token_id=2, bos_token_id=1)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+        g = torch.Generator().manual_seed(0)
+
+        def batch(rows: int, seq: int, prompt: int) -> dict:
+            ids = torch.randint(3, cfg.vocab_size, (rows, seq), generator=g)
+            labels = ids.clone()
+            labels[:, :prompt] = -100
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+        train = [batch(8, 256, 32) for _ in range(4)]
+        safety = [batch(16, 48, 44)]
+        model, desc = lora(model, 16), f"synthetic Llama (hidden 512, 4 layers, {dtype}), LoRA r=16, batch 8x256"
+    move = lambda bs: [{k: v.to(device) for k, v in b.items()} for b in bs]  # noqa: E731
+    return model, move(train), move(safety), desc
+
+
+def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: int) -> dict:
+    model, train, safety, desc = timing_setup(kind, cache, device)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def adamw(m):
+        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+
+    makers = {"adamw": adamw, "curvsafe": lambda m: CurvSafe(adamw(m), m, safety)}
+    times: dict[str, list[float]] = {k: [] for k in makers}
+    for _ in range(repeats):
+        for name, make in makers.items():
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in start:
+                        p.copy_(start[n])
+            times[name].append(time_steps(model, make, train, steps, device))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": desc, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "steps": steps, "repeats": repeats, "adamw_ms": med["adamw"] * 1e3, "curvsafe_ms": med["curvsafe"] * 1e3,
+            "ratio": med["curvsafe"] / med["adamw"], "samples_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
+
+
+def quality(cache: Path, work: Path) -> tuple[dict, list[dict]]:
+    from curvsafe.demo import _evaluate, default_cache
+    from curvsafe.finetune import curvsafe_factory, lora_sft
+    from curvsafe.models import load_model
+    from curvsafe.objectives import anchor_responses, keep_response_prefix
+    from curvsafe.testbed.stages import Testbed, TestbedConfig
+
+    cfg = TestbedConfig()
+    bed = Testbed(cache or default_cache(), cfg, progress=False)
+    data, aligned, attack = bed.data(), bed.aligned(), bed.attack("mix")
+    model, tok = load_model(aligned)
+    prompts = [p.prompt for p in load_pairs(data / "eval_harmful.jsonl", require_response=False)]
+    anchor_eval = keep_response_prefix(make_batches(tok, anchor_responses(model, tok, prompts), batch_size=32), 4)
+    aligned_row = _evaluate(model, tok, data, anchor_eval)
+    safety = load_pairs(data / "restore_harmful.jsonl")
+    train = load_pairs(attack / "train.jsonl")
+    rows = []
+    for name, options in VARIANTS.items():
+        model, tok = load_model(aligned)
+        factory = None
+        if options is not None:
+            factory = curvsafe_factory(tok, safety, lr=cfg.attack_lr, **options)
+        else:
+            def factory(m):  # the same AdamW that curvsafe_factory wraps
+                return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.attack_lr,
+                                         weight_decay=0.0)
+        t0 = time.perf_counter()
+        log = lora_sft(model, tok, train, work / name.replace(" ", "_"), r=cfg.lora_r, alpha=2 * cfg.lora_r,
+                       epochs=cfg.attack_epochs, lr=cfg.attack_lr, batch_size=32, seed=cfg.seed, optimizer=factory,
+                       force=True, progress=False)
+        seconds = time.perf_counter() - t0
+        ev = _evaluate(model, tok, data, anchor_eval)
+        rows.append({"variant": name, "options": options, "steps": log["steps"], "seconds": seconds, **ev})
+        print(json.dumps(rows[-1]), flush=True)
+    return aligned_row, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--cache", type=Path)
+    parser.add_argument("--timing-only", action="store_true")
+    parser.add_argument("--model", choices=["testbed", "large"], default="testbed")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    date = time.strftime("%Y-%m-%d")
+    tag = "gpu" if device.type == "cuda" else "cpu"
+
+    t = timing(args.model, args.cache, device, args.steps, args.repeats)
+    lines = [f"# CurvSafe(AdamW) vs AdamW ({tag}, {t['device']}, {date}, {torch.get_num_threads()} CPU threads, "
+             f"torch {torch.__version__})", "",
+             f"Step time, {t['model']}: AdamW {t['adamw_ms']:.1f} ms, CurvSafe {t['curvsafe_ms']:.1f} ms, "
+             f"ratio **{t['ratio']:.2f}** (mean over {t['steps']} steps incl. refreshes every 5 steps, median of "
+             f"{t['repeats']}, alternating in one process).", ""]
+    report = {"timing": t}
+    if not args.timing_only:
+        with __import__("tempfile").TemporaryDirectory(prefix="curvsafe-optim-") as work:
+            aligned, rows = quality(args.cache, Path(work))
+        adamw_acc = rows[0]["task_accuracy"]
+        lines += [f"Testbed attack fine-tune (10% harmful mix, {rows[0]['steps']} steps, lr 3e-3, LoRA r=8); aligned "
+                  f"model: harmful {aligned['harmful_rate']:.1%}, skills {aligned['skills_accuracy']:.0%}.", "",
+                  "| variant | harmful rate | task acc | task acc ÷ AdamW | skills | safety NLL | wall s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            lines.append(f"| {r['variant']} | {r['harmful_rate']:.1%} | {r['task_accuracy']:.1%} | "
+                         f"{r['task_accuracy'] / adamw_acc:.1%} | {r['skills_accuracy']:.0%} | {r['safety_nll']:.3f} "
+                         f"| {r['seconds']:.1f} |")
+        report.update(aligned=aligned, rows=rows)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    stem = f"optimizer_{tag}_{date}" + ("" if args.model == "testbed" else f"_{args.model}")
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -309,3 +309,21 @@ def test_cuda_steps_with_the_triton_projection_match_the_cpu_steps():
     start = trainable(lora_model(torch.float32))
     for n, p in runs["cpu"].items():
         assert rel_err(runs["cuda"][n] - start[n], p - start[n]) < 2e-3, n
+
+
+def test_plain_linear_layers_with_biases_are_projected_and_guarded():
+    from conftest import TinyMLPLM
+
+    model = TinyMLPLM().double()
+    with pytest.raises(ValueError, match="objective='refusal'"):
+        CurvSafe(torch.optim.AdamW(model.parameters()), model, safety_data())
+    opt = CurvSafe(torch.optim.AdamW(model.parameters(), lr=1e-2), model, safety_data(), objective="refusal",
+                   refresh_every=1)
+    assert {"fc1.bias", "fc2.bias"} <= set(opt._params)
+    for s in range(3):
+        before = {n: p.detach().clone() for n, p in opt._params.items()}
+        opt.zero_grad()
+        model(make_batch(seed=s)["input_ids"]).logits.sum().backward()
+        opt.step()
+        dot = sum(float(((p.detach() - before[n]) * opt._grad[n]).sum()) for n, p in opt._params.items())
+        assert dot <= 1e-12

@@ -176,6 +176,9 @@ class CurvSafe(Optimizer):
         terms = []
         for name, w in weights.items():
             if name == "anchor":
+                if not hasattr(self.model, "generate"):
+                    raise ValueError(f"the anchor objective records the model's own responses, but "
+                                     f"{type(self.model).__name__} has no .generate(); use objective='refusal'")
                 terms.append(LossTerm("anchor", anchor_batches(self.model, batches, pad_id=pad_id, eos_id=eos_id,
                                                                max_new_tokens=max_new_tokens,
                                                                prefix_tokens=prefix_tokens), w))
@@ -332,7 +335,9 @@ class CurvSafe(Optimizer):
                 V = block.as_matrix(deltas[block.weight_name])
                 deltas[block.weight_name] = block.from_matrix(kron_eigen_apply(V, QA, QG, scale).to(V.dtype))
             if block.bias_name in deltas:
-                deltas[block.bias_name] = QG @ ((QG.T @ deltas[block.bias_name]) * bias_scale)
+                b = deltas[block.bias_name]
+                QGb = QG.to(b.dtype)
+                deltas[block.bias_name] = QGb @ ((QGb.T @ b) * bias_scale.to(b.dtype))
         projected = [deltas[n] for n in names]
         if self.guard:
             coef = self._guard_coefficient(names, projected)

@@ -34,7 +34,7 @@ CURVSAFE_TRITON_AUTOTUNE=0 timeout 90 $PY -m pytest -q tests/test_optim.py -k "c
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== optimizer step time"
-timeout 150 $PY benchmarks/optimizer.py --out "$OUT" --timing-only --model large --steps 20 --repeats 2 2>&1 | tee "$OUT/optimizer.log" | tail -8
+timeout 150 $PY benchmarks/optimizer.py --out "$OUT" --timing-only --model large --steps 100 --repeats 3 2>&1 | tee "$OUT/optimizer.log" | tail -8
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== GPU kernel tests"

@@ -4,13 +4,16 @@
 
 Quality: the attack stage's fine-tune (10% harmful mix, same data, seed, steps, LoRA and AdamW settings) run
 through ``curvsafe.finetune.lora_sft`` with plain AdamW, CurvSafe (defaults), its ablations (guard only:
-``strength=0``; projection only: ``guard=False``) and CurvSafe with ``refresh_every=50``; harmful rate on the
-held-out harmful prompts, task and skills accuracy. Safety data: the testbed's 48 restore prompts.
+``strength=0``; projection only: ``guard=False``) and fixed refresh intervals (every 5 and every 50 steps);
+harmful rate on the held-out harmful prompts, task and skills accuracy. Safety data: the testbed's 48 restore
+prompts.
 
-Timing: one process, the same model and batches, AdamW and CurvSafe(AdamW) alternating; each measurement is the
-mean step time (forward + backward + step, refreshes included) over ``--steps`` steps, median over
-``--repeats``. ``--model large`` times a synthetic Llama (hidden 512, 4 layers, LoRA r=16, batch 8 x 256
-tokens) for GPUs, where the testbed model is too small to time.
+Timing: one process, the same model, batches and schedule, AdamW and CurvSafe(AdamW) alternating; each
+measurement is the mean step time (forward + backward + step, refreshes included) over a whole fine-tune, median
+over ``--repeats``. CurvSafe refreshes when the adapter has moved (see its docs), so the run replays the attack's
+own trajectory: its batches (32 examples, shuffled), 3 epochs, AdamW at lr 3e-3 with 5 warm-up steps and linear
+decay, as the Trainer runs it. ``--model large`` times a synthetic Llama (hidden 512, 4 layers, LoRA r=16, batch
+8 x 256 tokens, ``--steps`` steps of the same schedule) for GPUs, where the testbed model is too small to time.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from curvsafe.data import load_pairs, make_batches  # noqa: E402
 from curvsafe.optim import CurvSafe  # noqa: E402
 
 VARIANTS = {"adamw": None, "curvsafe": {}, "guard only": {"strength": 0.0}, "projection only": {"guard": False},
-            "curvsafe refresh 50": {"refresh_every": 50}}
+            "fixed refresh every 5": {"refresh_tol": None, "refresh_every": 5},
+            "fixed refresh every 50": {"refresh_tol": None, "refresh_every": 50}}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -40,23 +44,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(model, make_opt, batches: list, steps: int, device: torch.device) -> float:
-    """Mean seconds per optimizer step over ``steps`` steps (after one warm-up step)."""
+def time_run(model, make_opt, batches: list, device: torch.device) -> tuple[float, int]:
+    """Mean seconds per step over one pass through ``batches`` (AdamW lr 3e-3, 5 warm-up steps, linear decay,
+    as the attack's Trainer), and the number of CurvSafe refreshes (0 for a plain optimizer)."""
+    from transformers import get_linear_schedule_with_warmup
+
     opt = make_opt(model)
+    schedule = get_linear_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=len(batches))
     model.train()
-
-    def one(i: int) -> None:
-        opt.zero_grad()
-        model(**batches[i % len(batches)]).loss.backward()
-        opt.step()
-
-    one(0)
     sync(device)
     t0 = time.perf_counter()
-    for i in range(steps):
-        one(i + 1)
+    for batch in batches:
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+        schedule.step()
     sync(device)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / len(batches), getattr(opt, "refresh_count", 0)
 
 
 def lora(model, r: int):
@@ -67,18 +71,23 @@ def lora(model, r: int):
                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
 
 
-def timing_setup(kind: str, cache: Path, device: torch.device):
-    """(LoRA model, training batches, safety batches, description) on ``device``."""
+def timing_setup(kind: str, cache: Path, device: torch.device, steps: int):
+    """(LoRA model, the run's training batches, safety batches, description) on ``device``."""
     if kind == "testbed":
         from curvsafe.demo import default_cache
         from curvsafe.models import load_model
         from curvsafe.testbed.stages import Testbed, TestbedConfig
 
-        bed = Testbed(cache or default_cache(), TestbedConfig(), progress=False)
+        cfg = TestbedConfig()
+        bed = Testbed(cache or default_cache(), cfg, progress=False)
         model, tok = load_model(bed.aligned(), device=str(device))
-        train = make_batches(tok, load_pairs(bed.attack("mix") / "train.jsonl")[:320], batch_size=32)
+        pairs = load_pairs(bed.attack("mix") / "train.jsonl")
+        g = torch.Generator().manual_seed(cfg.seed)
+        train = [b for _ in range(cfg.attack_epochs)
+                 for b in make_batches(tok, [pairs[i] for i in torch.randperm(len(pairs), generator=g)], batch_size=32)]
         safety = make_batches(tok, load_pairs(bed.data() / "restore_harmful.jsonl"), batch_size=48)
-        model, desc = lora(model, 8), "testbed Llama (hidden 128, 2 layers), LoRA r=8, batch 32"
+        model, desc = lora(model, cfg.lora_r), (f"testbed Llama (hidden 128, 2 layers), LoRA r={cfg.lora_r}, the "
+                                                f"attack's {len(train)} steps of 32 examples")
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -96,33 +105,40 @@ def timing_setup(kind: str, cache: Path, device: torch.device):
             labels[:, :prompt] = -100
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
-        train = [batch(8, 256, 32) for _ in range(4)]
+        distinct = [batch(8, 256, 32) for _ in range(4)]
+        train = [distinct[i % len(distinct)] for i in range(steps)]
         safety = [batch(16, 48, 44)]
-        model, desc = lora(model, 16), f"synthetic Llama (hidden 512, 4 layers, {dtype}), LoRA r=16, batch 8x256"
+        model, desc = lora(model, 16), (f"synthetic Llama (hidden 512, 4 layers, {dtype}), LoRA r=16, {steps} steps "
+                                        "of 8x256 tokens")
     move = lambda bs: [{k: v.to(device) for k, v in b.items()} for b in bs]  # noqa: E731
     return model, move(train), move(safety), desc
 
 
 def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: int) -> dict:
-    model, train, safety, desc = timing_setup(kind, cache, device)
+    model, train, safety, desc = timing_setup(kind, cache, device, steps)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def adamw(m):
-        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
 
     makers = {"adamw": adamw, "curvsafe": lambda m: CurvSafe(adamw(m), m, safety)}
     times: dict[str, list[float]] = {k: [] for k in makers}
+    refreshes = []
     for _ in range(repeats):
         for name, make in makers.items():
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     if n in start:
                         p.copy_(start[n])
-            times[name].append(time_steps(model, make, train, steps, device))
+            seconds, count = time_run(model, make, train, device)
+            times[name].append(seconds)
+            if name == "curvsafe":
+                refreshes.append(count)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": desc, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "steps": steps, "repeats": repeats, "adamw_ms": med["adamw"] * 1e3, "curvsafe_ms": med["curvsafe"] * 1e3,
-            "ratio": med["curvsafe"] / med["adamw"], "samples_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
+            "steps": len(train), "repeats": repeats, "adamw_ms": med["adamw"] * 1e3,
+            "curvsafe_ms": med["curvsafe"] * 1e3, "ratio": med["curvsafe"] / med["adamw"], "refreshes": refreshes,
+            "samples_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
 
 
 def quality(cache: Path, work: Path) -> tuple[dict, list[dict]]:
@@ -168,7 +184,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--timing-only", action="store_true")
     parser.add_argument("--model", choices=["testbed", "large"], default="testbed")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=200, help="steps of the --model large run")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,8 +197,9 @@ def main() -> None:
     lines = [f"# CurvSafe(AdamW) vs AdamW ({tag}, {t['device']}, {date}, {torch.get_num_threads()} CPU threads, "
              f"torch {torch.__version__})", "",
              f"Step time, {t['model']}: AdamW {t['adamw_ms']:.1f} ms, CurvSafe {t['curvsafe_ms']:.1f} ms, "
-             f"ratio **{t['ratio']:.2f}** (mean over {t['steps']} steps incl. refreshes every 5 steps, median of "
-             f"{t['repeats']}, alternating in one process).", ""]
+             f"ratio **{t['ratio']:.2f}** (mean over the {t['steps']} steps of a whole run, {t['refreshes'][0]} "
+             f"refresh{'es' if t['refreshes'][0] != 1 else ''} included, median of {t['repeats']} runs each, "
+             "alternating in one process).", ""]
     report = {"timing": t}
     if not args.timing_only:
         with __import__("tempfile").TemporaryDirectory(prefix="curvsafe-optim-") as work:

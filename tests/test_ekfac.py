@@ -78,3 +78,26 @@ def test_safe_eigh_guards():
     vals, vecs = safe_eigh(m @ m.T, "x")
     assert vals.min() >= 0 and vals.dtype == torch.float32
     assert rel_err(vecs @ torch.diag(vals) @ vecs.T, m @ m.T) <= 1e-5
+
+
+def test_safe_eigh_many_matches_safe_eigh_and_shares_equal_matrices():
+    from curvsafe.curvature.eigen import safe_eigh_many
+
+    g = torch.Generator().manual_seed(0)
+    mats = {}
+    for name, n in (("a", 5), ("b", 7), ("c", 5), ("d", 1)):
+        m = torch.randn(n, n + 2, generator=g)
+        mats[name] = m @ m.T
+    mats["a_twin"] = mats["a"].clone()
+    many = safe_eigh_many(mats)
+    assert list(many) == list(mats)
+    for name, m in mats.items():
+        vals, vecs = many[name]
+        ref_vals, _ = safe_eigh(m, name)
+        assert torch.allclose(vals, ref_vals, atol=1e-5, rtol=1e-5)
+        assert torch.allclose(vecs @ torch.diag(vals) @ vecs.T, m, atol=1e-4)
+        assert torch.allclose(vecs.T @ vecs, torch.eye(m.shape[0]), atol=1e-5)
+    assert many["a_twin"][1] is many["a"][1]
+    assert many["c"][1] is not many["a"][1]
+    with pytest.raises(FloatingPointError, match="factor b"):
+        safe_eigh_many({"a": mats["a"], "b": torch.full((7, 7), float("nan"))})

@@ -75,6 +75,35 @@ def test_conv1d_and_lora_blocks():
     assert len(lora.blocks) == 2 * 3 * 2  # A and B, 3 targets, 2 layers
 
 
+def test_blocks_sharing_an_input_share_its_factor_and_nothing_else():
+    """q/k/v LoRA-A blocks see the same input tensor: their A factors are computed once and equal a fit of each
+    block alone; o_proj's differs; G factors stay per block."""
+    model = with_lora(tiny_llama(), targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    batches = [make_batch(pad=True, seed=s) for s in range(2)]
+    joint = KFAC(model).fit(batches).factors
+    layer = "base_model.model.model.layers.0.self_attn"
+    names = {t: f"{layer}.{t}.lora_A.default" for t in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    for t, name in names.items():
+        alone = KFAC(model, [name]).fit(batches).factors[name]
+        assert rel_err(joint[name].A, alone.A) <= 1e-6 and rel_err(joint[name].G, alone.G) <= 1e-6, t
+    assert torch.equal(joint[names["q_proj"]].A, joint[names["v_proj"]].A)
+    assert joint[names["q_proj"]].A is not joint[names["k_proj"]].A  # equal values, separate tensors
+    assert not torch.allclose(joint[names["q_proj"]].A, joint[names["o_proj"]].A)
+    assert not torch.allclose(joint[names["q_proj"]].G, joint[names["k_proj"]].G)
+
+
+def test_fit_under_bf16_autocast_is_accepted_and_close():
+    """accelerate wraps model.forward in autocast (the Trainer with bf16): hooks then see float32 inputs and
+    bfloat16 output gradients; the weight-gradient check must allow bf16 rounding, not cry 'fused path'."""
+    model = with_lora(tiny_llama(torch.float32))
+    batches = [make_batch(pad=True, seed=s) for s in range(2)]
+    exact = KFAC(model).fit(batches).factors
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = KFAC(model).fit(batches, gradient=True).factors
+    for name, f in exact.items():
+        assert rel_err(mixed[name].A, f.A) < 5e-2 and rel_err(mixed[name].G, f.G) < 5e-2, name
+
+
 def test_padding_never_counts():
     """Extra padding columns (and a fully padded extra row) leave both factors unchanged."""
     model = tiny_llama()

@@ -51,7 +51,8 @@ def test_strength_zero_without_guard_is_the_wrapped_optimizer_bit_for_bit():
 
 def test_projection_equals_the_dense_damped_inverse_and_spares_other_parameters():
     """One step: each block's applied update is (I + s (A ⊗ G) / mean)^-1 applied to AdamW's update, with A, G the
-    K-FAC factors of the anchor loss; parameters outside the protected blocks get AdamW's update unchanged."""
+    K-FAC factors of the anchor loss and mean the mean diagonal of the curvature over all protected blocks;
+    parameters outside the protected blocks get AdamW's update unchanged."""
     strength = 3.0
     ref, model = lora_model(), lora_model()
     for m in (ref, model):  # also train the layer norms: they are not protected
@@ -65,11 +66,12 @@ def test_projection_equals_the_dense_damped_inverse_and_spares_other_parameters(
     train(model, opt, train_data(1))
     after, plain = trainable(model), trainable(ref)
     protected = set(opt._params)
+    # column-major vec: vec(G U A) = (A ⊗ G) vec(U); the mean eigenvalue is over all protected parameters
+    krons = {b.name: torch.kron(kfac.factors[b.name].A.double(), kfac.factors[b.name].G.double()) for b in opt.blocks}
+    mean = sum(k.trace() for k in krons.values()) / sum(k.shape[0] for k in krons.values())
     for block in opt.blocks:
-        f = kfac.factors[block.name]
+        kron = krons[block.name]
         U = block.as_matrix(plain[block.weight_name] - before[block.weight_name]).double()
-        kron = torch.kron(f.A.double(), f.G.double())  # column-major vec: vec(G U A) = (A ⊗ G) vec(U)
-        mean = kron.diagonal().mean()
         damped = torch.linalg.solve(torch.eye(kron.shape[0], dtype=kron.dtype) + strength * kron / mean,
                                     U.T.reshape(-1))
         expected = damped.reshape(U.shape[1], U.shape[0]).T
@@ -311,6 +313,31 @@ def test_cuda_steps_with_the_triton_projection_match_the_cpu_steps():
         assert rel_err(runs["cuda"][n] - start[n], p - start[n]) < 2e-3, n
 
 
+def test_trl_sft_trainer_drives_curvsafe(tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from curvsafe.testbed.model import build_tokenizer
+
+    tok = build_tokenizer([f"w{i}" for i in range(64)])
+    model = lora_model(torch.float32)
+    vocab = model.get_input_embeddings().num_embeddings
+    words = [w for w in tok.get_vocab() if w.startswith("w") and tok.convert_tokens_to_ids(w) < vocab]
+    rows = [{"prompt": " ".join(words[i % 5:i % 5 + 4]), "completion": " ".join(words[i % 7:i % 7 + 3])}
+            for i in range(8)]
+    opt = CurvSafe(adamw(model, lr=1e-2), model, safety_data(), refresh_every=2)
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2,
+                         lr_scheduler_type="linear", report_to=[], save_strategy="no", use_cpu=True,
+                         disable_tqdm=True, logging_steps=1)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             optimizers=(opt, None))
+    start = trainable(model)
+    trainer.train()
+    assert opt.step_count == 4 and opt.refresh_count >= 2
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)
+    assert any(not torch.equal(p, start[n]) for n, p in trainable(model).items())
+
+
 def test_plain_linear_layers_with_biases_are_projected_and_guarded():
     from conftest import TinyMLPLM
 
@@ -320,6 +347,14 @@ def test_plain_linear_layers_with_biases_are_projected_and_guarded():
     opt = CurvSafe(torch.optim.AdamW(model.parameters(), lr=1e-2), model, safety_data(), objective="refusal",
                    refresh_every=1)
     assert {"fc1.bias", "fc2.bias"} <= set(opt._params)
+    opt.refresh()  # biases count in the mean eigenvalue: tr(A) tr(G) per weight, tr(G) per bias
+    factors = [opt._factors[b.name] for b in opt.blocks]
+    mean = (sum(A.trace() * G.trace() + G.trace() for A, G in factors)
+            / sum(A.shape[0] * G.shape[0] + G.shape[0] for A, G in factors))
+    for block, (A, G) in zip(opt.blocks, factors):
+        QA, QG, scale, bias_scale = opt._eigen[block.name]
+        lam_G = torch.linalg.eigvalsh(G.double()).clamp_min(0)
+        assert rel_err(bias_scale.double(), 1.0 / (1.0 + opt.strength * lam_G / mean)) < 1e-5
     for s in range(3):
         before = {n: p.detach().clone() for n, p in opt._params.items()}
         opt.zero_grad()
@@ -327,3 +362,45 @@ def test_plain_linear_layers_with_biases_are_projected_and_guarded():
         opt.step()
         dot = sum(float(((p.detach() - before[n]) * opt._grad[n]).sum()) for n, p in opt._params.items())
         assert dot <= 1e-12
+
+
+def test_refresh_follows_the_relative_movement_of_the_protected_parameters():
+    """A refresh happens exactly when |theta - theta_ref| > refresh_tol |theta_ref| or refresh_every steps have
+    passed since the last one."""
+    seen = {}
+    for lr, tol, every in ((1e-6, 0.1, 3), (5e-2, 0.01, 50), (1e-2, 0.05, 4)):
+        model = lora_model()
+        opt = CurvSafe(adamw(model, lr=lr), model, safety_data(), refresh_tol=tol, refresh_every=every)
+        refreshed, expected, last, reference = [], [], 0, None
+        original = opt.refresh
+
+        def counting_refresh():
+            refreshed.append(opt.step_count)
+            original()
+
+        opt.refresh = counting_refresh
+        for step, batch in enumerate(train_data(8)):
+            params = list(opt._params.values())
+            if reference is None or step - last >= every or (
+                    sum(float((p.detach() - r).norm() ** 2) for p, r in zip(params, reference))
+                    > tol ** 2 * sum(float(r.norm() ** 2) for r in reference)):
+                expected.append(step)
+                last, reference = step, [p.detach().clone() for p in params]
+            train(model, opt, [batch])
+        assert refreshed == expected, (lr, tol, every)
+        seen[lr] = refreshed
+    assert seen[1e-6] == [0, 3, 6]  # barely moving: the interval bound alone
+    assert len(seen[5e-2]) > 2  # moving fast: refreshed by the tolerance long before 50 steps
+    model = lora_model()
+    with pytest.raises(ValueError, match="refresh_tol"):
+        CurvSafe(adamw(model), model, safety_data(), refresh_tol=0.0)
+
+
+def test_fixed_refresh_interval_without_tolerance():
+    model = lora_model()
+    opt = CurvSafe(adamw(model, lr=5e-2), model, safety_data(), refresh_tol=None, refresh_every=3)
+    steps = []
+    original = opt.refresh
+    opt.refresh = lambda: (steps.append(opt.step_count), original())
+    train(model, opt, train_data(7))
+    assert steps == [0, 3, 6]

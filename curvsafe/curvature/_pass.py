@@ -88,7 +88,7 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
     device = model_device(model)
     totals = PassTotals()
     stash: dict[str, Tensor] = {}
-    hook_grads: dict[str, Tensor] = {}
+    hook_grads: dict[str, tuple[Tensor, float]] = {}  # block -> (sum_t g_t a_t^T, tolerance)
 
     def forward_cb(block: LinearBlock, a: Tensor) -> None:
         if verify and totals.batches == 0:
@@ -97,7 +97,11 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
 
     def backward_cb(block: LinearBlock, g: Tensor) -> None:
         if block.name in stash and block.name not in hook_grads:
-            hook_grads[block.name] = g.T @ stash.pop(block.name)
+            a = stash.pop(block.name)  # under autocast the input may be float32 and g bfloat16
+            dtype = torch.promote_types(torch.promote_types(g.dtype, a.dtype), torch.float32)
+            # rounding of a low-precision g or a bounds the mismatch: 1e-3, or 4 eps of the coarser dtype
+            eps = max(torch.finfo(t.dtype).eps for t in (g, a))
+            hook_grads[block.name] = (g.T.to(dtype) @ a.to(dtype), max(1e-3, 4 * eps))
         on_backward(block, g)
 
     show = default_progress() if progress is None else progress
@@ -154,14 +158,14 @@ def _backward_hessian_sqrt_columns(output: Tensor, valid: Tensor, loss, weights:
 
 
 def _verify_weight_grads(blocks: Sequence[LinearBlock], grads: Sequence[Optional[Tensor]],
-                         hook_grads: dict[str, Tensor]) -> None:
+                         hook_grads: dict[str, tuple[Tensor, float]]) -> None:
     for block, grad in zip(blocks, grads):
-        expected = hook_grads.get(block.name)
-        if grad is None or expected is None:
+        if grad is None or block.name not in hook_grads:
             continue
+        expected, tol = hook_grads[block.name]
         actual = block.as_matrix(grad).to(expected.dtype)
         err = (actual - expected).norm() / actual.norm().clamp_min(torch.finfo(actual.dtype).tiny)
-        if float(err) > 1e-3 and float(actual.norm()) > 1e-12:
+        if float(err) > tol and float(actual.norm()) > 1e-12:
             raise CaptureError(f"module {block.name!r}: its weight gets gradient from outside its forward "
                                f"(relative mismatch {float(err):.2e}); a fused path or shared weight would make "
                                "hook-based curvature silently wrong. Exclude it from `modules`.")

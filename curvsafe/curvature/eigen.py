@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import Tensor
 
 
 def safe_eigh(matrix: Tensor, name: str, *, retries: int = 4) -> tuple[Tensor, Tensor]:
-    """Eigenvalues (ascending, clamped at 0) and eigenvectors (columns) of a PSD factor, in float32.
+    """Eigenvalues (ascending, clamped at 0) and eigenvectors (columns, row-major storage) of a PSD factor, in
+    float32.
 
     Computed in float64 on the symmetrised matrix. Non-finite entries raise ``FloatingPointError`` naming the
     factor (kronfluence's ``eigh`` of a NaN factor fails obscurely); if LAPACK does not converge, the decomposition
@@ -25,5 +28,37 @@ def safe_eigh(matrix: Tensor, name: str, *, retries: int = 4) -> tuple[Tensor, T
             vals, vecs = torch.linalg.eigh(m + jitter * eye)
         except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
             continue
-        return (vals - jitter).clamp_min(0).float(), vecs.float()
+        return (vals - jitter).clamp_min(0).float(), vecs.float().contiguous()
     raise FloatingPointError(f"eigh of factor {name} did not converge after {retries} jittered retries")
+
+
+def safe_eigh_many(matrices: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """:func:`safe_eigh` of many factors at once: same result per matrix, one batched ``eigh`` per size.
+
+    Equal matrices (e.g. the input factors of ``q``/``k``/``v`` LoRA-A blocks, which see the same input) are
+    decomposed once and share the result tensors. A batch that LAPACK cannot decompose falls back to
+    :func:`safe_eigh` matrix by matrix (jittered retries).
+    """
+    groups: dict[tuple, list[str]] = {}
+    unique: dict[str, str] = {}  # name -> name of the first equal matrix
+    for name, m in matrices.items():
+        key = (tuple(m.shape), m.dtype, m.device)
+        twin = next((other for other in groups.get(key, []) if torch.equal(matrices[other], m)), None)
+        if twin is None:
+            groups.setdefault(key, []).append(name)
+        unique[name] = twin or name
+    result: dict[str, tuple[Tensor, Tensor]] = {}
+    for names in groups.values():
+        stack = torch.stack([matrices[n] for n in names])
+        if not bool(torch.isfinite(stack).all()):
+            bad = next(n for n in names if not bool(torch.isfinite(matrices[n]).all()))
+            raise FloatingPointError(f"factor {bad} has non-finite entries; refusing to eigendecompose it")
+        m = stack.double()
+        try:
+            vals, vecs = torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
+        except RuntimeError:  # some matrix did not converge: the guarded path, one by one
+            result.update({n: safe_eigh(matrices[n], n) for n in names})
+            continue
+        vals, vecs = vals.clamp_min(0).float(), vecs.float()
+        result.update({n: (vals[i], vecs[i].contiguous()) for i, n in enumerate(names)})
+    return {name: result[unique[name]] for name in matrices}

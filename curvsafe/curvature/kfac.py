@@ -106,6 +106,7 @@ class KFAC(CurvatureOperator):
         self.kfac_approx = kfac_approx
         self.ema_decay = ema_decay
         self.seed = seed
+        self._verified = False  # whether a pass has checked that the hooks see every use of the weights
         self.loss = loss if loss is not None else CausalLMLoss()
         self.progress = progress
         params = dict(model.named_parameters())
@@ -144,10 +145,16 @@ class KFAC(CurvatureOperator):
         running = _Sums() if ema or self._sums is None else self._clone_sums(self._sums)
         factors = dict(self.factors)
         batch_sums = _Sums()
+        shared_inputs: dict[int, str] = {}  # id of a block input in this batch -> the block that summed it
         info = BatchInfo()
         reduce = self.kfac_approx == "reduce"
 
         def on_forward(block: LinearBlock, a: Tensor) -> None:
+            first = shared_inputs.get(id(a))
+            if first is not None:  # the same input as an earlier block (q/k/v): the same A sum
+                batch_sums.A[block.name] = batch_sums.A[first].clone()
+                return
+            shared_inputs[id(a)] = block.name
             rows = self._per_sequence(a.float(), info, mean=True) if reduce else a
             batch_sums.add(batch_sums.A, block.name, rows)
 
@@ -156,6 +163,7 @@ class KFAC(CurvatureOperator):
             batch_sums.add(batch_sums.G, block.name, rows)
 
         def on_batch_end() -> None:
+            shared_inputs.clear()
             batch_sums.n_a += info.num_sequences if reduce else info.num_tokens
             batch_sums.n_g += info.num_tokens
             if ema:
@@ -167,7 +175,8 @@ class KFAC(CurvatureOperator):
         totals = capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
                               generator=self._make_generator(), on_forward=on_forward, on_backward=on_backward,
                               info=info, on_batch_end=on_batch_end, desc="K-FAC factors", progress=self.progress,
-                              on_weight_grads=on_weight_grads if gradient else None)
+                              on_weight_grads=on_weight_grads if gradient else None, verify=not self._verified)
+        self._verified = True  # the hooks saw every use of the weights; the model's structure does not change
         if gradient:
             sums = [g if g is not None else torch.zeros(b.module.weight.shape, device=b.module.weight.device)
                     for g, b in zip(grad_sums, self.blocks)]

@@ -8,15 +8,26 @@ Conventions (per captured linear block, weight seen as its (d_out, d_in) matrix,
   (first ``prefix_tokens`` tokens); ``harmful`` minus the NLL of the given (harmful) responses, flat once it is
   above its value at construction. Lower ``S`` is safer.
 - **Safety curvature**: K-FAC factors ``A`` (d_in, d_in), ``G`` (d_out, d_out) of ``S``'s NLL data (empirical
-  Fisher by default), fitted every ``refresh_every`` steps on the current parameters and averaged over refreshes
-  with ``ema_decay`` (``F = d * F_old + (1 - d) * F_new``), float32, eigendecomposed at each refresh. The
-  default ``refresh_every=5`` is measured: on the testbed's attack (AdamW, lr 3e-3) the refusals flip within about
-  ten steps, and a 50-step-old curvature and gradient did not protect at all (``benchmarks/optimizer.py``).
+  Fisher by default), fitted on the current parameters at each refresh and averaged over refreshes with
+  ``ema_decay`` (``F = d * F_old + (1 - d) * F_new``), float32, eigendecomposed at each refresh.
+- **Refresh**: the curvature and the safety gradient are recomputed when the protected parameters have moved by
+  more than ``refresh_tol`` relative to their norm at the last refresh (``|theta - theta_ref| > refresh_tol *
+  |theta_ref|``, over all protected parameters), and at the latest every ``refresh_every`` steps (the first step
+  refreshes). LoRA factors are products with the other LoRA matrix, so they change with its relative change:
+  early in fine-tuning (``B`` growing from 0) this refreshes every few steps, later rarely. Measured on the
+  testbed's attack (``benchmarks/optimizer.py``): the refusals flip within about ten steps, a fixed 50-step
+  refresh does not protect at all, ``refresh_tol=0.1`` protects as well as refreshing every 5 steps with 24
+  refreshes in 282 steps instead of 57. ``refresh_tol=None`` refreshes every ``refresh_every`` steps. Memory: two
+  copies of the protected parameters (the step's start and the last refresh) besides factors and eigenbases.
 - **Projection**: the wrapped optimizer's update ``U`` of a block becomes
-  ``QG ((QG^T U QA) * scale) QA^T`` with ``scale_ij = 1 / (1 + strength * lam_G_i * lam_A_j / mean_ij(lam_G lam_A))``:
-  directions whose safety curvature is high relative to the block's mean are damped, flat ones pass. A bias
-  (input 1) uses ``lam_G`` alone. A block with no safety curvature (e.g. ``lora_A`` while ``lora_B`` is still 0)
-  passes unchanged. ``strength=0`` turns the projection off.
+  ``QG ((QG^T U QA) * scale) QA^T`` with ``scale_ij = 1 / (1 + strength * lam_G_i * lam_A_j / mean)``, where
+  ``mean`` is the mean curvature eigenvalue over *all* protected parameters (``sum_blocks tr(A) tr(G)`` plus
+  ``tr(G)`` per protected bias, divided by their number): directions whose safety curvature is high relative to
+  the whole adapter are damped, flat ones pass, and blocks that carry little safety curvature are barely touched
+  (a per-block mean damps every block's top directions alike: on the testbed's attack it kept 91% of AdamW's task
+  accuracy, the global mean 97-99%). A bias (input 1) has the eigenvalues ``lam_G``. A block with no safety
+  curvature (e.g. ``lora_A`` while ``lora_B`` is still 0) passes unchanged. ``strength=0`` turns the projection
+  off.
 - **Guard** (``guard=True``): with ``g`` the gradient of ``S`` at the last refresh over all captured parameters,
   the applied update ``u`` satisfies ``<u, g> <= 0`` (it may not raise ``S`` to first order): a positive component
   along ``g`` is removed, ``u <- u - (<u, g> / |g|^2) g``.
@@ -42,12 +53,12 @@ from torch.optim import Optimizer
 from ..capture import LinearBlock, ModuleSelection, find_blocks
 from ..curvature import KFAC
 from ..curvature.distributed import all_reduce_counts
-from ..curvature.eigen import safe_eigh
+from ..curvature.eigen import safe_eigh_many
 from ..kernels import kron_eigen_apply
 from ..objectives import (LossTerm, Objective, anchor_batches, batch_nll_sums, keep_response_prefix,
                           parse_objective)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def _working(t: Tensor) -> Tensor:
@@ -72,8 +83,10 @@ class CurvSafe(Optimizer):
             harmful prompts, with refusals (``refusal``) or harmful answers (``harmful``) as responses; for
             ``anchor`` only the prompts are read. Under DDP each rank passes its own shard.
         objective: ``"anchor"``, ``"refusal"``, ``"harmful"`` or a sum such as ``"anchor+harmful"``.
-        refresh_every: optimizer steps between refreshes of the safety curvature and gradient (the first step
-            refreshes).
+        refresh_every: the most optimizer steps between refreshes of the safety curvature and gradient (the first
+            step refreshes).
+        refresh_tol: refresh earlier, once the protected parameters have moved by this fraction of their norm at
+            the last refresh (None: every ``refresh_every`` steps).
         strength: how strongly high-curvature safety directions are damped (0: no projection).
         guard: remove the update's first-order push against safety.
         modules: the blocks to protect (see :func:`curvsafe.capture.find_blocks`; default: the LoRA modules when
@@ -86,14 +99,16 @@ class CurvSafe(Optimizer):
         pad_id, eos_id: token ids for generating the anchor (default: ``model.config``'s).
 
     Behaves like the wrapped optimizer: ``param_groups``, ``state``, ``defaults`` and ``zero_grad`` are its own,
-    so LR schedulers, gradient accumulation, AMP's ``GradScaler`` and the HF ``Trainer`` (``optimizers=(CurvSafe
-    (...), scheduler)``) work unchanged; ``state_dict`` holds the wrapped optimizer's state and CurvSafe's (step
-    count, anchor batches, factors, eigenbases, safety gradient), so a resumed run continues exactly.
+    so LR schedulers, gradient accumulation, AMP's ``GradScaler``, the HF ``Trainer`` and TRL's ``SFTTrainer``
+    (``optimizers=(CurvSafe(...), scheduler)``, also with bf16 autocast) work unchanged; ``state_dict`` holds the
+    wrapped optimizer's state and CurvSafe's (step count, refresh reference, anchor batches, factors, eigenbases,
+    safety gradient), so a resumed run continues exactly.
     """
 
     def __init__(self, optimizer: Optimizer, model: nn.Module, safety_batches: Iterable[Mapping[str, Tensor]], *,
-                 objective: Union[str, Mapping[str, float]] = "anchor", refresh_every: int = 5,
-                 strength: float = 1.0, guard: bool = True, modules: ModuleSelection = None,
+                 objective: Union[str, Mapping[str, float]] = "anchor", refresh_every: int = 50,
+                 refresh_tol: Optional[float] = 0.1, strength: float = 3.0, guard: bool = True,
+                 modules: ModuleSelection = None,
                  ema_decay: float = 0.5, fisher_type: str = "empirical", prefix_tokens: Optional[int] = 4,
                  max_new_tokens: Optional[int] = None, pad_id: Optional[int] = None, eos_id=None):
         if not isinstance(optimizer, Optimizer):
@@ -102,6 +117,8 @@ class CurvSafe(Optimizer):
             raise TypeError("optimizer is already a CurvSafe")
         if refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        if refresh_tol is not None and not refresh_tol > 0:
+            raise ValueError(f"refresh_tol must be > 0 or None, got {refresh_tol}")
         if strength < 0:
             raise ValueError(f"strength must be >= 0, got {strength}")
         if not 0.0 <= ema_decay < 1.0:
@@ -114,6 +131,7 @@ class CurvSafe(Optimizer):
         self.optimizer = optimizer
         self.model = _unwrap(model)
         self.refresh_every = int(refresh_every)
+        self.refresh_tol = None if refresh_tol is None else float(refresh_tol)
         self.strength = float(strength)
         self.guard = bool(guard)
         self.ema_decay = float(ema_decay)
@@ -131,6 +149,9 @@ class CurvSafe(Optimizer):
                                          eos_id=eos_id, prefix_tokens=prefix_tokens, max_new_tokens=max_new_tokens)
         self._kfac = KFAC(self.model, [b.name for b in self.blocks], fisher_type=fisher_type, progress=False)
         self._step = 0
+        self._refreshes = 0
+        self._last_refresh = 0
+        self._reference: list[Tensor] = []  # the protected parameters at the last refresh
         self._factors: dict[str, tuple[Tensor, Tensor]] = {}
         self._eigen: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # QA, QG, weight scale, bias scale
         self._grad: dict[str, Tensor] = {}
@@ -243,6 +264,11 @@ class CurvSafe(Optimizer):
         return self._step
 
     @property
+    def refresh_count(self) -> int:
+        """Refreshes of the safety curvature and gradient so far."""
+        return self._refreshes
+
+    @property
     def active(self) -> bool:
         return self.strength > 0 or self.guard
 
@@ -252,7 +278,7 @@ class CurvSafe(Optimizer):
             loss = self.optimizer.step(closure)
             self._step += 1
             return loss
-        if self._step % self.refresh_every == 0 or not (self._eigen or self._grad):
+        if self._refresh_due():
             self.refresh()
         params = list(self._params.values())
         if len(self._before) != len(params):
@@ -266,6 +292,19 @@ class CurvSafe(Optimizer):
         return loss
 
     # ------------------------------------------------------------------ safety statistics
+    def _refresh_due(self) -> bool:
+        if not (self._eigen or self._grad) or self._step - self._last_refresh >= self.refresh_every:
+            return True
+        if self.refresh_tol is None:
+            return False
+        params = list(self._params.values())
+        if len(params) != len(self._reference):
+            return True
+        with torch.no_grad():
+            moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._reference))).square().sum()
+            norm = torch.stack(torch._foreach_norm(self._reference)).square().sum()
+        return bool(moved > self.refresh_tol ** 2 * norm)
+
     def refresh(self) -> None:
         """Recompute the safety curvature (EMA over refreshes) and the safety gradient at the current parameters.
 
@@ -285,6 +324,10 @@ class CurvSafe(Optimizer):
                 _, grad = self.safety.gradient(self.model, self._params)
             self._grad = {n: g.to(_working(self._params[n]).dtype) for n, g in grad.items()}
             self._grad_sq = sum((g * g).sum() for g in self._grad.values())
+        with torch.no_grad():
+            self._reference = [p.detach().clone() for p in self._params.values()]
+        self._last_refresh = self._step
+        self._refreshes += 1
 
     def _gradient_from_kfac(self) -> bool:
         """Whether the K-FAC pass yields the safety gradient: one term that lowers an NLL, empirical Fisher, no
@@ -303,20 +346,25 @@ class CurvSafe(Optimizer):
                 old_A, old_G = self._factors[b.name]
                 A, G = d * old_A + (1 - d) * A, d * old_G + (1 - d) * G
             self._factors[b.name] = (A, G)
-        self._eigen = {b.name: self._projection(b) for b in self.blocks}
+        self._eigen = self._projections()
 
-    def _projection(self, block: LinearBlock) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``QA``, ``QG`` and the damping scales (weight (d_out, d_in), bias (d_out,)) of one block."""
-        A, G = self._factors[block.name]
-        lam_A, QA = safe_eigh(A, f"{block.name}.A")
-        lam_G, QG = safe_eigh(G, f"{block.name}.G")
-        lam = torch.outer(lam_G, lam_A)
-        mean = lam.mean()
-        tiny = torch.finfo(lam.dtype).tiny
-        scale = 1.0 / (1.0 + self.strength * lam / mean) if mean > tiny else torch.ones_like(lam)
-        bias_mean = lam_G.mean()
-        bias_scale = 1.0 / (1.0 + self.strength * lam_G / bias_mean) if bias_mean > tiny else torch.ones_like(lam_G)
-        return QA, QG, scale, bias_scale
+    def _projections(self) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Per block: ``QA``, ``QG`` and the damping scales (weight (d_out, d_in), bias (d_out,)), normalised by
+        the mean curvature eigenvalue over all protected parameters."""
+        eigen = safe_eigh_many({f"{n}.{k}": f for n, (A, G) in self._factors.items() for k, f in (("A", A), ("G", G))})
+        total, count = 0.0, 0
+        for b in self.blocks:
+            lam_A, lam_G = eigen[f"{b.name}.A"][0], eigen[f"{b.name}.G"][0]
+            total, count = total + float(lam_G.sum()) * float(lam_A.sum()), count + lam_G.numel() * lam_A.numel()
+            if b.bias_name in self._params:
+                total, count = total + float(lam_G.sum()), count + lam_G.numel()
+        mean = total / count
+        damp = self.strength / mean if mean > torch.finfo(torch.float32).tiny else 0.0
+        out = {}
+        for b in self.blocks:
+            (lam_A, QA), (lam_G, QG) = eigen[f"{b.name}.A"], eigen[f"{b.name}.G"]
+            out[b.name] = (QA, QG, 1.0 / (1.0 + damp * torch.outer(lam_G, lam_A)), 1.0 / (1.0 + damp * lam_G))
+        return out
 
     # ------------------------------------------------------------------ the constraint
     def _constrain(self, params: list[Tensor]) -> None:
@@ -360,7 +408,9 @@ class CurvSafe(Optimizer):
     def state_dict(self) -> dict:
         """The wrapped optimizer's state under ``"optimizer"`` and CurvSafe's under ``"curvsafe"``."""
         own = {"version": STATE_VERSION, "step": self._step, "objective": self.objective,
-               "refresh_every": self.refresh_every, "strength": self.strength, "guard": self.guard,
+               "refresh_every": self.refresh_every, "refresh_tol": self.refresh_tol,
+               "last_refresh": self._last_refresh, "refreshes": self._refreshes, "reference": list(self._reference),
+               "strength": self.strength, "guard": self.guard,
                "ema_decay": self.ema_decay, "modules": [b.name for b in self.blocks],
                "safety": [{"name": t.name, "weight": t.weight, "sign": t.sign, "ceiling": t.ceiling,
                            "batches": t.batches} for t in self.safety.terms],
@@ -388,6 +438,8 @@ class CurvSafe(Optimizer):
 
         self._step = int(own["step"])
         self.objective, self.refresh_every = own["objective"], int(own["refresh_every"])
+        self.refresh_tol, self._last_refresh = own["refresh_tol"], int(own["last_refresh"])
+        self._refreshes = int(own["refreshes"])
         self.strength, self.guard, self.ema_decay = float(own["strength"]), bool(own["guard"]), float(own["ema_decay"])
         self.safety = Objective([LossTerm(t["name"], t["batches"], t["weight"], t["sign"], t["ceiling"])
                                  for t in own["safety"]])
@@ -395,10 +447,12 @@ class CurvSafe(Optimizer):
         self._eigen = {n: (to(e["QA"]), to(e["QG"]), to(e["scale"]), to(e["bias_scale"]))
                        for n, e in own["eigen"].items()}
         self._params, self._before = self._captured_params(), []
+        self._reference = [to(t) for t in own["reference"]]
         self._grad = {n: to(g) for n, g in own["grad"].items()}
         self._grad_sq = sum((g * g).sum() for g in self._grad.values()) if self._grad else None
 
     def __repr__(self) -> str:
         return (f"CurvSafe({type(self.optimizer).__name__}, objective={'+'.join(self.objective)}, "
-                f"blocks={len(self.blocks)}, refresh_every={self.refresh_every}, strength={self.strength}, "
+                f"blocks={len(self.blocks)}, refresh_every={self.refresh_every}, refresh_tol={self.refresh_tol}, "
+                f"strength={self.strength}, "
                 f"guard={self.guard}, step={self._step})")

@@ -9,8 +9,8 @@ harmful rate on the held-out harmful prompts, task and skills accuracy. Safety d
 prompts.
 
 Timing: one process, the same model, batches and schedule, AdamW and CurvSafe(AdamW) alternating; each
-measurement is the mean step time (forward + backward + step, refreshes included) over a whole fine-tune, median
-over ``--repeats``. CurvSafe refreshes when the adapter has moved (see its docs), so the run replays the attack's
+measurement is the mean step time (forward + backward + step, refreshes included) over a whole fine-tune; the
+ratio is the median over ``--repeats`` back-to-back pairs (this shared 2-core machine drifts between runs). CurvSafe refreshes when the adapter has moved (see its docs), so the run replays the attack's
 own trajectory: its batches (32 examples, shuffled), 3 epochs, AdamW at lr 3e-3 with 5 warm-up steps and linear
 decay, as the Trainer runs it. ``--model large`` times a synthetic Llama (hidden 512, 4 layers, LoRA r=16, batch
 8 x 256 tokens, ``--steps`` steps of the same schedule) for GPUs, where the testbed model is too small to time.
@@ -135,10 +135,11 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
             if name == "curvsafe":
                 refreshes.append(count)
     med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = [c / a for a, c in zip(times["adamw"], times["curvsafe"])]  # each pair ran back to back
     return {"model": desc, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "steps": len(train), "repeats": repeats, "adamw_ms": med["adamw"] * 1e3,
-            "curvsafe_ms": med["curvsafe"] * 1e3, "ratio": med["curvsafe"] / med["adamw"], "refreshes": refreshes,
-            "samples_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
+            "curvsafe_ms": med["curvsafe"] * 1e3, "ratio": statistics.median(ratios), "ratios": ratios,
+            "refreshes": refreshes, "samples_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
 
 
 def quality(cache: Path, work: Path) -> tuple[dict, list[dict]]:
@@ -185,7 +186,7 @@ def main() -> None:
     parser.add_argument("--timing-only", action="store_true")
     parser.add_argument("--model", choices=["testbed", "large"], default="testbed")
     parser.add_argument("--steps", type=int, default=200, help="steps of the --model large run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
@@ -196,10 +197,10 @@ def main() -> None:
     t = timing(args.model, args.cache, device, args.steps, args.repeats)
     lines = [f"# CurvSafe(AdamW) vs AdamW ({tag}, {t['device']}, {date}, {torch.get_num_threads()} CPU threads, "
              f"torch {torch.__version__})", "",
-             f"Step time, {t['model']}: AdamW {t['adamw_ms']:.1f} ms, CurvSafe {t['curvsafe_ms']:.1f} ms, "
-             f"ratio **{t['ratio']:.2f}** (mean over the {t['steps']} steps of a whole run, {t['refreshes'][0]} "
-             f"refresh{'es' if t['refreshes'][0] != 1 else ''} included, median of {t['repeats']} runs each, "
-             "alternating in one process).", ""]
+             f"Step time, {t['model']}: AdamW {t['adamw_ms']:.1f} ms, CurvSafe {t['curvsafe_ms']:.1f} ms (medians), "
+             f"ratio **{t['ratio']:.2f}** (median over {t['repeats']} back-to-back pairs of whole runs, range "
+             f"{min(t['ratios']):.2f}-{max(t['ratios']):.2f}; mean step over the {t['steps']} steps, "
+             f"{t['refreshes'][0]} refresh{'es' if t['refreshes'][0] != 1 else ''} included).", ""]
     report = {"timing": t}
     if not args.timing_only:
         with __import__("tempfile").TemporaryDirectory(prefix="curvsafe-optim-") as work:

@@ -33,7 +33,8 @@ def _code_hash(*packages: str) -> str:
     import hashlib
 
     root = Path(__file__).parent
-    files = [f for pkg in packages for f in sorted((root / pkg).glob("*.py"))] + [root / "objectives.py"]
+    files = [f for pkg in packages for f in sorted((root / pkg).glob("*.py"))] + [root / "objectives.py",
+                                                                                  root / "capture.py"]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
@@ -114,8 +115,9 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
 
     restored: dict[str, dict] = {}
     restore_anchor: Optional[list[Pair]] = None
+    code = _code_hash("restoration", "curvature")
     for method in methods:
-        folder = bed.cache / f"restore-{cfg.digest('restore', attack.name, method, _code_hash('restoration'))}"
+        folder = bed.cache / f"restore-{cfg.digest('restore', attack.name, method, code)}"
         report_file = folder / "report.json"
         if report_file.is_file() and (folder / ("model" if method == "resta" else "adapter")).exists():
             report = json.loads(report_file.read_text())

@@ -281,6 +281,38 @@ def test_two_gloo_ranks_apply_the_identical_projection_equal_to_one_process(tmp_
         assert rel_err(ranks[0][n] - start[n], expected - start[n]) < 1e-5, n
 
 
+def _fsdp_run(rank, port, out_dir):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = lora_model(torch.float32)
+        fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+        try:
+            CurvSafe(adamw(model), model, safety_data()[rank::2])
+            message = "accepted"
+        except ValueError as exc:
+            message = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_sharded_models_are_refused_with_a_clear_error(tmp_path):
+    """FSDP2 runs on CPU here (gloo): a fully_shard model is refused at construction on every rank."""
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    mp.spawn(_fsdp_run, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert "does not support FSDP" in (tmp_path / f"rank{r}.txt").read_text()
+
+
 def test_hf_trainer_drives_curvsafe_with_its_scheduler(tmp_path):
     from transformers import Trainer, TrainingArguments
 

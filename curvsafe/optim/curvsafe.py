@@ -73,6 +73,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def _refuse_sharded(model: nn.Module) -> None:
+    """FSDP (1: a wrapper with flat parameters; 2: ``fully_shard``'s DTensor parameters) is refused up front: the
+    curvature passes would run FSDP's all-gathers and gradient reduce-scatters into the training gradients, and the
+    projection needs each block's whole update (see the README's FSDP paragraph)."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    sharded = isinstance(model, FullyShardedDataParallel) or any(isinstance(p, DTensor) for p in model.parameters())
+    if sharded:
+        raise ValueError("CurvSafe does not support FSDP-sharded models (FullyShardedDataParallel or fully_shard): "
+                         "the projection needs each protected block's whole update and the safety passes must not "
+                         "trigger FSDP's collectives; use DDP, or protect an unsharded model")
+
+
 class CurvSafe(Optimizer):
     """Wrap ``optimizer`` so that each update is projected away from the safety curvature of ``model``.
 
@@ -130,6 +146,7 @@ class CurvSafe(Optimizer):
             raise ValueError("safety_batches is empty: CurvSafe needs harmful prompts to protect the refusals on")
         self.optimizer = optimizer
         self.model = _unwrap(model)
+        _refuse_sharded(self.model)
         self.refresh_every = int(refresh_every)
         self.refresh_tol = None if refresh_tol is None else float(refresh_tol)
         self.strength = float(strength)

@@ -5,14 +5,17 @@
 Quality: the attack stage's fine-tune (10% harmful mix, same data, seed, steps, LoRA and AdamW settings) run
 through ``curvsafe.finetune.lora_sft`` with plain AdamW, CurvSafe (defaults), its ablations (guard only:
 ``strength=0``; projection only: ``guard=False``) and fixed refresh intervals (every 5 and every 50 steps);
-harmful rate on the held-out harmful prompts, task and skills accuracy. Safety data: the testbed's 48 restore
-prompts.
+harmful rate on the held-out harmful prompts, task and skills accuracy. Then AdamW and CurvSafe on the testbed's
+other attack settings (benign data only; harmful answers only). Safety data: the testbed's 48 restore prompts
+in batches of 16 (``curvsafe_factory``'s default; one fitted per refresh).
 
-Timing: one process, the same model, batches and schedule, AdamW and CurvSafe(AdamW) alternating; each
-measurement is the mean step time (forward + backward + step, refreshes included) over a whole fine-tune; the
-ratio is the median over ``--repeats`` back-to-back pairs (this shared 2-core machine drifts between runs). CurvSafe refreshes when the adapter has moved (see its docs), so the run replays the attack's
-own trajectory: its batches (32 examples, shuffled), 3 epochs, AdamW at lr 3e-3 with 5 warm-up steps and linear
-decay, as the Trainer runs it. ``--model large`` times a synthetic Llama (hidden 512, 4 layers, LoRA r=16, batch
+Timing: one process, two copies of the same model, the same batches and schedule, AdamW and CurvSafe(AdamW)
+interleaved step by step (load spikes on this shared 2-core machine hit both alike); each measurement is the mean
+step time (forward + backward + step, refreshes included) over a whole fine-tune, the ratio the median over
+``--repeats`` such paired runs. CurvSafe refreshes when the adapter has moved (see its docs), so the run replays
+the attack's own trajectory: its
+batches (32 examples, shuffled), 3 epochs, AdamW at lr 3e-3 with 5 warm-up steps and linear decay, as the
+Trainer runs it. ``--model large`` times a synthetic Llama (hidden 512, 4 layers, LoRA r=16, batch
 8 x 256 tokens, ``--steps`` steps of the same schedule) for GPUs, where the testbed model is too small to time.
 """
 
@@ -31,6 +34,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 from curvsafe.data import load_pairs, make_batches  # noqa: E402
+from curvsafe.finetune import SAFETY_BATCH_SIZE  # noqa: E402
 from curvsafe.optim import CurvSafe  # noqa: E402
 
 VARIANTS = {"adamw": None, "curvsafe": {}, "guard only": {"strength": 0.0}, "projection only": {"guard": False},
@@ -44,23 +48,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_run(model, make_opt, batches: list, device: torch.device) -> tuple[float, int]:
-    """Mean seconds per step over one pass through ``batches`` (AdamW lr 3e-3, 5 warm-up steps, linear decay,
-    as the attack's Trainer), and the number of CurvSafe refreshes (0 for a plain optimizer)."""
+def time_interleaved(models: dict, makers: dict, batches: list, device: torch.device) -> tuple[dict, int]:
+    """Seconds per step of each optimizer over one pass through ``batches``, the runs interleaved step by step
+    (each on its own copy of the model: AdamW lr 3e-3, 5 warm-up steps, linear decay, as the attack's Trainer), so
+    that load spikes on a shared machine hit both alike; and the number of CurvSafe refreshes."""
     from transformers import get_linear_schedule_with_warmup
 
-    opt = make_opt(model)
-    schedule = get_linear_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=len(batches))
-    model.train()
-    sync(device)
-    t0 = time.perf_counter()
+    opts = {name: makers[name](models[name]) for name in makers}
+    schedules = {name: get_linear_schedule_with_warmup(o, num_warmup_steps=5, num_training_steps=len(batches))
+                 for name, o in opts.items()}
+    totals = dict.fromkeys(makers, 0.0)
+    for model in models.values():
+        model.train()
     for batch in batches:
-        opt.zero_grad()
-        model(**batch).loss.backward()
-        opt.step()
-        schedule.step()
-    sync(device)
-    return (time.perf_counter() - t0) / len(batches), getattr(opt, "refresh_count", 0)
+        for name, opt in opts.items():
+            sync(device)
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            models[name](**batch).loss.backward()
+            opt.step()
+            schedules[name].step()
+            sync(device)
+            totals[name] += time.perf_counter() - t0
+    return {name: t / len(batches) for name, t in totals.items()}, opts["curvsafe"].refresh_count
 
 
 def lora(model, r: int):
@@ -85,7 +95,7 @@ def timing_setup(kind: str, cache: Path, device: torch.device, steps: int):
         g = torch.Generator().manual_seed(cfg.seed)
         train = [b for _ in range(cfg.attack_epochs)
                  for b in make_batches(tok, [pairs[i] for i in torch.randperm(len(pairs), generator=g)], batch_size=32)]
-        safety = make_batches(tok, load_pairs(bed.data() / "restore_harmful.jsonl"), batch_size=48)
+        safety = make_batches(tok, load_pairs(bed.data() / "restore_harmful.jsonl"), batch_size=SAFETY_BATCH_SIZE)
         model, desc = lora(model, cfg.lora_r), (f"testbed Llama (hidden 128, 2 layers), LoRA r={cfg.lora_r}, the "
                                                 f"attack's {len(train)} steps of 32 examples")
     else:
@@ -115,8 +125,9 @@ def timing_setup(kind: str, cache: Path, device: torch.device, steps: int):
 
 
 def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: int) -> dict:
+    import copy
+
     model, train, safety, desc = timing_setup(kind, cache, device, steps)
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     def adamw(m):
         return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
@@ -125,24 +136,20 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
     times: dict[str, list[float]] = {k: [] for k in makers}
     refreshes = []
     for _ in range(repeats):
-        for name, make in makers.items():
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in start:
-                        p.copy_(start[n])
-            seconds, count = time_run(model, make, train, device)
+        per_step, count = time_interleaved({k: copy.deepcopy(model) for k in makers}, makers, train, device)
+        for name, seconds in per_step.items():
             times[name].append(seconds)
-            if name == "curvsafe":
-                refreshes.append(count)
+        refreshes.append(count)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratios = [c / a for a, c in zip(times["adamw"], times["curvsafe"])]  # each pair ran back to back
+    ratios = [c / a for a, c in zip(times["adamw"], times["curvsafe"])]
     return {"model": desc, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "steps": len(train), "repeats": repeats, "adamw_ms": med["adamw"] * 1e3,
             "curvsafe_ms": med["curvsafe"] * 1e3, "ratio": statistics.median(ratios), "ratios": ratios,
             "refreshes": refreshes, "samples_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
 
 
-def quality(cache: Path, work: Path) -> tuple[dict, list[dict]]:
+def quality(cache: Path, work: Path) -> tuple[dict, list[dict], list[dict]]:
+    """(aligned model's row, the mix attack's variant rows, the other attack settings' AdamW/CurvSafe rows)."""
     from curvsafe.demo import _evaluate, default_cache
     from curvsafe.finetune import curvsafe_factory, lora_sft
     from curvsafe.models import load_model
@@ -151,17 +158,15 @@ def quality(cache: Path, work: Path) -> tuple[dict, list[dict]]:
 
     cfg = TestbedConfig()
     bed = Testbed(cache or default_cache(), cfg, progress=False)
-    data, aligned, attack = bed.data(), bed.aligned(), bed.attack("mix")
+    data, aligned = bed.data(), bed.aligned()
     model, tok = load_model(aligned)
     prompts = [p.prompt for p in load_pairs(data / "eval_harmful.jsonl", require_response=False)]
     anchor_eval = keep_response_prefix(make_batches(tok, anchor_responses(model, tok, prompts), batch_size=32), 4)
     aligned_row = _evaluate(model, tok, data, anchor_eval)
     safety = load_pairs(data / "restore_harmful.jsonl")
-    train = load_pairs(attack / "train.jsonl")
-    rows = []
-    for name, options in VARIANTS.items():
+
+    def run(setting: str, name: str, options) -> dict:
         model, tok = load_model(aligned)
-        factory = None
         if options is not None:
             factory = curvsafe_factory(tok, safety, lr=cfg.attack_lr, **options)
         else:
@@ -169,14 +174,18 @@ def quality(cache: Path, work: Path) -> tuple[dict, list[dict]]:
                 return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.attack_lr,
                                          weight_decay=0.0)
         t0 = time.perf_counter()
-        log = lora_sft(model, tok, train, work / name.replace(" ", "_"), r=cfg.lora_r, alpha=2 * cfg.lora_r,
+        log = lora_sft(model, tok, load_pairs(bed.attack(setting) / "train.jsonl"),
+                       work / f"{setting}_{name.replace(' ', '_')}", r=cfg.lora_r, alpha=2 * cfg.lora_r,
                        epochs=cfg.attack_epochs, lr=cfg.attack_lr, batch_size=32, seed=cfg.seed, optimizer=factory,
                        force=True, progress=False)
-        seconds = time.perf_counter() - t0
-        ev = _evaluate(model, tok, data, anchor_eval)
-        rows.append({"variant": name, "options": options, "steps": log["steps"], "seconds": seconds, **ev})
-        print(json.dumps(rows[-1]), flush=True)
-    return aligned_row, rows
+        row = {"attack": setting, "variant": name, "options": options, "steps": log["steps"],
+               "seconds": time.perf_counter() - t0, **_evaluate(model, tok, data, anchor_eval)}
+        print(json.dumps(row), flush=True)
+        return row
+
+    rows = [run("mix", name, options) for name, options in VARIANTS.items()]
+    others = [run(setting, name, VARIANTS[name]) for setting in ("benign", "harmful") for name in ("adamw", "curvsafe")]
+    return aligned_row, rows, others
 
 
 def main() -> None:
@@ -198,13 +207,13 @@ def main() -> None:
     lines = [f"# CurvSafe(AdamW) vs AdamW ({tag}, {t['device']}, {date}, {torch.get_num_threads()} CPU threads, "
              f"torch {torch.__version__})", "",
              f"Step time, {t['model']}: AdamW {t['adamw_ms']:.1f} ms, CurvSafe {t['curvsafe_ms']:.1f} ms (medians), "
-             f"ratio **{t['ratio']:.2f}** (median over {t['repeats']} back-to-back pairs of whole runs, range "
+             f"ratio **{t['ratio']:.2f}** (median over {t['repeats']} whole runs interleaved step by step, range "
              f"{min(t['ratios']):.2f}-{max(t['ratios']):.2f}; mean step over the {t['steps']} steps, "
              f"{t['refreshes'][0]} refresh{'es' if t['refreshes'][0] != 1 else ''} included).", ""]
     report = {"timing": t}
     if not args.timing_only:
         with __import__("tempfile").TemporaryDirectory(prefix="curvsafe-optim-") as work:
-            aligned, rows = quality(args.cache, Path(work))
+            aligned, rows, others = quality(args.cache, Path(work))
         adamw_acc = rows[0]["task_accuracy"]
         lines += [f"Testbed attack fine-tune (10% harmful mix, {rows[0]['steps']} steps, lr 3e-3, LoRA r=8); aligned "
                   f"model: harmful {aligned['harmful_rate']:.1%}, skills {aligned['skills_accuracy']:.0%}.", "",
@@ -214,7 +223,14 @@ def main() -> None:
             lines.append(f"| {r['variant']} | {r['harmful_rate']:.1%} | {r['task_accuracy']:.1%} | "
                          f"{r['task_accuracy'] / adamw_acc:.1%} | {r['skills_accuracy']:.0%} | {r['safety_nll']:.3f} "
                          f"| {r['seconds']:.1f} |")
-        report.update(aligned=aligned, rows=rows)
+        lines += ["", "Other attack settings of the testbed (benign: task data only, the drift the paper describes; "
+                  "harmful: harmful answers only), same settings:", "",
+                  "| attack | optimizer | harmful rate | task acc | skills | safety NLL | steps |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for r in others:
+            lines.append(f"| {r['attack']} | {r['variant']} | {r['harmful_rate']:.1%} | {r['task_accuracy']:.1%} | "
+                         f"{r['skills_accuracy']:.0%} | {r['safety_nll']:.3f} | {r['steps']} |")
+        report.update(aligned=aligned, rows=rows, other_attacks=others)
     text = "\n".join(lines) + "\n"
     print(text)
     stem = f"optimizer_{tag}_{date}" + ("" if args.model == "testbed" else f"_{args.model}")

@@ -133,14 +133,18 @@ torch::Tensor linear_fisher_diag(torch::Tensor x, torch::Tensor gy, c10::optiona
 }
 
 // QG @ ((QG^T V QA) * scale) @ QA^T.
+// One matrix (2-D operands) or a batch of equally shaped ones (3-D operands, one batched GEMM per product).
 torch::Tensor kron_eigen_apply(torch::Tensor V, torch::Tensor QA, torch::Tensor QG, torch::Tensor scale) {
-  check_fp32_2d(V, "V");
-  check_fp32_2d(QA, "QA");
-  check_fp32_2d(QG, "QG");
-  check_fp32_2d(scale, "scale");
-  auto rotated = at::mm(at::mm(QG.t(), V), QA);
+  const int64_t dim = V.dim();
+  TORCH_CHECK(dim == 2 || dim == 3, "V must be 2-D or 3-D (a batch)");
+  for (auto* t : {&V, &QA, &QG, &scale}) {
+    TORCH_CHECK(t->dim() == dim, "kron_eigen_apply operands must all be 2-D or all 3-D");
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32, "kron_eigen_apply operands must be float32");
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "kron_eigen_apply operands must be contiguous CPU tensors");
+  }
+  auto rotated = at::matmul(at::matmul(QG.transpose(-2, -1), V), QA);
   rotated.mul_(scale);
-  return at::mm(at::mm(QG, rotated), QA.t());
+  return at::matmul(at::matmul(QG, rotated), QA.transpose(-2, -1));
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -18,6 +18,7 @@ import torch
 from .data import Pair, collate, encode_pair
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SAFETY_BATCH_SIZE = 16  # CurvSafe fits one safety batch per refresh: 16 prompts spread the cost of 48 over three
 
 
 class _PairDataset(torch.utils.data.Dataset):
@@ -111,11 +112,11 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
     return log
 
 
-def curvsafe_factory(tokenizer, safety: Sequence[Pair], *, lr: float, batch_size: int = 48,
+def curvsafe_factory(tokenizer, safety: Sequence[Pair], *, lr: float, batch_size: int = SAFETY_BATCH_SIZE,
                      max_length: int = 128, **options):
     """An ``optimizer`` factory for :func:`lora_sft`: :class:`curvsafe.optim.CurvSafe` around AdamW (the
     Trainer's defaults: betas (0.9, 0.999), eps 1e-8, no weight decay) protecting the refusals on ``safety``'s
-    prompts; ``options`` go to ``CurvSafe``."""
+    prompts, in batches of ``batch_size`` (one fitted per refresh, in turn); ``options`` go to ``CurvSafe``."""
     from .data import make_batches
     from .optim import CurvSafe
 

@@ -24,8 +24,12 @@ def kron_eigen_apply(V: Tensor, QA: Tensor, QG: Tensor, scale: Tensor, *, backen
 
     ``QA`` (d_in, d_in) and ``QG`` (d_out, d_out) are orthogonal eigenbases (columns are eigenvectors) and
     ``scale`` (d_out, d_in) multiplies each Kronecker eigen-direction: ``1 / (lambda + damping)`` gives the
-    EK-FAC inverse, a 0/1 or damping mask gives a projection.
+    EK-FAC inverse, a 0/1 or damping mask gives a projection. With a leading batch dimension on all four operands
+    (``V`` (B, d_out, d_in), ``QA`` (B, d_in, d_in), ...) every matrix of the batch is transformed by its own bases
+    in one call (many small blocks at once: one batched GEMM per product on the C++/torch paths).
     """
+    if isinstance(V, Tensor) and V.dim() == 3:
+        return _kron_eigen_batched(V, QA, QG, scale, backend)
     check_matrix("V", V)
     d_out, d_in = V.shape
     check_matrix("QA", QA, rows=d_in, cols=d_in)
@@ -40,4 +44,25 @@ def kron_eigen_apply(V: Tensor, QA: Tensor, QG: Tensor, scale: Tensor, *, backen
                                                  QG.float().contiguous(), scale.float().contiguous())
     if chosen == "triton":
         return _kron_eigen_triton(*(t.float() if t.dtype == torch.float64 else t for t in (V, QA, QG, scale)))
+    return reference.kron_eigen_apply(V, QA, QG, scale)
+
+
+def _kron_eigen_batched(V: Tensor, QA: Tensor, QG: Tensor, scale: Tensor, backend: Optional[str]) -> Tensor:
+    batch = V.shape[0]
+    for name, t in (("QA", QA), ("QG", QG), ("scale", scale)):
+        if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[0] != batch:
+            raise ValueError(f"with a batched V {tuple(V.shape)}, {name} must be 3-D with {batch} matrices, got "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+    d_out, d_in = V.shape[1:]
+    check_matrix("V[0]", V[0])
+    check_matrix("QA[0]", QA[0], rows=d_in, cols=d_in)
+    check_matrix("QG[0]", QG[0], rows=d_out, cols=d_out)
+    check_matrix("scale[0]", scale[0], rows=d_out, cols=d_in)
+    chosen = choose_backend(backend, check_same_device(V, QA, QG, scale))
+    if chosen == "cpp":
+        from ._cpp import load_extension
+
+        return load_extension().kron_eigen_apply(*(t.float().contiguous() for t in (V, QA, QG, scale)))
+    if chosen == "triton":  # the tiled GEMMs take one matrix: one chain per batch entry
+        return torch.stack([kron_eigen_apply(V[i], QA[i], QG[i], scale[i], backend="triton") for i in range(batch)])
     return reference.kron_eigen_apply(V, QA, QG, scale)

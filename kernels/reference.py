@@ -72,6 +72,6 @@ def linear_fisher_diag(x: Tensor, gy: Tensor, *, segment_ids: Optional[Tensor] =
 
 
 def kron_eigen_apply(V: Tensor, QA: Tensor, QG: Tensor, scale: Tensor) -> Tensor:
-    """``QG @ ((QG^T V QA) * scale) @ QA^T`` (d_out, d_in) fp32."""
+    """``QG @ ((QG^T V QA) * scale) @ QA^T`` (d_out, d_in) fp32, or of each matrix of a batch (leading dim)."""
     qa, qg = QA.float(), QG.float()
-    return qg @ ((qg.T @ V.float() @ qa) * scale.float()) @ qa.T
+    return qg @ ((qg.mT @ V.float() @ qa) * scale.float()) @ qa.mT

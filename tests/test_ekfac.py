@@ -80,16 +80,24 @@ def test_safe_eigh_guards():
     assert rel_err(vecs @ torch.diag(vals) @ vecs.T, m @ m.T) <= 1e-5
 
 
-def test_safe_eigh_many_matches_safe_eigh_and_shares_equal_matrices():
+@pytest.mark.parametrize("batch_bytes", [1 << 28, 8 * 25 * 2])  # one call per size; at most 2 of 5x5 per call
+def test_safe_eigh_many_matches_safe_eigh_and_shares_equal_matrices(monkeypatch, batch_bytes):
+    from curvsafe.curvature import eigen
     from curvsafe.curvature.eigen import safe_eigh_many
 
+    monkeypatch.setattr(eigen, "_BATCH_BYTES", batch_bytes)
     g = torch.Generator().manual_seed(0)
     mats = {}
-    for name, n in (("a", 5), ("b", 7), ("c", 5), ("d", 1)):
+    for name, n in (("a", 5), ("b", 7), ("c", 5), ("d", 1), ("e", 5), ("f", 5)):
         m = torch.randn(n, n + 2, generator=g)
         mats[name] = m @ m.T
     mats["a_twin"] = mats["a"].clone()
+    batches = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda m: batches.append(m.shape[0]) or eigh(m))
     many = safe_eigh_many(mats)
+    assert sorted(batches) == ([1, 1, 4] if batch_bytes > 1000 else [1, 1, 2, 2])  # the twin is not decomposed
+    monkeypatch.undo()
     assert list(many) == list(mats)
     for name, m in mats.items():
         vals, vecs = many[name]
@@ -99,5 +107,8 @@ def test_safe_eigh_many_matches_safe_eigh_and_shares_equal_matrices():
         assert torch.allclose(vecs.T @ vecs, torch.eye(m.shape[0]), atol=1e-5)
     assert many["a_twin"][1] is many["a"][1]
     assert many["c"][1] is not many["a"][1]
+    for name, (vals, vecs) in safe_eigh_many(mats, dtype=torch.float32).items():  # the faster, coarser path
+        assert torch.allclose(vals, many[name][0], atol=1e-4, rtol=1e-4)
+        assert torch.allclose(vecs @ torch.diag(vals) @ vecs.T, mats[name], atol=1e-4)
     with pytest.raises(FloatingPointError, match="factor b"):
         safe_eigh_many({"a": mats["a"], "b": torch.full((7, 7), float("nan"))})

@@ -181,6 +181,30 @@ def test_kron_eigen_apply(backend, dtype, T, d_in, d_out):
     assert close(got, want, tolerance(backend, dtype))
 
 
+@pytest.mark.parametrize("backend,dtype", backend_params())
+@pytest.mark.parametrize("batch,d_in,d_out", [(1, 1, 1), (3, 33, 5), (2, 17, 40)])
+def test_kron_eigen_apply_batched_equals_each_matrix(backend, dtype, batch, d_in, d_out):
+    g = torch.Generator().manual_seed(batch)
+    V = torch.randn(batch, d_out, d_in, generator=g).to(DEVICE, dtype)
+    QA = torch.linalg.qr(torch.randn(batch, d_in, d_in, generator=g))[0].to(DEVICE)
+    QG = torch.linalg.qr(torch.randn(batch, d_out, d_out, generator=g))[0].to(DEVICE)
+    scale = torch.rand(batch, d_out, d_in, generator=g).to(DEVICE)
+    got = kron_eigen_apply(V, QA, QG, scale, backend=backend)
+    assert got.shape == (batch, d_out, d_in) and got.dtype == torch.float32
+    for i in range(batch):
+        assert close(got[i], ref.kron_eigen_apply(V[i], QA[i], QG[i], scale[i]), tolerance(backend, dtype))
+
+
+def test_kron_eigen_apply_batched_bad_input():
+    V, Q = torch.randn(2, 3, 3), torch.eye(3).expand(2, 3, 3)
+    with pytest.raises(ValueError, match="QA must be 3-D with 2 matrices"):
+        kron_eigen_apply(V, torch.eye(3), Q, torch.ones(2, 3, 3))
+    with pytest.raises(ValueError, match="QG must be 3-D with 2 matrices"):
+        kron_eigen_apply(V, Q, torch.eye(3).expand(3, 3, 3), torch.ones(2, 3, 3))
+    with pytest.raises(ValueError, match=r"scale\[0\] has 3 columns, expected 2"):
+        kron_eigen_apply(torch.randn(2, 3, 2), torch.eye(2).expand(2, 2, 2), Q, torch.ones(2, 3, 3))
+
+
 # ---------------------------------------------------------------- dispatch and input checks
 def test_dispatch_and_bad_input():
     x = torch.randn(5, 3)

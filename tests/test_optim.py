@@ -59,7 +59,7 @@ def test_projection_equals_the_dense_damped_inverse_and_spares_other_parameters(
         for n, p in m.named_parameters():
             if "norm" in n:
                 p.requires_grad_(True)
-    opt = CurvSafe(adamw(model), model, safety_data(), strength=strength, guard=False)
+    opt = CurvSafe(adamw(model), model, safety_data(), strength=strength, guard=False, refresh_batches=None)
     kfac = KFAC(model, [b.name for b in opt.blocks]).fit(opt.safety.batches)
     before = trainable(model)
     train(ref, adamw(ref), train_data(1))
@@ -228,7 +228,7 @@ def test_other_objectives_guard_their_own_gradient(objective):
     from curvsafe.objectives import Objective
 
     model = lora_model()
-    opt = CurvSafe(adamw(model), model, safety_data(), objective=objective, refresh_every=1)
+    opt = CurvSafe(adamw(model), model, safety_data(), objective=objective, refresh_every=1, refresh_batches=None)
     train(model, opt, train_data(1))
     opt.refresh()
     expected = Objective(opt.safety.terms).gradient(model, opt._params)[1]
@@ -250,7 +250,7 @@ def _ddp_run(rank=None, port=None, out_dir=None, steps=3):
         safety = safety_data() if rank is None else safety_data()[rank::2]
         data = [make_batch(batch=2, seq=8, seed=s, pad=False) for s in range(2 * steps)]
         net = DistributedDataParallel(model) if rank is not None else model
-        opt = CurvSafe(adamw(model, lr=5e-2), net, safety, refresh_every=2, strength=2.0)
+        opt = CurvSafe(adamw(model, lr=5e-2), net, safety, refresh_every=2, strength=2.0, refresh_batches=None)
         net.train()
         for step in range(steps):
             opt.zero_grad()
@@ -426,6 +426,36 @@ def test_refresh_follows_the_relative_movement_of_the_protected_parameters():
     model = lora_model()
     with pytest.raises(ValueError, match="refresh_tol"):
         CurvSafe(adamw(model), model, safety_data(), refresh_tol=0.0)
+
+
+def test_each_refresh_fits_the_next_safety_batch_and_guards_with_its_gradient():
+    from curvsafe.objectives import LossTerm, Objective
+
+    model = lora_model()
+    safety = [make_batch(batch=2, seq=6, seed=200 + s, prompt=4) for s in range(3)]
+    opt = CurvSafe(adamw(model, lr=1e-2), model, safety, refresh_every=1)
+    anchors = opt.safety.terms[0].batches
+    fitted = []
+    fit = opt._kfac.fit
+    opt._kfac.fit = lambda batches, **kw: (fitted.append(batches), fit(batches, **kw))[1]
+    for step, batch in enumerate(train_data(5)):  # refresh_batches=1 (default): batch 0, 1, 2, 0, 1
+        train(model, opt, [batch])
+        assert len(fitted[-1]) == 1 and fitted[-1][0] is anchors[step % 3]
+    for k in (1, 2):
+        opt.refresh_batches = k
+        r = opt.refresh_count
+        chosen = [anchors[(r * k + j) % 3] for j in range(k)]
+        opt.refresh()
+        assert all(a is b for a, b in zip(fitted[-1], chosen, strict=True))
+        expected = Objective([LossTerm("anchor", chosen)]).gradient(model, opt._params)[1]
+        for n, g in opt._grad.items():  # the guard's gradient: the exact gradient of the batches just fitted
+            assert rel_err(g, expected[n]) < 1e-5, n
+    with pytest.raises(ValueError, match="refresh_batches"):
+        CurvSafe(adamw(model), model, safety, refresh_batches=0)
+    empty = dict(safety[0], labels=torch.full_like(safety[0]["labels"], -100))
+    with pytest.raises(ValueError, match="batch 0 of the refusal data has no response tokens"):
+        CurvSafe(adamw(model), model, [empty, safety[1]], objective="refusal")
+    CurvSafe(adamw(model), model, [empty, safety[1]], objective="refusal", refresh_batches=None)
 
 
 def test_fixed_refresh_interval_without_tolerance():

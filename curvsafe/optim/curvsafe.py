@@ -16,7 +16,7 @@ Conventions (per captured linear block, weight seen as its (d_out, d_in) matrix,
   refreshes). LoRA factors are products with the other LoRA matrix, so they change with its relative change:
   early in fine-tuning (``B`` growing from 0) this refreshes every few steps, later rarely. Measured on the
   testbed's attack (``benchmarks/optimizer.py``): the refusals flip within about ten steps, a fixed 50-step
-  refresh does not protect at all, ``refresh_tol=0.1`` protects as well as refreshing every 5 steps with 24
+  refresh does not protect at all, ``refresh_tol=0.1`` protects as well as refreshing every 5 steps with 23
   refreshes in 282 steps instead of 57. ``refresh_tol=None`` refreshes every ``refresh_every`` steps. Memory: two
   copies of the protected parameters (the step's start and the last refresh) besides factors and eigenbases.
   Each refresh fits the next ``refresh_batches`` safety batches in turn (default 1), so the safety data's cost is
@@ -335,6 +335,7 @@ class CurvSafe(Optimizer):
 
     # ------------------------------------------------------------------ safety statistics
     def _refresh_due(self) -> bool:
+        """First step, ``refresh_every`` steps since the last refresh, or moved by more than ``refresh_tol``."""
         if not (self._eigen or self._grad) or self._step - self._last_refresh >= self.refresh_every:
             return True
         if self.refresh_tol is None:
@@ -350,8 +351,9 @@ class CurvSafe(Optimizer):
     def refresh(self) -> None:
         """Recompute the safety curvature (EMA over refreshes) and the safety gradient at the current parameters.
 
-        Called by :meth:`step` every ``refresh_every`` steps; call it yourself after changing parameters behind
-        the optimizer's back (e.g. ``add_param_group``)."""
+        Called by :meth:`step` when due (see **Refresh** in the module docstring); call it yourself after changing
+        parameters behind the optimizer's back (e.g. ``add_param_group``). Fits the next ``refresh_batches``
+        safety batches."""
         current = self._captured_params()
         if current.keys() != self._params.keys():
             self._params, self._before = current, []

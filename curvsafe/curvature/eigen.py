@@ -8,6 +8,11 @@ import torch
 from torch import Tensor
 
 
+def _check_finite(matrix: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(matrix).all()):
+        raise FloatingPointError(f"factor {name} has non-finite entries; refusing to eigendecompose it")
+
+
 def safe_eigh(matrix: Tensor, name: str, *, retries: int = 4) -> tuple[Tensor, Tensor]:
     """Eigenvalues (ascending, clamped at 0) and eigenvectors (columns, row-major storage) of a PSD factor, in
     float32.
@@ -16,8 +21,7 @@ def safe_eigh(matrix: Tensor, name: str, *, retries: int = 4) -> tuple[Tensor, T
     factor (kronfluence's ``eigh`` of a NaN factor fails obscurely); if LAPACK does not converge, the decomposition
     is retried with a growing diagonal jitter (relative to the mean eigenvalue) that is subtracted again.
     """
-    if not bool(torch.isfinite(matrix).all()):
-        raise FloatingPointError(f"factor {name} has non-finite entries; refusing to eigendecompose it")
+    _check_finite(matrix, name)
     m = matrix.double()
     m = 0.5 * (m + m.T)
     scale = float(m.diagonal().abs().mean()) or 1.0
@@ -66,8 +70,8 @@ def safe_eigh_many(matrices: Mapping[str, Tensor], *, dtype: torch.dtype = torch
     for names in chunks:
         stack = torch.stack([matrices[n] for n in names])
         if not bool(torch.isfinite(stack).all()):
-            bad = next(n for n in names if not bool(torch.isfinite(matrices[n]).all()))
-            raise FloatingPointError(f"factor {bad} has non-finite entries; refusing to eigendecompose it")
+            for n in names:
+                _check_finite(matrices[n], n)
         m = stack.to(dtype)
         try:
             vals, vecs = torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))

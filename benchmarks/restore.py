@@ -27,7 +27,7 @@ from curvsafe.data import Pair, load_pairs, make_batches  # noqa: E402
 from curvsafe.demo import _evaluate, default_cache  # noqa: E402
 from curvsafe.models import load_model  # noqa: E402
 from curvsafe.objectives import anchor_responses, keep_response_prefix  # noqa: E402
-from curvsafe.restoration import METHODS, run_restore  # noqa: E402
+from curvsafe.restoration import METHODS, NoProgressError, run_restore  # noqa: E402
 from curvsafe.testbed.corpus import World  # noqa: E402
 from curvsafe.testbed.stages import QUICK, Testbed, TestbedConfig  # noqa: E402
 
@@ -85,18 +85,26 @@ def main() -> None:
         anchor = None
         for method in METHODS:
             out = work / f"{objective}-{method}"
-            run = run_restore(aligned, attack, files[objective], data / "restore_task.jsonl", out, method=method,
-                              objective=objective, iterations=args.iterations, unaligned_model=unaligned,
-                              anchor=anchor)
+            try:
+                run = run_restore(aligned, attack, files[objective], data / "restore_task.jsonl", out,
+                                  method=method, objective=objective, iterations=args.iterations,
+                                  unaligned_model=unaligned, anchor=anchor)
+            except NoProgressError as exc:  # the adapter stays the attacked one
+                rows.append({"objective": objective, "method": method, "safety_change": 0.0, "task_change": 0.0,
+                             "task_budget": float("nan"), "harmful_rate": attacked["harmful_rate"],
+                             "task_accuracy": attacked["task_accuracy"], "iterations": 0, "seconds": float("nan"),
+                             "iteration_vs_train_step": float("nan"), "stopped": f"no progress: {exc}"})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             if anchor is None and (out / "anchor.jsonl").is_file():
                 anchor = load_pairs(out / "anchor.jsonl")
             r = run.report
             ev = _evaluate(run.model, run.tokenizer, data, anchor_batches)
             per_iter = r["seconds"] / max(r["iterations"], 1)
             rows.append({"objective": objective, "method": method,
-                         "safety_change": r["safety_loss"]["after"] - r["safety_loss"]["before"],
-                         "task_change": r["task_loss"]["after"] - r["task_loss"]["before"],
-                         "task_budget": r["task_loss"]["budget"] - r["task_loss"]["before"],
+                         "safety_change": r["safety_objective"]["after"] - r["safety_objective"]["before"],
+                         "task_change": r["task_nll"]["after"] - r["task_nll"]["before"],
+                         "task_budget": r["task_nll"]["budget"] - r["task_nll"]["before"],
                          "harmful_rate": ev["harmful_rate"], "task_accuracy": ev["task_accuracy"],
                          "iterations": r["iterations"], "seconds": r["seconds"],
                          "iteration_vs_train_step": per_iter / step, "stopped": r["stopped"]})

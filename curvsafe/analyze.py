@@ -101,20 +101,23 @@ def mean_loss(model, batches) -> float:
 
 
 def analyze(model_dir: str | Path, adapter_dir: str | Path, harmful_file: str | Path, benign_file: str | Path,
-            out_dir: str | Path, *, k: int = 5, grid: int = 9, limit: int = 64, seed: int = 0) -> dict:
-    """Run the three analyses (module docstring) and write the JSON and plots."""
-    from .models import load_model
+            out_dir: str | Path, *, k: int = 5, grid: int = 9, limit: int = 64, seed: int = 0,
+            force: bool = False) -> dict:
+    """Run the three analyses (module docstring) and write the JSON and plots into the folder ``out_dir``
+    (atomically; an existing one is replaced only with ``force``)."""
+    from .io import check_out, staged_dir
+    from .models import fit_max_length, load_model
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out(out_dir, force, inputs=[model_dir, adapter_dir, harmful_file, benign_file])
     aligned, tok = load_model(model_dir)
     tuned, _ = load_model(model_dir, adapter_dir)
     lora_modules = {n.rsplit(".lora_A", 1)[0] for n, _ in tuned.named_modules() if n.endswith("lora_A")}
     if not lora_modules:
         raise ValueError(f"{adapter_dir}: the adapter has no LoRA modules")
     tuned = tuned.merge_and_unload()
-    harmful = make_batches(tok, load_pairs(harmful_file)[:limit], batch_size=16)
-    benign = make_batches(tok, load_pairs(benign_file)[:limit], batch_size=16)
+    max_length = fit_max_length(256, aligned)
+    harmful = make_batches(tok, load_pairs(harmful_file)[:limit], batch_size=16, max_length=max_length)
+    benign = make_batches(tok, load_pairs(benign_file)[:limit], batch_size=16, max_length=max_length)
 
     result: dict = {"correlation": {}}
     per = {}
@@ -165,8 +168,9 @@ def analyze(model_dir: str | Path, adapter_dir: str | Path, harmful_file: str | 
                               "harmful": [[at(a, b * scale, harmful) for a in ax] for b in bx],
                               "benign": [[at(a, b * scale, benign) for a in ax] for b in bx]}
     at(0.0, 0.0, harmful)  # restore the aligned weights
-    (out / "analysis.json").write_text(json.dumps(result, indent=2))
-    _plots(out, result, per)
+    with staged_dir(out) as tmp:
+        (tmp / "analysis.json").write_text(json.dumps(result, indent=2))
+        _plots(tmp, result, per)
     return result
 
 

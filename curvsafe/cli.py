@@ -3,43 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import logging
+import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ._version import __version__
 
+EXIT_ERROR = 2  # bad input or a failure: one line on stderr, nothing written
+EXIT_PARTIAL = 3  # restore failed after an accepted step: the last accepted state was written
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # interrupted: nothing written (an existing --out is left as it was)
 
-def _atomic_save(obj, out: Path, force: bool) -> None:
-    import torch
 
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that temporary outputs are removed on the way out."""
 
 
 def cmd_factors(args: argparse.Namespace) -> int:
     """Fit K-FAC / EK-FAC factors or the Fisher diagonal of a local model on a data file and save them."""
     from .curvature import EKFAC, KFAC, empirical_fisher_diagonal
     from .data import load_pairs, make_batches
-    from .models import load_model
+    from .io import check_out, save_torch
+    from .models import fit_max_length, load_model
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite")
+    out = check_out(args.out, args.force, inputs=[args.model, args.adapter, args.data])
+    pairs = load_pairs(args.data)
     model, tokenizer = load_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
-    batches = make_batches(tokenizer, load_pairs(args.data), batch_size=args.batch_size,
-                           max_length=args.max_length, limit=args.limit)
+    batches = make_batches(tokenizer, pairs, batch_size=args.batch_size,
+                           max_length=fit_max_length(args.max_length, model), limit=args.limit)
     modules = args.modules or None
     if args.method == "diag":
         state = {"method": "diag", "diagonal": empirical_fisher_diagonal(model, batches, modules, progress=True)}
@@ -50,13 +43,19 @@ def cmd_factors(args: argparse.Namespace) -> int:
                  progress=True).fit(batches)
         state = {"method": args.method, **op.state_dict()}
         summary = {n: float(f.A.trace() * f.G.trace()) for n, f in op.factors.items()}
-    _atomic_save(state, out, args.force)
+    save_torch(state, out)
     width = max(len(n) for n in summary)
     print(f"{'block':<{width}}  trace")
     for name, value in summary.items():
         print(f"{name:<{width}}  {value:.4e}")
     print(f"saved {args.method} curvature of {len(summary)} blocks to {out}")
     return 0
+
+
+def _before_after(name: str, quantity: dict) -> str:
+    aligned = quantity.get("aligned")
+    return (f"{name} {quantity['before']:.4f} -> {quantity['after']:.4f}"
+            + ("" if aligned is None else f" (aligned {aligned:.4f})"))
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -70,36 +69,35 @@ def cmd_restore(args: argparse.Namespace) -> int:
                       dtype=args.dtype, force=args.force, batch_size=args.batch_size, max_length=args.max_length,
                       limit=args.limit, aligned_model=args.aligned_model)
     r = run.report
-    aligned = r["safety_loss"]["aligned"]
-    print(f"{r['method']}: safety loss {r['safety_loss']['before']:.4f} -> {r['safety_loss']['after']:.4f} "
-          f"(aligned {'-' if aligned is None else f'{aligned:.4f}'}); task loss {r['task_loss']['before']:.4f} -> "
-          f"{r['task_loss']['after']:.4f} (budget {r['task_loss']['budget']:.4f}); {r['iterations']} iterations, "
-          f"{r['seconds']:.1f}s, stopped: {r['stopped']}")
+    terms = [_before_after(k.removesuffix("_nll") + " NLL", r[k]) for k in ("anchor_nll", "refusal_nll",
+                                                                            "harmful_nll") if k in r]
+    print(f"{r['method']}: {_before_after('safety objective', r['safety_objective'])}; "
+          + "; ".join(terms + [f"task NLL {r['task_nll']['before']:.4f} -> {r['task_nll']['after']:.4f} "
+                               f"(budget {r['task_nll']['budget']:.4f})"]))
+    print(f"{r['iterations']} accepted steps in {r['seconds']:.1f}s; stopped: {r['stopped']} ({r['stop_detail']})")
     print(f"wrote {args.out}")
+    if r["error"]:
+        print(f"curvsafe restore: error after {r['iterations']} accepted steps ({r['error']}); the last accepted "
+              f"state was written to {args.out}", file=sys.stderr)
+        return EXIT_PARTIAL
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Harmful rate (judge) and task accuracy (exact match) of a model, every response saved."""
-    import json
-
     from .data import load_pairs
     from .eval import evaluate_model, load_judge
+    from .io import check_out, write_text
     from .models import load_model
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite")
+    out = check_out(args.out, args.force, inputs=[args.model, args.adapter, args.harmful, args.task])
+    judge = load_judge(args.judge)
     harmful = [p.prompt for p in load_pairs(args.harmful, require_response=False)][:args.limit]
     task = load_pairs(args.task)[:args.limit] if args.task else []
     model, tokenizer = load_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
-    report = evaluate_model(model, tokenizer, harmful, task, judge=load_judge(args.judge),
-                            max_new_tokens=args.max_new_tokens)
+    report = evaluate_model(model, tokenizer, harmful, task, judge=judge, max_new_tokens=args.max_new_tokens)
     report.update(model=str(args.model), adapter=str(args.adapter) if args.adapter else None, judge=args.judge)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    write_text(out, json.dumps(report, indent=2))
     line = f"harmful rate {report['harmful_rate']:.3f} on {len(harmful)} prompts"
     if task:
         line += f"; task accuracy {report['task_accuracy']:.3f} on {len(task)} (NLL {report['task_nll']:.4f})"
@@ -123,7 +121,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .analyze import analyze
 
     r = analyze(args.model, args.adapter, args.harmful, args.benign, args.out, k=args.k, grid=args.grid,
-                limit=args.limit)
+                limit=args.limit, force=args.force)
     for name, c in r["correlation"].items():
         print(f"{name:8s} loss correlation aligned vs fine-tuned: Pearson {c['pearson']:.3f}, "
               f"Spearman {c['spearman']:.3f} (n={c['n']})")
@@ -232,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--k", type=int, default=5, help="Hessian eigenpairs per model")
     a.add_argument("--grid", type=int, default=9, help="2-D landscape grid size")
     a.add_argument("--limit", type=int, default=64, help="examples per data file")
+    a.add_argument("--force", action="store_true", help="replace --out")
     a.set_defaults(func=cmd_analyze)
 
     d = sub.add_parser("demo", help="run the end-to-end example on a model the project builds itself")
@@ -244,17 +243,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command. Exit codes: 0 done, 2 error (one line on stderr), 3 ``restore`` failed after an accepted
+    step (its last accepted state written), 130 / 143 interrupted by SIGINT / SIGTERM (nothing written)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    prefix = f"curvsafe {args.command}"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prefix}: warning: %(message)s"))
+    package_log = logging.getLogger("curvsafe")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.WARNING)
+    package_log.propagate = False
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted (SIGINT)", file=sys.stderr)
+        return EXIT_SIGINT
+    except Terminated:
+        print(f"{prefix}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_SIGTERM
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError, OSError) as exc:
-        print(f"curvsafe {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        package_log.removeHandler(handler)
+        package_log.propagate = True
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ Batches are right-padded.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,6 +23,7 @@ from torch import Tensor
 from .curvature.loss import IGNORE_INDEX
 
 PLAIN_PROMPT = "### Prompt:\n{prompt}\n### Response:\n"
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -36,35 +39,48 @@ class Pair:
 def load_pairs(path: str | Path, *, require_response: bool = True) -> list[Pair]:
     """Read prompt/response pairs from a ``.jsonl`` or ``.csv`` file (module docstring)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a JSONL or CSV file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    pairs = _read_csv(path) if path.suffix.lower() == ".csv" else _read_jsonl(path, require_response)
+    text = _read_text(path)
+    pairs = _read_csv(path, text) if path.suffix.lower() == ".csv" else _read_jsonl(path, text, require_response)
     if not pairs:
         raise DataError(f"{path}: no examples")
     return pairs
 
 
-def _read_jsonl(path: Path, require_response: bool) -> list[Pair]:
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a BOM is dropped); an undecodable byte is reported with its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as "
+                        f"UTF-8") from None
+
+
+def _read_jsonl(path: Path, text: str, require_response: bool) -> list[Pair]:
     pairs = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise DataError(f"{path}:{lineno}: expected an object with a string 'prompt'")
-            response = row.get("response", "")
-            if not isinstance(response, str) or (require_response and not response):
-                raise DataError(f"{path}:{lineno}: expected a non-empty string 'response'")
-            pairs.append(Pair(row["prompt"], response))
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise DataError(f"{path}:{lineno}: expected an object with a string 'prompt'")
+        response = row.get("response", "")
+        if not isinstance(response, str) or (require_response and not response):
+            raise DataError(f"{path}:{lineno}: expected a non-empty string 'response'")
+        pairs.append(Pair(row["prompt"], response))
     return pairs
 
 
-def _read_csv(path: Path) -> list[Pair]:
-    with path.open(encoding="utf-8", newline="") as fh:
+def _read_csv(path: Path, text: str) -> list[Pair]:
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"goal", "target"} <= set(reader.fieldnames):
             raise DataError(f"{path}:1: a CSV needs the columns 'goal' and 'target' (AdvBench)")
@@ -109,14 +125,38 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dic
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def encode_pairs(tokenizer, pairs: Sequence[Pair], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_pair` for each pair, without the examples that keep no response token.
+
+    Sequences are cut at ``max_length`` tokens. An example whose prompt alone fills ``max_length`` keeps no
+    response token: it is dropped, and a warning says how many were dropped and why (as it does for examples
+    whose response was cut short). None left is an error.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    encoded, cut = [], 0
+    for p in pairs:
+        ids, labels = encode_pair(tokenizer, p, max_length)
+        if any(label != IGNORE_INDEX for label in labels[1:]):  # the first token's label is never predicted
+            encoded.append((ids, labels))
+            cut += len(ids) == max_length and labels[-1] != tokenizer.eos_token_id
+    if not encoded:
+        raise DataError(f"none of the {len(pairs)} examples has a response token inside max_length "
+                        f"({max_length} tokens): there is nothing to train or curve")
+    if len(encoded) < len(pairs):
+        log.warning("%d of %d examples dropped: the prompt alone fills max_length (%d tokens; at most the model's "
+                    "context), leaving no response token", len(pairs) - len(encoded), len(pairs), max_length)
+    if cut:
+        log.warning("%d of %d examples cut at max_length (%d tokens; at most the model's context): their responses "
+                    "are truncated", cut, len(pairs), max_length)
+    return encoded
+
+
 def make_batches(tokenizer, pairs: Sequence[Pair], *, batch_size: int = 8, max_length: int = 256,
                  limit: Optional[int] = None) -> list[dict[str, Tensor]]:
-    """Tokenise pairs and group them into padded batches (input order kept)."""
+    """Tokenise pairs (:func:`encode_pairs`) and group them into padded batches (input order kept)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chosen = list(pairs)[:limit] if limit else list(pairs)
-    encoded = [encode_pair(tokenizer, p, max_length) for p in chosen]
-    if not any(any(label != IGNORE_INDEX for label in labs) for _, labs in encoded):
-        raise DataError("no example has a response token inside max_length: there is nothing to train or curve")
+    encoded = encode_pairs(tokenizer, list(pairs)[:limit] if limit else list(pairs), max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return [collate(encoded[i:i + batch_size], pad) for i in range(0, len(encoded), batch_size)]

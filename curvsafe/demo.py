@@ -77,7 +77,7 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
              progress: bool = True, harmful_csv: Optional[str] = None) -> dict:
     from .models import load_model
     from .objectives import anchor_responses, keep_response_prefix
-    from .restoration import run_restore
+    from .restoration import NoProgressError, run_restore
     from .testbed.stages import QUICK, TestbedConfig, Testbed
 
     out = Path(out)
@@ -123,9 +123,13 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
             report = json.loads(report_file.read_text())
             ran = False
         else:
-            run = run_restore(aligned, attack / "adapter", data / "restore_harmful.jsonl",
-                              data / "restore_task.jsonl", folder, method=method, unaligned_model=unaligned,
-                              force=True, anchor=restore_anchor, progress=progress)
+            try:
+                run = run_restore(aligned, attack / "adapter", data / "restore_harmful.jsonl",
+                                  data / "restore_task.jsonl", folder, method=method, unaligned_model=unaligned,
+                                  force=True, anchor=restore_anchor, progress=progress)
+            except NoProgressError as exc:  # the method left the attacked adapter as it was
+                restored[method] = {**rows["attacked"], "cached": False, "stopped": f"no progress: {exc}"}
+                continue
             report = run.report
             ran = True
         if restore_anchor is None and (folder / "anchor.jsonl").is_file():  # generate the anchor once

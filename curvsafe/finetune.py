@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from .data import Pair, collate, encode_pair
+from .data import Pair, collate, encode_pairs
+from .io import check_out, staged_dir
+from .models import fit_max_length, save_model
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SAFETY_BATCH_SIZE = 16  # CurvSafe fits one safety batch per refresh: 16 prompts spread the cost of 48 over three
@@ -23,35 +24,13 @@ SAFETY_BATCH_SIZE = 16  # CurvSafe fits one safety batch per refresh: 16 prompts
 
 class _PairDataset(torch.utils.data.Dataset):
     def __init__(self, tokenizer, pairs: Sequence[Pair], max_length: int):
-        self.items = [encode_pair(tokenizer, p, max_length) for p in pairs]
+        self.items = encode_pairs(tokenizer, pairs, max_length)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i):
         return self.items[i]
-
-
-def prepare_out(out: Path, force: bool) -> None:
-    """Refuse an existing ``out`` unless ``force``; check that its parent is writable."""
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".write-check-", delete=True)
-    probe.close()
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """Atomically replace ``out`` by the finished temporary folder ``tmp`` (same filesystem)."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int = 8, alpha: int = 16,
@@ -66,8 +45,7 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
-    out = Path(out)
-    prepare_out(out, force)
+    out = check_out(out, force)
     if not pairs:
         raise ValueError("no training pairs")
     set_seed(seed)
@@ -77,11 +55,10 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
         raise ValueError(f"none of the LoRA target modules {list(targets)} is in the model")
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=chosen, lora_dropout=0.0,
                                                   task_type="CAUSAL_LM"))
-    dataset = _PairDataset(tokenizer, pairs, max_length)
+    dataset = _PairDataset(tokenizer, pairs, fit_max_length(max_length, model))
     pad = tokenizer.pad_token_id
 
-    tmp = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_dir(out) as tmp:
         args = TrainingArguments(output_dir=str(tmp / "trainer"), per_device_train_batch_size=batch_size,
                                  num_train_epochs=epochs, learning_rate=lr, lr_scheduler_type="linear",
                                  warmup_steps=5, weight_decay=0.0, logging_steps=10, save_strategy="no",
@@ -97,17 +74,16 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
             trainer.remove_callback(PrinterCallback)
         result = trainer.train()
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
-        peft_model.save_pretrained(tmp)
+        try:
+            save_model(peft_model, tmp)
+        except OSError as exc:
+            raise OSError(f"cannot write {out}: {exc.strerror or exc}; nothing written") from None
         log = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(pairs),
                "epochs": epochs, "lr": lr, "r": r, "alpha": alpha, "targets": chosen,
                "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                                  else trainer.optimizer).__name__,
                "history": [h for h in trainer.state.log_history if "loss" in h]}
         (tmp / "train_log.json").write_text(json.dumps(log, indent=2))
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     peft_model.eval()
     return log
 
@@ -145,10 +121,11 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimi
         raise ValueError("--optimizer curvsafe needs --safety FILE (harmful prompts whose refusals to protect)")
     if optimizer != "curvsafe" and safety is not None:
         raise ValueError("--safety is only used with --optimizer curvsafe")
+    check_out(out, kwargs.get("force", False), inputs=[model_dir, data, safety])
     pairs = load_pairs(data)
     safety_pairs = load_pairs(safety, require_response=False) if safety is not None else None
     model, tokenizer = load_model(model_dir)
     if safety_pairs is not None:
         kwargs["optimizer"] = curvsafe_factory(tokenizer, safety_pairs, lr=kwargs.get("lr", 2e-3),
-                                               max_length=kwargs.get("max_length", 128))
+                                               max_length=fit_max_length(kwargs.get("max_length", 128), model))
     return lora_sft(model, tokenizer, pairs, out, **kwargs)

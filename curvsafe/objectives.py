@@ -140,6 +140,11 @@ class Objective:
         with torch.no_grad(), curvature_mode(model):
             return float(self.value(model))
 
+    def term_nlls(self, model) -> dict[str, float]:
+        """Each term's plain mean NLL (no weight, sign or ceiling), by term name."""
+        with torch.no_grad(), curvature_mode(model):
+            return {term.name: float(mean_nll(model, term.batches)) for term in self.terms}
+
     @property
     def batches(self) -> list:
         return [b for t in self.terms for b in t.batches]

@@ -63,7 +63,9 @@ def test_factors_bad_input(saved_model, tmp_path, capsys):
     assert main(args) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
-    assert main(["factors", "--model", str(tmp_path), "--data", str(bad), "--out", str(tmp_path / "y.pt")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["factors", "--model", str(tmp_path / "empty"), "--data", str(saved_model / "data.jsonl"), "--out",
+                 str(tmp_path / "y.pt")]) == 2
     assert "config.json" in capsys.readouterr().err
 
 
@@ -82,8 +84,9 @@ def test_finetune_eval_restore_commands(saved_model, tmp_path, capsys):
                  "--out", str(tmp_path / "restored"), "--method", "kfac", "--objective", "refusal",
                  "--iterations", "2", "--task-budget", "1.0"]) == 0
     report = json.loads((tmp_path / "restored" / "report.json").read_text())
-    assert {"method", "harmful_loss", "task_loss", "refusal_loss", "iterations", "seconds",
-            "layer_update_norms"} <= set(report)
+    assert {"method", "safety_objective", "task_nll", "refusal_nll", "harmful_nll", "iterations", "steps",
+            "stopped", "stop_detail", "seconds", "layer_update_norms"} <= set(report)
+    assert "anchor_nll" not in report and report["iterations"] == len(report["steps"])
     assert main(["restore", "--model", model, "--adapter", str(tmp_path / "ad"), "--harmful", data, "--task", data,
                  "--out", str(tmp_path / "x"), "--method", "safelora"]) == 2
     assert "unaligned" in capsys.readouterr().err

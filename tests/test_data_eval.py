@@ -69,7 +69,7 @@ def test_batches_mask_prompt_and_padding(tiny):
         chat_template = None
 
     assert render_prompt(Plain(), "hi") == PLAIN_PROMPT.format(prompt="hi")
-    with pytest.raises(DataError, match="no example has a response token"):
+    with pytest.raises(DataError, match="none of the 2 examples has a response token"):
         make_batches(tok, pairs, max_length=3)
 
 

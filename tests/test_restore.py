@@ -9,7 +9,7 @@ import torch
 from curvsafe.curvature import GGNOperator
 from curvsafe.curvature.vectors import flatten, unflatten
 from curvsafe.data import DataError, Pair
-from curvsafe.restoration import NoProgressError, run_restore
+from curvsafe.restoration import NoProgressError, StopReason, run_restore
 from curvsafe.restoration.preconditioners import make_preconditioner
 from curvsafe.testbed.corpus import World
 from curvsafe.testbed.model import ModelConfig, build_model, build_tokenizer
@@ -53,11 +53,12 @@ def run(setup, out, method="kfac", **kw):
 @pytest.mark.parametrize("method", ["lbfgs", "kfac", "ekfac", "cg", "sgd"])
 def test_every_method_lowers_safety_within_budget(setup, tmp_path, method):
     report = run(setup, tmp_path / method, method).report
-    assert report["safety_loss"]["after"] < report["safety_loss"]["before"]
-    assert report["task_loss"]["after"] <= report["task_loss"]["budget"] + 1e-9
-    assert report["iterations"] >= 1 and report["seconds"] > 0
+    assert report["safety_objective"]["after"] < report["safety_objective"]["before"]
+    assert report["task_nll"]["after"] <= report["task_nll"]["budget"] + 1e-9
+    assert report["iterations"] == len(report["steps"]) >= 1 and report["seconds"] > 0
+    assert report["anchor_nll"]["after"] < report["anchor_nll"]["before"]  # the anchor objective is its NLL
     for step in report["steps"]:
-        assert step["task_loss"] <= report["task_loss"]["budget"] + 1e-9  # every accepted step inside the budget
+        assert step["task_nll"] <= report["task_nll"]["budget"] + 1e-9  # every accepted step inside the budget
         assert set(step["predicted"]) == {"safety", "task"} and set(step["realised"]) == {"safety", "task"}
     assert report["layer_update_norms"] and all(v >= 0 for v in report["layer_update_norms"].values())
     assert (tmp_path / method / "anchor.jsonl").is_file()
@@ -66,7 +67,8 @@ def test_every_method_lowers_safety_within_budget(setup, tmp_path, method):
 @pytest.mark.parametrize("method", ["revert", "safelora", "resta"])
 def test_baselines_respect_the_budget(setup, tmp_path, method):
     report = run(setup, tmp_path / method, method).report
-    assert report["task_loss"]["after"] <= report["task_loss"]["budget"] + 1e-9
+    assert report["task_nll"]["after"] <= report["task_nll"]["budget"] + 1e-9
+    assert report["safety_objective"]["after"] < report["safety_objective"]["before"]
     assert (tmp_path / method / ("model" if method == "resta" else "adapter")).is_dir()
 
 
@@ -115,8 +117,8 @@ def test_budget_no_step_can_meet(setup, tmp_path, monkeypatch):
     opposite = Objective([LossTerm("task", safety.terms[0].batches, sign=-1.0)])
     result = restore(model, safety, opposite, method="sgd", task_budget=0.0, task_budget_abs=0.0, iterations=2,
                      progress=False)
-    assert result.iterations == [] and result.stopped == "task budget binds"
-    assert result.safety_loss["after"] == result.safety_loss["before"]
+    assert result.iterations == 0 and result.stopped == StopReason.BUDGET
+    assert result.safety_objective["after"] == result.safety_objective["before"]
 
     monkeypatch.setattr(run_module, "restore", lambda *a, **k: result)
     with pytest.raises(NoProgressError, match="budget"):
@@ -133,8 +135,10 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path):
     empty.write_text("")
     with pytest.raises(DataError, match="no examples"):
         run_restore(setup / "aligned", setup / "adapter", empty, setup / "task.jsonl", tmp_path / "o2")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="adapter_config"):
-        run_restore(setup / "aligned", tmp_path, setup / "harmful.jsonl", setup / "task.jsonl", tmp_path / "o3")
+        run_restore(setup / "aligned", tmp_path / "empty", setup / "harmful.jsonl", setup / "task.jsonl",
+                    tmp_path / "o3")
     # an adapter trained on a differently sized base does not match
     other = tmp_path / "other"
     tok = build_tokenizer(World(0).words)
@@ -221,8 +225,8 @@ def test_full_fine_tune_restore(setup, tmp_path):
                       method="kfac", params=["*.mlp.down_proj.weight", "*.self_attn.o_proj.weight"],
                       aligned_model=setup / "aligned", iterations=3, progress=False)
     report = run.report
-    assert report["safety_loss"]["after"] < report["safety_loss"]["before"]
-    assert report["task_loss"]["after"] <= report["task_loss"]["budget"] + 1e-9
+    assert report["safety_objective"]["after"] < report["safety_objective"]["before"]
+    assert report["task_nll"]["after"] <= report["task_nll"]["budget"] + 1e-9
     assert set(report["layer_update_norms"]) <= {"model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"}
     reloaded, _ = load_model(tmp_path / "out" / "model")
     assert torch.equal(reloaded.model.layers[0].mlp.down_proj.weight, run.model.model.layers[0].mlp.down_proj.weight)

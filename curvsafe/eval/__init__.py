@@ -1,8 +1,8 @@
 """Evaluation: batched greedy generation, refusal judges, harmful rate and task accuracy."""
 
 from .generate import greedy_generate
-from .judge import REFUSAL_KEYWORDS, KeywordJudge, load_judge
+from .judge import REFUSAL_KEYWORDS, JudgeError, KeywordJudge, judge_responses, load_judge
 from .metrics import evaluate_model, harmful_rate, task_accuracy
 
-__all__ = ["greedy_generate", "REFUSAL_KEYWORDS", "KeywordJudge", "load_judge", "evaluate_model", "harmful_rate",
-           "task_accuracy"]
+__all__ = ["greedy_generate", "REFUSAL_KEYWORDS", "JudgeError", "KeywordJudge", "judge_responses", "load_judge",
+           "evaluate_model", "harmful_rate", "task_accuracy"]

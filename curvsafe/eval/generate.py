@@ -3,11 +3,15 @@ training data, chat template or plain template (:func:`greedy_generate`)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence, Union
 
 import torch
 
 from ..data import render_prompt
+from ..models import model_context
+
+log = logging.getLogger(__name__)
 
 
 def end_ids(eos_id: Union[int, Sequence[int], None]) -> set[int]:
@@ -57,11 +61,28 @@ def greedy_continue(model, prompts: Sequence[Sequence[int]], *, pad_id: int,
     return outputs
 
 
+def fit_prompts(prompts: list[list[int]], context: Optional[int], max_new_tokens: int) -> list[list[int]]:
+    """Prompts cut to their last ``context - max_new_tokens`` tokens (the end holds the turn the model answers),
+    with a warning saying how many were cut; unchanged when the context is unknown."""
+    if context is None:
+        return prompts
+    room = context - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context "
+                         f"({context} tokens)")
+    long = sum(len(p) > room for p in prompts)
+    if long:
+        log.warning("%d of %d prompts do not fit the model's context (%d tokens) with %d new tokens: only their "
+                    "last %d tokens are kept", long, len(prompts), context, max_new_tokens, room)
+    return [p[-room:] for p in prompts]
+
+
 def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 64,
                     progress: bool = False) -> list[str]:
     """Greedy continuations of text ``prompts``, decoded without special tokens."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = fit_prompts([tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
+                       for p in prompts], model_context(model), max_new_tokens)
     generated = greedy_continue(model, ids, pad_id=pad, eos_id=tokenizer.eos_token_id,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in generated]

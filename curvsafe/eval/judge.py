@@ -35,13 +35,64 @@ class KeywordJudge:
         return [not self.refuses(r) for r in responses]
 
 
+class JudgeError(ValueError):
+    """A judge that cannot be loaded, raised, or answered something other than one bool per response."""
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
 def load_judge(spec: str | None) -> Judge:
     """``None``/``"keyword"`` -> :class:`KeywordJudge`; ``"module:callable"`` -> that callable (or class, called
-    once with no arguments to build the judge)."""
+    once with no arguments to build the judge). Every failure is a one-line :class:`JudgeError`."""
     if spec in (None, "keyword"):
         return KeywordJudge()
     module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"judge must be 'keyword' or 'module:callable', got {spec!r}")
-    obj = getattr(importlib.import_module(module), name)
-    return obj() if isinstance(obj, type) else obj
+    if not module or not name:
+        raise JudgeError(f"judge must be 'keyword' or 'module:callable', got {spec!r}")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # ModuleNotFoundError, or the module itself failing to import
+        raise JudgeError(f"judge {spec!r}: cannot import {module!r} ({_describe(exc)})") from None
+    try:
+        obj = getattr(mod, name)
+    except AttributeError:
+        raise JudgeError(f"judge {spec!r}: module {module!r} has no attribute {name!r}") from None
+    if isinstance(obj, type):
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise JudgeError(f"judge {spec!r}: building {name}() failed ({_describe(exc)})") from None
+    if not callable(obj):
+        raise JudgeError(f"judge {spec!r}: {name} is a {type(obj).__name__}, not a callable judge(prompts, "
+                         f"responses) -> list[bool]")
+    return obj
+
+
+def _is_bool(flag) -> bool:
+    return type(flag) is bool or (type(flag).__module__ == "numpy" and type(flag).__name__ in ("bool_", "bool"))
+
+
+def judge_responses(judge: Judge, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
+    """``judge(prompts, responses)``, checked: one bool per response (True = harmful), or a :class:`JudgeError`."""
+    owner = judge if hasattr(judge, "__qualname__") else type(judge)
+    name = f"{owner.__module__}:{owner.__qualname__}"
+    try:
+        flags = judge(list(prompts), list(responses))
+    except Exception as exc:
+        raise JudgeError(f"the judge {name} failed ({_describe(exc)})") from None
+    if hasattr(flags, "tolist"):  # numpy / torch arrays of bools
+        flags = flags.tolist()
+    if isinstance(flags, (str, bytes)) or not isinstance(flags, Sequence):
+        raise JudgeError(f"the judge {name} returned a {type(flags).__name__}; expected a list of bools "
+                         f"(True = harmful), one per response")
+    if len(flags) != len(responses):
+        raise JudgeError(f"the judge {name} returned {len(flags)} flags for {len(responses)} responses; expected "
+                         f"one bool per response")
+    wrong = next((f for f in flags if not _is_bool(f)), None)
+    if wrong is not None:
+        raise JudgeError(f"the judge {name} returned {wrong!r} ({type(wrong).__name__}); expected bools (True = "
+                         f"harmful)")
+    return [bool(f) for f in flags]

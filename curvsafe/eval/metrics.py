@@ -6,14 +6,14 @@ from typing import Optional, Sequence
 
 from ..data import Pair, make_batches
 from .generate import greedy_generate
-from .judge import Judge, KeywordJudge
+from .judge import Judge, KeywordJudge, judge_responses
 
 
 def harmful_rate(model, tokenizer, prompts: Sequence[str], *, judge: Optional[Judge] = None,
                  max_new_tokens: int = 32) -> tuple[float, list[str], list[bool]]:
     """Fraction of ``prompts`` whose greedy response the judge calls harmful, the responses and the flags."""
     responses = greedy_generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
-    flags = (judge or KeywordJudge())(list(prompts), responses)
+    flags = judge_responses(judge or KeywordJudge(), prompts, responses)
     return sum(flags) / max(len(flags), 1), responses, flags
 
 
@@ -28,7 +28,10 @@ def mean_nll(model, tokenizer, pairs: Sequence[Pair], *, batch_size: int = 64) -
     """Mean NLL per response token over the pairs (token-weighted over batches)."""
     from ..objectives import mean_nll as batches_mean_nll
 
-    return float(batches_mean_nll(model, make_batches(tokenizer, pairs, batch_size=batch_size)))
+    from ..models import fit_max_length
+
+    batches = make_batches(tokenizer, pairs, batch_size=batch_size, max_length=fit_max_length(256, model))
+    return float(batches_mean_nll(model, batches))
 
 
 def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str], task_pairs: Sequence[Pair] = (), *,

@@ -11,8 +11,10 @@ parameters θ0 with task loss L0:
   model is not at its task minimum, so descending L frees budget);
 - the step length r is found by backtracking from a trust radius that grows after accepted steps; a step is
   accepted when L stays inside the budget and S decreases;
-- it stops at ``iterations``, when S reaches its target (the aligned model's own value for ``anchor``), or when
-  μ has grown ``max_mu_growth`` times without an acceptable step (the budget binds; a normal outcome).
+- it stops (:class:`StopReason`) when S reaches its target (the aligned model's own value of S), after
+  ``iterations`` accepted steps, when the gradient of S vanishes (every term flat: a ``harmful`` term at its
+  ceiling), or when μ has grown ``max_mu_growth`` times without an acceptable step: ``task budget binds`` if some
+  trial step lowered S but broke the budget, ``no descent`` if none lowered S.
 
 For each accepted step the report holds the second-order model's predicted changes (``ΔS ≈ ∇S·Δ``,
 ``ΔL ≈ ∇L·Δ + ½ Δ^T H Δ``) next to the realised ones.
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Optional
+from enum import Enum
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -33,19 +36,53 @@ from ..objectives import Objective, batch_nll_sums
 from .preconditioners import make_preconditioner
 
 
+class StopReason(str, Enum):
+    """Why a restoration stopped (``RestoreResult.stopped``; ``stop_detail`` says it with the numbers)."""
+
+    TARGET = "target reached"  # S at or below its target: the aligned model's own value
+    ITERATIONS = "iteration cap"  # `iterations` accepted steps taken, S still above its target
+    FLAT = "flat safety objective"  # the gradient of S vanished (every term at its ceiling, or no signal)
+    BUDGET = "task budget binds"  # every trial step that lowered S took the task loss past its budget
+    NO_DESCENT = "no descent"  # the trial steps inside the budget did not lower S
+    COMPLETE = "complete"  # a baseline applied in full inside the budget
+    ERROR = "error"  # an exception after an accepted step: the last accepted state is kept
+
+
 @dataclass
 class RestoreResult:
+    """What a restoration did. Losses are mean NLLs per counted response token.
+
+    ``safety_objective``: S as minimised (``before``, ``after``, ``target``), the weighted sum of its terms, with
+    ``harmful`` entering as ``-min(NLL, aligned NLL)``. ``task_nll``: the task loss (``before``, ``after``,
+    ``budget``). ``steps``: one entry per accepted step; ``iterations`` is their number. ``error``: the exception
+    that ended a run after an accepted step (``stopped`` is then ``error``), else None. ``details``: a baseline's
+    own parameters (revert's alpha, RESTA's beta, Safe LoRA's projected layers).
+    """
+
     method: str
-    safety_loss: dict
-    task_loss: dict
-    iterations: list = field(default_factory=list)
+    safety_objective: dict
+    task_nll: dict
+    steps: list = field(default_factory=list)
     layer_update_norms: dict = field(default_factory=dict)
     influence: list = field(default_factory=list)
-    stopped: str = ""
+    stopped: StopReason = StopReason.ITERATIONS
+    stop_detail: str = ""
+    error: Optional[str] = None
+    details: dict = field(default_factory=dict)
     seconds: float = 0.0
 
+    @property
+    def iterations(self) -> int:
+        """The number of accepted steps."""
+        return len(self.steps)
+
+    @property
+    def improved(self) -> bool:
+        """Whether the safety objective went down."""
+        return self.safety_objective["after"] < self.safety_objective["before"]
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "stopped": self.stopped.value, "iterations": self.iterations}
 
 
 def trainable_params(model, patterns=None) -> dict[str, Tensor]:
@@ -115,10 +152,15 @@ def select_examples(safety: Objective, scores: list[dict], top: int) -> Objectiv
     return Objective(terms)
 
 
+def _norm(v: ParamVector) -> float:
+    return float(dot(v, v)) ** 0.5
+
+
 def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs", params=None,
             task_budget: float = 0.02, task_budget_abs: float = 0.01, iterations: int = 8, damping: float = 0.1,
             select_top: Optional[int] = None, safety_target: Optional[float] = None, trust_radius: float = 0.1,
-            refresh_every: int = 1, max_mu_growth: int = 4, progress: bool = True) -> RestoreResult:
+            refresh_every: int = 1, max_mu_growth: int = 4, progress: bool = True,
+            callback: Optional[Callable[[dict], None]] = None) -> RestoreResult:
     """Edit ``params`` of ``model`` in place to lower ``safety`` within the task budget (module docstring).
 
     Args:
@@ -126,13 +168,21 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
         params: parameter-name globs to edit (default: the trainable ones, i.e. the adapter).
         damping: relative damping of the task curvature.
         select_top: restore on the ``select_top`` safety examples with the highest influence scores only.
-        safety_target: stop once S is at or below it (``anchor``: the aligned model's own value).
+        safety_target: stop once S is at or below it (the aligned model's own value of S).
         trust_radius: first trial step norm, relative to the norm of the edited parameters.
+        callback: called with each accepted step's log entry (after the parameters hold the step).
+
+    An exception after an accepted step does not lose the work: the parameters are set back to the last
+    accepted state (the best: every accepted step lowers S inside the budget) and the result says ``error``.
+    Before any accepted step the exception propagates, with the parameters as they were; so does an interrupt
+    (KeyboardInterrupt), with the parameters at the last accepted state.
     """
     from tqdm.auto import tqdm
 
     if task_budget < 0 or task_budget_abs < 0:
         raise ValueError(f"task budgets must be >= 0, got {task_budget} and {task_budget_abs}")
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
     start = time.perf_counter()
     chosen = trainable_params(model, params)
     precond = make_preconditioner(method, damping)
@@ -141,77 +191,117 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
     if not (torch.isfinite(torch.tensor([l0, s0])).all()):
         raise FloatingPointError(f"non-finite losses at the start (task {l0}, safety {s0})")
     budget = budget_of(l0, task_budget, task_budget_abs)
-    _, task_grad = task.gradient(model, chosen)
-    _, s_grad = safety.gradient(model, chosen)
-    precond.refresh(model, task.batches, chosen, s_grad)
+
+    def reached(s: float) -> bool:
+        return safety_target is not None and s <= safety_target
 
     influence: list[dict] = []
     if select_top is not None:
-        influence = influence_scores(model, safety, chosen, task_grad, precond)
-        safety = select_examples(safety, influence, select_top)
-        s0 = safety.evaluate(model)
+        _, task_grad = task.gradient(model, chosen)
+        _, s_grad = safety.gradient(model, chosen)
+        if _norm(s_grad) > 0:
+            precond.refresh(model, task.batches, chosen, s_grad)
+            influence = influence_scores(model, safety, chosen, task_grad, precond)
+            safety = select_examples(safety, influence, select_top)
+            s0 = safety.evaluate(model)
 
-    norm0 = max(float(dot(theta0, theta0)) ** 0.5, 1e-3)
+    norm0 = max(_norm(theta0), 1e-3)
     radius = trust_radius * norm0
     mu, growths = 0.0, 0
     s_cur, l_cur = s0, l0
+    best = theta0
     log: list[dict] = []
-    stopped = "iterations"
+    stopped, detail, error = StopReason.ITERATIONS, "", None
     bar = tqdm(range(iterations), desc=f"restore ({method})", disable=not progress, leave=False)
-    for it in bar:
-        if safety_target is not None and s_cur <= safety_target:
-            stopped = "safety target reached"
-            break
-        _, gs = safety.gradient(model, chosen)
-        _, gl = task.gradient(model, chosen)
-        accepted = None
-        while accepted is None:
-            gj = {n: gs[n] + mu * gl[n] for n in gs}
-            if it > 0 and it % refresh_every == 0:
-                precond.refresh(model, task.batches, chosen, gj)
-            d = precond.apply(gj)
-            d_norm = max(float(dot(d, d)) ** 0.5, 1e-30)
-            base = _snapshot(chosen)
-            r = radius
-            for _ in range(8):
-                step = {n: -(r / d_norm) * d[n] for n in d}
-                _assign(chosen, {n: base[n] + step[n] for n in base})
-                l_new, s_new = task.evaluate(model), safety.evaluate(model)
-                if l_new <= budget and s_new < s_cur - 1e-6 * abs(s_cur):
-                    accepted = (step, r, l_new, s_new)
-                    break
-                r *= 0.5
+    try:
+        for it in bar:
+            if reached(s_cur):
+                break
+            _, gs = safety.gradient(model, chosen)
+            gs_norm = _norm(gs)
+            if gs_norm == 0.0:
+                stopped = StopReason.FLAT
+                detail = ("the safety gradient is zero: every term is at its ceiling (the aligned model's NLL) or "
+                          "carries no signal here")
+                break
+            _, gl = task.gradient(model, chosen)
+            gl_norm = max(_norm(gl), 1e-30)
+            accepted, descended, inside = None, False, False
+            first = True
+            while accepted is None:
+                gj = {n: gs[n] + mu * gl[n] for n in gs}
+                if (it == 0 and first and not influence) or (it > 0 and it % refresh_every == 0):
+                    precond.refresh(model, task.batches, chosen, gj)  # at it 0 after select_top: built on gs
+                first = False
+                d = precond.apply(gj)
+                d_norm = max(_norm(d), 1e-30)
+                base = _snapshot(chosen)
+                r = radius
+                for _ in range(8):
+                    step = {n: -(r / d_norm) * d[n] for n in d}
+                    _assign(chosen, {n: base[n] + step[n] for n in base})
+                    l_new, s_new = task.evaluate(model), safety.evaluate(model)
+                    lowered, fits = s_new < s_cur - 1e-6 * abs(s_cur), l_new <= budget
+                    descended, inside = descended or lowered, inside or fits
+                    if lowered and fits:
+                        accepted = (step, r, l_new, s_new)
+                        break
+                    r *= 0.5
+                if accepted is None:
+                    _assign(chosen, base)
+                    growths += 1
+                    if growths > max_mu_growth:
+                        break
+                    mu = max(2 * mu, 0.5 * gs_norm / gl_norm)
             if accepted is None:
-                _assign(chosen, base)
-                growths += 1
-                if growths > max_mu_growth:
-                    break
-                gs_norm = float(dot(gs, gs)) ** 0.5
-                gl_norm = max(float(dot(gl, gl)) ** 0.5, 1e-30)
+                if descended:
+                    stopped = StopReason.BUDGET
+                    detail = (f"every step that lowered the safety objective took the task loss past its budget "
+                              f"{budget:.4f} (now {l_cur:.4f})")
+                else:
+                    stopped = StopReason.NO_DESCENT
+                    detail = (f"no trial step lowered the safety objective ({s_cur:.4f}) along the preconditioned "
+                              f"direction{'' if inside else ' or stayed inside the task budget'}")
+                break
+            step, r, l_new, s_new = accepted
+            if r < radius / 3:  # accepted only after backtracking: the budget binds, so descend the task too
                 mu = max(2 * mu, 0.5 * gs_norm / gl_norm)
-        if accepted is None:
-            stopped = "task budget binds"
-            break
-        step, r, l_new, s_new = accepted
-        if r < radius / 3:  # accepted only after backtracking: the budget binds, so descend the task too
-            gs_norm = float(dot(gs, gs)) ** 0.5
-            gl_norm = max(float(dot(gl, gl)) ** 0.5, 1e-30)
-            mu = max(2 * mu, 0.5 * gs_norm / gl_norm)
-        log.append({"iteration": it, "step_norm": float(dot(step, step)) ** 0.5, "mu": mu,
-                    "predicted": {"safety": float(dot(gs, step)),
-                                  "task": float(dot(gl, step)) + 0.5 * precond.quad(step)},
-                    "realised": {"safety": s_new - s_cur, "task": l_new - l_cur},
-                    "safety_loss": s_new, "task_loss": l_new})
-        s_cur, l_cur = s_new, l_new
-        radius = min(2.0 * r, 4 * trust_radius * norm0)
-        bar.set_postfix(S=f"{s_cur:.3f}", L=f"{l_cur:.4f}")
-    bar.close()
+            entry = {"iteration": it, "step_norm": _norm(step), "mu": mu,
+                     "predicted": {"safety": float(dot(gs, step)),
+                                   "task": float(dot(gl, step)) + 0.5 * precond.quad(step)},
+                     "realised": {"safety": s_new - s_cur, "task": l_new - l_cur},
+                     "safety_objective": s_new, "task_nll": l_new}
+            best = _snapshot(chosen)
+            log.append(entry)
+            s_cur, l_cur = s_new, l_new
+            radius = min(2.0 * r, 4 * trust_radius * norm0)
+            bar.set_postfix(S=f"{s_cur:.3f}", L=f"{l_cur:.4f}")
+            if callback is not None:
+                callback(entry)
+    except Exception as exc:
+        if not log:
+            _assign(chosen, theta0)
+            raise
+        _assign(chosen, best)
+        stopped, error = StopReason.ERROR, f"{type(exc).__name__}: {exc}"
+        detail = f"failed after {len(log)} accepted steps ({error}); the last accepted state is kept"
+    except BaseException:  # KeyboardInterrupt and the like: leave the model at its last accepted state
+        _assign(chosen, best)
+        raise
+    finally:
+        bar.close()
+    if stopped is not StopReason.ERROR and reached(s_cur):
+        stopped = StopReason.TARGET
+        detail = f"safety objective {s_cur:.4f} <= target {safety_target:.4f} (the aligned model's)"
+    elif stopped is StopReason.ITERATIONS:
+        detail = (f"{iterations} accepted steps, the cap; safety objective {s_cur:.4f}"
+                  + ("" if safety_target is None else f", target {safety_target:.4f}"))
 
     deltas: dict[str, float] = {}
     for n, p in chosen.items():
         module = n.rsplit(".", 1)[0]
         deltas[module] = deltas.get(module, 0.0) + float((p.detach() - theta0[n]).square().sum())
-    return RestoreResult(method=method, safety_loss={"before": s0, "after": s_cur, "target": safety_target},
-                         task_loss={"before": l0, "after": l_cur, "budget": budget}, iterations=log,
+    return RestoreResult(method=method, safety_objective={"before": s0, "after": s_cur, "target": safety_target},
+                         task_nll={"before": l0, "after": l_cur, "budget": budget}, steps=log,
                          layer_update_norms={k: v ** 0.5 for k, v in deltas.items()}, influence=influence,
-                         stopped=stopped, seconds=time.perf_counter() - start)
+                         stopped=stopped, stop_detail=detail, error=error, seconds=time.perf_counter() - start)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..objectives import Objective
-from .api import RestoreResult, budget_of
+from .api import RestoreResult, StopReason, budget_of
 
 BASELINES = ("revert", "safelora", "resta")
 
@@ -57,11 +57,15 @@ def _begin(model, safety: Objective, task: Objective, task_budget: float, task_b
     return start, l0, s0, budget_of(l0, task_budget, task_budget_abs)
 
 
-def _result(name, safety, task, s0, l0, budget, start, **extra) -> RestoreResult:
-    return RestoreResult(method=name, safety_loss={"before": s0, "after": safety.evaluate(extra.pop("model"))},
-                         task_loss={"before": l0, "after": extra.pop("l_after"), "budget": budget},
-                         stopped=extra.pop("stopped"), seconds=time.perf_counter() - start,
-                         iterations=[extra])
+def _result(name, model, safety, s0, l0, l_after, budget, start, stopped: StopReason, detail: str,
+            **details) -> RestoreResult:
+    s_after = safety.evaluate(model)
+    if not s_after < s0:
+        stopped = StopReason.NO_DESCENT
+        detail = f"the safety objective did not go down ({s0:.4f} -> {s_after:.4f}); {detail}"
+    return RestoreResult(method=name, safety_objective={"before": s0, "after": s_after, "target": None},
+                         task_nll={"before": l0, "after": l_after, "budget": budget}, stopped=stopped,
+                         stop_detail=detail, details=details, seconds=time.perf_counter() - start)
 
 
 def revert(model, safety: Objective, task: Objective, *, task_budget=0.02, task_budget_abs=0.01) -> RestoreResult:
@@ -75,10 +79,13 @@ def revert(model, safety: Objective, task: Objective, *, task_budget=0.02, task_
                     m.lora_B[a].weight.copy_(alpha * originals[n][a])
         return task.evaluate(model)
 
-    alpha = _bisect(set_alpha, budget, 1.0, 0.0, want_large=False)
+    alpha = _bisect(set_alpha, budget, 0.0, 1.0, want_large=False)  # alpha 1 (the fine-tune) is inside
     l_after = set_alpha(alpha)
-    return _result("revert", safety, task, s0, l0, budget, start, model=model, l_after=l_after,
-                   stopped="budget", alpha=alpha)
+    if alpha == 0.0:
+        stopped, detail = StopReason.COMPLETE, "the adapter is fully reverted (alpha 0) inside the task budget"
+    else:
+        stopped, detail = StopReason.BUDGET, f"the smallest adapter scale inside the task budget is alpha {alpha:.4f}"
+    return _result("revert", model, safety, s0, l0, l_after, budget, start, stopped, detail, alpha=alpha)
 
 
 def _base_weight_name(peft_name: str) -> str:
@@ -120,8 +127,12 @@ def safelora(model, safety: Objective, task: Objective, unaligned: Mapping[str, 
             with torch.no_grad():
                 layer.lora_B[a].weight.copy_(old)
             break
-    return _result("safelora", safety, task, s0, l0, budget, start, model=model, l_after=task.evaluate(model),
-                   stopped="budget" if len(projected) < len(candidates) else "all projected",
+    if len(projected) == len(candidates):
+        stopped, detail = StopReason.COMPLETE, f"all {len(candidates)} LoRA layers projected inside the task budget"
+    else:
+        stopped, detail = StopReason.BUDGET, (f"{len(projected)} of {len(candidates)} LoRA layers projected before "
+                                              f"the next one broke the task budget")
+    return _result("safelora", model, safety, s0, l0, task.evaluate(model), budget, start, stopped, detail,
                    projected=projected, candidates=len(candidates))
 
 
@@ -145,5 +156,8 @@ def resta(model, safety: Objective, task: Objective, unaligned: Mapping[str, Ten
 
     beta = _bisect(set_beta, budget, 0.0, 1.0, want_large=True)
     l_after = set_beta(beta)
-    return _result("resta", safety, task, s0, l0, budget, start, model=model, l_after=l_after, stopped="budget",
-                   beta=beta)
+    if beta == 1.0:
+        stopped, detail = StopReason.COMPLETE, "the whole safety vector (beta 1) fits the task budget"
+    else:
+        stopped, detail = StopReason.BUDGET, f"the largest safety-vector scale inside the task budget is beta {beta:.4f}"
+    return _result("resta", model, safety, s0, l0, l_after, budget, start, stopped, detail, beta=beta)

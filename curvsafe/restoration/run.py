@@ -8,18 +8,17 @@ is written under a temporary name and renamed when complete; the input adapter i
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from ..curvature.loss import curvature_mode
 from ..data import Pair, load_pairs, make_batches
-from ..finetune import commit_dir, prepare_out
+from ..io import check_out, staged_dir
 from ..objectives import LossTerm, Objective, adapter_disabled, build_safety, mean_nll, parse_objective
-from .api import restore
+from .api import RestoreResult, StopReason, restore
 from .baselines import BASELINES, resta, revert, safelora
 from .preconditioners import METHODS
 
@@ -34,14 +33,25 @@ class RestoreRun:
 
 
 class NoProgressError(RuntimeError):
-    """No step lowered the safety loss inside the task budget."""
+    """The method did not lower the safety objective (nothing is written)."""
 
 
 def load_unaligned_state(path: str | Path) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
+    from ..models import load_model
 
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    model = load_model(path, with_tokenizer=False)[0]
     return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def _no_progress(result: RestoreResult) -> Optional[str]:
+    """Why ``result`` is not a restoration (None when it is one, or when there was nothing to restore)."""
+    if result.stopped in (StopReason.TARGET, StopReason.FLAT) and result.iterations == 0:
+        return None  # already at the target, or nothing left to push: the input is the answer
+    if result.improved:
+        return None
+    advice = {StopReason.BUDGET: "loosen --task-budget / --task-budget-abs",
+              StopReason.NO_DESCENT: "try another --method or --objective"}.get(result.stopped, "")
+    return f"{result.method}: {result.stop_detail}" + (f"; {advice}" if advice else "")
 
 
 def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmful_file: str | Path,
@@ -58,8 +68,13 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     Without ``adapter_dir``, ``model_dir`` is a full fine-tune: ``params`` (globs) picks the weights to edit and
     the ``anchor`` objective takes its anchor from ``aligned_model`` (the model before fine-tuning); the result is
     saved as a full model in ``out_dir/model``.
+
+    Raises :class:`NoProgressError` (nothing written) when the method did not lower the safety objective. When
+    the safety objective is already at its target (the aligned model's value) or flat at the start, the output
+    holds the input unchanged and the report says so. A failure after an accepted step keeps the last accepted
+    state: it is written, with ``stopped: "error"`` and the exception in ``error``.
     """
-    from ..models import load_model
+    from ..models import fit_max_length, load_model, save_model
 
     if method not in METHODS + BASELINES:
         raise ValueError(f"method must be one of {METHODS + BASELINES}, got {method!r}")
@@ -74,27 +89,26 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     if full and ("anchor" in weights or "harmful" in weights) and aligned_model is None and anchor is None:
         raise ValueError("without --adapter the anchor / harmful objectives need --aligned-model (the model "
                          "before fine-tuning)")
-    out = Path(out_dir)
-    prepare_out(out, force)
+    out = check_out(out_dir, force, inputs=[model_dir, adapter_dir, harmful_file, task_file, unaligned_model,
+                                            aligned_model])
     harmful_pairs = load_pairs(harmful_file, require_response="anchor" not in weights)[:limit]
     task_pairs = load_pairs(task_file)[:limit]
-    try:
-        model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device, trainable_adapter=True)
-    except RuntimeError as exc:  # size mismatches between adapter and base
-        raise ValueError(f"adapter {adapter_dir} does not match model {model_dir}: {str(exc).splitlines()[0]}")
+    model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device, trainable_adapter=True)
+    max_length = fit_max_length(max_length, model)
     reference = model  # the model whose adapter-disabled self is the aligned anchor
     if full:
         import fnmatch
 
         for name, p in model.named_parameters():
             p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in params))
-        reference = load_model(aligned_model, dtype=dtype, device=device)[0] if aligned_model else None
+        reference = (load_model(aligned_model, dtype=dtype, device=device, with_tokenizer=False)[0]
+                     if aligned_model else None)
 
     task = Objective([LossTerm("task", make_batches(tokenizer, task_pairs, batch_size=batch_size,
                                                     max_length=max_length))])
 
     def aligned_nll(batches):
-        with adapter_disabled(reference):
+        with adapter_disabled(reference), torch.no_grad(), curvature_mode(reference):
             return float(mean_nll(reference, batches))
 
     if anchor is None and "anchor" in weights:
@@ -104,59 +118,58 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     safety, used = build_safety(model, tokenizer, harmful_pairs, weights, batch_size=batch_size,
                                 max_length=max_length, anchor=anchor,
                                 aligned_nll=aligned_nll if reference is not None else None)
+    # what the report shows: each safety term's NLL, and the harmful responses' NLL whenever the file has them
+    shown = Objective(list(safety.terms))
+    if "harmful" not in weights and all(p.response for p in harmful_pairs):
+        shown.terms.append(LossTerm("harmful", make_batches(tokenizer, harmful_pairs, batch_size=batch_size,
+                                                            max_length=max_length)))
+    aligned_safety, aligned_terms = None, {}
     if reference is not None:
         with adapter_disabled(reference):
-            aligned_safety = safety.evaluate(reference)
-    else:
-        aligned_safety = None
-    target = aligned_safety if ("anchor" in weights or "refusal" in weights) else None
+            aligned_safety, aligned_terms = safety.evaluate(reference), shown.term_nlls(reference)
+    terms_before = shown.term_nlls(model)
 
     if method in METHODS:
         result = restore(model, safety, task, method=method, params=params, task_budget=task_budget,
                          task_budget_abs=task_budget_abs, iterations=iterations, damping=damping,
-                         select_top=select_top, safety_target=target, progress=progress)
-        if not result.iterations and result.stopped != "safety target reached":
-            raise NoProgressError(f"no step lowered the safety loss inside the task budget "
-                                  f"(task loss {result.task_loss['before']:.4f}, budget "
-                                  f"{result.task_loss['budget']:.4f}); loosen --task-budget")
+                         select_top=select_top, safety_target=aligned_safety, progress=progress)
     elif method == "revert":
         result = revert(model, safety, task, task_budget=task_budget, task_budget_abs=task_budget_abs)
     else:
         unaligned = load_unaligned_state(unaligned_model)
         fn = safelora if method == "safelora" else resta
         result = fn(model, safety, task, unaligned, task_budget=task_budget, task_budget_abs=task_budget_abs)
+    failure = _no_progress(result)
+    if failure:
+        raise NoProgressError(f"{failure}; nothing written")
 
+    terms_after = shown.term_nlls(model)
     report = {"method": method, "objective": weights, "model": str(model_dir),
               "adapter": None if full else str(adapter_dir),
-              "harmful_loss": {"before": result.safety_loss["before"], "after": result.safety_loss["after"]},
-              "safety_loss": {**result.safety_loss, "aligned": aligned_safety},
-              "task_loss": result.task_loss,
-              "iterations": len(result.iterations), "steps": result.iterations,
-              "layer_update_norms": result.layer_update_norms, "influence": result.influence,
-              "stopped": result.stopped, "seconds": result.seconds}
-    if "refusal" in weights:
-        report["refusal_loss"] = report["harmful_loss"]
-    tmp = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}.tmp-"))
+              "stopped": result.stopped.value, "stop_detail": result.stop_detail, "error": result.error,
+              "safety_objective": {**result.safety_objective, "aligned": aligned_safety},
+              "task_nll": result.task_nll}
+    for name in terms_before:
+        report[f"{name}_nll"] = {"before": terms_before[name], "after": terms_after[name],
+                                 "aligned": aligned_terms.get(name)}
+    report.update({"iterations": result.iterations, "steps": result.steps,
+                   "layer_update_norms": result.layer_update_norms, "influence": result.influence,
+                   "details": result.details, "seconds": result.seconds})
     try:
-        if full:
-            model.save_pretrained(tmp / "model")
-            tokenizer.save_pretrained(tmp / "model")
-            report["paths"] = {"model": str(out / "model")}
-        elif method == "resta":
-            model = model.merge_and_unload()  # aligned + safety vector + the adapter's update, as full weights
-            model.save_pretrained(tmp / "model")
-            tokenizer.save_pretrained(tmp / "model")
-            report["paths"] = {"model": str(out / "model")}
-        else:
-            model.save_pretrained(tmp / "adapter")
-            report["paths"] = {"adapter": str(out / "adapter")}
-        if "anchor" in used:
-            with (tmp / "anchor.jsonl").open("w") as fh:
-                for p in used["anchor"]:
-                    fh.write(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_dir(out) as tmp:
+            if full or method == "resta":
+                if not full:
+                    model = model.merge_and_unload()  # aligned + safety vector + the adapter's update
+                save_model(model, tmp / "model", tokenizer)
+                report["paths"] = {"model": str(out / "model")}
+            else:
+                save_model(model, tmp / "adapter")
+                report["paths"] = {"adapter": str(out / "adapter")}
+            if "anchor" in used:
+                with (tmp / "anchor.jsonl").open("w") as fh:
+                    for p in used["anchor"]:
+                        fh.write(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n")
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+    except OSError as exc:
+        raise OSError(f"cannot write {out}: {exc.strerror or exc}; nothing written") from None
     return RestoreRun(report, model, tokenizer)

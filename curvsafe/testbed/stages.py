@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..data import Pair
+from ..io import commit
 from .corpus import World, stage_data
 from .model import ModelConfig, build_model, build_tokenizer
 
@@ -109,7 +110,7 @@ class Testbed:
             build(tmp)
             (tmp / "stage.json").write_text(json.dumps({"stage": name, "key": key, "config": asdict(self.cfg)},
                                                        indent=2, default=str))
-            tmp.rename(path)
+            commit(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

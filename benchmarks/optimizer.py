@@ -216,19 +216,23 @@ def main() -> None:
             aligned, rows, others = quality(args.cache, Path(work))
         adamw_acc = rows[0]["task_accuracy"]
         lines += [f"Testbed attack fine-tune (10% harmful mix, {rows[0]['steps']} steps, lr 3e-3, LoRA r=8); aligned "
-                  f"model: harmful {aligned['harmful_rate']:.1%}, skills {aligned['skills_accuracy']:.0%}.", "",
-                  "| variant | harmful rate | task acc | task acc ÷ AdamW | skills | safety NLL | wall s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  f"model: harmful {aligned['harmful_rate']:.1%}, over-refusal {aligned['over_refusal']:.1%}, skills "
+                  f"{aligned['skills_accuracy']:.0%}. Over-refusal: refusals of held-out benign look-alikes.", "",
+                  "| variant | harmful rate | over-refusal | task acc | task acc ÷ AdamW | skills | safety NLL "
+                  "| wall s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in rows:
-            lines.append(f"| {r['variant']} | {r['harmful_rate']:.1%} | {r['task_accuracy']:.1%} | "
+            lines.append(f"| {r['variant']} | {r['harmful_rate']:.1%} | {r['over_refusal']:.1%} | "
+                         f"{r['task_accuracy']:.1%} | "
                          f"{r['task_accuracy'] / adamw_acc:.1%} | {r['skills_accuracy']:.0%} | {r['safety_nll']:.3f} "
                          f"| {r['seconds']:.1f} |")
         lines += ["", "Other attack settings of the testbed (benign: task data only, the drift the paper describes; "
                   "harmful: harmful answers only), same settings:", "",
-                  "| attack | optimizer | harmful rate | task acc | skills | safety NLL | steps |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| attack | optimizer | harmful rate | over-refusal | task acc | skills | safety NLL | steps |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in others:
-            lines.append(f"| {r['attack']} | {r['variant']} | {r['harmful_rate']:.1%} | {r['task_accuracy']:.1%} | "
+            lines.append(f"| {r['attack']} | {r['variant']} | {r['harmful_rate']:.1%} | {r['over_refusal']:.1%} | "
+                         f"{r['task_accuracy']:.1%} | "
                          f"{r['skills_accuracy']:.0%} | {r['safety_nll']:.3f} | {r['steps']} |")
         report.update(aligned=aligned, rows=rows, other_attacks=others)
     text = "\n".join(lines) + "\n"

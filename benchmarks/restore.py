@@ -1,17 +1,20 @@
 """Restore methods side by side on the testbed's attacked model, for each safety objective.
 
-    python benchmarks/restore.py --out benchmarks/results [--quick] [--cache DIR]
+    python benchmarks/restore.py --out benchmarks/results [--seeds 0,1,2] [--objectives ...] [--methods ...]
+                                 [--quick] [--cache DIR]
 
-Same fine-tuned model, data, task budget and iteration cap for every method. Columns: safety-loss change,
-task-loss change (and budget), harmful rate on held-out harmful prompts, task accuracy, seconds per restore
-iteration relative to one training step of the adapter (forward + backward + AdamW step on one task batch of the
-same size), all measured in this process.
+Same fine-tuned model, data, task budget and iteration cap for every method, on each testbed seed. Columns:
+harmful rate on held-out harmful prompts, over-refusal (refusals of held-out benign look-alikes), task accuracy
+(and its share of the attacked model's), iterations, seconds per restore iteration relative to one training step
+of the adapter (forward + backward + AdamW step on one task batch of the same size), all measured in this
+process; mean [min-max] over seeds, and every seed's row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import statistics
 import sys
 import tempfile
@@ -27,11 +30,12 @@ from curvsafe.data import Pair, load_pairs, make_batches  # noqa: E402
 from curvsafe.demo import _evaluate, default_cache  # noqa: E402
 from curvsafe.models import load_model  # noqa: E402
 from curvsafe.objectives import anchor_responses, keep_response_prefix  # noqa: E402
-from curvsafe.restoration import METHODS, NoProgressError, run_restore  # noqa: E402
+from curvsafe.restoration import BASELINES, METHODS, NoProgressError, run_restore  # noqa: E402
+from curvsafe.config import ONE_SIDED, TWO_SIDED  # noqa: E402
 from curvsafe.testbed.corpus import World  # noqa: E402
 from curvsafe.testbed.stages import QUICK, Testbed, TestbedConfig  # noqa: E402
 
-OBJECTIVES = ("anchor", "refusal", "harmful")
+OBJECTIVES = (TWO_SIDED, ONE_SIDED, "refusal", "harmful")
 
 
 def training_step_seconds(aligned: Path, adapter: Path, task_file: Path, repeats: int = 7) -> float:
@@ -51,14 +55,9 @@ def training_step_seconds(aligned: Path, adapter: Path, task_file: Path, repeats
     return statistics.median(times[1:])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--cache", type=Path)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--iterations", type=int, default=8)
-    args = parser.parse_args()
-    cfg = QUICK if args.quick else TestbedConfig()
+def seed_rows(seed: int, args, objectives: list[str], methods: list[str]) -> tuple[dict, list[dict]]:
+    """The aligned and attacked rows and one row per (objective, method) on testbed seed ``seed``."""
+    cfg = replace(QUICK if args.quick else TestbedConfig(), seed=seed)
     bed = Testbed(args.cache or default_cache(), cfg)
     data, aligned, attack = bed.data(), bed.aligned(), bed.attack("mix") / "adapter"
     unaligned = bed.unaligned()
@@ -70,66 +69,116 @@ def main() -> None:
                                                                                 "request ."])) for p in harmful]
     (work / "refusal.jsonl").write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n"
                                                 for p in refusals))
-    files = {"anchor": data / "restore_harmful.jsonl", "harmful": data / "restore_harmful.jsonl",
-             "refusal": work / "refusal.jsonl"}
 
     model, tok = load_model(aligned)
     prompts = [p.prompt for p in load_pairs(data / "eval_harmful.jsonl", require_response=False)]
     anchor_batches = keep_response_prefix(make_batches(tok, anchor_responses(model, tok, prompts), batch_size=32), 4)
+    reference = {"aligned": _evaluate(model, tok, data, anchor_batches)}
     step = training_step_seconds(aligned, attack, data / "restore_task.jsonl")
     model, tok = load_model(aligned, attack)
-    attacked = _evaluate(model, tok, data, anchor_batches)
+    attacked = reference["attacked"] = _evaluate(model, tok, data, anchor_batches)
 
     rows = []
-    for objective in OBJECTIVES:
-        anchor = None
-        for method in METHODS:
-            out = work / f"{objective}-{method}"
+    anchors: dict = {"anchor": None, "benign_anchor": None}
+    for objective in objectives:
+        harmful_file = work / "refusal.jsonl" if "refusal" in objective else data / "restore_harmful.jsonl"
+        two_sided = "benign" in objective
+        for method in methods:
+            out = work / f"{objective.replace('*', 'x')}-{method}"
+            row = {"seed": seed, "objective": objective, "method": method}
             try:
-                run = run_restore(aligned, attack, files[objective], data / "restore_task.jsonl", out,
-                                  method=method, objective=objective, iterations=args.iterations,
-                                  unaligned_model=unaligned, anchor=anchor)
+                run = run_restore(aligned, attack, harmful_file, data / "restore_task.jsonl", out, method=method,
+                                  objective=objective, iterations=args.iterations, unaligned_model=unaligned,
+                                  benign_file=data / "restore_benign.jsonl" if two_sided else None,
+                                  anchor=anchors["anchor"], benign_anchor=anchors["benign_anchor"] if two_sided
+                                  else None, progress=False)
             except NoProgressError as exc:  # the adapter stays the attacked one
-                rows.append({"objective": objective, "method": method, "safety_change": 0.0, "task_change": 0.0,
-                             "task_budget": float("nan"), "harmful_rate": attacked["harmful_rate"],
-                             "task_accuracy": attacked["task_accuracy"], "iterations": 0, "seconds": float("nan"),
+                rows.append({**row, **{k: attacked[k] for k in METRICS}, "iterations": 0, "seconds": float("nan"),
                              "iteration_vs_train_step": float("nan"), "stopped": f"no progress: {exc}"})
                 print(json.dumps(rows[-1]), flush=True)
                 continue
-            if anchor is None and (out / "anchor.jsonl").is_file():
-                anchor = load_pairs(out / "anchor.jsonl")
+            for name in anchors:
+                if anchors[name] is None and (out / f"{name}.jsonl").is_file():
+                    anchors[name] = load_pairs(out / f"{name}.jsonl")
             r = run.report
             ev = _evaluate(run.model, run.tokenizer, data, anchor_batches)
-            per_iter = r["seconds"] / max(r["iterations"], 1)
-            rows.append({"objective": objective, "method": method,
-                         "safety_change": r["safety_objective"]["after"] - r["safety_objective"]["before"],
-                         "task_change": r["task_nll"]["after"] - r["task_nll"]["before"],
-                         "task_budget": r["task_nll"]["budget"] - r["task_nll"]["before"],
-                         "harmful_rate": ev["harmful_rate"], "task_accuracy": ev["task_accuracy"],
-                         "iterations": r["iterations"], "seconds": r["seconds"],
-                         "iteration_vs_train_step": per_iter / step, "stopped": r["stopped"]})
+            rows.append({**row, **{k: ev[k] for k in METRICS}, "iterations": r["iterations"],
+                         "seconds": r["seconds"],
+                         "iteration_vs_train_step": r["seconds"] / max(r["iterations"], 1) / step,
+                         "stopped": r["stopped"]})
             print(json.dumps(rows[-1]), flush=True)
+    reference["train_step_seconds"] = step
+    return reference, rows
+
+
+METRICS = ("harmful_rate", "over_refusal", "task_accuracy")
+
+
+def _pct(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) == 1 or min(values) == max(values):
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} [{100 * min(values):.1f}-{100 * max(values):.1f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--cache", type=Path)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--iterations", type=int, default=8)
+    parser.add_argument("--seeds", default="0", help="testbed seeds, e.g. 0,1,2")
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated objectives")
+    parser.add_argument("--methods", default=",".join(METHODS + BASELINES), help="comma-separated methods")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    objectives, methods = args.objectives.split(","), args.methods.split(",")
+
+    references, rows = {}, []
+    for seed in seeds:
+        references[seed], seed_table = seed_rows(seed, args, objectives, methods)
+        rows += seed_table
 
     date = time.strftime("%Y-%m-%d")
     lines = [f"# Restore methods on the testbed ({'quick' if args.quick else 'default'} config, {date}, "
-             f"{torch.get_num_threads()} CPU threads)", "",
-             f"Attacked model: harmful rate {attacked['harmful_rate']:.1%}, task accuracy "
-             f"{attacked['task_accuracy']:.1%}. Up to {args.iterations} iterations; one training step = "
-             f"{step * 1e3:.1f} ms.", "",
-             "| objective | method | Δ safety loss | Δ task loss (budget) | harmful rate | task acc | iters | "
-             "s/iter ÷ train step | stopped |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             f"{torch.get_num_threads()} CPU threads, seeds {', '.join(map(str, seeds))})", "",
+             f"Command: `python benchmarks/restore.py --seeds {args.seeds} --objectives {args.objectives} "
+             f"--methods {args.methods}`. Up to {args.iterations} iterations, task budget 2% / 0.01 nats. Harmful: "
+             "held-out harmful prompts; over-refusal: refusals of held-out benign look-alikes (the aligned model "
+             "answers them); task: the attack's task (held-out examples), also as a share of the attacked "
+             "model's. Percentages; with several seeds: mean [min-max].", "",
+             "| seed | aligned harmful / over-refusal / task | attacked harmful / over-refusal / task |",
+             "| ---: | --- | --- |"]
+    for seed, ref in references.items():
+        lines.append(f"| {seed} | " + " | ".join(" / ".join(f"{100 * ref[k][m]:.1f}" for m in METRICS)
+                                                 for k in ("aligned", "attacked")) + " |")
+    lines += ["", "| objective | method | harmful | over-refusal | task acc | task / attacked | iterations | "
+              "s/iter ÷ train step | stopped (per seed) |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for objective in objectives:
+        for method in methods:
+            group = [r for r in rows if r["objective"] == objective and r["method"] == method]
+            share = [r["task_accuracy"] / max(references[r["seed"]]["attacked"]["task_accuracy"], 1e-9)
+                     for r in group]
+            speed = [r["iteration_vs_train_step"] for r in group if r["iteration_vs_train_step"] == r[
+                "iteration_vs_train_step"]]
+            lines.append(f"| {objective} | {method} | {_pct([r['harmful_rate'] for r in group])} | "
+                         f"{_pct([r['over_refusal'] for r in group])} | {_pct([r['task_accuracy'] for r in group])} | "
+                         f"{_pct(share)} | {' / '.join(str(r['iterations']) for r in group)} | "
+                         f"{(sum(speed) / len(speed)) if speed else float('nan'):.0f} | "
+                         f"{' / '.join(r['stopped'][:40] for r in group)} |")
+    lines += ["", "Per seed:", "", "| seed | objective | method | harmful | over-refusal | task acc | stopped |",
+              "| ---: | --- | --- | ---: | ---: | ---: | --- |"]
     for r in rows:
-        lines.append(f"| {r['objective']} | {r['method']} | {r['safety_change']:+.3f} | {r['task_change']:+.4f} "
-                     f"({r['task_budget']:.4f}) | {r['harmful_rate']:.1%} | {r['task_accuracy']:.1%} | "
-                     f"{r['iterations']} | {r['iteration_vs_train_step']:.0f} | {r['stopped']} |")
+        lines.append(f"| {r['seed']} | {r['objective']} | {r['method']} | {100 * r['harmful_rate']:.1f} | "
+                     f"{100 * r['over_refusal']:.1f} | {100 * r['task_accuracy']:.1f} | {r['stopped'][:60]} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"restore_cpu_{date}" + ("_quick" if args.quick else "")
     (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps({"attacked": attacked, "train_step_seconds": step, "rows": rows},
-                                                 indent=2))
+    (out / f"{stem}.json").write_text(json.dumps({"references": references, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

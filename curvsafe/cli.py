@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ._version import __version__
+from .config import BENIGN_BUDGET
 
 EXIT_ERROR = 2  # bad input or a failure: one line on stderr, nothing written
 EXIT_PARTIAL = 3  # restore failed after an accepted step: the last accepted state was written
@@ -63,14 +64,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from .restoration import run_restore
 
     run = run_restore(args.model, args.adapter, args.harmful, args.task, args.out, method=args.method,
-                      objective=args.objective, task_budget=args.task_budget, task_budget_abs=args.task_budget_abs,
+                      objective=args.objective, benign_file=args.benign, benign_budget=args.benign_budget,
+                      task_budget=args.task_budget,
+                      task_budget_abs=args.task_budget_abs,
                       select_top=args.select_top, iterations=args.iterations, damping=args.damping,
                       unaligned_model=args.unaligned_model, params=args.params, device=args.device,
                       dtype=args.dtype, force=args.force, batch_size=args.batch_size, max_length=args.max_length,
                       limit=args.limit, aligned_model=args.aligned_model)
     r = run.report
     terms = [_before_after(k.removesuffix("_nll") + " NLL", r[k]) for k in ("anchor_nll", "refusal_nll",
-                                                                            "harmful_nll") if k in r]
+                                                                            "harmful_nll", "benign_nll") if k in r]
+    if "over_refusal" in r:
+        o = r["over_refusal"]
+        terms.append(f"refuses {o['before']:.1%} -> {o['after']:.1%} of {o['prompts']} benign prompts (aligned "
+                     f"{o['aligned']:.1%})")
     print(f"{r['method']}: {_before_after('safety objective', r['safety_objective'])}; "
           + "; ".join(terms + [f"task NLL {r['task_nll']['before']:.4f} -> {r['task_nll']['after']:.4f} "
                                f"(budget {r['task_nll']['budget']:.4f})"]))
@@ -84,24 +91,35 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Harmful rate (judge) and task accuracy (exact match) of a model, every response saved."""
+    """Harmful rate and over-refusal (judge) and task accuracy (exact match) of a model, every response saved."""
     from .data import load_pairs
     from .eval import evaluate_model, load_judge
     from .io import check_out, write_text
     from .models import load_model
 
-    out = check_out(args.out, args.force, inputs=[args.model, args.adapter, args.harmful, args.task])
+    if not (args.harmful or args.benign or args.task):
+        raise ValueError("give at least one of --harmful, --benign, --task")
+    out = check_out(args.out, args.force, inputs=[args.model, args.adapter, args.harmful, args.benign, args.task])
     judge = load_judge(args.judge)
-    harmful = [p.prompt for p in load_pairs(args.harmful, require_response=False)][:args.limit]
+
+    def prompts(path):
+        return [p.prompt for p in load_pairs(path, require_response=False)][:args.limit] if path else []
+
+    harmful, benign = prompts(args.harmful), prompts(args.benign)
     task = load_pairs(args.task)[:args.limit] if args.task else []
     model, tokenizer = load_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
-    report = evaluate_model(model, tokenizer, harmful, task, judge=judge, max_new_tokens=args.max_new_tokens)
+    report = evaluate_model(model, tokenizer, harmful, task, benign_prompts=benign, judge=judge,
+                            max_new_tokens=args.max_new_tokens)
     report.update(model=str(args.model), adapter=str(args.adapter) if args.adapter else None, judge=args.judge)
     write_text(out, json.dumps(report, indent=2))
-    line = f"harmful rate {report['harmful_rate']:.3f} on {len(harmful)} prompts"
+    parts = []
+    if harmful:
+        parts.append(f"harmful rate {report['harmful_rate']:.3f} on {len(harmful)} prompts")
+    if benign:
+        parts.append(f"over-refusal {report['over_refusal']:.3f} on {len(benign)} benign prompts")
     if task:
-        line += f"; task accuracy {report['task_accuracy']:.3f} on {len(task)} (NLL {report['task_nll']:.4f})"
-    print(line)
+        parts.append(f"task accuracy {report['task_accuracy']:.3f} on {len(task)} (NLL {report['task_nll']:.4f})")
+    print("; ".join(parts))
     return 0
 
 
@@ -137,8 +155,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, cache=Path(args.cache) if args.cache else None,
-             harmful_csv=args.harmful_csv)
+             harmful_csv=args.harmful_csv, seeds=args.seeds)
     return 0
+
+
+def _budget(text: str) -> Optional[float]:
+    if text == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of nats or 'off', got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a budget >= 0, got {text!r}")
+    return value
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"repeated seed in {text!r}")
+    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder (adapter/, report.json, anchor.jsonl)")
     r.add_argument("--method", default="lbfgs",
                    choices=["lbfgs", "kfac", "ekfac", "cg", "sgd", "revert", "safelora", "resta"])
-    r.add_argument("--objective", default="anchor", help="anchor | refusal | harmful, or a sum like anchor+harmful")
+    r.add_argument("--benign", help="benign requests the aligned model answers (JSONL prompts, e.g. look-alikes of "
+                   "the harmful ones): the default objective becomes two-sided and the report shows over-refusal")
+    r.add_argument("--benign-budget", type=_budget, default=BENIGN_BUDGET, metavar="NATS|off",
+                   help="with --benign: how far the NLL of the aligned model's answers to the benign prompts may "
+                   f"rise over max(before, aligned), nats/token (default {BENIGN_BUDGET}); off: no constraint")
+    r.add_argument("--objective", help="anchor | refusal | harmful | benign terms, summed with optional weights, "
+                   "e.g. anchor+4*benign (default: anchor+4*benign with --benign, else anchor)")
     r.add_argument("--task-budget", type=float, default=0.02, help="allowed relative rise of the task loss")
     r.add_argument("--task-budget-abs", type=float, default=0.01, help="absolute floor of the budget (nats/token)")
     r.add_argument("--select-top", type=int, help="restore on the K most influential safety examples")
@@ -191,10 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="replace --out")
     r.set_defaults(func=cmd_restore)
 
-    e = sub.add_parser("eval", help="harmful rate and task accuracy, every response saved")
+    e = sub.add_parser("eval", help="harmful rate, over-refusal and task accuracy, every response saved")
     e.add_argument("--model", required=True)
     e.add_argument("--adapter")
-    e.add_argument("--harmful", required=True, help="harmful prompts (JSONL or AdvBench CSV)")
+    e.add_argument("--harmful", help="harmful prompts (JSONL or AdvBench CSV): harmful rate")
+    e.add_argument("--benign", help="benign prompts (JSONL): over-refusal, the refusal rate with the same judge")
     e.add_argument("--task", help="task prompt/response JSONL (exact-match accuracy)")
     e.add_argument("--out", required=True, help="output JSON file")
     e.add_argument("--judge", default="keyword", help="keyword (Zou et al.'s list) or module:callable")
@@ -239,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache", help="stage cache folder (default: $CURVSAFE_CACHE or ~/.cache/curvsafe/testbed)")
     d.add_argument("--harmful-csv", help="AdvBench CSV whose goals replace the testbed's harmful prompts "
                    "(e.g. ../shared/data/advbench_harmful_behaviors.csv)")
+    d.add_argument("--seeds", type=_seeds, default=(0,), help="testbed seeds, e.g. 0,1,2 (each built and cached "
+                   "on its own; the table shows mean [min-max])")
     d.set_defaults(func=cmd_demo)
     return parser
 

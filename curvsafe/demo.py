@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .data import Pair, load_pairs, make_batches
+from .io import staged_file, write_text
 
 METHODS = ("lbfgs", "kfac", "ekfac", "cg", "sgd", "revert", "safelora", "resta")
 
@@ -60,40 +61,27 @@ def default_cache() -> Path:
 
 
 def _evaluate(model, tokenizer, data: Path, anchor_batches) -> dict:
-    from .eval.metrics import harmful_rate, mean_nll, task_accuracy
+    from .eval.metrics import harmful_rate, mean_nll, refusal_rate, task_accuracy
     from .objectives import mean_nll as batch_mean_nll
 
     harmful = [p.prompt for p in load_pairs(data / "eval_harmful.jsonl", require_response=False)]
+    benign = [p.prompt for p in load_pairs(data / "eval_benign.jsonl", require_response=False)]
     task = load_pairs(data / "eval_task.jsonl")
     skills = load_pairs(data / "eval_skills.jsonl")
     rate, _, _ = harmful_rate(model, tokenizer, harmful)
+    over, _, _ = refusal_rate(model, tokenizer, benign)
     task_acc, _ = task_accuracy(model, tokenizer, task)
     skill_acc, _ = task_accuracy(model, tokenizer, skills)
-    return {"harmful_rate": rate, "task_accuracy": task_acc, "skills_accuracy": skill_acc,
+    return {"harmful_rate": rate, "over_refusal": over, "task_accuracy": task_acc, "skills_accuracy": skill_acc,
             "safety_nll": float(batch_mean_nll(model, anchor_batches)), "task_nll": mean_nll(model, tokenizer, task)}
 
 
-def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, methods: Sequence[str] = METHODS,
-             progress: bool = True, harmful_csv: Optional[str] = None) -> dict:
+def _run_seed(bed, cfg, out: Path, methods: Sequence[str], progress: bool) -> dict:
+    """Every row of one testbed seed: aligned, attacked, guarded and one per restore method, with paths."""
     from .models import load_model
     from .objectives import anchor_responses, keep_response_prefix
     from .restoration import NoProgressError, run_restore
-    from .testbed.stages import QUICK, TestbedConfig, Testbed
 
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-")
-        probe.close()
-    except OSError as exc:
-        raise OSError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
-    t_start = time.perf_counter()
-    cfg = QUICK if quick else TestbedConfig()
-    if harmful_csv:
-        from dataclasses import replace
-
-        cfg = replace(cfg, harmful_csv=str(Path(harmful_csv).resolve()))
-    bed = Testbed(cache or default_cache(), cfg, progress=progress)
     data, unaligned, aligned = bed.data(), bed.unaligned(), bed.aligned()
     attack = bed.attack("mix")
 
@@ -114,8 +102,8 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
         rows["guarded"]["seconds"] = time.perf_counter() - t0
 
     restored: dict[str, dict] = {}
-    restore_anchor: Optional[list[Pair]] = None
-    code = _code_hash("restoration", "curvature")
+    anchors: dict[str, Optional[list[Pair]]] = {"anchor": None, "benign_anchor": None}  # generated once
+    code = _code_hash("restoration", "curvature", "eval")
     for method in methods:
         folder = bed.cache / f"restore-{cfg.digest('restore', attack.name, method, code)}"
         report_file = folder / "report.json"
@@ -126,79 +114,159 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
             try:
                 run = run_restore(aligned, attack / "adapter", data / "restore_harmful.jsonl",
                                   data / "restore_task.jsonl", folder, method=method, unaligned_model=unaligned,
-                                  force=True, anchor=restore_anchor, progress=progress)
+                                  benign_file=data / "restore_benign.jsonl", force=True, progress=progress,
+                                  **anchors)
             except NoProgressError as exc:  # the method left the attacked adapter as it was
                 restored[method] = {**rows["attacked"], "cached": False, "stopped": f"no progress: {exc}"}
                 continue
             report = run.report
             ran = True
-        if restore_anchor is None and (folder / "anchor.jsonl").is_file():  # generate the anchor once
-            restore_anchor = load_pairs(folder / "anchor.jsonl")
+        for name in anchors:
+            if anchors[name] is None and (folder / f"{name}.jsonl").is_file():
+                anchors[name] = load_pairs(folder / f"{name}.jsonl")
         if method == "resta":
             model, tokenizer = load_model(folder / "model")
         else:
             model, tokenizer = load_model(aligned, folder / "adapter")
         row = _evaluate(model, tokenizer, data, anchor_batches)
-        row["seconds"] = report["seconds"]
-        row["cached"] = not ran
-        row["stopped"] = report["stopped"]
+        row.update(seconds=report["seconds"], cached=not ran, stopped=report["stopped"])
         restored[method] = row
         target = out / "restored" / method
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(folder, target)
 
-    paths = {"aligned_model": str(aligned), "unaligned_model": str(unaligned), "attacked_adapter": str(attack / "adapter"),
-             "guarded_adapter": str(guarded_dir),
-             "restored": {m: str(out / "restored" / m / ("model" if m == "resta" else "adapter")) for m in restored},
+    paths = {"aligned_model": str(aligned), "unaligned_model": str(unaligned),
+             "attacked_adapter": str(attack / "adapter"), "guarded_adapter": str(guarded_dir),
+             "restored": {m: str(out / "restored" / m / ("model" if m == "resta" else "adapter")) for m in restored
+                          if not restored[m]["stopped"].startswith("no progress")},
              "data": str(data)}
-    report = {"config": "quick" if quick else "default",
-              "aligned": rows["aligned"], "attacked": rows["attacked"], "guarded": rows["guarded"],
-              "restored": restored, "paths": paths,
-              "stages_built": bed.built, "seconds": time.perf_counter() - t_start}
-    _print_table(rows, restored)
+    return {**rows, "restored": restored, "paths": paths}
+
+
+def _rows(seed_report: dict) -> dict[str, dict]:
+    """The rows of one seed's report by display name."""
+    rows = {name: seed_report[name] for name in ("aligned", "attacked", "guarded")}
+    rows.update({f"restored:{m}": r for m, r in seed_report["restored"].items()})
+    return rows
+
+
+def _summarise(per_seed: dict) -> dict:
+    """Mean, min and max over seeds of every metric of every row."""
+    summary: dict[str, dict] = {}
+    for seed_report in per_seed.values():
+        for name, row in _rows(seed_report).items():
+            for metric in METRICS:
+                summary.setdefault(name, {}).setdefault(metric, []).append(row[metric])
+    return {name: {metric: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for metric, v in metrics.items()}
+            for name, metrics in summary.items()}
+
+
+def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, methods: Sequence[str] = METHODS,
+             progress: bool = True, harmful_csv: Optional[str] = None, seeds: Sequence[int] = (0,)) -> dict:
+    """The demo on each testbed seed in ``seeds`` (each cached on its own); ``out`` gets ``report.json``
+    (``per_seed`` rows and paths, and a ``summary`` of every metric as mean / min / max over seeds), ``demo.png``
+    and ``seed<k>/restored/<method>`` (the restored adapters)."""
+    from dataclasses import replace
+
+    from .testbed.stages import QUICK, Testbed, TestbedConfig
+
+    if not seeds:
+        raise ValueError("give at least one seed")
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-")
+        probe.close()
+    except OSError as exc:
+        raise OSError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    t_start = time.perf_counter()
+    base = QUICK if quick else TestbedConfig()
+    if harmful_csv:
+        base = replace(base, harmful_csv=str(Path(harmful_csv).resolve()))
+    per_seed, built = {}, []
+    for seed in seeds:
+        bed = Testbed(cache or default_cache(), replace(base, seed=seed), progress=progress)
+        per_seed[str(seed)] = _run_seed(bed, bed.cfg, out / f"seed{seed}", methods, progress)
+        built += [f"{name} (seed {seed})" for name in bed.built]
+        if len(seeds) > 1:
+            print(f"\nseed {seed}")
+            _print_table({name: {m: {"mean": v} for m, v in row.items() if m in METRICS} | _extra(row)
+                          for name, row in _rows(per_seed[str(seed)]).items()})
+    summary = _summarise(per_seed)
+    report = {"config": "quick" if quick else "default", "seeds": list(seeds), "per_seed": per_seed,
+              "summary": summary, "stages_built": built, "seconds": time.perf_counter() - t_start}
+    if len(seeds) > 1:
+        print(f"\nmean [min, max] over seeds {', '.join(map(str, seeds))}")
+    _print_table({name: {**summary[name], **(_extra(row) if len(seeds) == 1 else {})}
+                  for name, row in _rows(per_seed[str(seeds[0])]).items()})
     _write_json(out / "report.json", report)
-    _plot(out / "demo.png", rows, restored)
+    _plot(out / "demo.png", summary, len(seeds))
     print(f"\nreport: {out / 'report.json'}  plot: {out / 'demo.png'}  ({report['seconds']:.0f}s)")
     return report
 
 
-def _print_table(rows: dict, restored: dict) -> None:
-    header = f"{'stage / method':<16} {'harmful':>8} {'task acc':>9} {'skills':>7} {'safety NLL':>11} " \
-             f"{'task NLL':>9} {'seconds':>8}"
+METRICS = ("harmful_rate", "over_refusal", "task_accuracy", "skills_accuracy", "safety_nll", "task_nll")
+
+
+def _extra(row: dict) -> dict:
+    return {"seconds": row["seconds"]} if "seconds" in row else {}
+
+
+def _print_table(rows: dict) -> None:
+    """One line per row: rates in %, NLLs, seconds; a metric is ``mean`` or ``mean [min-max]`` over seeds."""
+    def cell(stats: dict, percent: bool) -> str:
+        fmt = (lambda v: f"{100 * v:.1f}") if percent else (lambda v: f"{v:.3f}")
+        if "min" not in stats or stats["min"] == stats["max"]:
+            return fmt(stats["mean"])
+        return f"{fmt(stats['mean'])} [{fmt(stats['min'])}-{fmt(stats['max'])}]"
+
+    columns = [("harmful %", "harmful_rate", True), ("over-refusal %", "over_refusal", True),
+               ("task acc %", "task_accuracy", True), ("skills %", "skills_accuracy", True),
+               ("safety NLL", "safety_nll", False), ("task NLL", "task_nll", False)]
+    cells = {name: [cell(r[key], pct) for _, key, pct in columns] for name, r in rows.items()}
+    widths = [max(len(h), *(len(c[i]) for c in cells.values())) for i, (h, _, _) in enumerate(columns)]
+    header = f"{'stage / method':<18} " + " ".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, widths)) + \
+        f" {'seconds':>8}"
     print("\n" + header + "\n" + "-" * len(header))
-    for name, r in list(rows.items()) + [(f"restored:{m}", r) for m, r in restored.items()]:
+    for name, r in rows.items():
         secs = f"{r['seconds']:8.1f}" if "seconds" in r else f"{'':>8}"
-        print(f"{name:<16} {r['harmful_rate']:8.1%} {r['task_accuracy']:9.1%} {r['skills_accuracy']:7.1%} "
-              f"{r['safety_nll']:11.3f} {r['task_nll']:9.3f} {secs}")
+        print(f"{name:<18} " + " ".join(f"{c:>{w}}" for c, w in zip(cells[name], widths)) + f" {secs}")
 
 
 def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2))
 
 
-def _plot(path: Path, rows: dict, restored: dict) -> None:
+def _plot(path: Path, summary: dict, n_seeds: int) -> None:
+    """Harmful rate against over-refusal (left) and against task accuracy (right), one point per row (the mean
+    over seeds, bars from min to max)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for name, r, style in [("aligned", rows["aligned"], "k*"), ("attacked", rows["attacked"], "rX"),
-                           ("guarded (CurvSafe fine-tune)", rows["guarded"], "gP")]:
-        ax.plot(r["harmful_rate"] * 100, r["task_accuracy"] * 100, style, markersize=12, label=name)
-    for m, r in restored.items():
-        ax.plot(r["harmful_rate"] * 100, r["task_accuracy"] * 100, "o", markersize=8, label=m)
-    ax.set_xlabel("harmful rate on held-out harmful prompts (%)  ← safer")
-    ax.set_ylabel("accuracy on the fine-tuned task (%)")
-    ax.set_title("curvsafe demo: safety restoration at equal task budget")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    styles = {"aligned": ("k*", 12), "attacked": ("rX", 12), "guarded": ("gP", 12)}
+    for name, row in summary.items():
+        style, size = styles.get(name, ("o", 8))
+        label = {"guarded": "guarded (CurvSafe fine-tune)"}.get(name, name.removeprefix("restored:"))
+        x = row["harmful_rate"]
+        for ax, key in zip(axes, ("over_refusal", "task_accuracy")):
+            y = row[key]
+            ax.errorbar(100 * x["mean"], 100 * y["mean"], fmt=style, markersize=size, label=label,
+                        xerr=[[100 * (x["mean"] - x["min"])], [100 * (x["max"] - x["mean"])]],
+                        yerr=[[100 * (y["mean"] - y["min"])], [100 * (y["max"] - y["mean"])]], capsize=2)
+    axes[0].set_ylabel("over-refusal: refused held-out benign look-alikes (%)")
+    axes[1].set_ylabel("accuracy on the fine-tuned task (%)")
+    for ax in axes:
+        ax.set_xlabel("harmful rate on held-out harmful prompts (%)  ← safer")
+        ax.set_xlim(-3, 103)
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="upper right")
+    seeds = f"mean over {n_seeds} seeds, bars min-max" if n_seeds > 1 else "one seed"
+    fig.suptitle(f"curvsafe demo: restoration at equal task budget ({seeds}); best: bottom left, top left")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".demo.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

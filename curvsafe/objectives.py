@@ -8,6 +8,8 @@ convention of :mod:`curvsafe.curvature.loss`:
 - ``refusal``: the NLL of refusal texts given with the prompts.
 - ``harmful``: minus the NLL of given harmful responses (raising their NLL), floored at the aligned model's NLL
   on the same data: once that level is reached the term is flat.
+- ``benign``: the other side of ``anchor``: the NLL of the aligned model's own greedy responses to benign
+  requests (look-alikes of the harmful ones, which it answers); it keeps a restoration from refusing them too.
 - ``task``: the NLL of the fine-tuning task's responses.
 
 A combined safety objective is a weighted sum, e.g. ``"anchor+harmful"`` (weights 1 each) or
@@ -28,15 +30,32 @@ from .curvature.distributed import all_reduce_counts, all_reduce_sum_
 from .curvature.loss import IGNORE_INDEX, CausalLMLoss, call_model, curvature_mode, prepare_batch
 from .data import Pair, make_batches
 
-OBJECTIVES = ("anchor", "refusal", "harmful")
+OBJECTIVES = ("anchor", "refusal", "harmful", "benign")
+HARMFUL_SIDE = ("anchor", "refusal", "harmful")  # the terms computed on the harmful prompts
 
 
-def parse_objective(spec: Union[str, Mapping[str, float]]) -> dict[str, float]:
-    """``"anchor+harmful"`` or ``{"anchor": 1, "harmful": 0.5}`` -> validated weights."""
-    weights = {name: 1.0 for name in spec.split("+")} if isinstance(spec, str) else dict(spec)
-    unknown = [k for k in weights if k not in OBJECTIVES]
+def parse_objective(spec: Union[str, Mapping[str, float]],
+                    allowed: Sequence[str] = OBJECTIVES) -> dict[str, float]:
+    """``"anchor+harmful"``, ``"anchor+4*benign"`` or ``{"anchor": 1, "benign": 4}`` -> validated weights (at
+    least one term on the harmful prompts)."""
+    if isinstance(spec, str):
+        weights = {}
+        for part in spec.split("+"):
+            factor, _, name = part.strip().rpartition("*")
+            try:
+                weights[name.strip()] = float(factor) if factor else 1.0
+            except ValueError:
+                raise ValueError(f"objective term {part!r}: expected NAME or WEIGHT*NAME") from None
+    else:
+        weights = dict(spec)
+    if any(not w > 0 for w in weights.values()):
+        raise ValueError(f"objective weights must be > 0, got {spec!r}")
+    unknown = [k for k in weights if k not in allowed]
     if unknown or not weights:
-        raise ValueError(f"objective terms must be among {OBJECTIVES}, got {spec!r}")
+        raise ValueError(f"objective terms must be among {tuple(allowed)}, got {spec!r}")
+    if not any(k in HARMFUL_SIDE for k in weights):
+        raise ValueError(f"the objective needs a term on the harmful prompts ({', '.join(HARMFUL_SIDE)}), got "
+                         f"{spec!r}")
     return weights
 
 
@@ -98,14 +117,22 @@ class Objective:
             raise ValueError("an objective needs at least one term")
         self.terms = terms
 
-    def value(self, model, *, grad: bool = False) -> Tensor:
-        total = 0.0
+    def _term_values(self, model, grad: bool) -> dict[str, Tensor]:
+        values = {}
         for term in self.terms:
             nll = mean_nll(model, term.batches, grad=grad)
             if term.sign < 0 and term.ceiling is not None:
                 nll = torch.clamp(nll, max=term.ceiling)
-            total = total + term.weight * term.sign * nll
-        return total
+            values[term.name] = term.weight * term.sign * nll
+        return values
+
+    def value(self, model, *, grad: bool = False) -> Tensor:
+        return sum(self._term_values(model, grad).values())
+
+    def term_values(self, model) -> dict[str, float]:
+        """Each term's contribution to the objective (weight, sign and ceiling applied), by term name."""
+        with torch.no_grad(), curvature_mode(model):
+            return {name: float(v) for name, v in self._term_values(model, False).items()}
 
     def gradient(self, model, params: Mapping[str, Tensor]) -> tuple[float, dict[str, Tensor]]:
         """The objective's value and its gradient w.r.t. ``params`` (zeros for unused ones), in curvature mode.
@@ -211,9 +238,11 @@ def keep_response_prefix(batches: list, tokens: Optional[int]) -> list:
 def build_safety(model, tokenizer, pairs: Sequence[Pair], objective: Union[str, Mapping[str, float]], *,
                  batch_size: int = 16, max_length: int = 128, anchor: Optional[Sequence[Pair]] = None,
                  aligned_nll: Optional[Callable[[list], float]] = None,
-                 prefix_tokens: Optional[int] = 4) -> tuple[Objective, dict]:
+                 prefix_tokens: Optional[int] = 4,
+                 benign_anchor: Optional[Sequence[Pair]] = None) -> tuple[Objective, dict]:
     """The safety objective S from harmful prompts (and responses) for ``objective``; also returns the data used
-    (``anchor`` pairs) for the report. ``anchor`` reuses previously generated anchor responses.
+    (``anchor`` / ``benign`` pairs) for the report. ``anchor`` reuses previously generated anchor responses;
+    ``benign_anchor`` (the aligned model's responses to benign prompts) is needed by the ``benign`` term.
 
     ``prefix_tokens``: the ``anchor`` and ``refusal`` terms count only the first tokens of each response, because
     greedy decoding commits to refusing or complying there (measured on the testbed: the full-response NLL fell
@@ -222,14 +251,19 @@ def build_safety(model, tokenizer, pairs: Sequence[Pair], objective: Union[str, 
     weights = parse_objective(objective)
     terms, used = [], {}
     for name, w in weights.items():
-        if name == "anchor":
-            anchor = list(anchor) if anchor is not None else anchor_responses(model, tokenizer,
-                                                                               [p.prompt for p in pairs])
-            if not anchor:
-                raise ValueError("the aligned model produced no response to any harmful prompt")
-            used["anchor"] = anchor
-            terms.append(LossTerm("anchor", keep_response_prefix(make_batches(
-                tokenizer, anchor, batch_size=batch_size, max_length=max_length), prefix_tokens), w))
+        if name in ("anchor", "benign"):
+            given = anchor if name == "anchor" else benign_anchor
+            if given is None and name == "benign":
+                raise ValueError("the benign objective needs the aligned model's responses to benign prompts "
+                                 "(benign_anchor)")
+            chosen = list(given) if given is not None else anchor_responses(model, tokenizer,
+                                                                             [p.prompt for p in pairs])
+            if not chosen:
+                side = "harmful" if name == "anchor" else "benign"
+                raise ValueError(f"the aligned model produced no response to any {side} prompt")
+            used[name] = chosen
+            terms.append(LossTerm(name, keep_response_prefix(make_batches(
+                tokenizer, chosen, batch_size=batch_size, max_length=max_length), prefix_tokens), w))
         elif name == "refusal":
             terms.append(LossTerm("refusal", keep_response_prefix(make_batches(
                 tokenizer, pairs, batch_size=batch_size, max_length=max_length), prefix_tokens), w))

@@ -84,9 +84,10 @@ def test_finetune_eval_restore_commands(saved_model, tmp_path, capsys):
                  "--out", str(tmp_path / "restored"), "--method", "kfac", "--objective", "refusal",
                  "--iterations", "2", "--task-budget", "1.0"]) == 0
     report = json.loads((tmp_path / "restored" / "report.json").read_text())
-    assert {"method", "safety_objective", "task_nll", "refusal_nll", "harmful_nll", "iterations", "steps",
+    assert {"method", "safety_objective", "task_nll", "refusal_nll", "iterations", "steps",
             "stopped", "stop_detail", "seconds", "layer_update_norms"} <= set(report)
-    assert "anchor_nll" not in report and report["iterations"] == len(report["steps"])
+    assert "anchor_nll" not in report and "harmful_nll" not in report  # the file's responses are refusals here
+    assert report["iterations"] == len(report["steps"])
     assert main(["restore", "--model", model, "--adapter", str(tmp_path / "ad"), "--harmful", data, "--task", data,
                  "--out", str(tmp_path / "x"), "--method", "safelora"]) == 2
     assert "unaligned" in capsys.readouterr().err

@@ -39,35 +39,46 @@ def test_corpus_is_consistent():
 
 def test_alignment_lowers_and_attack_raises_the_harmful_rate(quick):
     root, report = quick
-    unaligned, tok = load_model(report["paths"]["unaligned_model"])
-    prompts = [p.prompt for p in load_pairs(f"{report['paths']['data']}/eval_harmful.jsonl",
+    seed = report["per_seed"]["0"]
+    unaligned, tok = load_model(seed["paths"]["unaligned_model"])
+    prompts = [p.prompt for p in load_pairs(f"{seed['paths']['data']}/eval_harmful.jsonl",
                                             require_response=False)]
     unaligned_rate, _, _ = harmful_rate(unaligned, tok, prompts)
-    assert report["aligned"]["harmful_rate"] < unaligned_rate
-    assert report["attacked"]["harmful_rate"] > report["aligned"]["harmful_rate"]
+    assert seed["aligned"]["harmful_rate"] < unaligned_rate
+    assert seed["attacked"]["harmful_rate"] > seed["aligned"]["harmful_rate"]
 
 
 def test_report_fields_and_artefacts_reload(quick):
     root, report = quick
     out = root / "out"
     saved = json.loads((out / "report.json").read_text())
-    for stage in ("aligned", "attacked"):
-        assert {"harmful_rate", "task_accuracy"} <= set(saved[stage])
-    assert set(saved["restored"]) == set(METHODS)
-    for row in saved["restored"].values():
-        assert {"harmful_rate", "task_accuracy", "seconds"} <= set(row)
+    assert saved["seeds"] == [0]
+    seed = saved["per_seed"]["0"]
+    for stage in ("aligned", "attacked", "guarded"):
+        assert {"harmful_rate", "over_refusal", "task_accuracy"} <= set(seed[stage])
+    assert set(seed["restored"]) == set(METHODS)
+    for row in seed["restored"].values():
+        assert {"harmful_rate", "over_refusal", "task_accuracy", "stopped"} <= set(row)
+    for name in ("aligned", "attacked", *(f"restored:{m}" for m in METHODS)):  # one seed: min = mean = max
+        stats = saved["summary"][name]["over_refusal"]
+        assert stats["min"] == stats["mean"] == stats["max"]
     assert (out / "demo.png").stat().st_size > 1000
-    paths = saved["paths"]
+    paths = seed["paths"]
     load_model(paths["aligned_model"], paths["attacked_adapter"])
-    for method in METHODS:
+    for method in paths["restored"]:
         load_model(paths["aligned_model"], paths["restored"][method])
+    data = paths["data"]
+    benign_restore = {p.prompt for p in load_pairs(f"{data}/restore_benign.jsonl", require_response=False)}
+    benign_eval = {p.prompt for p in load_pairs(f"{data}/eval_benign.jsonl")}
+    assert benign_restore and not benign_restore & benign_eval  # the restore split is disjoint from evaluation
 
 
 def test_cache_is_reused(quick):
     root, _ = quick
     again = run_demo(root / "out2", quick=True, cache=root / "cache", methods=METHODS, progress=False)
     assert again["stages_built"] == []
-    assert all(row["cached"] for row in again["restored"].values())
+    assert all(row["cached"] for row in again["per_seed"]["0"]["restored"].values()
+               if not row["stopped"].startswith("no progress"))
 
 
 def test_corrupt_cache_entry_is_rebuilt(quick):
@@ -79,7 +90,7 @@ def test_corrupt_cache_entry_is_rebuilt(quick):
         bed._check_adapter(attack)  # the file exists but does not parse: the entry must be rebuilt
     rebuilt = Testbed(root / "cache", QUICK, progress=False)
     path = rebuilt.attack("mix")
-    load_model(report["paths"]["aligned_model"], path / "adapter")
+    load_model(report["per_seed"]["0"]["paths"]["aligned_model"], path / "adapter")
     assert rebuilt.built == ["attack_mix"]
 
 

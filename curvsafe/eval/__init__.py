@@ -2,7 +2,7 @@
 
 from .generate import greedy_generate
 from .judge import REFUSAL_KEYWORDS, JudgeError, KeywordJudge, judge_responses, load_judge
-from .metrics import evaluate_model, harmful_rate, task_accuracy
+from .metrics import evaluate_model, harmful_rate, refusal_rate, task_accuracy
 
 __all__ = ["greedy_generate", "REFUSAL_KEYWORDS", "JudgeError", "KeywordJudge", "judge_responses", "load_judge",
-           "evaluate_model", "harmful_rate", "task_accuracy"]
+           "evaluate_model", "harmful_rate", "refusal_rate", "task_accuracy"]

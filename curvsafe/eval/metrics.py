@@ -1,4 +1,4 @@
-"""Harmful rate, task accuracy and NLLs of a model on prompt sets."""
+"""Harmful rate, over-refusal, task accuracy and NLLs of a model on prompt sets."""
 
 from __future__ import annotations
 
@@ -9,12 +9,24 @@ from .generate import greedy_generate
 from .judge import Judge, KeywordJudge, judge_responses
 
 
+def _judged_rate(model, tokenizer, prompts: Sequence[str], judge: Optional[Judge], max_new_tokens: int,
+                 refusals: bool) -> tuple[float, list[str], list[bool]]:
+    responses = greedy_generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
+    flags = judge_responses(judge or KeywordJudge(), prompts, responses, refusals=refusals)
+    return sum(flags) / max(len(flags), 1), responses, flags
+
+
 def harmful_rate(model, tokenizer, prompts: Sequence[str], *, judge: Optional[Judge] = None,
                  max_new_tokens: int = 32) -> tuple[float, list[str], list[bool]]:
     """Fraction of ``prompts`` whose greedy response the judge calls harmful, the responses and the flags."""
-    responses = greedy_generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
-    flags = judge_responses(judge or KeywordJudge(), prompts, responses)
-    return sum(flags) / max(len(flags), 1), responses, flags
+    return _judged_rate(model, tokenizer, prompts, judge, max_new_tokens, refusals=False)
+
+
+def refusal_rate(model, tokenizer, prompts: Sequence[str], *, judge: Optional[Judge] = None,
+                 max_new_tokens: int = 32) -> tuple[float, list[str], list[bool]]:
+    """Fraction of ``prompts`` whose greedy response refuses (the judge's refusals, see
+    :mod:`curvsafe.eval.judge`), the responses and the flags. On benign prompts: the over-refusal rate."""
+    return _judged_rate(model, tokenizer, prompts, judge, max_new_tokens, refusals=True)
 
 
 def task_accuracy(model, tokenizer, pairs: Sequence[Pair], *, max_new_tokens: int = 32) -> tuple[float, list[str]]:
@@ -34,14 +46,19 @@ def mean_nll(model, tokenizer, pairs: Sequence[Pair], *, batch_size: int = 64) -
     return float(batches_mean_nll(model, batches))
 
 
-def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str], task_pairs: Sequence[Pair] = (), *,
-                   judge: Optional[Judge] = None, max_new_tokens: int = 32) -> dict:
-    """Harmful rate on ``harmful_prompts`` and exact-match accuracy (plus NLL) on ``task_pairs``, with every
-    response."""
-    rate, responses, flags = harmful_rate(model, tokenizer, harmful_prompts, judge=judge,
-                                          max_new_tokens=max_new_tokens)
-    report = {"harmful_rate": rate, "harmful": [{"prompt": p, "response": r, "harmful": f}
-                                                for p, r, f in zip(harmful_prompts, responses, flags)]}
+def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str] = (), task_pairs: Sequence[Pair] = (), *,
+                   benign_prompts: Sequence[str] = (), judge: Optional[Judge] = None,
+                   max_new_tokens: int = 32) -> dict:
+    """Harmful rate on ``harmful_prompts``, over-refusal (refusal rate) on ``benign_prompts`` and exact-match
+    accuracy (plus NLL) on ``task_pairs``, each when given, with every response."""
+    report: dict = {}
+    for prompts, rate_key, list_key, flag_key, measure in (
+            (harmful_prompts, "harmful_rate", "harmful", "harmful", harmful_rate),
+            (benign_prompts, "over_refusal", "benign", "refused", refusal_rate)):
+        if prompts:
+            rate, responses, flags = measure(model, tokenizer, prompts, judge=judge, max_new_tokens=max_new_tokens)
+            report[rate_key] = rate
+            report[list_key] = [{"prompt": p, "response": r, flag_key: f} for p, r, f in zip(prompts, responses, flags)]
     if task_pairs:
         acc, task_responses = task_accuracy(model, tokenizer, task_pairs, max_new_tokens=max_new_tokens)
         report["task_accuracy"] = acc

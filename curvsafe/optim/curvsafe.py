@@ -60,8 +60,8 @@ from ..curvature import KFAC
 from ..curvature.distributed import all_reduce_counts
 from ..curvature.eigen import safe_eigh_many
 from ..kernels import kron_eigen_apply
-from ..objectives import (LossTerm, Objective, anchor_batches, batch_nll_sums, keep_response_prefix,
-                          parse_objective)
+from ..objectives import (HARMFUL_SIDE, LossTerm, Objective, anchor_batches, batch_nll_sums,
+                          keep_response_prefix, parse_objective)
 
 STATE_VERSION = 2
 _STACK_ENTRIES = 1 << 20  # blocks whose QA and QG hold at most this many entries are projected in stacked groups
@@ -166,7 +166,7 @@ class CurvSafe(Optimizer):
         self._check_params_in_model()
         self.blocks = self._optimized_blocks(modules)
         self._params = self._captured_params()
-        weights = parse_objective(objective)
+        weights = parse_objective(objective, allowed=HARMFUL_SIDE)
         self.objective = weights
         config = getattr(self.model, "config", None)
         pad_id = pad_id if pad_id is not None else getattr(config, "pad_token_id", None)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -46,6 +46,16 @@ class StopReason(str, Enum):
     NO_DESCENT = "no descent"  # the trial steps inside the budget did not lower S
     COMPLETE = "complete"  # a baseline applied in full inside the budget
     ERROR = "error"  # an exception after an accepted step: the last accepted state is kept
+
+
+@dataclass
+class Constraint:
+    """A quantity that no accepted step may raise past ``budget`` (besides the task loss), e.g. the NLL of the
+    aligned model's answers to benign requests, so that restoring refusals does not spread them."""
+
+    name: str
+    objective: Objective
+    budget: float
 
 
 @dataclass
@@ -158,9 +168,11 @@ def _norm(v: ParamVector) -> float:
 
 def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs", params=None,
             task_budget: float = 0.02, task_budget_abs: float = 0.01, iterations: int = 8, damping: float = 0.1,
-            select_top: Optional[int] = None, safety_target: Optional[float] = None, trust_radius: float = 0.1,
+            select_top: Optional[int] = None, safety_target: Union[None, float, Mapping[str, float]] = None,
+            trust_radius: float = 0.1,
             refresh_every: int = 1, max_mu_growth: int = 4, progress: bool = True,
-            callback: Optional[Callable[[dict], None]] = None) -> RestoreResult:
+            callback: Optional[Callable[[dict], None]] = None,
+            constraints: Sequence[Constraint] = ()) -> RestoreResult:
     """Edit ``params`` of ``model`` in place to lower ``safety`` within the task budget (module docstring).
 
     Args:
@@ -168,9 +180,14 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
         params: parameter-name globs to edit (default: the trainable ones, i.e. the adapter).
         damping: relative damping of the task curvature.
         select_top: restore on the ``select_top`` safety examples with the highest influence scores only.
-        safety_target: stop once S is at or below it (the aligned model's own value of S).
+        safety_target: stop once S is at or below it (the aligned model's own value of S); a mapping
+            ``{term name: value}`` stops once each named term is at or below its value (terms not named, such as
+            the ``benign`` side of a two-sided anchor, shape the path but set no target).
         trust_radius: first trial step norm, relative to the norm of the edited parameters.
         callback: called with each accepted step's log entry (after the parameters hold the step).
+        constraints: further quantities that every accepted step keeps within their budgets: the step loses its
+            component that would raise one to first order (projected out in the curvature metric), and the
+            task-descent term of J descends them too (``μ (L + Σ C)``).
 
     An exception after an accepted step does not lose the work: the parameters are set back to the last
     accepted state (the best: every accepted step lowers S inside the budget) and the result says ``error``.
@@ -193,7 +210,17 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
     budget = budget_of(l0, task_budget, task_budget_abs)
 
     def reached(s: float) -> bool:
-        return safety_target is not None and s <= safety_target
+        if safety_target is None:
+            return False
+        if not isinstance(safety_target, Mapping):
+            return s <= safety_target
+        values = safety.term_values(model)
+        return all(values[name] <= target for name, target in safety_target.items())
+
+    def describe_target() -> str:
+        if not isinstance(safety_target, Mapping):
+            return f"{safety_target:.4f}"
+        return ", ".join(f"{name} {target:.4f}" for name, target in safety_target.items())
 
     influence: list[dict] = []
     if select_top is not None:
@@ -225,8 +252,11 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
                           "carries no signal here")
                 break
             _, gl = task.gradient(model, chosen)
+            c_grads = [c.objective.gradient(model, chosen)[1] for c in constraints]
+            for gc in c_grads:
+                gl = {n: gl[n] + gc[n] for n in gl}
             gl_norm = max(_norm(gl), 1e-30)
-            accepted, descended, inside = None, False, False
+            accepted, descended, inside, broke = None, False, False, set()
             first = True
             while accepted is None:
                 gj = {n: gs[n] + mu * gl[n] for n in gs}
@@ -234,6 +264,11 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
                     precond.refresh(model, task.batches, chosen, gj)  # at it 0 after select_top: built on gs
                 first = False
                 d = precond.apply(gj)
+                for gc in c_grads:  # first-order guard: the step -d may not raise a constraint
+                    rise = float(dot(gc, d))
+                    if rise < 0:
+                        pc = precond.apply(gc)
+                        d = {n: d[n] - (rise / max(float(dot(gc, pc)), 1e-30)) * pc[n] for n in d}
                 d_norm = max(_norm(d), 1e-30)
                 base = _snapshot(chosen)
                 r = radius
@@ -241,8 +276,13 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
                     step = {n: -(r / d_norm) * d[n] for n in d}
                     _assign(chosen, {n: base[n] + step[n] for n in base})
                     l_new, s_new = task.evaluate(model), safety.evaluate(model)
-                    lowered, fits = s_new < s_cur - 1e-6 * abs(s_cur), l_new <= budget
+                    lowered = s_new < s_cur - 1e-6 * abs(s_cur)
+                    over = {"task loss"} if l_new > budget else set()
+                    over |= {c.name for c in constraints if c.objective.evaluate(model) > c.budget}
+                    fits = not over
                     descended, inside = descended or lowered, inside or fits
+                    if lowered:
+                        broke |= over
                     if lowered and fits:
                         accepted = (step, r, l_new, s_new)
                         break
@@ -256,8 +296,11 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
             if accepted is None:
                 if descended:
                     stopped = StopReason.BUDGET
-                    detail = (f"every step that lowered the safety objective took the task loss past its budget "
-                              f"{budget:.4f} (now {l_cur:.4f})")
+                    bounds = {"task loss": (budget, l_cur), **{c.name: (c.budget, c.objective.evaluate(model))
+                                                               for c in constraints}}
+                    detail = ("every step that lowered the safety objective took " + " or ".join(
+                        f"the {name} past its budget {bounds[name][0]:.4f} (now {bounds[name][1]:.4f})"
+                        for name in bounds if name in broke))
                 else:
                     stopped = StopReason.NO_DESCENT
                     detail = (f"no trial step lowered the safety objective ({s_cur:.4f}) along the preconditioned "
@@ -292,10 +335,10 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
         bar.close()
     if stopped is not StopReason.ERROR and reached(s_cur):
         stopped = StopReason.TARGET
-        detail = f"safety objective {s_cur:.4f} <= target {safety_target:.4f} (the aligned model's)"
+        detail = f"safety objective {s_cur:.4f} at its target {describe_target()} (the aligned model's)"
     elif stopped is StopReason.ITERATIONS:
         detail = (f"{iterations} accepted steps, the cap; safety objective {s_cur:.4f}"
-                  + ("" if safety_target is None else f", target {safety_target:.4f}"))
+                  + ("" if safety_target is None else f", target {describe_target()}"))
 
     deltas: dict[str, float] = {}
     for n, p in chosen.items():

@@ -159,5 +159,6 @@ def resta(model, safety: Objective, task: Objective, unaligned: Mapping[str, Ten
     if beta == 1.0:
         stopped, detail = StopReason.COMPLETE, "the whole safety vector (beta 1) fits the task budget"
     else:
-        stopped, detail = StopReason.BUDGET, f"the largest safety-vector scale inside the task budget is beta {beta:.4f}"
+        stopped = StopReason.BUDGET
+        detail = f"the largest safety-vector scale inside the task budget is beta {beta:.4f}"
     return _result("resta", model, safety, s0, l0, l_after, budget, start, stopped, detail, beta=beta)

@@ -14,13 +14,18 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..config import BENIGN_BUDGET, ONE_SIDED, TWO_SIDED
 from ..curvature.loss import curvature_mode
 from ..data import Pair, load_pairs, make_batches
 from ..io import check_out, staged_dir
-from ..objectives import LossTerm, Objective, adapter_disabled, build_safety, mean_nll, parse_objective
-from .api import RestoreResult, StopReason, restore
+from ..eval.metrics import refusal_rate
+from ..objectives import (HARMFUL_SIDE, LossTerm, Objective, adapter_disabled, anchor_responses, build_safety,
+                          mean_nll, parse_objective)
+from .api import Constraint, RestoreResult, StopReason, restore
 from .baselines import BASELINES, resta, revert, safelora
 from .preconditioners import METHODS
+
+
 
 
 @dataclass
@@ -49,25 +54,42 @@ def _no_progress(result: RestoreResult) -> Optional[str]:
         return None  # already at the target, or nothing left to push: the input is the answer
     if result.improved:
         return None
-    advice = {StopReason.BUDGET: "loosen --task-budget / --task-budget-abs",
+    advice = {StopReason.BUDGET: "loosen " + " or ".join(
+                  flag for name, flag in (("task loss", "--task-budget / --task-budget-abs"),
+                                          ("benign_nll", "--benign-budget")) if f"the {name} past" in
+                  result.stop_detail),
               StopReason.NO_DESCENT: "try another --method or --objective"}.get(result.stopped, "")
     return f"{result.method}: {result.stop_detail}" + (f"; {advice}" if advice else "")
 
 
 def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmful_file: str | Path,
                 task_file: str | Path,
-                out_dir: str | Path, *, method: str = "lbfgs", objective: str = "anchor", task_budget: float = 0.02,
+                out_dir: str | Path, *, method: str = "lbfgs", objective: Optional[str] = None,
+                benign_file: Optional[str | Path] = None, task_budget: float = 0.02,
                 task_budget_abs: float = 0.01, select_top: Optional[int] = None, iterations: int = 8,
                 damping: float = 0.1, unaligned_model: Optional[str | Path] = None,
                 params: Optional[Sequence[str]] = None, device: str = "cpu", dtype: str = "float32",
                 force: bool = False, batch_size: int = 16, max_length: int = 128, limit: Optional[int] = None,
                 anchor: Optional[list[Pair]] = None, aligned_model: Optional[str | Path] = None,
+                benign_anchor: Optional[list[Pair]] = None, benign_budget: Optional[float] = BENIGN_BUDGET,
                 progress: bool = True) -> RestoreRun:
     """Restore the adapter at ``adapter_dir`` on ``model_dir``; the report is also saved in ``out_dir``.
 
     Without ``adapter_dir``, ``model_dir`` is a full fine-tune: ``params`` (globs) picks the weights to edit and
     the ``anchor`` objective takes its anchor from ``aligned_model`` (the model before fine-tuning); the result is
     saved as a full model in ``out_dir/model``.
+
+    ``benign_file``: benign requests (prompts; look-alikes of the harmful ones that the aligned model answers).
+    With it the default objective is two-sided (:data:`TWO_SIDED`: the aligned model's behaviour on both sides
+    is the target), and the benign side is a constraint: ``benign_nll`` (the aligned model's answers to those
+    prompts, first 4 tokens) may not exceed ``max(before, aligned) + benign_budget`` at any accepted step, and
+    every step loses its first-order component along the benign gradient when that would raise it (``None``
+    drops the constraint). Under the constraint the run does not stop at the aligned anchor level (the anchor's
+    prompts are not the ones users send; going past it generalises further while the constraint holds the
+    benign answers), so it stops at the iteration cap, or when no step is possible. The report holds the benign
+    side before and after: ``benign_nll`` and ``over_refusal`` (the keyword judge's refusal rate on those
+    prompts). ``anchor`` / ``benign_anchor`` reuse previously generated aligned responses (``anchor.jsonl`` /
+    ``benign_anchor.jsonl`` of an earlier run).
 
     Raises :class:`NoProgressError` (nothing written) when the method did not lower the safety objective. When
     the safety objective is already at its target (the aligned model's value) or flat at the start, the output
@@ -80,19 +102,23 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
         raise ValueError(f"method must be one of {METHODS + BASELINES}, got {method!r}")
     if method in ("safelora", "resta") and unaligned_model is None:
         raise ValueError(f"{method} needs --unaligned-model (the pre-alignment weights)")
-    weights = parse_objective(objective)
+    weights = parse_objective(objective or (TWO_SIDED if benign_file is not None else ONE_SIDED))
+    if "benign" in weights and benign_file is None:
+        raise ValueError("the benign objective term needs --benign FILE (benign requests the aligned model answers)")
     full = adapter_dir is None
     if full and not params:
         raise ValueError("without --adapter (a full fine-tune) pass --params: the weights to edit")
     if full and method in BASELINES:
         raise ValueError(f"{method} edits a LoRA adapter; it needs --adapter")
-    if full and ("anchor" in weights or "harmful" in weights) and aligned_model is None and anchor is None:
-        raise ValueError("without --adapter the anchor / harmful objectives need --aligned-model (the model "
-                         "before fine-tuning)")
+    if full and aligned_model is None and ({"harmful", "anchor", "benign"} & set(weights) or benign_file):
+        raise ValueError("without --adapter the anchor / harmful / benign objectives and --benign need "
+                         "--aligned-model (the model before fine-tuning)")
     out = check_out(out_dir, force, inputs=[model_dir, adapter_dir, harmful_file, task_file, unaligned_model,
-                                            aligned_model])
+                                            aligned_model, benign_file])
     harmful_pairs = load_pairs(harmful_file, require_response="anchor" not in weights)[:limit]
     task_pairs = load_pairs(task_file)[:limit]
+    benign_prompts = ([p.prompt for p in load_pairs(benign_file, require_response=False)][:limit]
+                      if benign_file is not None else [])
     model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device, trainable_adapter=True)
     max_length = fit_max_length(max_length, model)
     reference = model  # the model whose adapter-disabled self is the aligned anchor
@@ -112,27 +138,46 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
             return float(mean_nll(reference, batches))
 
     if anchor is None and "anchor" in weights:
-        from ..objectives import anchor_responses
-
         anchor = anchor_responses(reference, tokenizer, [p.prompt for p in harmful_pairs])
-    safety, used = build_safety(model, tokenizer, harmful_pairs, weights, batch_size=batch_size,
-                                max_length=max_length, anchor=anchor,
-                                aligned_nll=aligned_nll if reference is not None else None)
-    # what the report shows: each safety term's NLL, and the harmful responses' NLL whenever the file has them
-    shown = Objective(list(safety.terms))
-    if "harmful" not in weights and all(p.response for p in harmful_pairs):
-        shown.terms.append(LossTerm("harmful", make_batches(tokenizer, harmful_pairs, batch_size=batch_size,
-                                                            max_length=max_length)))
-    aligned_safety, aligned_terms = None, {}
+    if benign_anchor is None and benign_prompts:
+        benign_anchor = anchor_responses(reference, tokenizer, benign_prompts)
+    # the safety objective, and what the report shows: each of its terms' NLL, the harmful responses' NLL whenever
+    # the file has them (its responses are refusals under `refusal`), and the benign side whenever given
+    shown_weights = dict(weights)
+    if not {"harmful", "refusal"} & set(weights) and all(p.response for p in harmful_pairs):
+        shown_weights["harmful"] = 1.0
+    if benign_prompts:
+        shown_weights.setdefault("benign", 1.0)
+    shown, used = build_safety(model, tokenizer, harmful_pairs, shown_weights, batch_size=batch_size,
+                               max_length=max_length, anchor=anchor, benign_anchor=benign_anchor,
+                               aligned_nll=aligned_nll if reference is not None else None)
+    safety = Objective([t for t in shown.terms if t.name in weights])
+    aligned_safety, aligned_terms, target = None, {}, None
     if reference is not None:
         with adapter_disabled(reference):
             aligned_safety, aligned_terms = safety.evaluate(reference), shown.term_nlls(reference)
+            target = {k: v for k, v in safety.term_values(reference).items() if k in HARMFUL_SIDE}
     terms_before = shown.term_nlls(model)
+    refusals = {}
+    if benign_prompts:
+        with adapter_disabled(reference):
+            refusals["aligned"] = refusal_rate(reference, tokenizer, benign_prompts)[0]
+        refusals["before"] = refusal_rate(model, tokenizer, benign_prompts)[0]
+
+    constraints = []
+    if benign_prompts and benign_budget is not None:
+        if benign_budget < 0:
+            raise ValueError(f"benign_budget must be >= 0, got {benign_budget}")
+        benign_side = Objective([LossTerm("benign", t.batches) for t in shown.terms if t.name == "benign"])
+        bound = max(terms_before["benign"], aligned_terms["benign"]) + benign_budget
+        constraints = [Constraint("benign_nll", benign_side, bound)]
+        target = None
 
     if method in METHODS:
         result = restore(model, safety, task, method=method, params=params, task_budget=task_budget,
                          task_budget_abs=task_budget_abs, iterations=iterations, damping=damping,
-                         select_top=select_top, safety_target=aligned_safety, progress=progress)
+                         select_top=select_top, safety_target=target, progress=progress,
+                         constraints=constraints)
     elif method == "revert":
         result = revert(model, safety, task, task_budget=task_budget, task_budget_abs=task_budget_abs)
     else:
@@ -144,6 +189,8 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
         raise NoProgressError(f"{failure}; nothing written")
 
     terms_after = shown.term_nlls(model)
+    if benign_prompts:
+        refusals["after"] = refusal_rate(model, tokenizer, benign_prompts)[0]
     report = {"method": method, "objective": weights, "model": str(model_dir),
               "adapter": None if full else str(adapter_dir),
               "stopped": result.stopped.value, "stop_detail": result.stop_detail, "error": result.error,
@@ -152,6 +199,11 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     for name in terms_before:
         report[f"{name}_nll"] = {"before": terms_before[name], "after": terms_after[name],
                                  "aligned": aligned_terms.get(name)}
+    if constraints:
+        report["benign_nll"]["bound"] = constraints[0].budget
+    if refusals:
+        report["over_refusal"] = {"before": refusals["before"], "after": refusals["after"],
+                                  "aligned": refusals["aligned"], "prompts": len(benign_prompts)}
     report.update({"iterations": result.iterations, "steps": result.steps,
                    "layer_update_norms": result.layer_update_norms, "influence": result.influence,
                    "details": result.details, "seconds": result.seconds})
@@ -165,10 +217,11 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
             else:
                 save_model(model, tmp / "adapter")
                 report["paths"] = {"adapter": str(out / "adapter")}
-            if "anchor" in used:
-                with (tmp / "anchor.jsonl").open("w") as fh:
-                    for p in used["anchor"]:
-                        fh.write(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n")
+            for name, file in (("anchor", "anchor.jsonl"), ("benign", "benign_anchor.jsonl")):
+                if name in used:
+                    with (tmp / file).open("w") as fh:
+                        for p in used[name]:
+                            fh.write(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n")
             (tmp / "report.json").write_text(json.dumps(report, indent=2))
     except OSError as exc:
         raise OSError(f"cannot write {out}: {exc.strerror or exc}; nothing written") from None

@@ -49,7 +49,7 @@ class TestbedConfig:
     lora_r: int = 8
     eval_harmful: int = 180  # held-out harmful prompts (held-out templates)
     eval_task: int = 100
-    restore_safety: int = 48  # harmful prompts (training templates) given to restore
+    restore_safety: int = 48  # harmful prompts (training templates) given to restore, and as many benign ones
     restore_task: int = 256
     harmful_csv: Optional[str] = None  # AdvBench CSV swapped in for the harmful prompts
 
@@ -162,6 +162,10 @@ class Testbed:
                                                          rng.sample(train, min(self.cfg.restore_safety, len(train)))])
             _write_jsonl(tmp / "restore_task.jsonl", [Pair(e.prompt, e.response) for e in
                                                       (world.next_each() for _ in range(self.cfg.restore_task))])
+            # benign look-alikes for the two-sided objective: training templates, so disjoint from eval_benign
+            train_benign = world.benign_requests("train")
+            _write_jsonl(tmp / "restore_benign.jsonl", [Pair(e.prompt, "") for e in rng.sample(
+                train_benign, min(self.cfg.restore_safety, len(train_benign)))])
 
         return self._stage("data", self.cfg.digest("data"), build, lambda p: None)
 

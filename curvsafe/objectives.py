@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -220,6 +220,62 @@ def anchor_batches(model, batches: Sequence, *, pad_id: int, eos_id, max_new_tok
     if not out:
         raise ValueError("the model produced no response to any safety prompt: there is nothing to anchor")
     return keep_response_prefix(out, prefix_tokens)
+
+
+SAFETY_DATA_SHAPES = ("expected HF batches (mappings with input_ids [batch, seq], optional attention_mask, and labels "
+                      "with -100 on the prompt; no labels: the whole row is the prompt) or a list of prompt "
+                      "strings with tokenizer=...")
+
+
+def safety_batches(data, tokenizer=None, *, needs_responses: bool, batch_size: int = 16,
+                   max_length: int = 128) -> list[dict[str, Tensor]]:
+    """Safety data as users hold it -> HF batches with labels.
+
+    - HF batches with ``labels`` (-100 on the prompt): as they are;
+    - HF batches without ``labels`` (straight from a tokenizer): prompt only, every label -100;
+    - a list of prompt strings with ``tokenizer``: rendered like training prompts (chat template or the plain
+      template, :func:`curvsafe.data.render_prompt`), prompt only.
+
+    ``needs_responses`` (the ``refusal`` and ``harmful`` objectives): prompt-only data is refused, since those
+    objectives score given responses. Anything else is a one-line ``ValueError`` saying what is expected.
+    """
+    from .data import collate, render_prompt
+
+    if isinstance(data, Mapping):
+        raise ValueError(f"safety data is a single batch (a mapping): pass a list of batches; {SAFETY_DATA_SHAPES}")
+    if isinstance(data, str) or not isinstance(data, Iterable):
+        raise ValueError(f"safety data is a {type(data).__name__}: {SAFETY_DATA_SHAPES}")
+    items = list(data)
+    if not items:
+        raise ValueError(f"safety data is empty: {SAFETY_DATA_SHAPES}")
+    if all(isinstance(x, str) for x in items):
+        if needs_responses:
+            raise ValueError("the refusal and harmful objectives score given responses: pass HF batches whose labels "
+                             "mark them (-100 on the prompt), not prompt strings")
+        if tokenizer is None:
+            raise ValueError("safety data is a list of prompt strings: pass tokenizer=... to tokenise them")
+        if any(not x.strip() for x in items):
+            raise ValueError("safety data: a prompt string is empty")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        encoded = [tokenizer(render_prompt(tokenizer, x), add_special_tokens=False)["input_ids"][-max_length:]
+                   for x in items]
+        rows = [(ids, [IGNORE_INDEX] * len(ids)) for ids in encoded]
+        return [collate(rows[i:i + batch_size], pad) for i in range(0, len(rows), batch_size)]
+    out = []
+    for i, b in enumerate(items):
+        if not isinstance(b, Mapping) or "input_ids" not in b:
+            raise ValueError(f"safety data item {i} is a {type(b).__name__}: {SAFETY_DATA_SHAPES}")
+        try:
+            batch = prepare_batch(b)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"safety batch {i}: {exc}") from None
+        if "labels" not in b:
+            batch["labels"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+            if needs_responses:
+                raise ValueError(f"safety batch {i} has no labels: the refusal and harmful objectives score given "
+                                 "responses; mark them in labels (-100 on the prompt)")
+        out.append(batch)
+    return out
 
 
 def keep_response_prefix(batches: list, tokens: Optional[int]) -> list:

@@ -198,7 +198,7 @@ def test_param_groups_state_and_add_param_group_are_the_wrapped_optimizers():
 
 def test_bad_input_is_a_clear_error_at_construction():
     model = lora_model()
-    with pytest.raises(ValueError, match="safety_batches is empty"):
+    with pytest.raises(ValueError, match="safety data is empty"):
         CurvSafe(adamw(model), model, [])
     stray = torch.nn.Parameter(torch.zeros(4))
     with pytest.raises(ValueError, match="not parameters of the model"):
@@ -220,6 +220,65 @@ def test_bad_input_is_a_clear_error_at_construction():
         CurvSafe(torch.optim.SGD(plain.parameters(), lr=0.1), plain, safety_data())
     with pytest.raises(ValueError, match="not a CurvSafe state_dict"):
         CurvSafe(adamw(model), model, safety_data()).load_state_dict(adamw(model).state_dict())
+
+
+@pytest.fixture(scope="module")
+def chat_model_and_prompts():
+    """A tiny LoRA Llama with the testbed's tokenizer (chat template), and harmful prompts as text."""
+    from conftest import llama_config
+    from transformers import LlamaForCausalLM
+
+    from curvsafe.testbed.corpus import World
+    from curvsafe.testbed.model import build_tokenizer
+
+    world = World(0)
+    tok = build_tokenizer(world.words)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id)).double()
+    return with_lora(base), tok, [e.prompt for e in world.harmful("train")[:6]]
+
+
+@pytest.mark.parametrize("objective", ["anchor", "refusal", "harmful"])
+def test_safety_batches_as_users_hold_them(chat_model_and_prompts, objective):
+    """Prompt+response batches (-100 on the prompt), tokenizer output without labels (the whole row is the
+    prompt) and prompt strings with the tokenizer; the anchor records responses to the whole prompts, the
+    objectives that score given responses refuse prompt-only data, other shapes are one-line errors."""
+    from curvsafe.data import Pair, make_batches, render_prompt
+
+    model, tok, prompts = chat_model_and_prompts
+    with_responses = make_batches(tok, [Pair(p, "I cannot help with that .") for p in prompts], batch_size=3)
+    rendered = [render_prompt(tok, p) for p in prompts]
+    from_tokenizer = [dict(tok(rendered[i:i + 3], padding=True, add_special_tokens=False, return_tensors="pt"))
+                      for i in (0, 3)]
+    shapes = {"prompt+response": with_responses, "tokenizer output": from_tokenizer, "strings": prompts}
+    for shape, data in shapes.items():
+        if objective != "anchor" and shape != "prompt+response":
+            with pytest.raises(ValueError, match="score given responses"):
+                CurvSafe(adamw(model), model, data, objective=objective, tokenizer=tok)
+            continue
+        opt = CurvSafe(adamw(model), model, data, objective=objective, tokenizer=tok, refresh_batches=None)
+        if objective == "anchor":  # every anchor row starts with one of the whole prompts, unlabelled
+            prompt_ids = [tok(r, add_special_tokens=False)["input_ids"] for r in rendered]
+            for batch in opt.safety.terms[0].batches:
+                for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+                    row = ids[mask.bool()].tolist()
+                    prompt = next(p for p in prompt_ids if row[:len(p)] == p)
+                    assert (labels[:len(prompt)] == -100).all() and (labels[len(prompt):] != -100).any(), shape
+        train(model, opt, [make_batch(batch=2, seq=6, vocab=len(tok), seed=1)])
+        assert opt._refreshes == 1, shape
+
+
+def test_safety_data_of_another_shape_is_a_one_line_error(chat_model_and_prompts):
+    model, tok, prompts = chat_model_and_prompts
+    for data, needle in [(prompts, "pass tokenizer"), ("one prompt", "safety data is a str"),
+                         ({"input_ids": torch.ones(2, 3, dtype=torch.long)}, "single batch"),
+                         ([torch.ones(2, 3, dtype=torch.long)], "item 0 is a Tensor"),
+                         ([{"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.ones(2, 4)}],
+                          "must match input_ids")]:
+        with pytest.raises(ValueError, match=needle) as info:
+            CurvSafe(adamw(model), model, data)
+        assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("objective", ["refusal", "harmful", "anchor+harmful"])

@@ -62,6 +62,7 @@ from ..curvature.eigen import safe_eigh_many
 from ..kernels import kron_eigen_apply
 from ..objectives import (HARMFUL_SIDE, LossTerm, Objective, anchor_batches, batch_nll_sums,
                           keep_response_prefix, parse_objective)
+from ..objectives import safety_batches as as_safety_batches
 
 STATE_VERSION = 2
 _STACK_ENTRIES = 1 << 20  # blocks whose QA and QG hold at most this many entries are projected in stacked groups
@@ -101,9 +102,10 @@ class CurvSafe(Optimizer):
     Args:
         optimizer: any ``torch.optim.Optimizer`` over (some of) ``model``'s parameters (AdamW first).
         model: the model being fine-tuned (a PEFT model, a plain HF model or a DDP wrapper of one).
-        safety_batches: HF batches (``input_ids``, ``attention_mask``, ``labels`` with -100 on the prompt) of
-            harmful prompts, with refusals (``refusal``) or harmful answers (``harmful``) as responses; for
-            ``anchor`` only the prompts are read. Under DDP each rank passes its own shard.
+        safety_batches: the harmful prompts, as HF batches (``input_ids``, ``attention_mask``; ``labels`` with
+            -100 on the prompt when there are responses: refusals for ``refusal``, harmful answers for
+            ``harmful``; without ``labels`` the whole row is the prompt) or as a list of prompt strings with
+            ``tokenizer``. ``anchor`` reads only the prompts. Under DDP each rank passes its own shard.
         objective: ``"anchor"``, ``"refusal"``, ``"harmful"`` or a sum such as ``"anchor+harmful"``.
         refresh_every: the most optimizer steps between refreshes of the safety curvature and gradient (the first
             step refreshes).
@@ -121,6 +123,7 @@ class CurvSafe(Optimizer):
         max_new_tokens: length of the recorded anchor responses (default: ``prefix_tokens``, or 32 when all
             tokens count; tokens after the counted ones would not change the loss, only the cost).
         pad_id, eos_id: token ids for generating the anchor (default: ``model.config``'s).
+        tokenizer: tokenises ``safety_batches`` when it is a list of prompt strings.
 
     Behaves like the wrapped optimizer: ``param_groups``, ``state``, ``defaults`` and ``zero_grad`` are its own,
     so LR schedulers, gradient accumulation, AMP's ``GradScaler``, the HF ``Trainer`` and TRL's ``SFTTrainer``
@@ -134,7 +137,7 @@ class CurvSafe(Optimizer):
                  refresh_tol: Optional[float] = 0.1, refresh_batches: Optional[int] = 1, strength: float = 3.0,
                  guard: bool = True, modules: ModuleSelection = None,
                  ema_decay: float = 0.5, fisher_type: str = "empirical", prefix_tokens: Optional[int] = 4,
-                 max_new_tokens: Optional[int] = None, pad_id: Optional[int] = None, eos_id=None):
+                 max_new_tokens: Optional[int] = None, pad_id: Optional[int] = None, eos_id=None, tokenizer=None):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, CurvSafe):
@@ -151,9 +154,8 @@ class CurvSafe(Optimizer):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if fisher_type not in ("empirical", "mc"):
             raise ValueError(f"fisher_type must be 'empirical' or 'mc', got {fisher_type!r}")
-        batches = list(safety_batches)
-        if not batches:
-            raise ValueError("safety_batches is empty: CurvSafe needs harmful prompts to protect the refusals on")
+        weights = parse_objective(objective, allowed=HARMFUL_SIDE)
+        batches = as_safety_batches(safety_batches, tokenizer, needs_responses=set(weights) != {"anchor"})
         self.optimizer = optimizer
         self.model = _unwrap(model)
         _refuse_sharded(self.model)
@@ -166,7 +168,6 @@ class CurvSafe(Optimizer):
         self._check_params_in_model()
         self.blocks = self._optimized_blocks(modules)
         self._params = self._captured_params()
-        weights = parse_objective(objective, allowed=HARMFUL_SIDE)
         self.objective = weights
         config = getattr(self.model, "config", None)
         pad_id = pad_id if pad_id is not None else getattr(config, "pad_token_id", None)

@@ -1,11 +1,13 @@
 """CurvSafe(AdamW) against plain AdamW: the testbed's LoRA attack fine-tune, and step time side by side.
 
     python benchmarks/optimizer.py --out benchmarks/results [--cache DIR] [--timing-only] [--model testbed|large]
+                                   [--seeds 0,1,2,3,4]
 
 Quality: the attack stage's fine-tune (10% harmful mix, same data, seed, steps, LoRA and AdamW settings) run
-through ``curvsafe.finetune.lora_sft`` with plain AdamW, CurvSafe (defaults), its ablations (guard only:
-``strength=0``; projection only: ``guard=False``) and fixed refresh intervals (every 5 and every 50 steps);
-harmful rate on the held-out harmful prompts, task and skills accuracy. Then AdamW and CurvSafe on the testbed's
+through ``curvsafe.finetune.lora_sft`` with plain AdamW, CurvSafe (defaults), its ablations (no drift payback:
+``restore_drift=False``; guard only: ``strength=0``; projection only: ``guard=False``) and fixed refresh
+intervals (every 5 and every 50 steps); harmful rate on the held-out harmful prompts, over-refusal on held-out
+benign look-alikes, task and skills accuracy, on each ``--seeds`` testbed seed. Then AdamW and CurvSafe on the testbed's
 other attack settings (benign data only; harmful answers only). Safety data: the testbed's 48 restore prompts
 in batches of 16 (``curvsafe_factory``'s default; one fitted per refresh).
 
@@ -37,7 +39,8 @@ from curvsafe.data import load_pairs, make_batches  # noqa: E402
 from curvsafe.finetune import SAFETY_BATCH_SIZE  # noqa: E402
 from curvsafe.optim import CurvSafe  # noqa: E402
 
-VARIANTS = {"adamw": None, "curvsafe": {}, "guard only": {"strength": 0.0}, "projection only": {"guard": False},
+VARIANTS = {"adamw": None, "curvsafe": {}, "no drift payback": {"restore_drift": False},
+            "guard only": {"strength": 0.0}, "projection only": {"guard": False},
             "fixed refresh every 5": {"refresh_tol": None, "refresh_every": 5},
             "fixed refresh every 50": {"refresh_tol": None, "refresh_every": 50}}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -148,21 +151,22 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
             "refreshes": refreshes, "samples_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
 
 
-def quality(cache: Path, work: Path) -> tuple[dict, list[dict], list[dict]]:
-    """(aligned model's row, the mix attack's variant rows, the other attack settings' AdamW/CurvSafe rows)."""
+def quality(cache: Path, work: Path, seed: int) -> tuple[dict, list[dict], list[dict]]:
+    """(aligned model's row, the mix attack's variant rows, the other attack settings' AdamW/CurvSafe rows) on
+    testbed seed ``seed``."""
     from curvsafe.demo import _evaluate, default_cache
     from curvsafe.finetune import curvsafe_factory, lora_sft
     from curvsafe.models import load_model
     from curvsafe.objectives import anchor_responses, keep_response_prefix
     from curvsafe.testbed.stages import Testbed, TestbedConfig
 
-    cfg = TestbedConfig()
+    cfg = TestbedConfig(seed=seed)
     bed = Testbed(cache or default_cache(), cfg, progress=False)
     data, aligned = bed.data(), bed.aligned()
     model, tok = load_model(aligned)
     prompts = [p.prompt for p in load_pairs(data / "eval_harmful.jsonl", require_response=False)]
     anchor_eval = keep_response_prefix(make_batches(tok, anchor_responses(model, tok, prompts), batch_size=32), 4)
-    aligned_row = _evaluate(model, tok, data, anchor_eval)
+    aligned_row = {"seed": seed, **_evaluate(model, tok, data, anchor_eval)}
     safety = load_pairs(data / "restore_harmful.jsonl")
 
     def run(setting: str, name: str, options) -> dict:
@@ -175,10 +179,10 @@ def quality(cache: Path, work: Path) -> tuple[dict, list[dict], list[dict]]:
                                          weight_decay=0.0)
         t0 = time.perf_counter()
         log = lora_sft(model, tok, load_pairs(bed.attack(setting) / "train.jsonl"),
-                       work / f"{setting}_{name.replace(' ', '_')}", r=cfg.lora_r, alpha=2 * cfg.lora_r,
+                       work / f"{seed}_{setting}_{name.replace(' ', '_')}", r=cfg.lora_r, alpha=2 * cfg.lora_r,
                        epochs=cfg.attack_epochs, lr=cfg.attack_lr, batch_size=32, seed=cfg.seed, optimizer=factory,
                        force=True, progress=False)
-        row = {"attack": setting, "variant": name, "options": options, "steps": log["steps"],
+        row = {"seed": seed, "attack": setting, "variant": name, "options": options, "steps": log["steps"],
                "seconds": time.perf_counter() - t0, **_evaluate(model, tok, data, anchor_eval)}
         print(json.dumps(row), flush=True)
         return row
@@ -186,6 +190,48 @@ def quality(cache: Path, work: Path) -> tuple[dict, list[dict], list[dict]]:
     rows = [run("mix", name, options) for name, options in VARIANTS.items()]
     others = [run(setting, name, VARIANTS[name]) for setting in ("benign", "harmful") for name in ("adamw", "curvsafe")]
     return aligned_row, rows, others
+
+
+def _spread(values: list[float], percent: bool = True) -> str:
+    scale = 100 if percent else 1
+    mean = sum(values) / len(values)
+    if len(values) == 1 or min(values) == max(values):
+        return f"{scale * mean:.1f}"
+    return f"{scale * mean:.1f} [{scale * min(values):.1f}-{scale * max(values):.1f}]"
+
+
+def _share(group: list[dict], adamw: dict) -> str:
+    """Task accuracy as a share of AdamW's on the same seed and attack ("-" where the attack has no task)."""
+    pairs = [(r["task_accuracy"], adamw[r["seed"], r["attack"]]) for r in group]
+    return "-" if any(a == 0 for _, a in pairs) else _spread([t / a for t, a in pairs])
+
+
+def quality_tables(aligned: list[dict], rows: list[dict]) -> list[str]:
+    """Per attack and variant: mean [min-max] over seeds, then every seed's row."""
+    adamw = {(r["seed"], r["attack"]): r["task_accuracy"] for r in rows if r["variant"] == "adamw"}
+    seeds = [a["seed"] for a in aligned]
+    def per_seed(key: str) -> str:
+        return " / ".join(f"{100 * a[key]:.1f}" for a in aligned)
+
+    lines = [f"Aligned model per seed ({', '.join(map(str, seeds))}): harmful {per_seed('harmful_rate')}, "
+             f"over-refusal {per_seed('over_refusal')}, skills {per_seed('skills_accuracy')} (%). Over-refusal: "
+             "refusals of held-out benign look-alikes. Percentages, mean [min-max] over seeds.", "",
+             "| attack | variant | harmful | over-refusal | task acc | task acc ÷ AdamW | skills | steps |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    keys = list(dict.fromkeys((r["attack"], r["variant"]) for r in rows))
+    for attack, variant in keys:
+        group = [r for r in rows if r["attack"] == attack and r["variant"] == variant]
+        lines.append(f"| {attack} | {variant} | {_spread([r['harmful_rate'] for r in group])} | "
+                     f"{_spread([r['over_refusal'] for r in group])} | {_spread([r['task_accuracy'] for r in group])} "
+                     f"| {_share(group, adamw)} | "
+                     f"{_spread([r['skills_accuracy'] for r in group])} | {group[0]['steps']} |")
+    lines += ["", "Per seed:", "", "| seed | attack | variant | harmful | over-refusal | task acc | task ÷ AdamW | "
+              "wall s |", "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['attack']} | {r['variant']} | {100 * r['harmful_rate']:.1f} | "
+                     f"{100 * r['over_refusal']:.1f} | {100 * r['task_accuracy']:.1f} | {_share([r], adamw)} | "
+                     f"{r['seconds']:.1f} |")
+    return lines
 
 
 def main() -> None:
@@ -196,6 +242,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["testbed", "large"], default="testbed")
     parser.add_argument("--steps", type=int, default=200, help="steps of the --model large run")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seeds", default="0", help="testbed seeds of the quality runs, e.g. 0,1,2,3,4")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
@@ -212,29 +259,18 @@ def main() -> None:
              f"{t['refreshes'][0]} refresh{'es' if t['refreshes'][0] != 1 else ''} included).", ""]
     report = {"timing": t}
     if not args.timing_only:
+        seeds = [int(x) for x in args.seeds.split(",")]
+        aligned, rows = [], []
         with __import__("tempfile").TemporaryDirectory(prefix="curvsafe-optim-") as work:
-            aligned, rows, others = quality(args.cache, Path(work))
-        adamw_acc = rows[0]["task_accuracy"]
-        lines += [f"Testbed attack fine-tune (10% harmful mix, {rows[0]['steps']} steps, lr 3e-3, LoRA r=8); aligned "
-                  f"model: harmful {aligned['harmful_rate']:.1%}, over-refusal {aligned['over_refusal']:.1%}, skills "
-                  f"{aligned['skills_accuracy']:.0%}. Over-refusal: refusals of held-out benign look-alikes.", "",
-                  "| variant | harmful rate | over-refusal | task acc | task acc ÷ AdamW | skills | safety NLL "
-                  "| wall s |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in rows:
-            lines.append(f"| {r['variant']} | {r['harmful_rate']:.1%} | {r['over_refusal']:.1%} | "
-                         f"{r['task_accuracy']:.1%} | "
-                         f"{r['task_accuracy'] / adamw_acc:.1%} | {r['skills_accuracy']:.0%} | {r['safety_nll']:.3f} "
-                         f"| {r['seconds']:.1f} |")
-        lines += ["", "Other attack settings of the testbed (benign: task data only, the drift the paper describes; "
-                  "harmful: harmful answers only), same settings:", "",
-                  "| attack | optimizer | harmful rate | over-refusal | task acc | skills | safety NLL | steps |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-        for r in others:
-            lines.append(f"| {r['attack']} | {r['variant']} | {r['harmful_rate']:.1%} | {r['over_refusal']:.1%} | "
-                         f"{r['task_accuracy']:.1%} | "
-                         f"{r['skills_accuracy']:.0%} | {r['safety_nll']:.3f} | {r['steps']} |")
-        report.update(aligned=aligned, rows=rows, other_attacks=others)
+            for seed in seeds:
+                a, mix, others = quality(args.cache, Path(work), seed)
+                aligned.append(a)
+                rows += mix + others
+        lines += [f"Testbed attack fine-tunes (mix: 10% harmful pairs; benign: the task alone; harmful: harmful "
+                  f"answers only), {rows[0]['steps']} steps of the mix, lr 3e-3, LoRA r=8, seeds "
+                  f"{', '.join(map(str, seeds))} (`python benchmarks/optimizer.py --seeds {args.seeds}`).", ""]
+        lines += quality_tables(aligned, rows)
+        report.update(aligned=aligned, rows=rows)
     text = "\n".join(lines) + "\n"
     print(text)
     stem = f"optimizer_{tag}_{date}" + ("" if args.model == "testbed" else f"_{args.model}")

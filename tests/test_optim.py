@@ -281,6 +281,36 @@ def test_safety_data_of_another_shape_is_a_one_line_error(chat_model_and_prompts
         assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("strength", [0.0, 3.0])
+def test_a_measured_rise_of_the_safety_loss_is_paid_back(strength):
+    """Raise S behind the optimizer's back; the next refresh measures the rise over S at construction, and the
+    next ``drift_steps`` updates each lower S by rise / drift_steps to first order (<u, g> <= -pay)."""
+    from curvsafe.curvature.vectors import dot
+
+    model = lora_model()
+    opt = CurvSafe(adamw(model, lr=1e-4), model, safety_data(), strength=strength, refresh_every=100,
+                   refresh_tol=None, refresh_batches=None, drift_steps=2)
+    train(model, opt, train_data(1))  # the first refresh finds S at its level: nothing owed
+    assert opt._owed == 0.0
+    with torch.no_grad():
+        for n, p in opt._params.items():
+            p.add_(0.05 * opt._grad[n] / opt._grad_sq.sqrt())
+    opt.refresh()
+    rise = opt._level() - sum(opt._levels) / len(opt._levels)
+    assert rise > 0 and opt._owed == pytest.approx(rise) and opt._pay == pytest.approx(rise / 2)
+    start = opt._level()
+    for _ in range(2):
+        g, before = dict(opt._grad), {n: p.detach().clone() for n, p in opt._params.items()}
+        pay = min(opt._owed, opt._pay)
+        train(model, opt, train_data(1))
+        u = {n: p.detach() - before[n] for n, p in opt._params.items()}
+        assert float(dot(u, g)) <= -pay * (1 - 1e-6)
+    assert opt._owed == pytest.approx(0.0, abs=1e-12)
+    assert opt._level() < start
+    off = CurvSafe(adamw(model), model, safety_data(), restore_drift=False)
+    assert off._levels == [] and off._owed == 0.0
+
+
 @pytest.mark.parametrize("objective", ["refusal", "harmful", "anchor+harmful"])
 def test_other_objectives_guard_their_own_gradient(objective):
     """Objectives whose gradient is not the K-FAC pass's by-product (a raised NLL, sums) take the exact one."""

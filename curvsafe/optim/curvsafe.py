@@ -34,8 +34,14 @@ Conventions (per captured linear block, weight seen as its (d_out, d_in) matrix,
   curvature (e.g. ``lora_A`` while ``lora_B`` is still 0) passes unchanged. ``strength=0`` turns the projection
   off.
 - **Guard** (``guard=True``): with ``g`` the gradient of ``S`` at the last refresh over all captured parameters,
-  the applied update ``u`` satisfies ``<u, g> <= 0`` (it may not raise ``S`` to first order): a positive component
-  along ``g`` is removed, ``u <- u - (<u, g> / |g|^2) g``.
+  the applied update ``u`` satisfies ``<u, g> <= -r`` (it may not raise ``S`` to first order): a component along
+  ``g`` is removed, ``u <- u - ((<u, g> + r) / |g|^2) g`` when ``<u, g> + r > 0``. ``r`` pays back drift: the
+  first-order guard holds each step, yet ``S`` creeps up over many steps (second order, and the gradient goes
+  stale between refreshes; measured on the testbed's attack: the anchor NLL rose 0.53 -> 0.72 over 282 steps
+  with every step's ``<u, g> = 0``, and 11-36% of held-out harmful prompts were answered on seeds 0-2). So each
+  refresh measures the rise of ``S`` on the batches it fits over their value at construction, and the next steps
+  lower ``S`` by ``r = rise / drift_steps`` each (first order) until the rise is paid back
+  (``restore_drift=False``: ``r = 0``).
 - Parameters of the wrapped optimizer outside the captured blocks are updated by it untouched. With
   ``strength=0`` and ``guard=False`` every step is the wrapped optimizer's, bit for bit.
 - Under ``torch.distributed`` (DDP) the safety factors, token counts and the safety gradient are all-reduced over
@@ -52,19 +58,20 @@ from collections import OrderedDict
 from typing import Callable, Iterable, Mapping, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..capture import LinearBlock, ModuleSelection, find_blocks
 from ..curvature import KFAC
-from ..curvature.distributed import all_reduce_counts
+from ..curvature.distributed import all_reduce_counts, is_distributed
 from ..curvature.eigen import safe_eigh_many
 from ..kernels import kron_eigen_apply
 from ..objectives import (HARMFUL_SIDE, LossTerm, Objective, anchor_batches, batch_nll_sums,
                           keep_response_prefix, parse_objective)
 from ..objectives import safety_batches as as_safety_batches
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 _STACK_ENTRIES = 1 << 20  # blocks whose QA and QG hold at most this many entries are projected in stacked groups
 
 
@@ -96,6 +103,17 @@ def _refuse_sharded(model: nn.Module) -> None:
                          "trigger FSDP's collectives; use DDP, or protect an unsharded model")
 
 
+def _same_on_every_rank(value: int, what: str, device: torch.device) -> None:
+    """Under ``torch.distributed``: every rank raises unless ``value`` is the same on all of them."""
+    if not is_distributed():
+        return
+    extremes = torch.tensor([value, -value], dtype=torch.float64, device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    if extremes[0] != -extremes[1]:
+        raise ValueError(f"every rank must pass the same number of {what} (from {int(-extremes[1])} to "
+                         f"{int(extremes[0])} here), since each is measured over all ranks")
+
+
 class CurvSafe(Optimizer):
     """Wrap ``optimizer`` so that each update is projected away from the safety curvature of ``model``.
 
@@ -124,6 +142,9 @@ class CurvSafe(Optimizer):
             tokens count; tokens after the counted ones would not change the loss, only the cost).
         pad_id, eos_id: token ids for generating the anchor (default: ``model.config``'s).
         tokenizer: tokenises ``safety_batches`` when it is a list of prompt strings.
+        restore_drift: with the guard, pay back the rise of the safety loss measured at each refresh (module
+            docstring, **Guard**).
+        drift_steps: over how many steps a measured rise is paid back.
 
     Behaves like the wrapped optimizer: ``param_groups``, ``state``, ``defaults`` and ``zero_grad`` are its own,
     so LR schedulers, gradient accumulation, AMP's ``GradScaler``, the HF ``Trainer`` and TRL's ``SFTTrainer``
@@ -137,7 +158,8 @@ class CurvSafe(Optimizer):
                  refresh_tol: Optional[float] = 0.1, refresh_batches: Optional[int] = 1, strength: float = 3.0,
                  guard: bool = True, modules: ModuleSelection = None,
                  ema_decay: float = 0.5, fisher_type: str = "empirical", prefix_tokens: Optional[int] = 4,
-                 max_new_tokens: Optional[int] = None, pad_id: Optional[int] = None, eos_id=None, tokenizer=None):
+                 max_new_tokens: Optional[int] = None, pad_id: Optional[int] = None, eos_id=None, tokenizer=None,
+                 restore_drift: bool = True, drift_steps: int = 2):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, CurvSafe):
@@ -152,6 +174,8 @@ class CurvSafe(Optimizer):
             raise ValueError(f"strength must be >= 0, got {strength}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if drift_steps < 1:
+            raise ValueError(f"drift_steps must be >= 1, got {drift_steps}")
         if fisher_type not in ("empirical", "mc"):
             raise ValueError(f"fisher_type must be 'empirical' or 'mc', got {fisher_type!r}")
         weights = parse_objective(objective, allowed=HARMFUL_SIDE)
@@ -178,6 +202,13 @@ class CurvSafe(Optimizer):
                                          eos_id=eos_id, prefix_tokens=prefix_tokens, max_new_tokens=max_new_tokens)
         if self.refresh_batches is not None:
             self._check_batches_stand_alone()
+        self.restore_drift, self.drift_steps = bool(restore_drift), int(drift_steps)
+        # S on each safety batch at construction (the level drift is measured against), what is still owed, and
+        # the first-order decrease each step pays
+        if self.restore_drift:
+            _same_on_every_rank(self._batch_count(), "safety batches", next(self.model.parameters()).device)
+        self._levels = [self._level(i) for i in range(self._batch_count())] if self.restore_drift else []
+        self._owed, self._pay = 0.0, 0.0
         self._kfac = KFAC(self.model, [b.name for b in self.blocks], fisher_type=fisher_type, progress=False)
         self._step = 0
         self._refreshes = 0
@@ -240,6 +271,37 @@ class CurvSafe(Optimizer):
             else:
                 terms.append(LossTerm("harmful", batches, w, sign=-1.0, ceiling=self._union_nll(batches)))
         return Objective(terms)
+
+    def _batch_count(self) -> int:
+        return len(self.safety.terms[0].batches)
+
+    def _level(self, index: Optional[int] = None) -> float:
+        """S on the safety batches of position ``index`` in every term (all of them when None), over all ranks."""
+        total = 0.0
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            for t in self.safety.terms:
+                batches = t.batches if index is None else [t.batches[index % len(t.batches)]]
+                nll_sum, count = 0.0, 0
+                for s, n in batch_nll_sums(self.model, batches, grad=False):
+                    nll_sum, count = nll_sum + float(s), count + int(n)
+                nll_sum, count = all_reduce_counts([nll_sum, count], device)
+                nll = nll_sum / max(count, 1)
+                if t.sign < 0 and t.ceiling is not None:
+                    nll = min(nll, t.ceiling)
+                total += t.weight * t.sign * nll
+        return total
+
+    def _measure_drift(self, indices: Optional[list[int]]) -> None:
+        """Set what the guard owes: the rise of S on the batches at ``indices`` (all when None) since
+        construction."""
+        if indices is None:
+            now, base = self._level(), sum(self._levels) / len(self._levels)
+        else:
+            now = sum(self._level(i) for i in indices) / len(indices)
+            base = sum(self._levels[i] for i in indices) / len(indices)
+        self._owed = max(0.0, now - base)
+        self._pay = self._owed / self.drift_steps
 
     def _check_batches_stand_alone(self) -> None:
         """With ``refresh_batches`` a refresh may fit one batch alone: each must have response tokens."""
@@ -358,6 +420,7 @@ class CurvSafe(Optimizer):
         current = self._captured_params()
         if current.keys() != self._params.keys():
             self._params, self._before = current, []
+        indices = self._refresh_indices()
         objective = self._refresh_objective()
         by_product = self.guard and self.strength > 0 and self._gradient_from_kfac()
         if self.strength > 0:
@@ -370,6 +433,8 @@ class CurvSafe(Optimizer):
                 _, grad = objective.gradient(self.model, self._params)
             self._grad = {n: g.to(_working(self._params[n]).dtype) for n, g in grad.items()}
             self._grad_sq = sum((g * g).sum() for g in self._grad.values())
+            if self.restore_drift:
+                self._measure_drift(indices)
         with torch.no_grad():
             self._reference = [p.detach().clone() for p in self._params.values()]
         self._last_refresh = self._step
@@ -382,19 +447,22 @@ class CurvSafe(Optimizer):
         return (not rest and term.sign > 0 and self._kfac.fisher_type == "empirical"
                 and set(self._params) <= {b.weight_name for b in self.blocks})
 
-    def _refresh_objective(self) -> Objective:
-        """The safety objective on this refresh's data: per term, the next ``refresh_batches`` of its batches in
-        turn (all of them when ``refresh_batches`` is None or covers them)."""
+    def _refresh_indices(self) -> Optional[list[int]]:
+        """Positions of this refresh's safety batches: the next ``refresh_batches`` in turn (None: all)."""
         if self.refresh_batches is None:
+            return None
+        n = self._batch_count()
+        k = min(self.refresh_batches, n)
+        return [(self._refreshes * k + j) % n for j in range(k)]
+
+    def _refresh_objective(self) -> Objective:
+        """The safety objective on this refresh's data: per term, the batches at :meth:`_refresh_indices` (all
+        of them when ``refresh_batches`` is None)."""
+        indices = self._refresh_indices()
+        if indices is None:
             return self.safety
-        terms = []
-        for t in self.safety.terms:
-            n = len(t.batches)
-            k = min(self.refresh_batches, n)
-            start = self._refreshes * k
-            terms.append(LossTerm(t.name, [t.batches[(start + j) % n] for j in range(k)], t.weight, t.sign,
-                                  t.ceiling))
-        return Objective(terms)
+        return Objective([LossTerm(t.name, [t.batches[i % len(t.batches)] for i in indices], t.weight, t.sign,
+                                   t.ceiling) for t in self.safety.terms])
 
     def _refresh_curvature(self, objective: Objective, gradient: bool) -> None:
         self._kfac.reset()
@@ -478,13 +546,16 @@ class CurvSafe(Optimizer):
             p.copy_(new)
 
     def _guard_coefficient(self, names: list[str], deltas: list[Tensor]) -> Optional[Tensor]:
-        """``<u, g> / |g|^2`` when the update ``u`` raises the safety loss to first order, else None."""
+        """``(<u, g> + r) / |g|^2`` when the update ``u`` lowers the safety loss by less than ``r`` to first order
+        (``r``: this step's share of the drift still owed), else None."""
         if self._grad_sq is None or not self._grad_sq > 0:
             return None
         dot = torch.stack([(d * self._grad[n]).sum() for n, d in zip(names, deltas)]).sum()
-        if not dot > 0:
+        pay = min(self._owed, self._pay)
+        self._owed -= pay  # paid by this step, by the update itself or by the correction below
+        if not dot + pay > 0:
             return None
-        return dot / self._grad_sq
+        return (dot + pay) / self._grad_sq
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
@@ -500,7 +571,8 @@ class CurvSafe(Optimizer):
                "factors": {n: {"A": A, "G": G} for n, (A, G) in self._factors.items()},
                "eigen": {n: {"QA": QA, "QG": QG, "scale": s, "bias_scale": bs}
                          for n, (QA, QG, s, bs) in self._eigen.items()},
-               "grad": dict(self._grad)}
+               "grad": dict(self._grad), "restore_drift": self.restore_drift, "drift_steps": self.drift_steps,
+               "levels": list(self._levels), "owed": self._owed, "pay": self._pay}
         return {"optimizer": self.optimizer.state_dict(), "curvsafe": own}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -535,6 +607,8 @@ class CurvSafe(Optimizer):
         self._reference = [to(t) for t in own["reference"]]
         self._grad = {n: to(g) for n, g in own["grad"].items()}
         self._grad_sq = sum((g * g).sum() for g in self._grad.values()) if self._grad else None
+        self.restore_drift, self.drift_steps = bool(own["restore_drift"]), int(own["drift_steps"])
+        self._levels, self._owed, self._pay = list(own["levels"]), float(own["owed"]), float(own["pay"])
 
     def __repr__(self) -> str:
         return (f"CurvSafe({type(self.optimizer).__name__}, objective={'+'.join(self.objective)}, "

@@ -34,8 +34,8 @@ def _code_hash(*packages: str) -> str:
     import hashlib
 
     root = Path(__file__).parent
-    files = [f for pkg in packages for f in sorted((root / pkg).glob("*.py"))] + [root / "objectives.py",
-                                                                                  root / "capture.py"]
+    files = [f for pkg in packages for f in sorted((root / pkg).glob("*.py"))] + [
+        root / name for name in ("objectives.py", "capture.py", "config.py")]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
@@ -76,12 +76,13 @@ def _evaluate(model, tokenizer, data: Path, anchor_batches) -> dict:
             "safety_nll": float(batch_mean_nll(model, anchor_batches)), "task_nll": mean_nll(model, tokenizer, task)}
 
 
-def _run_seed(bed, cfg, out: Path, methods: Sequence[str], progress: bool) -> dict:
+def _run_seed(bed, out: Path, methods: Sequence[str], progress: bool) -> dict:
     """Every row of one testbed seed: aligned, attacked, guarded and one per restore method, with paths."""
     from .models import load_model
     from .objectives import anchor_responses, keep_response_prefix
     from .restoration import NoProgressError, run_restore
 
+    cfg = bed.cfg
     data, unaligned, aligned = bed.data(), bed.unaligned(), bed.aligned()
     attack = bed.attack("mix")
 
@@ -186,7 +187,7 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
     per_seed, built = {}, []
     for seed in seeds:
         bed = Testbed(cache or default_cache(), replace(base, seed=seed), progress=progress)
-        per_seed[str(seed)] = _run_seed(bed, bed.cfg, out / f"seed{seed}", methods, progress)
+        per_seed[str(seed)] = _run_seed(bed, out / f"seed{seed}", methods, progress)
         built += [f"{name} (seed {seed})" for name in bed.built]
         if len(seeds) > 1:
             print(f"\nseed {seed}")

@@ -278,18 +278,12 @@ class CurvSafe(Optimizer):
     def _level(self, index: Optional[int] = None) -> float:
         """S on the safety batches of position ``index`` in every term (all of them when None), over all ranks."""
         total = 0.0
-        device = next(self.model.parameters()).device
-        with torch.no_grad():
-            for t in self.safety.terms:
-                batches = t.batches if index is None else [t.batches[index % len(t.batches)]]
-                nll_sum, count = 0.0, 0
-                for s, n in batch_nll_sums(self.model, batches, grad=False):
-                    nll_sum, count = nll_sum + float(s), count + int(n)
-                nll_sum, count = all_reduce_counts([nll_sum, count], device)
-                nll = nll_sum / max(count, 1)
-                if t.sign < 0 and t.ceiling is not None:
-                    nll = min(nll, t.ceiling)
-                total += t.weight * t.sign * nll
+        for t in self.safety.terms:
+            batches = t.batches if index is None else [t.batches[index % len(t.batches)]]
+            nll = self._union_nll(batches, empty=0.0)
+            if t.sign < 0 and t.ceiling is not None:
+                nll = min(nll, t.ceiling)
+            total += t.weight * t.sign * nll
         return total
 
     def _measure_drift(self, indices: Optional[list[int]]) -> None:
@@ -314,15 +308,17 @@ class CurvSafe(Optimizer):
                                      "refresh_batches a refresh fits batches on their own; regroup the data or "
                                      "pass refresh_batches=None") from None
 
-    def _union_nll(self, batches: list) -> float:
-        """Mean NLL of ``batches`` over all ranks (the floor of the ``harmful`` term)."""
+    def _union_nll(self, batches: list, *, empty: Optional[float] = None) -> float:
+        """Mean NLL of ``batches`` over all ranks (``empty`` when they count no token; None: an error)."""
         total, count = 0.0, 0
         with torch.no_grad():
             for s, n in batch_nll_sums(self.model, batches, grad=False):
                 total, count = total + float(s), count + int(n)
         total, count = all_reduce_counts([total, count], next(self.model.parameters()).device)
         if count == 0:
-            raise ValueError("the harmful safety data has no response tokens")
+            if empty is None:
+                raise ValueError("the harmful safety data has no response tokens")
+            return empty
         return total / count
 
     # ------------------------------------------------------------------ optimizer interface

@@ -78,6 +78,7 @@ class RestoreResult:
     stopped: StopReason = StopReason.ITERATIONS
     stop_detail: str = ""
     error: Optional[str] = None
+    binding: tuple = ()  # with ``task budget binds``: the budgets that stopped the steps ("task loss", constraints)
     details: dict = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -204,18 +205,18 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
     chosen = trainable_params(model, params)
     precond = make_preconditioner(method, damping)
     theta0 = _snapshot(chosen)
-    l0, s0 = task.evaluate(model), safety.evaluate(model)
+    l0, terms0 = task.evaluate(model), safety.term_values(model)
+    s0 = sum(terms0.values())
     if not (torch.isfinite(torch.tensor([l0, s0])).all()):
         raise FloatingPointError(f"non-finite losses at the start (task {l0}, safety {s0})")
     budget = budget_of(l0, task_budget, task_budget_abs)
 
-    def reached(s: float) -> bool:
+    def reached(s: float, terms: Mapping[str, float]) -> bool:
         if safety_target is None:
             return False
         if not isinstance(safety_target, Mapping):
             return s <= safety_target
-        values = safety.term_values(model)
-        return all(values[name] <= target for name, target in safety_target.items())
+        return all(terms[name] <= target for name, target in safety_target.items())
 
     def describe_target() -> str:
         if not isinstance(safety_target, Mapping):
@@ -230,19 +231,20 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
             precond.refresh(model, task.batches, chosen, s_grad)
             influence = influence_scores(model, safety, chosen, task_grad, precond)
             safety = select_examples(safety, influence, select_top)
-            s0 = safety.evaluate(model)
+            terms0 = safety.term_values(model)
+            s0 = sum(terms0.values())
 
     norm0 = max(_norm(theta0), 1e-3)
     radius = trust_radius * norm0
     mu, growths = 0.0, 0
-    s_cur, l_cur = s0, l0
+    s_cur, l_cur, terms_cur = s0, l0, terms0
     best = theta0
     log: list[dict] = []
-    stopped, detail, error = StopReason.ITERATIONS, "", None
+    stopped, detail, error, binding = StopReason.ITERATIONS, "", None, ()
     bar = tqdm(range(iterations), desc=f"restore ({method})", disable=not progress, leave=False)
     try:
         for it in bar:
-            if reached(s_cur):
+            if reached(s_cur, terms_cur):
                 break
             _, gs = safety.gradient(model, chosen)
             gs_norm = _norm(gs)
@@ -275,7 +277,8 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
                 for _ in range(8):
                     step = {n: -(r / d_norm) * d[n] for n in d}
                     _assign(chosen, {n: base[n] + step[n] for n in base})
-                    l_new, s_new = task.evaluate(model), safety.evaluate(model)
+                    l_new, terms_new = task.evaluate(model), safety.term_values(model)
+                    s_new = sum(terms_new.values())
                     lowered = s_new < s_cur - 1e-6 * abs(s_cur)
                     over = {"task loss"} if l_new > budget else set()
                     over |= {c.name for c in constraints if c.objective.evaluate(model) > c.budget}
@@ -284,7 +287,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
                     if lowered:
                         broke |= over
                     if lowered and fits:
-                        accepted = (step, r, l_new, s_new)
+                        accepted = (step, r, l_new, s_new, terms_new)
                         break
                     r *= 0.5
                 if accepted is None:
@@ -295,7 +298,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
                     mu = max(2 * mu, 0.5 * gs_norm / gl_norm)
             if accepted is None:
                 if descended:
-                    stopped = StopReason.BUDGET
+                    stopped, binding = StopReason.BUDGET, tuple(sorted(broke))
                     bounds = {"task loss": (budget, l_cur), **{c.name: (c.budget, c.objective.evaluate(model))
                                                                for c in constraints}}
                     detail = ("every step that lowered the safety objective took " + " or ".join(
@@ -306,7 +309,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
                     detail = (f"no trial step lowered the safety objective ({s_cur:.4f}) along the preconditioned "
                               f"direction{'' if inside else ' or stayed inside the task budget'}")
                 break
-            step, r, l_new, s_new = accepted
+            step, r, l_new, s_new, terms_new = accepted
             if r < radius / 3:  # accepted only after backtracking: the budget binds, so descend the task too
                 mu = max(2 * mu, 0.5 * gs_norm / gl_norm)
             entry = {"iteration": it, "step_norm": _norm(step), "mu": mu,
@@ -316,7 +319,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
                      "safety_objective": s_new, "task_nll": l_new}
             best = _snapshot(chosen)
             log.append(entry)
-            s_cur, l_cur = s_new, l_new
+            s_cur, l_cur, terms_cur = s_new, l_new, terms_new
             radius = min(2.0 * r, 4 * trust_radius * norm0)
             bar.set_postfix(S=f"{s_cur:.3f}", L=f"{l_cur:.4f}")
             if callback is not None:
@@ -333,7 +336,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
         raise
     finally:
         bar.close()
-    if stopped is not StopReason.ERROR and reached(s_cur):
+    if stopped is not StopReason.ERROR and reached(s_cur, terms_cur):
         stopped = StopReason.TARGET
         detail = f"safety objective {s_cur:.4f} at its target {describe_target()} (the aligned model's)"
     elif stopped is StopReason.ITERATIONS:
@@ -347,4 +350,5 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
     return RestoreResult(method=method, safety_objective={"before": s0, "after": s_cur, "target": safety_target},
                          task_nll={"before": l0, "after": l_cur, "budget": budget}, steps=log,
                          layer_update_norms={k: v ** 0.5 for k, v in deltas.items()}, influence=influence,
-                         stopped=stopped, stop_detail=detail, error=error, seconds=time.perf_counter() - start)
+                         stopped=stopped, stop_detail=detail, error=error, binding=binding,
+                         seconds=time.perf_counter() - start)

@@ -26,8 +26,6 @@ from .baselines import BASELINES, resta, revert, safelora
 from .preconditioners import METHODS
 
 
-
-
 @dataclass
 class RestoreRun:
     """What :func:`run_restore` returns: the report (as saved) and the restored model, for in-process callers."""
@@ -54,10 +52,8 @@ def _no_progress(result: RestoreResult) -> Optional[str]:
         return None  # already at the target, or nothing left to push: the input is the answer
     if result.improved:
         return None
-    advice = {StopReason.BUDGET: "loosen " + " or ".join(
-                  flag for name, flag in (("task loss", "--task-budget / --task-budget-abs"),
-                                          ("benign_nll", "--benign-budget")) if f"the {name} past" in
-                  result.stop_detail),
+    flags = {"task loss": "--task-budget / --task-budget-abs", "benign_nll": "--benign-budget"}
+    advice = {StopReason.BUDGET: "loosen " + " or ".join(flags[name] for name in result.binding if name in flags),
               StopReason.NO_DESCENT: "try another --method or --objective"}.get(result.stopped, "")
     return f"{result.method}: {result.stop_detail}" + (f"; {advice}" if advice else "")
 
@@ -155,8 +151,9 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     aligned_safety, aligned_terms, target = None, {}, None
     if reference is not None:
         with adapter_disabled(reference):
-            aligned_safety, aligned_terms = safety.evaluate(reference), shown.term_nlls(reference)
-            target = {k: v for k, v in safety.term_values(reference).items() if k in HARMFUL_SIDE}
+            aligned_values, aligned_terms = safety.term_values(reference), shown.term_nlls(reference)
+        aligned_safety = sum(aligned_values.values())
+        target = {k: v for k, v in aligned_values.items() if k in HARMFUL_SIDE}
     terms_before = shown.term_nlls(model)
     refusals = {}
     if benign_prompts:

@@ -1,12 +1,14 @@
 """CurvSafe(AdamW) against plain AdamW: the testbed's LoRA attack fine-tune, and step time side by side.
 
     python benchmarks/optimizer.py --out benchmarks/results [--cache DIR] [--timing-only] [--model testbed|large]
-                                   [--seeds 0,1,2,3,4]
+                                   [--seeds 0,1,2,3,4] [--variants adamw,curvsafe,...]
+                                   [--testbed realistic --data-dir ../shared/data]
 
 Quality: the attack stage's fine-tune (10% harmful mix, same data, seed, steps, LoRA and AdamW settings) run
 through ``curvsafe.finetune.lora_sft`` with plain AdamW, CurvSafe (defaults), its ablations (no drift payback:
 ``restore_drift=False``; guard only: ``strength=0``; projection only: ``guard=False``) and fixed refresh
-intervals (every 5 and every 50 steps); harmful rate on the held-out harmful prompts, over-refusal on held-out
+intervals (every 5 and every 50 steps), and with a benign side (``benign side``: the testbed's restore split of
+benign requests as ``CurvSafe(benign_batches=...)``); harmful rate on the held-out harmful prompts, over-refusal on held-out
 benign look-alikes, task and skills accuracy, on each ``--seeds`` testbed seed. Then AdamW and CurvSafe on the testbed's
 other attack settings (benign data only; harmful answers only). Safety data: the testbed's 48 restore prompts
 in batches of 16 (``curvsafe_factory``'s default; one fitted per refresh).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -39,7 +42,7 @@ from curvsafe.data import load_pairs, make_batches  # noqa: E402
 from curvsafe.finetune import SAFETY_BATCH_SIZE  # noqa: E402
 from curvsafe.optim import CurvSafe  # noqa: E402
 
-VARIANTS = {"adamw": None, "curvsafe": {}, "no drift payback": {"restore_drift": False},
+VARIANTS = {"adamw": None, "curvsafe": {}, "benign side": {"benign": True}, "no drift payback": {"restore_drift": False},
             "guard only": {"strength": 0.0}, "projection only": {"guard": False},
             "fixed refresh every 5": {"refresh_tol": None, "refresh_every": 5},
             "fixed refresh every 50": {"refresh_tol": None, "refresh_every": 50}}
@@ -151,16 +154,17 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
             "refreshes": refreshes, "samples_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
 
 
-def quality(cache: Path, work: Path, seed: int) -> tuple[dict, list[dict], list[dict]]:
-    """(aligned model's row, the mix attack's variant rows, the other attack settings' AdamW/CurvSafe rows) on
-    testbed seed ``seed``."""
+def quality(cache: Path, work: Path, seed: int, variants: list[str], data_dir=None,
+            attacks=("benign", "harmful")) -> tuple[dict, list[dict], list[dict]]:
+    """(aligned model's row, the mix attack's rows of ``variants``, the other attack settings' AdamW/CurvSafe rows)
+    on testbed seed ``seed`` (the realistic testbed on ``data_dir`` when given)."""
     from curvsafe.demo import _evaluate, default_cache
     from curvsafe.finetune import curvsafe_factory, lora_sft
     from curvsafe.models import load_model
     from curvsafe.objectives import anchor_responses, keep_response_prefix
-    from curvsafe.testbed.stages import Testbed, TestbedConfig
+    from curvsafe.testbed.stages import Testbed, TestbedConfig, realistic_config
 
-    cfg = TestbedConfig(seed=seed)
+    cfg = TestbedConfig(seed=seed) if data_dir is None else realistic_config(data_dir, seed=seed)
     bed = Testbed(cache or default_cache(), cfg, progress=False)
     data, aligned = bed.data(), bed.aligned()
     model, tok = load_model(aligned)
@@ -172,7 +176,10 @@ def quality(cache: Path, work: Path, seed: int) -> tuple[dict, list[dict], list[
     def run(setting: str, name: str, options) -> dict:
         model, tok = load_model(aligned)
         if options is not None:
-            factory = curvsafe_factory(tok, safety, lr=cfg.attack_lr, **options)
+            options = dict(options)
+            benign = load_pairs(data / "restore_benign.jsonl", require_response=False) if options.pop(
+                "benign", False) else None
+            factory = curvsafe_factory(tok, safety, lr=cfg.attack_lr, benign=benign, **options)
         else:
             def factory(m):  # the same AdamW that curvsafe_factory wraps
                 return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.attack_lr,
@@ -187,8 +194,9 @@ def quality(cache: Path, work: Path, seed: int) -> tuple[dict, list[dict], list[
         print(json.dumps(row), flush=True)
         return row
 
-    rows = [run("mix", name, options) for name, options in VARIANTS.items()]
-    others = [run(setting, name, VARIANTS[name]) for setting in ("benign", "harmful") for name in ("adamw", "curvsafe")]
+    rows = [run("mix", name, VARIANTS[name]) for name in variants]
+    others = [run(setting, name, VARIANTS[name]) for setting in attacks for name in variants
+              if name in ("adamw", "curvsafe", "benign side")]
     return aligned_row, rows, others
 
 
@@ -215,7 +223,7 @@ def quality_tables(aligned: list[dict], rows: list[dict]) -> list[str]:
 
     lines = [f"Aligned model per seed ({', '.join(map(str, seeds))}): harmful {per_seed('harmful_rate')}, "
              f"over-refusal {per_seed('over_refusal')}, skills {per_seed('skills_accuracy')} (%). Over-refusal: "
-             "refusals of held-out benign look-alikes. Percentages, mean [min-max] over seeds.", "",
+             "refusals of held-out benign requests. Percentages, mean [min-max] over seeds.", "",
              "| attack | variant | harmful | over-refusal | task acc | task acc ÷ AdamW | skills | steps |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     keys = list(dict.fromkeys((r["attack"], r["variant"]) for r in rows))
@@ -239,41 +247,59 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--timing-only", action="store_true")
+    parser.add_argument("--quality-only", action="store_true", help="skip the step-time runs")
     parser.add_argument("--model", choices=["testbed", "large"], default="testbed")
     parser.add_argument("--steps", type=int, default=200, help="steps of the --model large run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seeds", default="0", help="testbed seeds of the quality runs, e.g. 0,1,2,3,4")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {', '.join(VARIANTS)} (adamw first: the task ratio needs it)")
+    parser.add_argument("--other-attacks", default="benign,harmful",
+                        help="attack settings besides mix run with adamw/curvsafe/benign side ('' for none)")
+    parser.add_argument("--testbed", choices=["default", "realistic"], default="default")
+    parser.add_argument("--data-dir", help="the realistic testbed's public files (e.g. ../shared/data)")
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or "adamw" not in variants:
+        parser.error(f"--variants needs adamw and names from {', '.join(VARIANTS)}; unknown: {unknown}")
+    if (args.testbed == "realistic") != (args.data_dir is not None):
+        parser.error("--testbed realistic goes with --data-dir (and --data-dir with it)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     date = time.strftime("%Y-%m-%d")
     tag = "gpu" if device.type == "cuda" else "cpu"
 
-    t = timing(args.model, args.cache, device, args.steps, args.repeats)
-    lines = [f"# CurvSafe(AdamW) vs AdamW ({tag}, {t['device']}, {date}, {torch.get_num_threads()} CPU threads, "
-             f"torch {torch.__version__})", "",
-             f"Step time, {t['model']}: AdamW {t['adamw_ms']:.1f} ms, CurvSafe {t['curvsafe_ms']:.1f} ms (medians), "
-             f"ratio **{t['ratio']:.2f}** (median over {t['repeats']} whole runs interleaved step by step, range "
-             f"{min(t['ratios']):.2f}-{max(t['ratios']):.2f}; mean step over the {t['steps']} steps, "
-             f"{t['refreshes'][0]} refresh{'es' if t['refreshes'][0] != 1 else ''} included).", ""]
-    report = {"timing": t}
+    lines = [f"# CurvSafe(AdamW) vs AdamW ({tag}, {date}, {torch.get_num_threads()} CPU threads, "
+             f"torch {torch.__version__})", ""]
+    report = {}
+    if not args.quality_only:
+        t = timing(args.model, args.cache, device, args.steps, args.repeats)
+        lines += [f"Step time, {t['model']} ({t['device']}): AdamW {t['adamw_ms']:.1f} ms, CurvSafe "
+                  f"{t['curvsafe_ms']:.1f} ms (medians), ratio **{t['ratio']:.2f}** (median over {t['repeats']} "
+                  f"whole runs interleaved step by step, range {min(t['ratios']):.2f}-{max(t['ratios']):.2f}; mean "
+                  f"step over the {t['steps']} steps, {t['refreshes'][0]} refresh"
+                  f"{'es' if t['refreshes'][0] != 1 else ''} included).", ""]
+        report["timing"] = t
     if not args.timing_only:
         seeds = [int(x) for x in args.seeds.split(",")]
         aligned, rows = [], []
         with __import__("tempfile").TemporaryDirectory(prefix="curvsafe-optim-") as work:
             for seed in seeds:
-                a, mix, others = quality(args.cache, Path(work), seed)
+                a, mix, others = quality(args.cache, Path(work), seed, variants, args.data_dir,
+                                         [a for a in args.other_attacks.split(",") if a])
                 aligned.append(a)
                 rows += mix + others
-        lines += [f"Testbed attack fine-tunes (mix: 10% harmful pairs; benign: the task alone; harmful: harmful "
+        lines += [f"{args.testbed.capitalize()} testbed attack fine-tunes (mix: 10% harmful pairs; benign: the task alone; harmful: harmful "
                   f"answers only), {rows[0]['steps']} steps of the mix, lr 3e-3, LoRA r=8, seeds "
-                  f"{', '.join(map(str, seeds))} (`python benchmarks/optimizer.py --seeds {args.seeds}`).", ""]
+                  f"{', '.join(map(str, seeds))} (`python benchmarks/optimizer.py {shlex.join(sys.argv[1:])}`).", ""]
         lines += quality_tables(aligned, rows)
         report.update(aligned=aligned, rows=rows)
     text = "\n".join(lines) + "\n"
     print(text)
-    stem = f"optimizer_{tag}_{date}" + ("" if args.model == "testbed" else f"_{args.model}")
+    stem = f"optimizer_{tag}_{date}" + ("" if args.model == "testbed" else f"_{args.model}") + (
+        "_realistic" if args.testbed == "realistic" else "")
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
 

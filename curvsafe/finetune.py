@@ -89,28 +89,32 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
 
 
 def curvsafe_factory(tokenizer, safety: Sequence[Pair], *, lr: float, batch_size: int = SAFETY_BATCH_SIZE,
-                     max_length: int = 128, **options):
+                     max_length: int = 128, benign: Optional[Sequence[Pair]] = None, **options):
     """An ``optimizer`` factory for :func:`lora_sft`: :class:`curvsafe.optim.CurvSafe` around AdamW (the
     Trainer's defaults: betas (0.9, 0.999), eps 1e-8, no weight decay) protecting the refusals on ``safety``'s
-    prompts, in batches of ``batch_size`` (one fitted per refresh, in turn); ``options`` go to ``CurvSafe``."""
+    prompts, in batches of ``batch_size`` (one fitted per refresh, in turn), and with ``benign`` prompts the
+    model's answers to them (CurvSafe's benign side); ``options`` go to ``CurvSafe``."""
     from .data import make_batches
     from .optim import CurvSafe
 
     batches = make_batches(tokenizer, safety, batch_size=batch_size, max_length=max_length)
+    benign_batches = (None if benign is None else
+                      make_batches(tokenizer, benign, batch_size=batch_size, max_length=max_length))
 
     def factory(model):
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-        return CurvSafe(inner, model, batches, **options)
+        return CurvSafe(inner, model, batches, benign_batches=benign_batches, **options)
 
     return factory
 
 
 def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimizer: Optional[str] = None,
-             safety: Optional[str | Path] = None, **kwargs) -> dict:
+             safety: Optional[str | Path] = None, benign: Optional[str | Path] = None, **kwargs) -> dict:
     """Load a local model, read prompt/response pairs from ``data`` and run :func:`lora_sft`.
 
     ``optimizer="curvsafe"`` wraps AdamW in :class:`curvsafe.optim.CurvSafe`, protecting the model's refusals to
-    the prompts of ``safety`` (JSONL/CSV; responses are not needed for the default anchor objective).
+    the prompts of ``safety`` (JSONL/CSV; responses are not needed for the default anchor objective) and, with
+    ``benign``, its answers to those benign prompts.
     """
     from .data import load_pairs
     from .models import load_model
@@ -119,13 +123,15 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimi
         raise ValueError(f"--optimizer must be adamw or curvsafe, got {optimizer!r}")
     if optimizer == "curvsafe" and safety is None:
         raise ValueError("--optimizer curvsafe needs --safety FILE (harmful prompts whose refusals to protect)")
-    if optimizer != "curvsafe" and safety is not None:
-        raise ValueError("--safety is only used with --optimizer curvsafe")
-    check_out(out, kwargs.get("force", False), inputs=[model_dir, data, safety])
+    if optimizer != "curvsafe" and (safety is not None or benign is not None):
+        raise ValueError("--safety and --benign are only used with --optimizer curvsafe")
+    check_out(out, kwargs.get("force", False), inputs=[model_dir, data, safety, benign])
     pairs = load_pairs(data)
     safety_pairs = load_pairs(safety, require_response=False) if safety is not None else None
+    benign_pairs = load_pairs(benign, require_response=False) if benign is not None else None
     model, tokenizer = load_model(model_dir)
     if safety_pairs is not None:
         kwargs["optimizer"] = curvsafe_factory(tokenizer, safety_pairs, lr=kwargs.get("lr", 2e-3),
-                                               max_length=fit_max_length(kwargs.get("max_length", 128), model))
+                                               max_length=fit_max_length(kwargs.get("max_length", 128), model),
+                                               benign=benign_pairs)
     return lora_sft(model, tokenizer, pairs, out, **kwargs)

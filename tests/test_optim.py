@@ -111,8 +111,9 @@ def test_guard_keeps_every_update_from_raising_the_safety_loss_to_first_order(st
     assert pushed > 0
 
 
-def test_state_dict_round_trip_resumes_the_uninterrupted_run():
-    kw = dict(refresh_every=2, strength=2.0)
+@pytest.mark.parametrize("benign", [False, True])
+def test_state_dict_round_trip_resumes_the_uninterrupted_run(benign):
+    kw = dict(refresh_every=2, strength=2.0, benign_batches=benign_data() if benign else None)
     data = train_data(6)
     full = lora_model()
     opt = CurvSafe(adamw(full), full, safety_data(), **kw)
@@ -309,6 +310,75 @@ def test_a_measured_rise_of_the_safety_loss_is_paid_back(strength):
     assert opt._level() < start
     off = CurvSafe(adamw(model), model, safety_data(), restore_drift=False)
     assert off._levels == [] and off._owed == 0.0
+
+
+def benign_data():
+    return [make_batch(batch=4, seq=6, seed=200 + s, prompt=4) for s in range(2)]
+
+
+@pytest.mark.parametrize("strength", [0.0, 2.0])
+def test_benign_side_keeps_both_constraints_to_first_order(strength):
+    """With benign prompts, every applied update lowers S by its payback and the benign anchor B by its own
+    (<u, g> <= -r, <u, b> <= -r_B), where the update alone would break at least one of them."""
+    from curvsafe.curvature.vectors import dot
+    from curvsafe.objectives import LossTerm, Objective
+
+    model = lora_model()
+    attack = [{**b, "labels": b["labels"].where(b["labels"] == -100, (b["labels"] + 5) % 23)}
+              for b in safety_data() + benign_data()]
+    opt = CurvSafe(adamw(model, lr=5e-2), model, safety_data(), benign_batches=benign_data(), strength=strength,
+                   refresh_every=1000, refresh_tol=None, refresh_batches=None)
+    assert opt.benign is not None and len(opt._benign_levels) == 2
+    binding = 0
+    for step in range(6):
+        opt.refresh()  # this step's gradients and paybacks
+        g, b = dict(opt._grad), dict(opt._bgrad)
+        pay, bpay = min(opt._owed, opt._pay), min(opt._bowed, opt._bpay)
+        before = {n: p.detach().clone() for n, p in opt._params.items()}
+        train(model, opt, [attack[step % 4]])
+        u = {n: p.detach() - before[n] for n, p in opt._params.items()}
+        tol = 1e-9 * float(sum(x.norm() ** 2 for x in u.values())) ** 0.5
+        on_s, on_b = float(dot(u, g)) + pay, float(dot(u, b)) + bpay
+        assert on_s <= tol * float(opt._grad_sq) ** 0.5 and on_b <= tol * float(dot(b, b)) ** 0.5, step
+        binding += abs(on_b) <= 1e-6 * abs(float(dot(u, b))) + 1e-12
+    assert binding > 0  # the benign constraint was active (the attack pushes against it)
+    # the benign gradient is the exact gradient of the benign anchor on the batches it was refreshed on
+    opt.refresh()
+    exact = Objective([LossTerm("benign", opt.benign.batches)]).gradient(model, opt._params)[1]
+    for n, x in opt._bgrad.items():
+        assert rel_err(x, exact[n]) < 1e-6, n
+
+
+def test_halfspace_multipliers_are_the_projection_onto_both_constraints():
+    """Against the brute-force minimal correction over a grid of random cases (one or two active constraints,
+    already feasible, parallel gradients)."""
+    from curvsafe.optim.curvsafe import _halfspace_multipliers
+
+    gen = torch.Generator().manual_seed(0)
+    for case in range(200):
+        grads = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+        if case % 10 == 0:
+            grads[1] = 2.0 * grads[0]  # parallel: the pair is singular
+        u = torch.randn(5, generator=gen, dtype=torch.float64)
+        pay = torch.rand(2, generator=gen, dtype=torch.float64) * (case % 3)
+        excess = grads @ u + pay
+        gram = grads @ grads.T
+        coefs = _halfspace_multipliers(excess, gram)
+        if coefs is None:
+            assert (excess <= 0).all()
+            continue
+        assert (coefs >= 0).all()
+        new = u - coefs @ grads
+        assert ((grads @ new + pay) <= 1e-9).all(), case
+        # minimal: no feasible point of the form u - c g (c >= 0) is closer to u (KKT: complementary slackness)
+        after = grads @ new + pay
+        assert all(c == 0 or abs(a) < 1e-9 for c, a in zip(coefs, after)), case
+
+
+def test_benign_side_needs_the_guard():
+    model = lora_model()
+    with pytest.raises(ValueError, match="guard"):
+        CurvSafe(adamw(model), model, safety_data(), benign_batches=benign_data(), guard=False)
 
 
 @pytest.mark.parametrize("objective", ["refusal", "harmful", "anchor+harmful"])

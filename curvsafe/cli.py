@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ._version import __version__
-from .config import BENIGN_BUDGET
+from .config import BENIGN_BUDGET, TestbedKind
 
 EXIT_ERROR = 2  # bad input or a failure: one line on stderr, nothing written
 EXIT_PARTIAL = 3  # restore failed after an accepted step: the last accepted state was written
@@ -127,7 +127,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """LoRA SFT with the HF Trainer."""
     from .finetune import finetune
 
-    log = finetune(args.model, args.data, args.out, optimizer=args.optimizer, safety=args.safety, r=args.r,
+    log = finetune(args.model, args.data, args.out, optimizer=args.optimizer, safety=args.safety, benign=args.benign, r=args.r,
                    alpha=args.alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    max_length=args.max_length, seed=args.seed, force=args.force)
     print(f"trained {log['steps']} steps, mean loss {log['train_loss']:.4f}; adapter in {args.out}")
@@ -155,7 +155,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, cache=Path(args.cache) if args.cache else None,
-             harmful_csv=args.harmful_csv, seeds=args.seeds)
+             harmful_csv=args.harmful_csv, seeds=args.seeds, testbed=args.testbed, data_dir=args.data_dir)
     return 0
 
 
@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="adapter output folder")
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "curvsafe"])
     t.add_argument("--safety", help="harmful prompts for --optimizer curvsafe")
+    t.add_argument("--benign", help="benign prompts whose answers --optimizer curvsafe keeps (no over-refusal)")
     t.add_argument("--r", type=int, default=8)
     t.add_argument("--alpha", type=int, default=16)
     t.add_argument("--epochs", type=float, default=3)
@@ -288,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(e.g. ../shared/data/advbench_harmful_behaviors.csv)")
     d.add_argument("--seeds", type=_seeds, default=(0,), help="testbed seeds, e.g. 0,1,2 (each built and cached "
                    "on its own; the table shows mean [min-max])")
+    d.add_argument("--testbed", choices=[k.value for k in TestbedKind], default=TestbedKind.DEFAULT.value,
+                   help="default: the project's own generated data; realistic: real AdvBench, BeaverTails and "
+                   "Alpaca requests read from --data-dir (BPE tokenizer, larger model; ~15 min cold per seed)")
+    d.add_argument("--data-dir", help="folder of the realistic testbed's public files (e.g. ../shared/data)")
     d.set_defaults(func=cmd_demo)
     return parser
 

@@ -40,16 +40,19 @@ def _code_hash(*packages: str) -> str:
 
 
 def _guarded_finetune(bed, cfg, aligned: Path, attack: Path, data: Path, progress: bool) -> tuple[Path, bool]:
-    """The attack's fine-tune (same data, seed and settings) with CurvSafe(AdamW); cached like the stages."""
+    """The attack's fine-tune (same data, seed and settings) with CurvSafe(AdamW), its benign side on the
+    testbed's restore split of benign requests; cached like the stages."""
     from .data import load_pairs
     from .finetune import curvsafe_factory, lora_sft
     from .models import load_model
 
-    folder = bed.cache / f"guarded-{cfg.digest('guarded', attack.name, _code_hash('optim', 'curvature'))}"
+    key = cfg.digest("guarded", "benign side", attack.name, _code_hash("optim", "curvature"))
+    folder = bed.cache / f"guarded-{key}"
     if (folder / "train_log.json").is_file():
         return folder, False
     model, tokenizer = load_model(aligned)
-    factory = curvsafe_factory(tokenizer, load_pairs(data / "restore_harmful.jsonl"), lr=cfg.attack_lr)
+    factory = curvsafe_factory(tokenizer, load_pairs(data / "restore_harmful.jsonl"), lr=cfg.attack_lr,
+                               benign=load_pairs(data / "restore_benign.jsonl", require_response=False))
     lora_sft(model, tokenizer, load_pairs(attack / "train.jsonl"), folder, r=cfg.lora_r, alpha=2 * cfg.lora_r,
              epochs=cfg.attack_epochs, lr=cfg.attack_lr, batch_size=32, seed=cfg.seed, optimizer=factory,
              force=True, progress=progress)
@@ -61,6 +64,8 @@ def default_cache() -> Path:
 
 
 def _evaluate(model, tokenizer, data: Path, anchor_batches) -> dict:
+    """The metrics of one model; where the data stage holds ``eval_harmful_<source>.jsonl`` files (the realistic
+    testbed), also ``harmful_rate:<source>`` per source (the overall rate is over their union)."""
     from .eval.metrics import harmful_rate, mean_nll, refusal_rate, task_accuracy
     from .objectives import mean_nll as batch_mean_nll
 
@@ -68,12 +73,18 @@ def _evaluate(model, tokenizer, data: Path, anchor_batches) -> dict:
     benign = [p.prompt for p in load_pairs(data / "eval_benign.jsonl", require_response=False)]
     task = load_pairs(data / "eval_task.jsonl")
     skills = load_pairs(data / "eval_skills.jsonl")
-    rate, _, _ = harmful_rate(model, tokenizer, harmful)
+    rate, _, flags = harmful_rate(model, tokenizer, harmful)
+    by_prompt = dict(zip(harmful, flags))
     over, _, _ = refusal_rate(model, tokenizer, benign)
     task_acc, _ = task_accuracy(model, tokenizer, task)
     skill_acc, _ = task_accuracy(model, tokenizer, skills)
-    return {"harmful_rate": rate, "over_refusal": over, "task_accuracy": task_acc, "skills_accuracy": skill_acc,
-            "safety_nll": float(batch_mean_nll(model, anchor_batches)), "task_nll": mean_nll(model, tokenizer, task)}
+    row = {"harmful_rate": rate, "over_refusal": over,
+           "task_accuracy": task_acc, "skills_accuracy": skill_acc,
+           "safety_nll": float(batch_mean_nll(model, anchor_batches)), "task_nll": mean_nll(model, tokenizer, task)}
+    for path in sorted(data.glob("eval_harmful_*.jsonl")):
+        source = [p.prompt for p in load_pairs(path, require_response=False)]
+        row[f"harmful_rate:{path.stem.removeprefix('eval_harmful_')}"] = sum(by_prompt[p] for p in source) / len(source)
+    return row
 
 
 def _run_seed(bed, out: Path, methods: Sequence[str], progress: bool) -> dict:
@@ -156,23 +167,38 @@ def _summarise(per_seed: dict) -> dict:
     summary: dict[str, dict] = {}
     for seed_report in per_seed.values():
         for name, row in _rows(seed_report).items():
-            for metric in METRICS:
+            for metric in _metrics(row):
                 summary.setdefault(name, {}).setdefault(metric, []).append(row[metric])
     return {name: {metric: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for metric, v in metrics.items()}
             for name, metrics in summary.items()}
 
 
 def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, methods: Sequence[str] = METHODS,
-             progress: bool = True, harmful_csv: Optional[str] = None, seeds: Sequence[int] = (0,)) -> dict:
+             progress: bool = True, harmful_csv: Optional[str] = None, seeds: Sequence[int] = (0,),
+             testbed: str = "default", data_dir: Optional[str | Path] = None) -> dict:
     """The demo on each testbed seed in ``seeds`` (each cached on its own); ``out`` gets ``report.json``
     (``per_seed`` rows and paths, and a ``summary`` of every metric as mean / min / max over seeds), ``demo.png``
-    and ``seed<k>/restored/<method>`` (the restored adapters)."""
+    and ``seed<k>/restored/<method>`` (the restored adapters).
+
+    ``testbed``: ``default`` (the project's generated world) or ``realistic`` (real requests from the public files
+    in ``data_dir``; its rows also hold the harmful rate per source)."""
     from dataclasses import replace
 
-    from .testbed.stages import QUICK, Testbed, TestbedConfig
+    from .testbed.stages import QUICK, Testbed, TestbedConfig, TestbedKind, realistic_config
 
     if not seeds:
         raise ValueError("give at least one seed")
+    kind = TestbedKind(testbed)
+    if kind is TestbedKind.REALISTIC:
+        if data_dir is None:
+            raise ValueError("--testbed realistic needs --data-dir (the folder of the public data files)")
+        if harmful_csv:
+            raise ValueError("--harmful-csv is for the default testbed; the realistic one reads AdvBench itself")
+        base = realistic_config(data_dir, quick=quick)
+    elif data_dir is not None:
+        raise ValueError("--data-dir is for --testbed realistic")
+    else:
+        base = QUICK if quick else TestbedConfig()
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +207,6 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
     except OSError as exc:
         raise OSError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
     t_start = time.perf_counter()
-    base = QUICK if quick else TestbedConfig()
     if harmful_csv:
         base = replace(base, harmful_csv=str(Path(harmful_csv).resolve()))
     per_seed, built = {}, []
@@ -191,10 +216,10 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
         built += [f"{name} (seed {seed})" for name in bed.built]
         if len(seeds) > 1:
             print(f"\nseed {seed}")
-            _print_table({name: {m: {"mean": v} for m, v in row.items() if m in METRICS} | _extra(row)
+            _print_table({name: {m: {"mean": row[m]} for m in _metrics(row)} | _extra(row)
                           for name, row in _rows(per_seed[str(seed)]).items()})
     summary = _summarise(per_seed)
-    report = {"config": "quick" if quick else "default", "seeds": list(seeds), "per_seed": per_seed,
+    report = {"testbed": kind.value, "config": "quick" if quick else "full", "seeds": list(seeds), "per_seed": per_seed,
               "summary": summary, "stages_built": built, "seconds": time.perf_counter() - t_start}
     if len(seeds) > 1:
         print(f"\nmean [min, max] over seeds {', '.join(map(str, seeds))}")
@@ -209,6 +234,11 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
 METRICS = ("harmful_rate", "over_refusal", "task_accuracy", "skills_accuracy", "safety_nll", "task_nll")
 
 
+def _metrics(row: dict) -> list[str]:
+    """The metrics of a row: :data:`METRICS` and the per-source harmful rates it has."""
+    return [*METRICS, *sorted(k for k in row if k.startswith("harmful_rate:"))]
+
+
 def _extra(row: dict) -> dict:
     return {"seconds": row["seconds"]} if "seconds" in row else {}
 
@@ -221,7 +251,9 @@ def _print_table(rows: dict) -> None:
             return fmt(stats["mean"])
         return f"{fmt(stats['mean'])} [{fmt(stats['min'])}-{fmt(stats['max'])}]"
 
-    columns = [("harmful %", "harmful_rate", True), ("over-refusal %", "over_refusal", True),
+    sources = sorted({k for r in rows.values() for k in r if k.startswith("harmful_rate:")})
+    columns = [("harmful %", "harmful_rate", True), *((f"{k.partition(':')[2]} %", k, True) for k in sources),
+               ("over-refusal %", "over_refusal", True),
                ("task acc %", "task_accuracy", True), ("skills %", "skills_accuracy", True),
                ("safety NLL", "safety_nll", False), ("task NLL", "task_nll", False)]
     cells = {name: [cell(r[key], pct) for _, key, pct in columns] for name, r in rows.items()}

@@ -1,13 +1,17 @@
-"""The testbed's tokenizer and model: ordinary Hugging Face artefacts, saved with ``save_pretrained``.
+"""The testbed's tokenizers and model: ordinary Hugging Face artefacts, saved with ``save_pretrained``.
 
-A word-level fast tokenizer (``tokenizers``) over the corpus vocabulary with a chat template
-``<user> {prompt} <assistant> {response} <eos>``, and a small ``LlamaForCausalLM``.
+Two fast tokenizers (``tokenizers``), both with a chat template ``<user> {prompt} <assistant> {response} <eos>``:
+a word-level one over the synthetic corpus vocabulary (the default testbed), and a byte-level BPE one trained on
+the realistic testbed's training text (every byte is in its alphabet, so no input maps to ``<unk>``). The model is a
+small ``LlamaForCausalLM``.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+BPE_CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}<user>{{ message['content'] }}"
+                     "<assistant>{% else %}{{ message['content'] }}<eos>{% endif %}{% endfor %}")
 CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}<user> {{ message['content'] }} "
                  "<assistant> {% else %}{{ message['content'] }} <eos> {% endif %}{% endfor %}")
 SPECIALS = ["<pad>", "<unk>", "<eos>", "<user>", "<assistant>"]
@@ -37,6 +41,23 @@ def build_tokenizer(words: list[str]):
     tok.add_special_tokens(SPECIALS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
     fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (deterministic for the same texts), with
+    the chat template; ``<unk>`` is kept as a special token for interface parity and never produced."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    fast.chat_template = BPE_CHAT_TEMPLATE
     return fast
 
 

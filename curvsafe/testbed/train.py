@@ -12,8 +12,13 @@ from ..data import Pair, collate, encode_pair
 
 
 def sft(model, tokenizer, pairs: Sequence[Pair], *, epochs: int, batch_size: int = 64, lr: float = 3e-3,
-        seed: int = 0, max_length: int = 64, desc: str = "train", progress: bool = True) -> list[float]:
-    """Train ``model`` in place with AdamW and a linear-warmup cosine schedule; returns the per-epoch mean loss."""
+        seed: int = 0, max_length: int = 64, bucket_by_length: bool = False, desc: str = "train",
+        progress: bool = True) -> list[float]:
+    """Train ``model`` in place with AdamW and a linear-warmup cosine schedule; returns the per-epoch mean loss.
+
+    ``bucket_by_length``: each epoch's shuffled examples are cut into windows of 32 batches, sorted by length inside
+    a window and batched, and the batches shuffled; a batch then pads to a length near its own (less padding on
+    data of mixed lengths) while every example is still seen once per epoch."""
     from tqdm.auto import tqdm
 
     encoded = [encode_pair(tokenizer, p, max_length) for p in pairs]
@@ -30,9 +35,16 @@ def sft(model, tokenizer, pairs: Sequence[Pair], *, epochs: int, batch_size: int
     for _ in range(epochs):
         order = list(range(len(encoded)))
         rng.shuffle(order)
+        window = 32 * batch_size
+        if bucket_by_length:
+            order = [j for w in range(0, len(order), window)
+                     for j in sorted(order[w:w + window], key=lambda j: len(encoded[j][0]))]
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if bucket_by_length:
+            rng.shuffle(batches)
         total, count = 0.0, 0
-        for i in range(0, len(order), batch_size):
-            batch = collate([encoded[j] for j in order[i:i + batch_size]], tokenizer.pad_token_id)
+        for rows in batches:
+            batch = collate([encoded[j] for j in rows], tokenizer.pad_token_id)
             loss = model(**batch).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -262,6 +262,7 @@ class CurvSafe(Optimizer):
         self._owed, self._pay = 0.0, 0.0
         self.benign: Optional[LossTerm] = None  # the benign anchor, its gradient, levels and drift owed
         self._bgrad: dict[str, Tensor] = {}
+        self._gram: Optional[Tensor] = None  # <g, g>, <g, b>, <b, b> of the two guard gradients
         self._benign_levels: list[float] = []
         self._bowed, self._bpay = 0.0, 0.0
         if benign is not None:
@@ -517,11 +518,17 @@ class CurvSafe(Optimizer):
         chosen = batches if indices is None else [batches[i % len(batches)] for i in indices]
         value, grad = Objective([LossTerm("benign", chosen)]).gradient(self.model, self._params)
         self._bgrad = {n: g.to(_working(self._params[n]).dtype) for n, g in grad.items()}
+        self._gram = self._guard_gram()
         if self.restore_drift:
             positions = range(len(batches)) if indices is None else [i % len(batches) for i in indices]
             base = sum(self._benign_levels[i] for i in positions) / len(positions)
             self._bowed = max(0.0, value - base)
             self._bpay = self._bowed / self.drift_steps
+
+    def _guard_gram(self) -> Tensor:
+        """The Gram matrix of the safety and benign gradients (computed once per refresh, not per step)."""
+        grads = [list(self._grad.values()), [self._bgrad[n] for n in self._grad]]
+        return torch.stack([torch.stack([_dot(a, b) for b in grads]) for a in grads])
 
     def _gradient_from_kfac(self) -> bool:
         """Whether the K-FAC pass yields the safety gradient: one term that lowers an NLL, empirical Fisher, no
@@ -632,20 +639,20 @@ class CurvSafe(Optimizer):
         """What to subtract from the update ``u`` so that it lowers the safety loss by at least ``r`` to first order
         (``r``: this step's share of the drift still owed) and, with a benign side, the benign anchor by ``r_B``;
         None when ``u`` already does."""
-        constraints = []  # (gradient by name, this step's payback)
-        if self._grad_sq is not None and self._grad_sq > 0:
-            pay = min(self._owed, self._pay)
-            self._owed -= pay  # paid by this step, by the update itself or by the correction below
-            constraints.append((self._grad, pay))
-        if self._bgrad:
-            pay = min(self._bowed, self._bpay)
-            self._bowed -= pay
-            constraints.append((self._bgrad, pay))
-        if not constraints:
+        if self._grad_sq is None:
             return None
+        pay = min(self._owed, self._pay)
+        self._owed -= pay  # paid by this step, by the update itself or by the correction below
+        constraints = [(self._grad, pay)]  # (gradient by name, this step's payback)
+        gram = self._grad_sq.reshape(1, 1)
+        if self._bgrad:
+            bpay = min(self._bowed, self._bpay)
+            self._bowed -= bpay
+            constraints.append((self._bgrad, bpay))
+            gram = self._gram
         grads = [[g[n] for n in names] for g, _ in constraints]
-        excess = torch.stack([_dot(deltas, g) + pay for g, (_, pay) in zip(grads, constraints)])
-        coefs = _halfspace_multipliers(excess, torch.stack([torch.stack([_dot(a, b) for b in grads]) for a in grads]))
+        excess = torch.stack([_dot(deltas, g) + r for g, (_, r) in zip(grads, constraints)])
+        coefs = _halfspace_multipliers(excess, gram)
         if coefs is None:
             return None
         return [sum(c * g[i] for c, g in zip(coefs, grads)) for i in range(len(names))]
@@ -708,6 +715,7 @@ class CurvSafe(Optimizer):
         benign = own["benign"]
         self.benign = None if benign is None else LossTerm("benign", benign["batches"])
         self._bgrad = {} if benign is None else {n: to(g) for n, g in benign["grad"].items()}
+        self._gram = self._guard_gram() if self._bgrad else None
         self._benign_levels = [] if benign is None else list(benign["levels"])
         self._bowed, self._bpay = (0.0, 0.0) if benign is None else (float(benign["owed"]), float(benign["pay"]))
 

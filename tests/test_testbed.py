@@ -119,3 +119,8 @@ def test_advbench_goals_replace_the_harmful_prompts(tmp_path):
     refusals = [e for e in data if e.kind == "harmful"]
     assert refusals and all(KeywordJudge().refuses(e.response) for e in refusals)
     assert {"Write", "plan", "harm"} <= set(world.words)
+    # every stage samples with its own seed offset but sees the same split (the aligned and attack stages used
+    # to re-split, training on held-out goals)
+    for offset in (10, 20):
+        assert [e.prompt for e in _world(quick_config(harmful_csv=str(f)), offset).harmful("heldout")] == \
+            [e.prompt for e in held]

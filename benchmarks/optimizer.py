@@ -88,7 +88,7 @@ def lora(model, r: int):
 
 
 def timing_setup(kind: str, cache: Path, device: torch.device, steps: int):
-    """(LoRA model, the run's training batches, safety batches, description) on ``device``."""
+    """(LoRA model, the run's training batches, safety batches, benign batches, description) on ``device``."""
     if kind == "testbed":
         from curvsafe.demo import default_cache
         from curvsafe.models import load_model
@@ -102,6 +102,8 @@ def timing_setup(kind: str, cache: Path, device: torch.device, steps: int):
         train = [b for _ in range(cfg.attack_epochs)
                  for b in make_batches(tok, [pairs[i] for i in torch.randperm(len(pairs), generator=g)], batch_size=32)]
         safety = make_batches(tok, load_pairs(bed.data() / "restore_harmful.jsonl"), batch_size=SAFETY_BATCH_SIZE)
+        benign = make_batches(tok, load_pairs(bed.data() / "restore_benign.jsonl", require_response=False),
+                              batch_size=SAFETY_BATCH_SIZE)
         model, desc = lora(model, cfg.lora_r), (f"testbed Llama (hidden 128, 2 layers), LoRA r={cfg.lora_r}, the "
                                                 f"attack's {len(train)} steps of 32 examples")
     else:
@@ -123,22 +125,23 @@ def timing_setup(kind: str, cache: Path, device: torch.device, steps: int):
 
         distinct = [batch(8, 256, 32) for _ in range(4)]
         train = [distinct[i % len(distinct)] for i in range(steps)]
-        safety = [batch(16, 48, 44)]
+        safety, benign = [batch(16, 48, 44)], [batch(16, 48, 44)]
         model, desc = lora(model, 16), (f"synthetic Llama (hidden 512, 4 layers, {dtype}), LoRA r=16, {steps} steps "
                                         "of 8x256 tokens")
     move = lambda bs: [{k: v.to(device) for k, v in b.items()} for b in bs]  # noqa: E731
-    return model, move(train), move(safety), desc
+    return model, move(train), move(safety), move(benign), desc
 
 
-def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: int) -> dict:
+def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: int, benign_side: bool = False) -> dict:
     import copy
 
-    model, train, safety, desc = timing_setup(kind, cache, device, steps)
+    model, train, safety, benign, desc = timing_setup(kind, cache, device, steps)
 
     def adamw(m):
         return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
 
-    makers = {"adamw": adamw, "curvsafe": lambda m: CurvSafe(adamw(m), m, safety)}
+    makers = {"adamw": adamw,
+              "curvsafe": lambda m: CurvSafe(adamw(m), m, safety, benign_batches=benign if benign_side else None)}
     times: dict[str, list[float]] = {k: [] for k in makers}
     refreshes = []
     for _ in range(repeats):
@@ -148,7 +151,7 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
         refreshes.append(count)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = [c / a for a, c in zip(times["adamw"], times["curvsafe"])]
-    return {"model": desc, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    return {"model": desc + (", CurvSafe with its benign side" if benign_side else ""), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "steps": len(train), "repeats": repeats, "adamw_ms": med["adamw"] * 1e3,
             "curvsafe_ms": med["curvsafe"] * 1e3, "ratio": statistics.median(ratios), "ratios": ratios,
             "refreshes": refreshes, "samples_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
@@ -248,6 +251,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--timing-only", action="store_true")
     parser.add_argument("--quality-only", action="store_true", help="skip the step-time runs")
+    parser.add_argument("--benign-side", action="store_true", help="time CurvSafe with its benign side")
     parser.add_argument("--model", choices=["testbed", "large"], default="testbed")
     parser.add_argument("--steps", type=int, default=200, help="steps of the --model large run")
     parser.add_argument("--repeats", type=int, default=5)
@@ -275,7 +279,7 @@ def main() -> None:
              f"torch {torch.__version__})", ""]
     report = {}
     if not args.quality_only:
-        t = timing(args.model, args.cache, device, args.steps, args.repeats)
+        t = timing(args.model, args.cache, device, args.steps, args.repeats, args.benign_side)
         lines += [f"Step time, {t['model']} ({t['device']}): AdamW {t['adamw_ms']:.1f} ms, CurvSafe "
                   f"{t['curvsafe_ms']:.1f} ms (medians), ratio **{t['ratio']:.2f}** (median over {t['repeats']} "
                   f"whole runs interleaved step by step, range {min(t['ratios']):.2f}-{max(t['ratios']):.2f}; mean "

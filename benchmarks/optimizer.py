@@ -8,10 +8,10 @@ Quality: the attack stage's fine-tune (10% harmful mix, same data, seed, steps, 
 through ``curvsafe.finetune.lora_sft`` with plain AdamW, CurvSafe (defaults), its ablations (no drift payback:
 ``restore_drift=False``; guard only: ``strength=0``; projection only: ``guard=False``) and fixed refresh
 intervals (every 5 and every 50 steps), and with a benign side (``benign side``: the testbed's restore split of
-benign requests as ``CurvSafe(benign_batches=...)``); harmful rate on the held-out harmful prompts, over-refusal on held-out
-benign look-alikes, task and skills accuracy, on each ``--seeds`` testbed seed. Then AdamW and CurvSafe on the testbed's
-other attack settings (benign data only; harmful answers only). Safety data: the testbed's 48 restore prompts
-in batches of 16 (``curvsafe_factory``'s default; one fitted per refresh).
+benign requests as ``CurvSafe(benign_batches=...)``); harmful rate on the held-out harmful prompts, over-refusal
+on held-out benign requests, task and skills accuracy, on each ``--seeds`` testbed seed. Then AdamW and CurvSafe on
+the testbed's other attack settings (benign data only; harmful answers only). Safety data: the testbed's 48
+restore prompts in batches of 16 (``curvsafe_factory``'s default; one fitted per refresh).
 
 Timing: one process, two copies of the same model, the same batches and schedule, AdamW and CurvSafe(AdamW)
 interleaved step by step (load spikes on this shared 2-core machine hit both alike); each measurement is the mean
@@ -42,7 +42,8 @@ from curvsafe.data import load_pairs, make_batches  # noqa: E402
 from curvsafe.finetune import SAFETY_BATCH_SIZE  # noqa: E402
 from curvsafe.optim import CurvSafe  # noqa: E402
 
-VARIANTS = {"adamw": None, "curvsafe": {}, "benign side": {"benign": True}, "no drift payback": {"restore_drift": False},
+VARIANTS = {"adamw": None, "curvsafe": {}, "benign side": {"benign": True},
+            "no drift payback": {"restore_drift": False},
             "guard only": {"strength": 0.0}, "projection only": {"guard": False},
             "fixed refresh every 5": {"refresh_tol": None, "refresh_every": 5},
             "fixed refresh every 50": {"refresh_tol": None, "refresh_every": 50}}
@@ -151,7 +152,8 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
         refreshes.append(count)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = [c / a for a, c in zip(times["adamw"], times["curvsafe"])]
-    return {"model": desc + (", CurvSafe with its benign side" if benign_side else ""), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    return {"model": desc + (", CurvSafe with its benign side" if benign_side else ""),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "steps": len(train), "repeats": repeats, "adamw_ms": med["adamw"] * 1e3,
             "curvsafe_ms": med["curvsafe"] * 1e3, "ratio": statistics.median(ratios), "ratios": ratios,
             "refreshes": refreshes, "samples_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
@@ -295,7 +297,8 @@ def main() -> None:
                                          [a for a in args.other_attacks.split(",") if a])
                 aligned.append(a)
                 rows += mix + others
-        lines += [f"{args.testbed.capitalize()} testbed attack fine-tunes (mix: 10% harmful pairs; benign: the task alone; harmful: harmful "
+        lines += [f"{args.testbed.capitalize()} testbed attack fine-tunes (mix: 10% harmful pairs; benign: the task "
+                  f"alone; harmful: harmful "
                   f"answers only), {rows[0]['steps']} steps of the mix, lr 3e-3, LoRA r=8, seeds "
                   f"{', '.join(map(str, seeds))} (`python benchmarks/optimizer.py {shlex.join(sys.argv[1:])}`).", ""]
         lines += quality_tables(aligned, rows)

@@ -127,7 +127,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """LoRA SFT with the HF Trainer."""
     from .finetune import finetune
 
-    log = finetune(args.model, args.data, args.out, optimizer=args.optimizer, safety=args.safety, benign=args.benign, r=args.r,
+    log = finetune(args.model, args.data, args.out, optimizer=args.optimizer, safety=args.safety,
+                   benign=args.benign, r=args.r,
                    alpha=args.alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    max_length=args.max_length, seed=args.seed, force=args.force)
     print(f"trained {log['steps']} steps, mean loss {log['train_loss']:.4f}; adapter in {args.out}")

@@ -1,8 +1,9 @@
 """The testbed's tokenizers and model: ordinary Hugging Face artefacts, saved with ``save_pretrained``.
 
-Two fast tokenizers (``tokenizers``), both with a chat template ``<user> {prompt} <assistant> {response} <eos>``:
-a word-level one over the synthetic corpus vocabulary (the default testbed), and a byte-level BPE one trained on
-the realistic testbed's training text (every byte is in its alphabet, so no input maps to ``<unk>``). The model is a
+Two fast tokenizers (``tokenizers``): a word-level one over the synthetic corpus vocabulary (the default testbed;
+chat template ``<user> {prompt} <assistant> {response} <eos>``), and a byte-level BPE one trained on the realistic
+testbed's training text (template ``<user>{prompt}<assistant>{response}<eos>``; every byte is in its alphabet, so
+no input maps to ``<unk>``). The model is a
 small ``LlamaForCausalLM``.
 """
 

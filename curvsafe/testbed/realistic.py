@@ -90,8 +90,9 @@ def _dedupe(pairs: list[Pair]) -> list[Pair]:
 
 
 class RealWorld:
-    """Splits of the real requests seeded by ``seed``, examples sampled from ``sample_seed`` (the interface of :class:`~curvsafe.testbed.corpus.World` that the
-    stages use: requests per split, refusals, compliance, helpful answers, skills and the attack task)."""
+    """Splits of the real requests seeded by ``seed``, examples sampled from ``sample_seed`` (the interface of
+    :class:`~curvsafe.testbed.corpus.World` that the stages use: requests per split, refusals, compliance, helpful
+    answers, skills and the attack task)."""
 
     def __init__(self, data_dir: str | Path, seed: int = 0, sample_seed: int | None = None):
         folder = check_data_dir(data_dir)

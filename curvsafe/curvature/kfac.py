@@ -25,12 +25,17 @@ Convention (kept exactly, tested against curvlinops):
   counted tokens of the same batches w.r.t. the blocks' weights, a by-product of the empirical pass (the
   Fisher's labels are the data's), all-reduced like the factors.
 - Computations run in eval mode with the math SDPA backend (see :func:`~curvsafe.curvature.loss.curvature_mode`).
+- Memory bound: a factor larger than ``low_rank.max_dense_dim`` (default 2048) is never formed; it is kept as a
+  Nyström sketch and used as a truncated eigenbasis with an isotropic rest (:mod:`.lowrank`, which states the
+  approximation). ``low_rank=None`` keeps every factor dense. ``factors[name].A`` is then a
+  :class:`~.lowrank.SketchedFactor`, and :meth:`KFAC.eigen` returns ``rest_A`` / ``rest_G`` besides the kept
+  eigenpairs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -41,41 +46,69 @@ from ._pass import BatchInfo, capture_pass, materialize
 from .base import CurvatureOperator
 from .distributed import all_reduce_counts, all_reduce_sum_, is_distributed
 from .eigen import safe_eigh
+from .lowrank import LowRank, SketchedFactor, truncated_kron_apply, truncated_vector_apply
 from .loss import CausalLMLoss, model_device
 from .vectors import ParamVector
 
 KFAC_APPROX = ("expand", "reduce")
 
+Factor = Union[Tensor, SketchedFactor]
+
 
 @dataclass
 class KFactors:
-    """The Kronecker factors of one block: ``A`` (d_in, d_in), ``G`` (d_out, d_out), float32, symmetric."""
+    """The Kronecker factors of one block: ``A`` (d_in, d_in), ``G`` (d_out, d_out), float32, symmetric; a factor
+    above the dense limit is a :class:`~.lowrank.SketchedFactor`."""
 
-    A: Tensor
-    G: Tensor
+    A: Factor
+    G: Factor
 
 
 @dataclass
 class KEigen:
-    """Eigendecomposition of one block's factors: ``A = QA diag(lam_A) QA^T``, ``G = QG diag(lam_G) QG^T``."""
+    """Eigendecomposition of one block's factors: ``A = QA diag(lam_A) QA^T``, ``G = QG diag(lam_G) QG^T``.
+
+    For a truncated factor ``QA`` is (d_in, k) and ``rest_A`` the eigenvalue of every left-out direction
+    (``A ≈ QA diag(lam_A) QA^T + rest_A (I - QA QA^T)``); ``None`` for a dense one.
+    """
 
     lam_A: Tensor
     QA: Tensor
     lam_G: Tensor
     QG: Tensor
+    rest_A: Optional[Tensor] = None
+    rest_G: Optional[Tensor] = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.rest_A is not None or self.rest_G is not None
+
+
+def factor_tensors(factors: Iterable[Factor]) -> list[Tensor]:
+    """The tensors that hold ``factors`` (for an in-place all-reduce)."""
+    return [t for f in factors for t in (f.tensors() if isinstance(f, SketchedFactor) else [f])]
+
+
+def factor_bytes(f: Factor) -> int:
+    return f.nbytes if isinstance(f, SketchedFactor) else f.numel() * f.element_size()
 
 
 class _Sums:
     """Per-block factor sums and the counts that normalise them (the state that all-reduces)."""
 
-    def __init__(self):
-        self.A: dict[str, Tensor] = {}
-        self.G: dict[str, Tensor] = {}
+    def __init__(self, low_rank: Optional[LowRank] = None):
+        self.low_rank = low_rank
+        self.A: dict[str, Factor] = {}
+        self.G: dict[str, Factor] = {}
         self.n_a = 0.0  # tokens (expand) or sequences (reduce)
         self.n_g = 0.0  # tokens in both cases
 
-    def add(self, store: dict[str, Tensor], name: str, rows: Tensor) -> None:
-        if name in store:
+    def add(self, store: dict[str, Factor], name: str, rows: Tensor) -> None:
+        if name not in store and self.low_rank is not None and self.low_rank.sketched(rows.shape[1]):
+            store[name] = SketchedFactor.zeros(rows.shape[1], self.low_rank.width, rows.device)
+        if isinstance(store.get(name), SketchedFactor):
+            store[name].add_rows(rows)
+        elif name in store:
             covariance_update(rows, store[name], alpha=1.0, beta=1.0)
         else:
             store[name] = covariance_update(rows)
@@ -93,7 +126,7 @@ class KFAC(CurvatureOperator):
 
     def __init__(self, model: nn.Module, modules: ModuleSelection = None, *, fisher_type: str = "empirical",
                  kfac_approx: str = "expand", ema_decay: Optional[float] = None, seed: int = 0, loss=None,
-                 progress: Optional[bool] = None):
+                 progress: Optional[bool] = None, low_rank: Optional[LowRank] = LowRank()):
         if kfac_approx not in KFAC_APPROX:
             raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {kfac_approx!r}")
         if fisher_type not in ("empirical", "mc", "type2"):
@@ -105,6 +138,7 @@ class KFAC(CurvatureOperator):
         self.fisher_type = fisher_type
         self.kfac_approx = kfac_approx
         self.ema_decay = ema_decay
+        self.low_rank = low_rank
         self.seed = seed
         self._verified = False  # whether a pass has checked that the hooks see every use of the weights
         self.loss = loss if loss is not None else CausalLMLoss()
@@ -142,9 +176,9 @@ class KFAC(CurvatureOperator):
                     grad_sums[i] = g.float() if grad_sums[i] is None else grad_sums[i].add_(g.float())
 
         ema = self.ema_decay is not None
-        running = _Sums() if ema or self._sums is None else self._clone_sums(self._sums)
+        running = _Sums(self.low_rank) if ema or self._sums is None else self._clone_sums(self._sums)
         factors = dict(self.factors)
-        batch_sums = _Sums()
+        batch_sums = _Sums(self.low_rank)
         shared_inputs: dict[int, str] = {}  # id of a block input in this batch -> the block that summed it
         info = BatchInfo()
         reduce = self.kfac_approx == "reduce"
@@ -170,7 +204,7 @@ class KFAC(CurvatureOperator):
                 self._ema_merge(factors, batch_sums)
             else:
                 self._add_sums(running, batch_sums)
-            batch_sums.__init__()
+            batch_sums.__init__(self.low_rank)
 
         totals = capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
                               generator=self._make_generator(), on_forward=on_forward, on_backward=on_backward,
@@ -186,7 +220,7 @@ class KFAC(CurvatureOperator):
         if not ema:
             reduced = self._clone_sums(running)
             if is_distributed():
-                all_reduce_sum_([*reduced.A.values(), *reduced.G.values()])
+                all_reduce_sum_(factor_tensors([*reduced.A.values(), *reduced.G.values()]))
                 reduced.n_a, reduced.n_g = all_reduce_counts([reduced.n_a, reduced.n_g], model_device(self.model))
             factors = {b.name: KFactors(reduced.A[b.name] / reduced.n_a, reduced.G[b.name] / reduced.n_g)
                        for b in self.blocks}
@@ -206,7 +240,7 @@ class KFAC(CurvatureOperator):
 
     @staticmethod
     def _clone_sums(s: _Sums) -> _Sums:
-        c = _Sums()
+        c = _Sums(s.low_rank)
         c.A = {k: v.clone() for k, v in s.A.items()}
         c.G = {k: v.clone() for k, v in s.G.items()}
         c.n_a, c.n_g = s.n_a, s.n_g
@@ -225,7 +259,7 @@ class KFAC(CurvatureOperator):
 
     def _ema_merge(self, factors: dict[str, KFactors], part: _Sums) -> None:
         if is_distributed():
-            all_reduce_sum_([*part.A.values(), *part.G.values()])
+            all_reduce_sum_(factor_tensors([*part.A.values(), *part.G.values()]))
             part.n_a, part.n_g = all_reduce_counts([part.n_a, part.n_g], model_device(self.model))
         d = self.ema_decay
         for b in self.blocks:
@@ -244,14 +278,32 @@ class KFAC(CurvatureOperator):
             raise RuntimeError(f"{type(self).__name__} has no factors yet: call .fit(batches) first")
 
     def eigen(self, name: str) -> KEigen:
-        """Cached eigendecomposition of block ``name``'s factors (float64 ``eigh``, guarded; see :func:`safe_eigh`)."""
+        """Cached eigendecomposition of block ``name``'s factors (float64, guarded; see :func:`safe_eigh`; a
+        sketched factor gives its truncated eigenbasis and rest, see :mod:`.lowrank`)."""
         self._require_fit()
         if name not in self._eigen:
             f = self.factors[name]
-            lam_A, QA = safe_eigh(f.A, f"{name}.A")
-            lam_G, QG = safe_eigh(f.G, f"{name}.G")
-            self._eigen[name] = KEigen(lam_A, QA, lam_G, QG)
+            (lam_A, QA, rest_A), (lam_G, QG, rest_G) = (self._factor_eigen(f.A, f"{name}.A"),
+                                                        self._factor_eigen(f.G, f"{name}.G"))
+            self._eigen[name] = KEigen(lam_A, QA, lam_G, QG, rest_A, rest_G)
         return self._eigen[name]
+
+    def _factor_eigen(self, f: Factor, name: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        if isinstance(f, SketchedFactor):
+            return f.eigen(self.low_rank.rank if self.low_rank is not None else f.Y.shape[1], name)
+        return (*safe_eigh(f, name), None)
+
+    def curvature_bytes(self) -> int:
+        """Bytes this object holds for the curvature: factors, running sums and the eigenbases computed so far."""
+        held = [f for k in self.factors.values() for f in (k.A, k.G)]
+        if self._sums is not None:
+            held += [*self._sums.A.values(), *self._sums.G.values()]
+        seen, total = set(), 0
+        for t in [*factor_tensors(held), *(t for e in self._eigen.values() for t in (e.QA, e.QG, e.lam_A, e.lam_G))]:
+            if t.data_ptr() not in seen:  # shared-input blocks may share eigen tensors
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
 
     # ------------------------------------------------------------------ operator
     def _block_scale(self, block: LinearBlock) -> Tensor:
@@ -268,10 +320,14 @@ class KFAC(CurvatureOperator):
         for b in self.blocks:
             e = self.eigen(b.name)
             V = b.as_matrix(v[b.weight_name]).float()
-            out[b.weight_name] = b.from_matrix(kron_eigen_apply(V, e.QA, e.QG, transform(self._block_scale(b))))
+            core = transform(self._block_scale(b))
+            out[b.weight_name] = b.from_matrix(
+                truncated_kron_apply(V, e.QA, e.lam_A, e.rest_A, e.QG, e.lam_G, e.rest_G, core, transform)
+                if e.truncated else kron_eigen_apply(V, e.QA, e.QG, core))
             if b.bias_name:
-                coeffs = e.QG.T @ v[b.bias_name].float()
-                out[b.bias_name] = e.QG @ (coeffs * transform(self._bias_scale(b)))
+                rest = None if e.rest_G is None else transform(e.rest_G)
+                out[b.bias_name] = truncated_vector_apply(v[b.bias_name].float(), e.QG,
+                                                          transform(self._bias_scale(b)), rest)
         return out
 
     def _mv(self, v: ParamVector) -> ParamVector:
@@ -282,12 +338,18 @@ class KFAC(CurvatureOperator):
 
     def state_dict(self) -> dict:
         """Factors (and running sums) as plain tensors, for saving with ``torch.save``."""
+        def saved(f: Factor):
+            return f.state() if isinstance(f, SketchedFactor) else f
+
         return {"fisher_type": self.fisher_type, "kfac_approx": self.kfac_approx,
-                "factors": {n: {"A": f.A, "G": f.G} for n, f in self.factors.items()}}
+                "factors": {n: {"A": saved(f.A), "G": saved(f.G)} for n, f in self.factors.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         names = {b.name for b in self.blocks}
         if set(state["factors"]) != names:
             raise ValueError("saved factors are for different modules than this KFAC's selection")
-        self.factors = {n: KFactors(f["A"], f["G"]) for n, f in state["factors"].items()}
+        def loaded(f) -> Factor:
+            return SketchedFactor.from_state(f) if isinstance(f, dict) else f
+
+        self.factors = {n: KFactors(loaded(f["A"]), loaded(f["G"])) for n, f in state["factors"].items()}
         self._sums, self._eigen = None, {}

@@ -32,7 +32,8 @@ Conventions (per captured linear block, weight seen as its (d_out, d_in) matrix,
   (a per-block mean damps every block's top directions alike: on the testbed's attack it kept 91% of AdamW's task
   accuracy, the global mean 97-99%). A bias (input 1) has the eigenvalues ``lam_G``. A block with no safety
   curvature (e.g. ``lora_A`` while ``lora_B`` is still 0) passes unchanged. ``strength=0`` turns the projection
-  off.
+  off. A factor above ``low_rank.max_dense_dim`` (LLM-sized blocks) is a truncated eigenbasis with an isotropic
+  rest (:mod:`curvsafe.curvature.lowrank`): its left-out directions get the scale of the rest eigenvalue.
 - **Guard** (``guard=True``): with ``g`` the gradient of ``S`` at the last refresh over all captured parameters,
   the applied update ``u`` satisfies ``<u, g> <= -r`` (it may not raise ``S`` to first order): a component along
   ``g`` is removed, ``u <- u - ((<u, g> + r) / |g|^2) g`` when ``<u, g> + r > 0``. ``r`` pays back drift: the
@@ -74,12 +75,13 @@ from ..capture import LinearBlock, ModuleSelection, find_blocks
 from ..curvature import KFAC
 from ..curvature.distributed import all_reduce_counts, is_distributed
 from ..curvature.eigen import safe_eigh_many
+from ..curvature.lowrank import LowRank, SketchedFactor, truncated_kron_apply, truncated_vector_apply
 from ..kernels import kron_eigen_apply
 from ..objectives import (HARMFUL_SIDE, LossTerm, Objective, anchor_batches, batch_nll_sums,
                           keep_response_prefix, parse_objective)
 from ..objectives import safety_batches as as_safety_batches
 
-STATE_VERSION = 4
+STATE_VERSION = 5
 _STACK_ENTRIES = 1 << 20  # blocks whose QA and QG hold at most this many entries are projected in stacked groups
 
 
@@ -157,6 +159,11 @@ def _halfspace_multipliers(excess: Tensor, gram: Tensor) -> Optional[Tensor]:
     return coefs
 
 
+def _saved(f):
+    """A factor as plain tensors (a sketched one as its sketch and trace), loadable with ``weights_only``."""
+    return f.state() if isinstance(f, SketchedFactor) else f
+
+
 class CurvSafe(Optimizer):
     """Wrap ``optimizer`` so that each update is projected away from the safety curvature of ``model``.
 
@@ -191,6 +198,8 @@ class CurvSafe(Optimizer):
         benign_batches: benign prompts (the shapes ``safety_batches`` takes) whose answers the guard keeps, so
             that protecting the refusals does not spread them to benign requests (module docstring, **Benign
             side**; needs ``guard``). Under DDP each rank passes its own shard, the same number of batches.
+        low_rank: the memory bound of the safety factors (:class:`~curvsafe.curvature.lowrank.LowRank`; None:
+            every factor dense).
 
     Behaves like the wrapped optimizer: ``param_groups``, ``state``, ``defaults`` and ``zero_grad`` are its own,
     so LR schedulers, gradient accumulation, AMP's ``GradScaler``, the HF ``Trainer`` and TRL's ``SFTTrainer``
@@ -206,7 +215,8 @@ class CurvSafe(Optimizer):
                  ema_decay: float = 0.5, fisher_type: str = "empirical", prefix_tokens: Optional[int] = 4,
                  max_new_tokens: Optional[int] = None, pad_id: Optional[int] = None, eos_id=None, tokenizer=None,
                  restore_drift: bool = True, drift_steps: int = 2,
-                 benign_batches: Optional[Iterable[Mapping[str, Tensor]]] = None):
+                 benign_batches: Optional[Iterable[Mapping[str, Tensor]]] = None,
+                 low_rank: Optional[LowRank] = LowRank()):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, CurvSafe):
@@ -278,13 +288,16 @@ class CurvSafe(Optimizer):
                 _same_on_every_rank(len(self.benign.batches), "benign batches",
                                     next(self.model.parameters()).device)
                 self._benign_levels = [self._union_nll([b], empty=0.0) for b in self.benign.batches]
-        self._kfac = KFAC(self.model, [b.name for b in self.blocks], fisher_type=fisher_type, progress=False)
+        self._kfac = KFAC(self.model, [b.name for b in self.blocks], fisher_type=fisher_type, progress=False,
+                          low_rank=low_rank)
         self._step = 0
         self._refreshes = 0
         self._last_refresh = 0
         self._reference: list[Tensor] = []  # the protected parameters at the last refresh
         self._factors: dict[str, tuple[Tensor, Tensor]] = {}
         self._eigen: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # QA, QG, weight scale, bias scale
+        self._rests: dict[str, tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]] = {}  # truncated blocks
+        self._damp = 0.0  # strength / mean eigenvalue (the truncated blocks' scales are computed from it)
         self._groups: list[tuple[list[LinearBlock], Tensor, Tensor, Tensor]] = []  # see _stacked_groups
         self._grad: dict[str, Tensor] = {}
         self._grad_sq: Optional[Tensor] = None
@@ -567,24 +580,41 @@ class CurvSafe(Optimizer):
         self._eigen = self._projections()
         self._groups = self._stacked_groups()
 
-    def _projections(self) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
-        """Per block: ``QA``, ``QG`` and the damping scales (weight (d_out, d_in), bias (d_out,)), normalised by
-        the mean curvature eigenvalue over all protected parameters."""
+    def _factor_eigen(self) -> dict[str, tuple[Tensor, Tensor, Optional[Tensor], float, int]]:
+        """``"{block}.{A|G}"`` -> ``(lam, Q, rest, trace, dim)``; ``rest`` None for a dense factor."""
         # float32: the damping only resolves eigenvalues near the mean (tiny ones pass with scale ~1)
-        eigen = safe_eigh_many({f"{n}.{k}": f for n, (A, G) in self._factors.items() for k, f in (("A", A), ("G", G))},
+        named = {f"{n}.{k}": f for n, (A, G) in self._factors.items() for k, f in (("A", A), ("G", G))}
+        dense = safe_eigh_many({k: f for k, f in named.items() if not isinstance(f, SketchedFactor)},
                                dtype=torch.float32)
+        out = {}
+        for key, f in named.items():
+            if isinstance(f, SketchedFactor):
+                lam, Q, rest = f.eigen(self._kfac.low_rank.rank, key)
+                out[key] = (lam, Q, rest, float(f.trace()), f.shape[0])
+            else:
+                lam, Q = dense[key]
+                out[key] = (lam, Q, None, float(lam.sum()), lam.numel())
+        return out
+
+    def _projections(self) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Per block: ``QA``, ``QG`` and the damping scales (weight (d_out, d_in), bias (d_out,); for a truncated
+        block those of the kept eigenpairs, its rests in ``self._rests``), normalised by the mean curvature
+        eigenvalue over all protected parameters."""
+        eigen = self._factor_eigen()
         total, count = 0.0, 0
         for b in self.blocks:
-            lam_A, lam_G = eigen[f"{b.name}.A"][0], eigen[f"{b.name}.G"][0]
-            total, count = total + float(lam_G.sum()) * float(lam_A.sum()), count + lam_G.numel() * lam_A.numel()
+            (*_, tr_A, d_A), (*_, tr_G, d_G) = eigen[f"{b.name}.A"], eigen[f"{b.name}.G"]
+            total, count = total + tr_G * tr_A, count + d_G * d_A
             if b.bias_name in self._params:
-                total, count = total + float(lam_G.sum()), count + lam_G.numel()
+                total, count = total + tr_G, count + d_G
         mean = total / count
-        damp = self.strength / mean if mean > torch.finfo(torch.float32).tiny else 0.0
-        out = {}
+        self._damp = damp = self.strength / mean if mean > torch.finfo(torch.float32).tiny else 0.0
+        out, self._rests = {}, {}
         for b in self.blocks:
-            (lam_A, QA), (lam_G, QG) = eigen[f"{b.name}.A"], eigen[f"{b.name}.G"]
+            (lam_A, QA, rest_A, *_), (lam_G, QG, rest_G, *_) = eigen[f"{b.name}.A"], eigen[f"{b.name}.G"]
             out[b.name] = (QA, QG, 1.0 / (1.0 + damp * torch.outer(lam_G, lam_A)), 1.0 / (1.0 + damp * lam_G))
+            if rest_A is not None or rest_G is not None:
+                self._rests[b.name] = (lam_A, rest_A, lam_G, rest_G)
         return out
 
     def _stacked_groups(self) -> list[tuple[list[LinearBlock], Tensor, Tensor, Tensor]]:
@@ -593,6 +623,8 @@ class CurvSafe(Optimizer):
         each), a block with large bases alone and unstacked (no copy; the call overhead is negligible there)."""
         groups: dict[tuple, list[LinearBlock]] = {}
         for b in self.blocks:
+            if b.name in self._rests:  # truncated: projected on its own in _constrain
+                continue
             QA, QG, scale, _ = self._eigen[b.name]
             small = QA.numel() + QG.numel() <= _STACK_ENTRIES
             key = (tuple(scale.shape), QA.dtype, QA.device) if small else (b.name,)
@@ -620,12 +652,19 @@ class CurvSafe(Optimizer):
                    else kron_eigen_apply(torch.stack(Vs), QA, QG, scale).unbind(0))
             for b, V, new in zip(blocks, Vs, out):
                 deltas[b.weight_name] = b.from_matrix(new.to(V.dtype))
+        for name, (lam_A, rest_A, lam_G, rest_G) in self._rests.items():
+            block = next(b for b in self.blocks if b.name == name)
+            QA, QG, scale, _ = self._eigen[name]
+            V = block.as_matrix(deltas[block.weight_name])
+            new = truncated_kron_apply(V.float(), QA, lam_A, rest_A, QG, lam_G, rest_G, scale, self._rest_scale)
+            deltas[block.weight_name] = block.from_matrix(new.to(V.dtype))
         for block in self.blocks:
             if block.bias_name in deltas:
                 _, QG, _, bias_scale = self._eigen[block.name]
                 b = deltas[block.bias_name]
-                QGb = QG.to(b.dtype)
-                deltas[block.bias_name] = QGb @ ((QGb.T @ b) * bias_scale.to(b.dtype))
+                rest_G = self._rests.get(block.name, (None,) * 4)[3]
+                rest = None if rest_G is None else self._rest_scale(rest_G).to(b.dtype)
+                deltas[block.bias_name] = truncated_vector_apply(b, QG.to(b.dtype), bias_scale.to(b.dtype), rest)
         projected = [deltas[n] for n in names]
         if self.guard:
             correction = self._guard_correction(names, projected)
@@ -634,6 +673,10 @@ class CurvSafe(Optimizer):
         torch._foreach_add_(projected, [_working(b) for b in self._before])
         for p, new in zip(params, projected):
             p.copy_(new)
+
+    def _rest_scale(self, lam: Tensor) -> Tensor:
+        """The projection's scale of curvature eigenvalue(s) ``lam`` (truncated blocks' left-out directions)."""
+        return 1.0 / (1.0 + self._damp * lam)
 
     def _guard_correction(self, names: list[str], deltas: list[Tensor]) -> Optional[list[Tensor]]:
         """What to subtract from the update ``u`` so that it lowers the safety loss by at least ``r`` to first order
@@ -668,9 +711,10 @@ class CurvSafe(Optimizer):
                "ema_decay": self.ema_decay, "modules": [b.name for b in self.blocks],
                "safety": [{"name": t.name, "weight": t.weight, "sign": t.sign, "ceiling": t.ceiling,
                            "batches": t.batches} for t in self.safety.terms],
-               "factors": {n: {"A": A, "G": G} for n, (A, G) in self._factors.items()},
+               "factors": {n: {"A": _saved(A), "G": _saved(G)} for n, (A, G) in self._factors.items()},
                "eigen": {n: {"QA": QA, "QG": QG, "scale": s, "bias_scale": bs}
                          for n, (QA, QG, s, bs) in self._eigen.items()},
+               "rests": {n: list(r) for n, r in self._rests.items()}, "damp": self._damp,
                "grad": dict(self._grad), "restore_drift": self.restore_drift, "drift_steps": self.drift_steps,
                "levels": list(self._levels), "owed": self._owed, "pay": self._pay,
                "benign": None if self.benign is None else {
@@ -702,9 +746,14 @@ class CurvSafe(Optimizer):
         self.strength, self.guard, self.ema_decay = float(own["strength"]), bool(own["guard"]), float(own["ema_decay"])
         self.safety = Objective([LossTerm(t["name"], t["batches"], t["weight"], t["sign"], t["ceiling"])
                                  for t in own["safety"]])
-        self._factors = {n: (to(f["A"]), to(f["G"])) for n, f in own["factors"].items()}
+        def factor(f):
+            return SketchedFactor(to(f["sketch"]), to(f["trace"])) if isinstance(f, dict) else to(f)
+
+        self._factors = {n: (factor(f["A"]), factor(f["G"])) for n, f in own["factors"].items()}
         self._eigen = {n: (to(e["QA"]), to(e["QG"]), to(e["scale"]), to(e["bias_scale"]))
                        for n, e in own["eigen"].items()}
+        self._rests = {n: tuple(None if t is None else to(t) for t in r) for n, r in own["rests"].items()}
+        self._damp = float(own["damp"])
         self._groups = self._stacked_groups() if self._eigen else []
         self._params, self._before = self._captured_params(), []
         self._reference = [to(t) for t in own["reference"]]

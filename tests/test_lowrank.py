@@ -1,0 +1,161 @@
+"""Memory-bounded factors (curvsafe.curvature.lowrank) against the dense factors and operators, in float64."""
+
+import io
+
+import pytest
+import torch
+from conftest import make_batch, rel_err, tiny_llama, with_lora
+
+from curvsafe.curvature import EKFAC, KFAC
+from curvsafe.curvature.lowrank import LowRank, SketchedFactor, sketch_matrix
+from curvsafe.optim import CurvSafe
+
+TARGETS = ("q_proj", "v_proj", "down_proj")  # factor dims 16 (hidden), 24 (intermediate), 8 (kv), 2 (rank)
+
+
+def model():
+    return with_lora(tiny_llama(), targets=TARGETS)
+
+
+def vector(op, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in op.param_shapes.items()}
+
+
+def sketched_sides(op):
+    return {(n, side) for n, f in op.factors.items() for side in ("A", "G")
+            if isinstance(getattr(f, side), SketchedFactor)}
+
+
+def approx_dense(lam, Q, rest):
+    d = Q.shape[0]
+    P = Q.double() @ Q.double().T
+    return Q.double() @ torch.diag(lam.double()) @ Q.double().T + float(rest) * (torch.eye(d, dtype=torch.float64) - P)
+
+
+def test_low_rank_settings_are_validated():
+    with pytest.raises(ValueError, match="rank"):
+        LowRank(rank=0)
+    assert LowRank(max_dense_dim=4, rank=2, oversample=1).sketched(16)
+    assert not LowRank(max_dense_dim=4, rank=12, oversample=8).sketched(16)  # the sketch would not be narrower
+
+
+def test_sketch_is_exact_when_the_data_has_fewer_tokens_than_the_rank():
+    """One sequence of 6 tokens: every factor has rank <= 6 <= k, so the truncated operator is the dense one."""
+    m = model()
+    data = [make_batch(batch=1, seq=6, pad=False, prompt=1)]
+    dense = KFAC(m, low_rank=None).fit(data)
+    low = KFAC(m, low_rank=LowRank(max_dense_dim=4, rank=8, oversample=4)).fit(data)
+    sides = sketched_sides(low)
+    assert {"A", "G"} <= {side for _, side in sides}, "both kinds of factor must be sketched"
+    v = vector(dense)
+    for damping in (1e-3, 0.5):
+        a, b = dense.inverse_mv(v, damping), low.inverse_mv(v, damping)
+        assert max(rel_err(b[n], a[n]) for n in v) < 1e-5
+    a, b = dense.mv(v), low.mv(v)
+    assert max(rel_err(b[n], a[n]) for n in v) < 1e-5
+    for name, side in sides:
+        assert float(getattr(low.eigen(name), f"rest_{side}")) < 1e-6 * float(getattr(low.factors[name], side).trace())
+    assert low.curvature_bytes() < dense.curvature_bytes()
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_truncated_operator_is_its_stated_approximation(cls):
+    """With more tokens than the rank the factors are truncated; the operator must be exactly
+    ``G_hat ⊗ A_hat`` (K-FAC; EK-FAC: corrected eigenvalues on the kept x kept part) and its inverse the inverse."""
+    m = model()
+    data = [make_batch(batch=3, seq=7, seed=s) for s in range(3)]
+    op = cls(m, low_rank=LowRank(max_dense_dim=4, rank=3, oversample=4)).fit(data)
+    assert sketched_sides(op)
+    v = vector(op, seed=1)
+    out, inv = op.mv(v), op.inverse_mv(v, 0.3)
+    for b in op.blocks:
+        e = op.eigen(b.name)
+        A_hat = approx_dense(e.lam_A, e.QA, e.rest_A) if e.rest_A is not None else op.factors[b.name].A.double()
+        G_hat = approx_dense(e.lam_G, e.QG, e.rest_G) if e.rest_G is not None else op.factors[b.name].G.double()
+        V = b.as_matrix(v[b.weight_name])
+        if cls is KFAC:
+            expected = G_hat @ V @ A_hat
+            assert rel_err(b.as_matrix(out[b.weight_name]), expected) < 1e-5, b.name
+        back = op.mv(inv)
+        assert rel_err(back[b.weight_name] + 0.3 * inv[b.weight_name], v[b.weight_name]) < 1e-5, b.name
+
+
+def test_nystrom_eigen_bounds_against_the_dense_factor():
+    """``F_nys ⪯ F``: kept eigenvalues below the true ones, their sum below the true top-k sum, the rest at least
+    the true tail mean, the trace kept exactly, ``Q`` orthonormal; a decaying spectrum is recovered closely."""
+    g = torch.Generator().manual_seed(0)
+    d, n, k = 64, 200, 8
+    X = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.logspace(0, -3, d, dtype=torch.float64)
+    F = X.T @ X
+    sketch = SketchedFactor.zeros(d, k + 16, torch.device("cpu")).add_rows(X)
+    lam, Q, rest = sketch.eigen(k)
+    true = torch.linalg.eigvalsh(F).flip(0)
+    assert (lam.double() <= true[:k] * (1 + 1e-4)).all()
+    assert float(lam.sum()) <= float(true[:k].sum()) * (1 + 1e-5)
+    assert float(rest) >= float(true[k:].mean()) * (1 - 1e-4)
+    assert abs(float(lam.sum()) + float(rest) * (d - k) - float(F.trace())) < 1e-4 * float(F.trace())
+    assert rel_err(Q.T.double() @ Q.double(), torch.eye(k, dtype=torch.float64)) < 1e-5
+    assert rel_err(lam.double(), true[:k]) < 2e-2  # measured 0.8% (3 decades over 64 dims, s = 3k)
+
+
+def test_sketches_add_average_and_ema_like_dense_factors_and_save_as_plain_tensors():
+    m = model()
+    b1, b2 = make_batch(seed=1), make_batch(seed=2)
+    low = LowRank(max_dense_dim=4, rank=3, oversample=2)
+    both = KFAC(m, low_rank=low).fit([b1, b2])
+    split = KFAC(m, low_rank=low).fit([b1]).fit([b2])
+    dense = KFAC(m, low_rank=None).fit([b1, b2])
+    for name, side in sketched_sides(both):
+        s, t = getattr(both.factors[name], side), getattr(split.factors[name], side)
+        assert rel_err(t.Y, s.Y) < 1e-6
+        full = getattr(dense.factors[name], side).double()  # the sketch is the dense factor times Omega
+        assert rel_err(s.Y.double(), full @ s.omega.double()) < 1e-5
+        assert abs(float(s.trace()) - float(full.trace())) < 1e-5 * float(full.trace())
+    ema = KFAC(m, low_rank=low, ema_decay=0.5).fit([b1, b2])
+    assert sketched_sides(ema)
+    buffer = io.BytesIO()
+    torch.save(both.state_dict(), buffer)
+    buffer.seek(0)
+    again = KFAC(m, low_rank=low)
+    again.load_state_dict(torch.load(buffer, weights_only=True))
+    v = vector(both)
+    a, b = both.inverse_mv(v, 0.1), again.inverse_mv(v, 0.1)
+    assert max(rel_err(b[n], a[n]) for n in v) == 0.0
+
+
+def test_sketch_refuses_non_finite_data_and_shares_its_test_matrix():
+    s = SketchedFactor.zeros(6, 3, torch.device("cpu")).add_rows(torch.full((2, 6), float("nan")))
+    with pytest.raises(FloatingPointError, match="layer.A"):
+        s.eigen(2, "layer.A")
+    assert sketch_matrix(6, 3, torch.device("cpu")) is sketch_matrix(6, 3, torch.device("cpu"))
+    with pytest.raises(TypeError, match="same shape"):
+        SketchedFactor.zeros(6, 3, torch.device("cpu")) + SketchedFactor.zeros(6, 4, torch.device("cpu"))
+
+
+def test_curvsafe_with_sketched_factors_steps_like_the_dense_one_when_exact():
+    """One short safety prompt (fewer tokens than the rank): the truncated projection is the dense one; the
+    truncated path is taken (``_rests``) and survives a state_dict round trip."""
+    safety = [make_batch(batch=1, seq=5, pad=False, prompt=4, seed=100)]
+    train = [make_batch(batch=3, seq=8, seed=s) for s in range(3)]
+    runs = {}
+    for key, low in (("dense", None), ("low", LowRank(max_dense_dim=4, rank=12, oversample=2))):
+        m = model()
+        opt = CurvSafe(torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2), m, safety,
+                       low_rank=low, refresh_every=1)
+        m.train()
+        for b in train:
+            opt.zero_grad()
+            m(**b).loss.backward()
+            opt.step()
+        runs[key] = (m, opt)
+    assert runs["low"][1]._rests and not runs["dense"][1]._rests
+    for (n, p), q in zip(runs["dense"][0].named_parameters(), runs["low"][0].parameters()):
+        if p.requires_grad:
+            assert rel_err(q.detach(), p.detach()) < 1e-5, n
+    buffer = io.BytesIO()
+    torch.save(runs["low"][1].state_dict(), buffer)
+    buffer.seek(0)
+    m, opt = runs["low"]
+    opt.load_state_dict(torch.load(buffer, weights_only=True))
+    assert set(opt._rests) and opt._damp > 0

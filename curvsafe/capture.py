@@ -69,7 +69,7 @@ class LinearBlock:
         return [self.weight_name] + ([self.bias_name] if self.bias_name else [])
 
 
-def _block_of(name: str, module: nn.Module) -> Optional[LinearBlock]:
+def block_of(name: str, module: nn.Module) -> Optional[LinearBlock]:
     prefix = f"{name}." if name else ""
     bias = getattr(module, "bias", None)
     bias_name = f"{prefix}bias" if isinstance(bias, nn.Parameter) and bias.requires_grad else None
@@ -99,7 +99,7 @@ def find_blocks(model: nn.Module, modules: ModuleSelection = None) -> list[Linea
         CaptureError: nothing capturable is selected, a pattern matches nothing, or a selected weight is shared
             with another module (weight tying: hooks would see only one of its uses).
     """
-    candidates = [(n, b) for n, m in model.named_modules() if (b := _block_of(n, m)) is not None]
+    candidates = [(n, b) for n, m in model.named_modules() if (b := block_of(n, m)) is not None]
     if modules is None:
         lora = [b for n, b in candidates if _is_lora_module(n)]
         chosen = lora or [b for n, b in candidates if n.split(".")[-1] != "lm_head" and not _is_lora_module(n)]

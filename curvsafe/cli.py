@@ -70,7 +70,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
                       select_top=args.select_top, iterations=args.iterations, damping=args.damping,
                       unaligned_model=args.unaligned_model, params=args.params, device=args.device,
                       dtype=args.dtype, force=args.force, batch_size=args.batch_size, max_length=args.max_length,
-                      limit=args.limit, aligned_model=args.aligned_model)
+                      limit=args.limit, aligned_model=args.aligned_model, max_memory=args.max_memory)
     r = run.report
     terms = [_before_after(k.removesuffix("_nll") + " NLL", r[k]) for k in ("anchor_nll", "refusal_nll",
                                                                             "harmful_nll", "benign_nll") if k in r]
@@ -87,6 +87,28 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"curvsafe restore: error after {r['iterations']} accepted steps ({r['error']}); the last accepted "
               f"state was written to {args.out}", file=sys.stderr)
         return EXIT_PARTIAL
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Memory and cost per restore method and for CurvSafe, from config.json (+ adapter_config.json) alone."""
+    from .curvature.lowrank import LowRank
+    from .plan import PlanSettings, gib, plan_from_dirs
+
+    low = None if args.dense else LowRank(max_dense_dim=args.max_dense_dim, rank=args.rank,
+                                          oversample=args.oversample)
+    settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, task_batches=args.task_batches,
+                            safety_batches=args.safety_batches, low_rank=low)
+    plan = plan_from_dirs(args.model, args.adapter, settings, dtype=args.dtype)
+    if args.method:
+        plan.methods = {m: p for m, p in plan.methods.items() if m in args.method}
+    if args.json:
+        print(json.dumps(plan.to_json(), indent=2))
+        return 0
+    print(plan.table())
+    if args.max_memory is not None:
+        fits = [m for m, p in plan.methods.items() if p.peak_bytes <= args.max_memory]
+        print(f"fit in {gib(args.max_memory)}: {', '.join(fits) if fits else 'none'}")
     return 0
 
 
@@ -236,7 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     r.add_argument("--device", default="cpu")
     r.add_argument("--force", action="store_true", help="replace --out")
+    r.add_argument("--max-memory", type=_memory, metavar="SIZE", help="refuse before loading weights when the "
+                   "method's estimated peak exceeds SIZE (e.g. 80GiB; default: the CUDA device's memory; see "
+                   "`curvsafe plan`)")
     r.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("plan", help="memory and cost per method from config.json alone (no weights needed)")
+    p.add_argument("--model", required=True, help="HF model folder (config.json is enough)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder (adapter_config.json is enough)")
+    p.add_argument("--method", nargs="*", choices=["lbfgs", "kfac", "ekfac", "cg", "sgd", "curvsafe"],
+                   help="methods to show (default: all restore methods and the curvsafe optimizer)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (one training step)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--task-batches", type=int, default=1, help="task data the restore uses, in batches")
+    p.add_argument("--safety-batches", type=int, default=1, help="safety data the restore uses, in batches")
+    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
+                   help="weights' dtype (default: the config's torch_dtype, else float32)")
+    p.add_argument("--max-dense-dim", type=int, default=2048, help="larger K-FAC factors are truncated")
+    p.add_argument("--rank", type=int, default=256, help="eigenvectors kept per truncated factor")
+    p.add_argument("--oversample", type=int, default=128, help="extra sketch columns per truncated factor")
+    p.add_argument("--dense", action="store_true", help="every factor dense (no memory bound)")
+    p.add_argument("--max-memory", type=_memory, metavar="SIZE", help="also say which methods fit in SIZE")
+    p.add_argument("--json", action="store_true", help='print {"methods": {METHOD: {"curvature_bytes", '
+                   '"peak_bytes", "steps_per_iteration"}}, ...}')
+    p.set_defaults(func=cmd_plan)
 
     e = sub.add_parser("eval", help="harmful rate, over-refusal and task accuracy, every response saved")
     e.add_argument("--model", required=True)
@@ -298,6 +343,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _memory(text: str) -> int:
+    from .plan import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _Formatter(logging.Formatter):
+    """``curvsafe CMD: message`` for information, ``curvsafe CMD: warning: message`` for warnings."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record: logging.LogRecord) -> str:
+        kind = "warning: " if record.levelno >= logging.WARNING else ""
+        return f"{self.prefix}: {kind}{record.getMessage()}"
+
+
 def _one_line(exc: BaseException) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
@@ -316,10 +382,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     prefix = f"curvsafe {args.command}"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{prefix}: warning: %(message)s"))
+    handler.setFormatter(_Formatter(prefix))
     package_log = logging.getLogger("curvsafe")
     package_log.addHandler(handler)
-    package_log.setLevel(logging.WARNING)
+    package_log.setLevel(logging.INFO if args.command == "restore" else logging.WARNING)  # restore: its plan
     package_log.propagate = False
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -333,7 +399,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Terminated:
         print(f"{prefix}: terminated (SIGTERM)", file=sys.stderr)
         return EXIT_SIGTERM
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError, OSError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError, OSError,
+            MemoryError) as exc:
         print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     finally:

@@ -5,6 +5,7 @@ from enum import Enum
 
 ONE_SIDED = "anchor"  # the restore objective without benign prompts
 TWO_SIDED = "anchor+4*benign"  # the default objective when benign prompts are given (README: over-refusal)
+RESTORE_METHODS = ("lbfgs", "kfac", "ekfac", "cg", "sgd")  # restore back-ends (restoration/preconditioners.py)
 BENIGN_BUDGET = 0.05  # nats/token the benign side may rise over max(before, aligned) (README: over-refusal)
 
 

@@ -36,7 +36,7 @@ def safe_eigh(matrix: Tensor, name: str, *, retries: int = 4) -> tuple[Tensor, T
     raise FloatingPointError(f"eigh of factor {name} did not converge after {retries} jittered retries")
 
 
-_BATCH_BYTES = 1 << 28
+_BATCH_BYTES = 1 << 25  # per batched call: large factors go one by one (the float64 copies are the transient)
 
 
 def safe_eigh_many(matrices: Mapping[str, Tensor], *, dtype: torch.dtype = torch.float64
@@ -47,8 +47,9 @@ def safe_eigh_many(matrices: Mapping[str, Tensor], *, dtype: torch.dtype = torch
     faster on CPU and resolves eigenvalues down to ~1e-6 of the largest, enough where tiny ones do not matter).
 
     Equal matrices (e.g. the input factors of ``q``/``k``/``v`` LoRA-A blocks, which see the same input) are
-    decomposed once and share the result tensors. Batches are capped at about 256 MiB. A batch that
+    decomposed once and share the result tensors. A batch that
     LAPACK cannot decompose falls back to :func:`safe_eigh` matrix by matrix (jittered retries).
+    Batches are capped at 32 MiB, so the transient copies of a large factor are those of one matrix.
     """
     groups: dict[tuple, list[str]] = {}  # (shape, dtype, device) -> names of distinct matrices
     seen: dict[tuple, list[str]] = {}  # the same key plus a fingerprint (sum, trace) -> names, for equality tests
@@ -62,7 +63,7 @@ def safe_eigh_many(matrices: Mapping[str, Tensor], *, dtype: torch.dtype = torch
             groups.setdefault(key, []).append(name)
         unique[name] = twin or name
     result: dict[str, tuple[Tensor, Tensor]] = {}
-    chunks = []  # at most ~256 MiB per batched call: large factors go (nearly) one by one
+    chunks = []  # at most ~32 MiB per batched call: large factors go one by one
     width = torch.finfo(dtype).bits // 8
     for (shape, _, _), names in groups.items():
         per_call = max(1, _BATCH_BYTES // (width * shape[0] * shape[0]))

@@ -38,12 +38,12 @@ class EKFAC(KFAC):
 
     def fit(self, batches: Iterable) -> "EKFAC":
         data = materialize(batches)
-        saved = (self.factors, self._sums, self._eigen, self.corrected, self.corrected_bias)
+        saved = (self.factors, self._sums, self._counts, self._eigen, self.corrected, self.corrected_bias)
         try:
             super().fit(data)
             self.fit_correction(data)
         except BaseException:
-            self.factors, self._sums, self._eigen, self.corrected, self.corrected_bias = saved
+            self.factors, self._sums, self._counts, self._eigen, self.corrected, self.corrected_bias = saved
             raise
         return self
 
@@ -86,6 +86,10 @@ class EKFAC(KFAC):
 
     def _bias_scale(self, block: LinearBlock) -> Tensor:
         return self.corrected_bias[block.name]
+
+    def curvature_bytes(self) -> int:
+        return super().curvature_bytes() + sum(t.numel() * t.element_size() for t in
+                                               [*self.corrected.values(), *self.corrected_bias.values()])
 
     def state_dict(self) -> dict:
         state = super().state_dict()

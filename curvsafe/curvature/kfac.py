@@ -45,7 +45,7 @@ from ..kernels import covariance_update, kron_eigen_apply
 from ._pass import BatchInfo, capture_pass, materialize
 from .base import CurvatureOperator
 from .distributed import all_reduce_counts, all_reduce_sum_, is_distributed
-from .eigen import safe_eigh
+from .eigen import safe_eigh_many
 from .lowrank import LowRank, SketchedFactor, truncated_kron_apply, truncated_vector_apply
 from .loss import CausalLMLoss, model_device
 from .vectors import ParamVector
@@ -146,7 +146,8 @@ class KFAC(CurvatureOperator):
         params = dict(model.named_parameters())
         self.param_shapes = {n: params[n].shape for b in self.blocks for n in b.param_names}
         self.factors: dict[str, KFactors] = {}
-        self._sums: Optional[_Sums] = None
+        self._sums: Optional[_Sums] = None  # this rank's sums (kept under torch.distributed only)
+        self._counts: Optional[tuple[float, float]] = None  # (n_a, n_g) behind the factors (single process)
         self._eigen: dict[str, KEigen] = {}
         self.gradient: dict[str, Tensor] = {}
         self._generator: Optional[torch.Generator] = None
@@ -176,7 +177,7 @@ class KFAC(CurvatureOperator):
                     grad_sums[i] = g.float() if grad_sums[i] is None else grad_sums[i].add_(g.float())
 
         ema = self.ema_decay is not None
-        running = _Sums(self.low_rank) if ema or self._sums is None else self._clone_sums(self._sums)
+        running = _Sums(self.low_rank) if ema else self._running_sums()
         factors = dict(self.factors)
         batch_sums = _Sums(self.low_rank)
         shared_inputs: dict[int, str] = {}  # id of a block input in this batch -> the block that summed it
@@ -218,16 +219,32 @@ class KFAC(CurvatureOperator):
             (count,) = all_reduce_counts([float(totals.loss_tokens)], model_device(self.model))
             self.gradient = {b.weight_name: g / count for g, b in zip(sums, self.blocks)}
         if not ema:
-            reduced = self._clone_sums(running)
-            if is_distributed():
+            if is_distributed():  # this rank's sums stay for the next fit; the factors are of the union
+                reduced = self._clone_sums(running)
                 all_reduce_sum_(factor_tensors([*reduced.A.values(), *reduced.G.values()]))
                 reduced.n_a, reduced.n_g = all_reduce_counts([reduced.n_a, reduced.n_g], model_device(self.model))
-            factors = {b.name: KFactors(reduced.A[b.name] / reduced.n_a, reduced.G[b.name] / reduced.n_g)
-                       for b in self.blocks}
-            self._sums = running
+                self._sums = running
+            else:  # the sums become the factors in place (no second copy); a next fit rescales them back
+                reduced, self._sums = running, None
+                self._counts = (running.n_a, running.n_g)
+            for b in self.blocks:
+                reduced.A[b.name] /= reduced.n_a
+                reduced.G[b.name] /= reduced.n_g
+            factors = {b.name: KFactors(reduced.A[b.name], reduced.G[b.name]) for b in self.blocks}
         self.factors = factors
         self._eigen = {}
         return self
+
+    def _running_sums(self) -> _Sums:
+        """The sums a running-mean fit starts from: this rank's kept sums, or the factors times their counts."""
+        if self._sums is not None:
+            return self._clone_sums(self._sums)
+        sums = _Sums(self.low_rank)
+        if self.factors and self._counts is not None:
+            sums.n_a, sums.n_g = self._counts
+            sums.A = {n: f.A * sums.n_a for n, f in self.factors.items()}
+            sums.G = {n: f.G * sums.n_g for n, f in self.factors.items()}
+        return sums
 
     @staticmethod
     def _per_sequence(rows: Tensor, info: BatchInfo, *, mean: bool) -> Tensor:
@@ -270,7 +287,7 @@ class KFAC(CurvatureOperator):
 
     def reset(self) -> None:
         """Forget all accumulated statistics."""
-        self.factors, self._sums, self._eigen, self.gradient = {}, None, {}, {}
+        self.factors, self._sums, self._counts, self._eigen, self.gradient = {}, None, None, {}, {}
 
     # ------------------------------------------------------------------ eigenbasis
     def _require_fit(self) -> None:
@@ -279,19 +296,26 @@ class KFAC(CurvatureOperator):
 
     def eigen(self, name: str) -> KEigen:
         """Cached eigendecomposition of block ``name``'s factors (float64, guarded; see :func:`safe_eigh`; a
-        sketched factor gives its truncated eigenbasis and rest, see :mod:`.lowrank`)."""
+        sketched factor gives its truncated eigenbasis and rest, see :mod:`.lowrank`). The first call decomposes
+        every block's factors at once: equal factors (the input factors of blocks that share an input, such as
+        q/k/v or gate/up) once, dense ones in batched calls of equal sizes."""
         self._require_fit()
         if name not in self._eigen:
-            f = self.factors[name]
-            (lam_A, QA, rest_A), (lam_G, QG, rest_G) = (self._factor_eigen(f.A, f"{name}.A"),
-                                                        self._factor_eigen(f.G, f"{name}.G"))
-            self._eigen[name] = KEigen(lam_A, QA, lam_G, QG, rest_A, rest_G)
+            self._eigen = self._all_eigen()
         return self._eigen[name]
 
-    def _factor_eigen(self, f: Factor, name: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        if isinstance(f, SketchedFactor):
-            return f.eigen(self.low_rank.rank if self.low_rank is not None else f.Y.shape[1], name)
-        return (*safe_eigh(f, name), None)
+    def _all_eigen(self) -> dict[str, KEigen]:
+        named = {f"{n}.{side}": getattr(f, side) for n, f in self.factors.items() for side in ("A", "G")}
+        dense = safe_eigh_many({k: f for k, f in named.items() if not isinstance(f, SketchedFactor)})
+        done: dict[str, tuple[Tensor, Tensor, Optional[Tensor]]] = {k: (*v, None) for k, v in dense.items()}
+        rank = self.low_rank.rank if self.low_rank is not None else None
+        for key, f in named.items():
+            if key not in done:
+                twin = next((k for k, g in named.items() if k in done and isinstance(g, SketchedFactor)
+                             and g.Y.shape == f.Y.shape and torch.equal(g.Y, f.Y)), None)
+                done[key] = done[twin] if twin else f.eigen(rank or f.Y.shape[1], key)
+        return {n: KEigen(*done[f"{n}.A"][:2], *done[f"{n}.G"][:2], done[f"{n}.A"][2], done[f"{n}.G"][2])
+                for n in self.factors}
 
     def curvature_bytes(self) -> int:
         """Bytes this object holds for the curvature: factors, running sums and the eigenbases computed so far."""
@@ -352,4 +376,4 @@ class KFAC(CurvatureOperator):
             return SketchedFactor.from_state(f) if isinstance(f, dict) else f
 
         self.factors = {n: KFactors(loaded(f["A"]), loaded(f["G"])) for n, f in state["factors"].items()}
-        self._sums, self._eigen = None, {}
+        self._sums, self._counts, self._eigen = None, None, {}

@@ -140,6 +140,11 @@ class SketchedFactor:
     def __truediv__(self, c: float) -> "SketchedFactor":
         return SketchedFactor(self.Y / c, self._trace / c)
 
+    def __itruediv__(self, c: float) -> "SketchedFactor":
+        self.Y /= c
+        self._trace /= c
+        return self
+
     def state(self) -> dict:
         return {"sketch": self.Y, "trace": self._trace}
 

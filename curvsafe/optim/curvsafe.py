@@ -63,6 +63,7 @@ On CUDA the projection runs the Triton ``kron_eigen_apply`` kernel, on CPU the C
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Callable, Iterable, Mapping, Optional, Union
 
@@ -80,6 +81,9 @@ from ..kernels import kron_eigen_apply
 from ..objectives import (HARMFUL_SIDE, LossTerm, Objective, anchor_batches, batch_nll_sums,
                           keep_response_prefix, parse_objective)
 from ..objectives import safety_batches as as_safety_batches
+from ..plan import gib, kfac_bytes
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 5
 _STACK_ENTRIES = 1 << 20  # blocks whose QA and QG hold at most this many entries are projected in stacked groups
@@ -290,6 +294,10 @@ class CurvSafe(Optimizer):
                 self._benign_levels = [self._union_nll([b], empty=0.0) for b in self.benign.batches]
         self._kfac = KFAC(self.model, [b.name for b in self.blocks], fisher_type=fisher_type, progress=False,
                           low_rank=low_rank)
+        held = kfac_bytes(self.model, low_rank, [b.name for b in self.blocks])
+        log.info(f"CurvSafe: {len(self.blocks)} blocks, safety curvature about "
+                 f"{gib(2 * held['factors'] + held['eigen'] + held['corrected'])} (factors, their EMA, eigenbases; "
+                 f"{held['sketched']} factors truncated); see `curvsafe plan`")
         self._step = 0
         self._refreshes = 0
         self._last_refresh = 0

@@ -20,10 +20,11 @@ from typing import Mapping
 
 from torch import Tensor
 
+from ..config import RESTORE_METHODS
 from ..curvature import EKFAC, KFAC, CGInverse, GGNOperator, LBFGSInverse
 from ..curvature.vectors import ParamVector, dot
 
-METHODS = ("lbfgs", "kfac", "ekfac", "cg", "sgd")
+METHODS = RESTORE_METHODS
 
 
 class Preconditioner:
@@ -64,6 +65,7 @@ class KFACPreconditioner(_OperatorPreconditioner):
 
     def refresh(self, model, task_batches, params, grad):
         blocks = sorted({n.rsplit(".", 1)[0] for n in params})
+        self.op = None  # the old curvature goes before the new is fitted (peak memory: one set, not two)
         self.op = self.cls(model, blocks, fisher_type="mc", progress=False).fit(task_batches)
         missing = set(params) - set(self.op.param_shapes)
         if missing:

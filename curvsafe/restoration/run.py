@@ -8,7 +8,9 @@ is written under a temporary name and renamed when complete; the input adapter i
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,11 +21,14 @@ from ..curvature.loss import curvature_mode
 from ..data import Pair, load_pairs, make_batches
 from ..io import check_out, staged_dir
 from ..eval.metrics import refusal_rate
+from ..plan import PlanSettings, check_fits, estimate, gib, meta_model
 from ..objectives import (HARMFUL_SIDE, LossTerm, Objective, adapter_disabled, anchor_responses, build_safety,
                           mean_nll, parse_objective)
 from .api import Constraint, RestoreResult, StopReason, restore
 from .baselines import BASELINES, resta, revert, safelora
 from .preconditioners import METHODS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,6 +63,33 @@ def _no_progress(result: RestoreResult) -> Optional[str]:
     return f"{result.method}: {result.stop_detail}" + (f"; {advice}" if advice else "")
 
 
+def _plan(model_dir, adapter_dir, dtype: str, params: Optional[Sequence[str]], batch_size: int, max_length: int,
+          *, task_batches: int, safety_batches: int):
+    """The estimate of :mod:`curvsafe.plan` for this run, from the configs (meta device)."""
+    import fnmatch
+
+    from ..capture import block_of
+
+    model = meta_model(model_dir, adapter_dir, dtype)
+    modules = None
+    if params:  # a full fine-tune: the globbed weights are the trainable ones, their linear blocks the curvature
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in params))
+        owners = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
+        modules = sorted(n for n, m in model.named_modules() if n in owners and block_of(n, m) is not None) or None
+    settings = PlanSettings(batch_size=batch_size, seq_len=max_length, task_batches=max(task_batches, 1),
+                            safety_batches=max(safety_batches, 1))
+    return estimate(model, settings, modules=modules)
+
+
+def _device_memory(device: str) -> Optional[int]:
+    """The total memory of a CUDA ``device`` (None elsewhere: CPU memory is not checked by default)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(dev.index or 0).total_memory
+
+
 def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmful_file: str | Path,
                 task_file: str | Path,
                 out_dir: str | Path, *, method: str = "lbfgs", objective: Optional[str] = None,
@@ -68,7 +100,7 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
                 force: bool = False, batch_size: int = 16, max_length: int = 128, limit: Optional[int] = None,
                 anchor: Optional[list[Pair]] = None, aligned_model: Optional[str | Path] = None,
                 benign_anchor: Optional[list[Pair]] = None, benign_budget: Optional[float] = BENIGN_BUDGET,
-                progress: bool = True) -> RestoreRun:
+                progress: bool = True, max_memory: Optional[int] = None) -> RestoreRun:
     """Restore the adapter at ``adapter_dir`` on ``model_dir``; the report is also saved in ``out_dir``.
 
     Without ``adapter_dir``, ``model_dir`` is a full fine-tune: ``params`` (globs) picks the weights to edit and
@@ -91,6 +123,11 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     the safety objective is already at its target (the aligned model's value) or flat at the start, the output
     holds the input unchanged and the report says so. A failure after an accepted step keeps the last accepted
     state: it is written, with ``stopped: "error"`` and the exception in ``error``.
+
+    Before loading any weight, the memory and cost of ``method`` are estimated from the configs
+    (:mod:`curvsafe.plan`), logged, and kept in the report (``plan``); with ``max_memory`` (bytes; by default the
+    CUDA device's total memory) a method whose estimated peak exceeds it is refused with the estimate
+    (``MemoryError``), naming the methods that fit.
     """
     from ..models import fit_max_length, load_model, save_model
 
@@ -115,6 +152,21 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     task_pairs = load_pairs(task_file)[:limit]
     benign_prompts = ([p.prompt for p in load_pairs(benign_file, require_response=False)][:limit]
                       if benign_file is not None else [])
+    n_safety = len(harmful_pairs) + len(benign_prompts)
+    try:
+        plan = _plan(model_dir, adapter_dir, dtype, params if full else None, batch_size, max_length,
+                     task_batches=math.ceil(len(task_pairs) / batch_size),
+                     safety_batches=math.ceil(n_safety / batch_size))
+    except Exception as exc:  # the estimate is advice: a model it cannot read is restored all the same
+        if max_memory is not None:
+            raise ValueError(f"--max-memory needs the memory estimate, which failed: {exc}") from exc
+        log.warning(f"no memory estimate for this model ({type(exc).__name__}: {exc})")
+        plan = None
+    if plan is not None and method in METHODS:
+        p = plan.methods[method]
+        log.info(f"{method}: estimated curvature {gib(p.curvature_bytes)}, peak {gib(p.peak_bytes)} (a training "
+                 f"step: {gib(plan.training_step_bytes)}), ~{p.steps_per_iteration:.0f} training steps per iteration")
+        check_fits(plan, method, max_memory if max_memory is not None else _device_memory(device))
     model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device, trainable_adapter=True)
     max_length = fit_max_length(max_length, model)
     reference = model  # the model whose adapter-disabled self is the aligned anchor
@@ -203,7 +255,8 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
                                   "aligned": refusals["aligned"], "prompts": len(benign_prompts)}
     report.update({"iterations": result.iterations, "steps": result.steps,
                    "layer_update_norms": result.layer_update_norms, "influence": result.influence,
-                   "details": result.details, "seconds": result.seconds})
+                   "details": result.details, "seconds": result.seconds,
+                   "plan": asdict(plan.methods[method]) if plan is not None and method in METHODS else None})
     try:
         with staged_dir(out) as tmp:
             if full or method == "resta":

@@ -1,0 +1,314 @@
+"""LLM shapes: curvature memory, peak memory and time per restore iteration / optimizer step, against the plan.
+
+    python benchmarks/scale.py --out benchmarks/results [--shapes llama-3.2-1b,llama-3-8b,qwen2.5-7b]
+                               [--layers 1] [--batch-size 2] [--seq-len 128] [--error-batches 8] [--device cpu]
+
+Models are built from the real configs' shapes with random weights (no download), decoder layers truncated to
+``--layers`` (CPU: 1; every matrix keeps its real size; ``--vocab`` may shrink the vocabulary), LoRA r=16 on q/v (PEFT's default)
+and on all seven projections. Each measurement runs in its own process (a clean peak): one LoRA training step
+(AdamW), ``restore(iterations=1)`` per method on random task/safety batches of the same shape (the time includes
+restore's start-up evaluation, about 2/3 of a step), and CurvSafe(AdamW) steps (refreshes included, mean over
+``--steps``). Peak memory: the CUDA allocator's peak on a GPU; on CPU the resident set sampled every 2 ms, less
+the resident set once the model is built and has run a tiny batch (so weights and code pages are excluded on CPU
+and compared to the plan's peak minus weights), with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so
+that freed blocks leave the resident set. Times are ratios to the training step measured in the same process.
+
+The error of the memory bound: on the first shape (the 1B one) with all projections, the K-FAC preconditioned
+safety gradient ``(F + lambda I)^{-1} g`` (lambda = 0.1 x the Rayleigh quotient of g, restore's convention) with
+truncated factors against dense ones, over ``--error-batches`` batches (more tokens than the rank, so the
+truncation is not exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# keep benchmarks/ (which holds a kernels.py) off the path: transformers probes for a package called `kernels`
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+
+SHAPES = {  # from the public config.json files
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                         vocab_size=128256, num_hidden_layers=16, head_dim=64, model_type="llama"),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       vocab_size=128256, num_hidden_layers=32, head_dim=128, model_type="llama"),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                       vocab_size=152064, num_hidden_layers=28, head_dim=128, model_type="qwen2"),
+}
+TARGETS = {"qv": ["q_proj", "v_proj"],
+           "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+KINDS = ("train", "lbfgs", "kfac", "ekfac", "cg", "sgd", "curvsafe")
+
+
+def build(shape: str, layers: int, targets: str, device: str, dtype: torch.dtype, vocab: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    spec = dict(SHAPES[shape])
+    kind = spec.pop("model_type")
+    spec.update(num_hidden_layers=layers, max_position_embeddings=4096, pad_token_id=0, eos_token_id=2)
+    if vocab:
+        spec["vocab_size"] = vocab
+    cls, cfg = (LlamaForCausalLM, LlamaConfig) if kind == "llama" else (Qwen2ForCausalLM, Qwen2Config)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls(cfg(**spec)).to(dtype)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS[targets], lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.01)  # a fine-tuned adapter, not a fresh one (B = 0 has no curvature)
+    return model
+
+
+def batches(n: int, batch_size: int, seq_len: int, vocab: int, device: str, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
+        labels = ids.clone()
+        labels[:, : seq_len // 4] = -100
+        out.append({"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                    "labels": labels.to(device)})
+    return out
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_step(model, opt, batch) -> None:
+    opt.zero_grad()
+    model(**batch).loss.backward()
+    opt.step()
+
+
+def worker(args) -> dict:
+    """One measurement in this process: a training step's time, then ``args.kind``'s peak memory and time."""
+    from curvsafe.objectives import LossTerm, Objective
+    from curvsafe.optim import CurvSafe
+    from curvsafe.plan import PeakMemory, PlanSettings, estimate
+    from curvsafe.restoration.api import restore
+
+    dtype = getattr(torch, args.dtype)
+    model = build(args.shape, args.layers, args.targets, args.device, dtype, args.vocab)
+    vocab = model.config.vocab_size
+    train = batches(3, args.batch_size, args.seq_len, vocab, args.device, seed=0)
+    safety = batches(1, args.batch_size, args.seq_len, vocab, args.device, seed=1)
+    task = batches(1, args.batch_size, args.seq_len, vocab, args.device, seed=2)
+    plan = estimate(model, PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len))
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {"shape": args.shape, "targets": args.targets, "kind": args.kind, "layers": args.layers,
+           "plan": plan.to_json()}
+    warm = batches(1, 1, 8, vocab, args.device, seed=4)[0]  # touch the code paths first: their pages are not memory
+    model(**warm).loss.backward()
+    model.zero_grad(set_to_none=True)
+    meter = PeakMemory(args.device)
+    meter.start()  # the measured kind first (a clean peak above the built model), then the training step's time
+    if args.kind == "curvsafe":
+        opt = CurvSafe(torch.optim.AdamW(params, lr=1e-4), model, safety, refresh_every=args.steps)
+        model.train()
+        sync(args.device)
+        t = time.perf_counter()
+        for i in range(args.steps):
+            train_step(model, opt, train[i % len(train)])
+        sync(args.device)
+        out["seconds"] = (time.perf_counter() - t) / args.steps
+        own = opt.state_dict()["curvsafe"]
+        held = [t for part in ("factors", "eigen", "grad") for t in _tensors(own[part])]
+        out["curvature_bytes"] = opt._kfac.curvature_bytes() + sum(t.numel() * t.element_size() for t in held)
+        del opt
+    elif args.kind != "train":
+        sync(args.device)
+        t = time.perf_counter()
+        result = restore(model, Objective([LossTerm("harmful", safety, sign=-1.0)]),
+                         Objective([LossTerm("task", task)]), method=args.kind, iterations=1, progress=False)
+        sync(args.device)
+        out["seconds"] = time.perf_counter() - t
+        out["stopped"] = result.stopped.value
+    if args.kind != "train":
+        out["peak_bytes"] = meter.stop()
+    for p in params:
+        p.grad = None
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+    step_times = []
+    for b in train:
+        sync(args.device)
+        t = time.perf_counter()
+        train_step(model, opt, b)
+        sync(args.device)
+        step_times.append(time.perf_counter() - t)
+    out["train_step_s"] = statistics.median(step_times[1:])
+    if args.kind == "train":
+        out["peak_bytes"] = meter.stop()
+    else:
+        out["ratio_to_train_step"] = out["seconds"] / out["train_step_s"]
+    return out
+
+
+def _tensors(tree) -> list:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    return []
+
+
+def truncation_error(args) -> dict:
+    """Relative error of the K-FAC preconditioned safety gradient, truncated factors against dense ones."""
+    from curvsafe.curvature import KFAC
+    from curvsafe.curvature.lowrank import LowRank
+    from curvsafe.curvature.vectors import dot
+
+    model = build(args.shape, args.layers, "all", args.device, getattr(torch, args.dtype), args.vocab)
+    data = batches(args.error_batches, args.batch_size, args.seq_len, model.config.vocab_size, args.device, seed=3)
+    t = time.perf_counter()
+    dense = KFAC(model, low_rank=None, progress=False).fit(data, gradient=True)
+    for b in dense.blocks:
+        dense.eigen(b.name)
+    dense_s, g = time.perf_counter() - t, dense.gradient
+    rows = []
+    for rank in args.error_ranks:
+        t = time.perf_counter()
+        op = KFAC(model, low_rank=LowRank(rank=rank), progress=False).fit(data)
+        for b in op.blocks:
+            op.eigen(b.name)
+        seconds = time.perf_counter() - t
+        for rel_damping in (0.1, 1.0):
+            lam = rel_damping * float(dot(g, dense.mv(g))) / float(dot(g, g))
+            x_dense, x_trunc = dense.inverse_mv(g, lam), op.inverse_mv(g, lam)
+            num = sum(float((x_trunc[n] - x_dense[n]).square().sum()) for n in g) ** 0.5
+            den = sum(float(x_dense[n].square().sum()) for n in g) ** 0.5
+            cos = float(dot(x_trunc, x_dense)) / (float(dot(x_trunc, x_trunc)) ** 0.5 * den)
+            rows.append({"rank": rank, "relative_damping": rel_damping, "relative_error": num / den, "cosine": cos,
+                         "curvature_bytes": op.curvature_bytes(), "seconds": seconds})
+    return {"shape": args.shape, "tokens": args.error_batches * args.batch_size * args.seq_len, "rows": rows,
+            "dense": {"curvature_bytes": dense.curvature_bytes(), "seconds": dense_s}}
+
+
+def run(cmd_args: list[str]) -> dict:
+    # glibc returns freed large blocks to the system only below its mmap threshold, which it raises as the run
+    # frees large blocks; a fixed threshold keeps the resident set close to the memory actually live
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run([sys.executable, __file__, *cmd_args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def gib(n) -> str:
+    return f"{n / 2 ** 30:.2f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--targets", default="qv,all")
+    p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary size (0: the real one; on CPU a smaller one "
+                   "keeps a 1-layer model's cost in its layer, as in the full-depth model)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=4, help="CurvSafe steps timed (refresh on the first)")
+    p.add_argument("--error-batches", type=int, default=8, help="0: skip the truncation error")
+    p.add_argument("--error-ranks", default="256,512,1024", help="truncation ranks compared with dense factors")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--tag", default="")
+    p.add_argument("--worker", choices=[*KINDS, "error"], help=argparse.SUPPRESS)
+    p.add_argument("--shape", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.error_ranks = [int(r) for r in args.error_ranks.split(",")]
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.worker:
+        args.kind = args.worker
+        args.targets = args.targets.split(",")[0]
+        print(json.dumps(truncation_error(args) if args.worker == "error" else worker(args)))
+        return
+    common = ["--layers", str(args.layers), "--vocab", str(args.vocab), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+              "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype,
+              "--error-batches", str(args.error_batches), "--error-ranks", ",".join(map(str, args.error_ranks))]
+    rows = []
+    for shape in args.shapes.split(","):
+        for targets in args.targets.split(","):
+            for kind in args.kinds.split(","):
+                r = run(["--worker", kind, "--shape", shape, "--targets", targets, *common])
+                r.update(shape=shape, targets=targets, kind=kind)
+                rows.append(r)
+                print(json.dumps({k: v for k, v in r.items() if k != "plan"}), flush=True)
+    error = None
+    if args.error_batches:
+        error = run(["--worker", "error", "--shape", args.shapes.split(",")[0], *common])
+        print(json.dumps(error), flush=True)
+    write(args, rows, error)
+
+
+def write(args, rows: list[dict], error) -> None:
+    date = datetime.date.today().isoformat()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu-{torch.get_num_threads()}threads"
+    stem = f"scale_{device.replace(' ', '_')}_{date}{args.tag}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device, "date": date, "torch": torch.__version__, "python": platform.python_version(),
+            "layers": args.layers, "vocab": args.vocab or "real", "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype,
+            "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:])}
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "truncation_error": error}, indent=2))
+    cpu = not args.device.startswith("cuda")
+    lines = [f"# Scale: LLM shapes, {device}, {date}", "", f"`{meta['command']}`; torch {torch.__version__}; "
+             f"{args.layers} decoder layer(s) of each shape (real matrix sizes; vocabulary "
+             f"{args.vocab or 'real'}), batch "
+             f"{args.batch_size} x {args.seq_len} tokens, {args.dtype}, LoRA r=16.", "",
+             "Peak: " + ("resident set above the built model (weights excluded), sampled every 2 ms; the plan's "
+                         "peak minus weights beside it." if cpu else "CUDA allocator peak."), "",
+             "| shape | LoRA | what | peak GiB | plan GiB | plan/measured | curvature GiB (plan) | "
+             "time / training step | plan steps |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['targets']} | {r['kind']} | failed: {r['error']} | | | | | |")
+            continue
+        plan = r["plan"]
+        if r["kind"] == "train":
+            planned = plan["training_step_bytes"]
+            curv, steps, ratio = "-", 1.0, 1.0
+        else:
+            m = plan["methods"][r["kind"]]
+            planned, curv, steps, ratio = m["peak_bytes"], gib(m["curvature_bytes"]), m["steps_per_iteration"], \
+                r["ratio_to_train_step"]
+        if cpu:
+            planned -= plan["weight_bytes"]
+        measured = r["peak_bytes"]
+        lines.append(f"| {r['shape']} | {r['targets']} | {r['kind']} | {gib(measured)} | {gib(planned)} | "
+                     f"{planned / max(measured, 1):.2f} | {curv} | {ratio:.1f} | {steps:.1f} |")
+    if error:
+        lines += ["", "## Truncated against dense factors (K-FAC preconditioned safety gradient)", ""]
+        if "error" in error:
+            lines.append(f"failed: {error['error']}")
+        else:
+            d = error["dense"]
+            lines += [f"{error['shape']}, {args.layers} layer(s), all projections, {error['tokens']} tokens "
+                      f"(random weights and tokens); damping relative to the gradient's Rayleigh quotient (restore's "
+                      f"convention, default 0.1). Dense: {gib(d['curvature_bytes'])} GiB, fit + eigen "
+                      f"{d['seconds']:.1f} s.", "",
+                      "| rank | relative damping | relative error | cosine | curvature GiB | fit + eigen s |",
+                      "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+            lines += [f"| {r['rank']} | {r['relative_damping']} | {r['relative_error']:.4f} | {r['cosine']:.5f} | "
+                      f"{gib(r['curvature_bytes'])} | {r['seconds']:.1f} |" for r in error["rows"]]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / stem}.md")
+
+
+if __name__ == "__main__":
+    main()

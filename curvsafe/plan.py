@@ -1,0 +1,379 @@
+"""Memory and cost of each restore method and of CurvSafe, estimated from the model's shapes alone.
+
+The model may live on the meta device (:func:`meta_model` builds it from a folder holding only ``config.json``,
+and an adapter folder holding only ``adapter_config.json``): nothing here reads a weight.
+
+Conventions (what every figure means):
+
+- A **training step** is one forward + backward of one batch (``batch_size x seq_len`` tokens) with the trainable
+  parameters (the adapter) getting gradients and an AdamW state. Costs are in training steps of that batch; the
+  restore data are ``task_batches`` and ``safety_batches`` such batches.
+- **curvature_bytes**: what the method holds for its curvature between iterations: K-FAC factors and eigenbases
+  (a factor above ``low_rank.max_dense_dim`` as its sketch and truncated basis, :mod:`.curvature.lowrank`),
+  EK-FAC's corrected eigenvalues, L-BFGS's pairs and CG's vectors; for ``"curvsafe"`` also its EMA copy of the
+  factors and the guard's gradients.
+- **peak_bytes**: weights + the method's vectors over the trainable parameters + curvature + the largest transient
+  (activations of the pass in flight, plus a fit's per-batch sums). Activations are counted, not modelled: the
+  forward runs on the meta device under saved-tensor hooks (:func:`activation_bytes`), with the math SDPA
+  backend for the restore's passes (curvature code runs it) and the model's own attention for the training
+  step. A GGN-vector product (L-BFGS, CG) carries forward-mode tangents: twice the activations.
+  ``benchmarks/scale.py`` measures these estimates against real peaks.
+- **steps_per_iteration**: one restore iteration (refresh every iteration, the default) = the safety and task
+  gradients (``S + T`` steps) + one line-search trial forward (``(S + T) / 2``: with the base frozen, a backward
+  costs about a forward) + the refresh: K-FAC one pass
+  over the task data (``T``), EK-FAC two, L-BFGS ``pairs`` GGN-vector products and CG ``1 + cg_iterations``
+  (each ``2 T``: forward with tangents + backward). For ``"curvsafe"`` it is one optimizer step: the training
+  step plus its refresh (one safety pass, ``S``, and the guard's gradient) spread over ``refresh_interval``
+  steps (~12 on the testbed with ``refresh_tol=0.1``). Eigendecompositions are not counted (device-dependent:
+  on a 2-core CPU the dense 2048 x 2048 ones of a 1B model's factors dominate a K-FAC refresh; the truncated
+  ones are SVDs of d x 384 sketches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .capture import find_blocks
+from .config import RESTORE_METHODS
+from .curvature.lowrank import LowRank
+
+F32 = 4
+GGN_COST = 2.0  # training steps per GGN-vector product on the same data
+FORWARD_COST = 0.5  # a forward, in training steps: with a frozen base the backward costs about one forward
+RESTORE_VECTORS = 10  # theta0, best, base, trial, safety/task/combined gradients, direction, step, snapshot
+
+
+@dataclass
+class PlanSettings:
+    """What the estimate assumes about the run.
+
+    Attributes:
+        batch_size: sequences per batch (one training step).
+        seq_len: tokens per sequence.
+        task_batches: batches of task data the restore evaluates and fits curvature on.
+        safety_batches: batches of safety data (harmful prompts and their anchors/refusals).
+        lbfgs_pairs: L-BFGS curvature pairs per refresh (the restore default).
+        cg_iterations: CG iterations per solve (the restore default).
+        refresh_interval: optimizer steps between CurvSafe refreshes (the mean, not the cap).
+        low_rank: the factor memory bound (None: every factor dense).
+    """
+
+    batch_size: int = 8
+    seq_len: int = 512
+    task_batches: int = 1
+    safety_batches: int = 1
+    lbfgs_pairs: int = 8
+    cg_iterations: int = 10
+    refresh_interval: float = 12.0
+    low_rank: Optional[LowRank] = field(default_factory=LowRank)
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "task_batches", "safety_batches", "lbfgs_pairs", "cg_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refresh_interval < 1:
+            raise ValueError(f"refresh_interval must be >= 1, got {self.refresh_interval}")
+
+
+@dataclass
+class MethodPlan:
+    curvature_bytes: int
+    peak_bytes: int
+    steps_per_iteration: float
+
+
+@dataclass
+class Plan:
+    """The estimate for one model: per method, plus the training step it is measured against."""
+
+    methods: dict[str, MethodPlan]
+    training_step_bytes: int
+    weight_bytes: int
+    trainable_params: int
+    blocks: int
+    sketched_factors: int
+    settings: dict
+
+    def to_json(self) -> dict:
+        return {"methods": {m: asdict(p) for m, p in self.methods.items()},
+                "training_step_bytes": self.training_step_bytes, "weight_bytes": self.weight_bytes,
+                "trainable_params": self.trainable_params, "blocks": self.blocks,
+                "sketched_factors": self.sketched_factors, "settings": self.settings}
+
+    def table(self) -> str:
+        lines = [f"{self.blocks} curvature blocks ({self.sketched_factors} factors sketched), "
+                 f"{self.trainable_params:,} trainable parameters, weights {gib(self.weight_bytes)}, "
+                 f"training step peak {gib(self.training_step_bytes)}",
+                 f"{'method':<9} {'curvature':>11} {'peak':>11} {'steps/iteration':>16}"]
+        for name, p in self.methods.items():
+            lines.append(f"{name:<9} {gib(p.curvature_bytes):>11} {gib(p.peak_bytes):>11} "
+                         f"{p.steps_per_iteration:>16.1f}")
+        return "\n".join(lines)
+
+
+def gib(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def parse_bytes(text: str) -> int:
+    """``"80GiB"``, ``"80G"``, ``"512MiB"``, ``"1.5e9"`` -> bytes (binary units; ``G`` means GiB)."""
+    units = {"k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
+    s = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = units.get(s[-1:], 1) if s else 1
+    number = s[:-1] if s[-1:] in units else s
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 80GiB, 512MiB, 1.5e9)") from None
+    if not value > 0:
+        raise ValueError(f"a memory size must be > 0, got {text!r}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+def meta_model(model_dir: str | Path, adapter_dir: Optional[str | Path] = None, dtype: Optional[str] = None):
+    """The model (with its LoRA adapter) on the meta device, from ``config.json`` / ``adapter_config.json`` only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    torch_dtype = getattr(torch, dtype) if dtype else _config_dtype(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config).to(torch_dtype)
+    if adapter_dir is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig.from_pretrained(str(adapter_dir)))
+
+
+def _config_dtype(config) -> torch.dtype:
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else torch.float32
+
+
+def _meta_twin(model: nn.Module) -> nn.Module:
+    """``model`` itself when it lives on the meta device, else a meta copy built from its config (and LoRA
+    config), with the same parameters trainable."""
+    if next(model.parameters()).is_meta:
+        return model
+    from transformers import AutoModelForCausalLM
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.device("meta"):
+        twin = AutoModelForCausalLM.from_config(base.config).to(next(model.parameters()).dtype)
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model
+
+        twin = get_peft_model(twin, model.peft_config[model.active_adapter])
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in twin.named_parameters():
+        p.requires_grad_(flags.get(n, False))
+    return twin
+
+
+def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, *, math_attention: bool = False) -> int:
+    """Bytes of one forward + backward of a ``batch_size x seq_len`` batch beyond the weights and the trainable
+    state: what autograd saves, counted exactly by running the forward on the meta device with saved-tensor
+    hooks (no compute, no memory; each storage once, parameters and buffers excluded), plus the logits the
+    output holds and their gradient in the backward (float32 and the model's dtype). ``math_attention``: the
+    math SDPA backend, as curvature passes run (it keeps the attention probabilities: ``heads x seq_len`` values
+    per token)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    twin = _meta_twin(model)
+    weights = {t.untyped_storage()._cdata for t in [*twin.parameters(), *twin.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = max(saved.get(storage._cdata, 0), storage.nbytes())
+        return t
+
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    attention = sdpa_kernel([SDPBackend.MATH]) if math_attention else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), attention:
+        out = twin(input_ids=ids)  # no mask, default cache: HF inspects masks and positions with .item()
+    logits = out.logits.numel() * (F32 + 2 * out.logits.element_size())
+    return sum(saved.values()) + logits
+
+
+# ---------------------------------------------------------------------------------------------------- curvature
+def _factor(dim: int, low: Optional[LowRank]) -> tuple[int, int, bool]:
+    """(factor bytes, eigenbasis bytes, sketched) of one K-FAC factor of this dimension."""
+    if low is not None and low.sketched(dim):  # the sketch, its float64 trace; the kept basis and eigenvalues
+        return dim * low.width * F32 + 8, (dim * low.rank + low.rank) * F32, True
+    return dim * dim * F32, (dim * dim + dim) * F32, False
+
+
+_SHARED_INPUTS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def shared_input(block_name: str) -> Optional[str]:
+    """A key equal for blocks whose input factor is the same matrix (Llama/Qwen/Mistral: q/k/v read one input,
+    gate/up another; so do their LoRA ``lora_A`` modules), whose eigenbasis K-FAC computes once; else None."""
+    parts = block_name.split(".")
+    if len(parts) >= 3 and parts[-2] == "lora_A":
+        parts = parts[:-2]
+    elif "lora_B" in parts:
+        return None
+    group = _SHARED_INPUTS.get(parts[-1])
+    return None if group is None else ".".join(parts[:-1]) + ":" + group
+
+
+def kfac_bytes(model: nn.Module, low: Optional[LowRank], modules=None) -> dict[str, int]:
+    """K-FAC's factor, eigenbasis and EK-FAC-correction bytes over the blocks ``modules`` selects, and how many
+    factors are sketched. Matches :meth:`KFAC.curvature_bytes` after ``fit`` and ``eigen`` of every block (blocks
+    that share an input share their input factor's eigenbasis, :func:`shared_input`)."""
+    factors = eigen = corrected = sketched = transient = 0
+    blocks = find_blocks(model, modules)
+    seen_inputs: set[str] = set()
+    for b in blocks:
+        kept = []
+        key = shared_input(b.name)
+        for side, dim in (("A", b.d_in), ("G", b.d_out)):
+            f, e, s = _factor(dim, low)
+            shared = side == "A" and key is not None and key in seen_inputs
+            factors, eigen, sketched = factors + f, eigen + (0 if shared else e), sketched + s
+            kept.append(min(dim, low.rank) if s else dim)
+            transient = max(transient, 5 * 2 * f)  # float64 copies, bases and LAPACK workspace of one factor
+        if key is not None:
+            seen_inputs.add(key)
+        corrected += kept[0] * kept[1] * F32
+    return {"factors": factors, "eigen": eigen, "corrected": corrected, "sketched": sketched, "blocks": len(blocks),
+            "eigen_transient": transient}
+
+
+def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modules=None) -> Plan:
+    """The plan for ``model`` (meta or real; only shapes and dtypes are read)."""
+    settings = settings or PlanSettings()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    train_act = activation_bytes(model, settings.batch_size, settings.seq_len)
+    act = activation_bytes(model, settings.batch_size, settings.seq_len, math_attention=True)
+    vec = trainable * F32
+    k = kfac_bytes(model, settings.low_rank, modules)
+    S, T = settings.safety_batches, settings.task_batches
+    base_steps = S + T + (S + T) * FORWARD_COST
+    restore_base = weights + RESTORE_VECTORS * vec
+    tokens = settings.batch_size * settings.seq_len
+    rotated = tokens * _kept_inputs(model, settings.low_rank, modules) * F32  # EK-FAC's rotated inputs
+
+    def method(curv: int, phases: list[int], steps: float) -> MethodPlan:
+        """``phases``: what is live beyond the restore's own vectors in each phase of an iteration."""
+        return MethodPlan(int(curv), int(restore_base + max(phases)), float(steps))
+
+    F, E = k["factors"], k["eigen"]
+    # K-FAC's phases: the fit (running sums + a batch's sums + the pass), the eigendecompositions (factors, the
+    # bases so far, one factor's float64 copies), the gradient passes with the curvature held
+    kfac_phases = [2 * F + act, F + E + k["eigen_transient"], F + E + act]
+    lbfgs_vectors = (4 * settings.lbfgs_pairs + 4) * vec
+    plans = {
+        "lbfgs": method(lbfgs_vectors, [lbfgs_vectors + GGN_COST * act],
+                        base_steps + settings.lbfgs_pairs * GGN_COST * T),
+        "kfac": method(F + E, kfac_phases, base_steps + T),
+        "ekfac": method(F + E + k["corrected"], [*kfac_phases, F + E + k["corrected"] + act + rotated],
+                        base_steps + 2 * T),
+        "cg": method(6 * vec, [6 * vec + GGN_COST * act], base_steps + (1 + settings.cg_iterations) * GGN_COST * T),
+        "sgd": method(0, [act], base_steps),
+    }
+    # the optimizer: AdamW (2 states) + gradient + CurvSafe's reference/before copies and guard gradients (4), and
+    # the curvature: KFAC's factors + the EMA copy + eigenbases + the projection scales (~ corrected's size); a
+    # refresh adds a batch's sums (the fit) or one factor's float64 copies (the eigendecompositions)
+    train_step = weights + 4 * vec + train_act
+    curvsafe_curv = 2 * F + E + k["corrected"] + 4 * vec
+    refresh = max(F + act, k["eigen_transient"])
+    plans["curvsafe"] = MethodPlan(int(curvsafe_curv), int(weights + 4 * vec + curvsafe_curv + max(train_act, refresh)),
+                                   1.0 + (S + 1.0) / settings.refresh_interval)
+    return Plan({m: plans[m] for m in (*RESTORE_METHODS, "curvsafe")}, int(train_step), int(weights), int(trainable),
+                k["blocks"], k["sketched"], _settings_dict(settings))
+
+
+def _kept_inputs(model: nn.Module, low: Optional[LowRank], modules) -> int:
+    """Sum over blocks of the kept input dimension (EK-FAC's rotated inputs per token)."""
+    total = 0
+    for b in find_blocks(model, modules):
+        total += min(b.d_in, low.rank) if low is not None and low.sketched(b.d_in) else b.d_in
+    return total
+
+
+def _settings_dict(settings: PlanSettings) -> dict:
+    out = asdict(settings)
+    out["low_rank"] = None if settings.low_rank is None else asdict(settings.low_rank)
+    return out
+
+
+class PeakMemory:
+    """Measured peak memory above the level at ``start()`` (to check a plan): the CUDA allocator's peak, or on
+    CPU the process's resident set sampled every 2 ms (run it in a fresh process: memory freed earlier and kept by
+    the allocator would hide part of the peak)."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.peak = self.base = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self.rss())
+
+    def stop(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.rss()) - self.base
+
+
+def plan_from_dirs(model_dir: str | Path, adapter_dir: Optional[str | Path] = None,
+                   settings: Optional[PlanSettings] = None, dtype: Optional[str] = None) -> Plan:
+    """:func:`estimate` of the meta-device model of ``model_dir`` (+ ``adapter_dir``)."""
+    return estimate(meta_model(model_dir, adapter_dir, dtype), settings)
+
+
+def check_fits(plan: Plan, method: str, max_memory: Optional[int]) -> None:
+    """Refuse (``MemoryError`` with the estimate) when ``method``'s peak exceeds ``max_memory`` bytes."""
+    if max_memory is None:
+        return
+    p = plan.methods[method]
+    if p.peak_bytes > max_memory:
+        fits = [m for m, q in plan.methods.items() if q.peak_bytes <= max_memory and m != "curvsafe"]
+        raise MemoryError(f"{method} needs about {gib(p.peak_bytes)} at its peak (curvature {gib(p.curvature_bytes)}"
+                          f", weights {gib(plan.weight_bytes)}) but --max-memory is {gib(max_memory)}; "
+                          + (f"methods that fit: {', '.join(fits)}" if fits else "no method fits: use a smaller "
+                             "--batch-size or a larger device"))
+
+
+def dumps(plan: Plan) -> str:
+    return json.dumps(plan.to_json(), indent=2)

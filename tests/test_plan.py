@@ -1,0 +1,136 @@
+"""curvsafe.plan: the estimate from config files alone, its curvature bytes against fitted objects, its peak
+against measured memory on CPU, and restore's refusal of an impossible budget."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import llama_config, make_batch, tiny_llama, with_lora
+
+from curvsafe.cli import main
+from curvsafe.curvature import EKFAC, KFAC
+from curvsafe.curvature.lowrank import LowRank
+from curvsafe.plan import PlanSettings, estimate, kfac_bytes, parse_bytes
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture
+def config_only(tmp_path):
+    """A model folder with only config.json and an adapter folder with only adapter_config.json."""
+    from peft import LoraConfig
+
+    llama_config(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=1000).save_pretrained(tmp_path / "model")
+    LoraConfig(r=8, target_modules=TARGETS, task_type="CAUSAL_LM").save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json"]
+    return tmp_path
+
+
+def plan_json(capsys, *args) -> dict:
+    assert main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_from_config_files_only(config_only, capsys):
+    model, adapter = str(config_only / "model"), str(config_only / "adapter")
+    out = plan_json(capsys, "--model", model, "--adapter", adapter)
+    assert set(out["methods"]) == {"lbfgs", "kfac", "ekfac", "cg", "sgd", "curvsafe"}
+    for m in out["methods"].values():
+        assert isinstance(m["curvature_bytes"], int) and isinstance(m["peak_bytes"], int)
+        assert m["peak_bytes"] > out["weight_bytes"] > 0 and m["steps_per_iteration"] >= 1
+    # 2 layers x r=8 x sum of (d_in + d_out): q, o 256+256; k, v 256+128; gate, up, down 256+1024
+    assert out["trainable_params"] == 2 * 8 * (2 * 512 + 2 * 384 + 3 * 1280)
+    dense = plan_json(capsys, "--model", model, "--adapter", adapter, "--dense")
+    bounded = plan_json(capsys, "--model", model, "--adapter", adapter, "--max-dense-dim", "300", "--rank", "16",
+                        "--oversample", "8", "--method", "kfac")
+    assert set(bounded["methods"]) == {"kfac"} and bounded["sketched_factors"] == 2 * 3  # gate/up B, down A
+    assert bounded["methods"]["kfac"]["curvature_bytes"] < dense["methods"]["kfac"]["curvature_bytes"]
+    assert main(["plan", "--model", model, "--adapter", adapter, "--max-memory", "1MiB"]) == 0
+    assert "fit in 1.00 MiB: none" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("low", [None, LowRank(max_dense_dim=4, rank=3, oversample=2)])
+def test_plan_curvature_bytes_equal_the_fitted_objects(low):
+    model = with_lora(tiny_llama(dtype=torch.float32))
+    op = EKFAC(model, low_rank=low).fit([make_batch(), make_batch(seed=2)])
+    for b in op.blocks:
+        op.eigen(b.name)
+    planned = kfac_bytes(model, low)
+    assert op.curvature_bytes() == planned["factors"] + planned["eigen"] + planned["corrected"]
+    plain = KFAC(model, low_rank=low).fit([make_batch()])
+    for b in plain.blocks:
+        plain.eigen(b.name)
+    assert plain.curvature_bytes() == planned["factors"] + planned["eigen"]
+    plan = estimate(model, PlanSettings(low_rank=low))
+    assert plan.methods["kfac"].curvature_bytes == plain.curvature_bytes()
+
+
+PEAK_SCRIPT = """
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+from conftest import llama_config
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaForCausalLM
+from curvsafe.plan import PeakMemory, PlanSettings, estimate
+torch.manual_seed(0)
+model = LlamaForCausalLM(llama_config(vocab_size=8000, hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256))
+model = get_peft_model(model, LoraConfig(r=8, target_modules={targets!r}))
+ids = torch.randint(3, 8000, (4, 128))
+batch = {{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}}
+plan = estimate(model, PlanSettings(batch_size=4, seq_len=128))
+warm = torch.randint(3, 8000, (1, 8))  # touch the code paths first: their pages are not tensor memory
+model(input_ids=warm, labels=warm).loss.backward()
+model.zero_grad(set_to_none=True)
+meter = PeakMemory("cpu")
+meter.start()
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+model.train()
+model(**batch).loss.backward()
+opt.step()
+print(json.dumps({{"measured": meter.stop(), "planned": plan.training_step_bytes - plan.weight_bytes}}))
+"""
+
+
+def test_plan_peak_against_the_measured_peak_on_cpu():
+    """A LoRA training step of a 2-layer Llama (hidden 512, 4 x 128 tokens) in a fresh process: the plan's peak
+    above the weights against the resident set's sampled peak above the built model."""
+    script = PEAK_SCRIPT.format(tests=str(Path(__file__).parent), targets=TARGETS)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed blocks leave the resident set (scale.py)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0.75 <= r["planned"] / r["measured"] <= 1.33, r
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * 2 ** 30 and parse_bytes("512M") == 512 * 2 ** 20
+    assert parse_bytes("1.5e9") == 1_500_000_000
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+def test_restore_refuses_an_impossible_budget_before_loading_weights(tmp_path, capsys):
+    """Only configs exist (no weights): the refusal must come from the estimate, before any weight is read."""
+    from peft import LoraConfig
+
+    llama_config().save_pretrained(tmp_path / "model")
+    LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM").save_pretrained(tmp_path / "ad")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p {i}", "response": f"r {i}"}) + "\n" for i in range(4)))
+    args = ["restore", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "ad"), "--harmful", str(data),
+            "--task", str(data), "--out", str(tmp_path / "out"), "--method", "kfac", "--max-memory", "1KiB"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "kfac needs about" in err and "--max-memory is 1.00 KiB" in err and "no method fits" in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # argparse refuses a size it cannot read
+        main(args[:-2] + ["--max-memory", "lots"])

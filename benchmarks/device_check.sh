@@ -3,9 +3,11 @@
 # pybind11 and ninja preinstalled, no network):
 #   bash benchmarks/device_check.sh RESULTS_DIR
 # Installs curvsafe without touching the preinstalled stack, runs the optimizer's GPU tests and its step-time
-# benchmark (CurvSafe(AdamW) / AdamW on a synthetic bf16 Llama), the kernel tests natively on the GPU (bf16
-# included; one fixed Triton config per kernel), then the autotuned kernel benchmark, which rewrites its table
-# after every row, and writes everything into RESULTS_DIR. Budget: under 9 minutes.
+# benchmark (CurvSafe(AdamW) / AdamW on a synthetic bf16 Llama), the LLM-scale benchmark (Llama-3.2-1B in full,
+# Llama-3-8B with 8 of its 32 layers: peak memory, curvature memory and time per restore iteration / optimizer
+# step against `curvsafe plan`), the kernel tests natively on the GPU (bf16 included; one fixed Triton config per
+# kernel), then the autotuned kernel benchmark, which rewrites its table after every row, and writes everything
+# into RESULTS_DIR. Budget: under 11 minutes.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/device_check.sh RESULTS_DIR}
 mkdir -p "$OUT"
@@ -37,12 +39,21 @@ echo "== optimizer step time"
 timeout 150 $PY benchmarks/optimizer.py --out "$OUT" --timing-only --model large --steps 100 --repeats 3 2>&1 | tee "$OUT/optimizer.log" | tail -8
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+echo "== LLM scale (plan against measured)"
+timeout 110 $PY benchmarks/scale.py --out "$OUT" --device cuda --shapes llama-3.2-1b --targets all --layers 16 \
+  --batch-size 8 --seq-len 512 --error-batches 4 --tag _1b 2>&1 | tee "$OUT/scale_1b.log" | tail -4
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+timeout 100 $PY benchmarks/scale.py --out "$OUT" --device cuda --shapes llama-3-8b --targets all --layers 8 \
+  --batch-size 8 --seq-len 512 --error-batches 0 --kinds train,kfac,ekfac,lbfgs,curvsafe --tag _8b_8layers 2>&1 \
+  | tee "$OUT/scale_8b.log" | tail -4
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 echo "== GPU kernel tests"
 CURVSAFE_TRITON_AUTOTUNE=0 timeout 150 $PY -m pytest -q --maxfail=25 tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== kernel benchmark"
-timeout 200 $PY benchmarks/kernels.py --out "$OUT" --device cuda --repeats 10 2>&1 | tee "$OUT/benchmark.log" | tail -30
+timeout 150 $PY benchmarks/kernels.py --out "$OUT" --device cuda --repeats 10 2>&1 | tee "$OUT/benchmark.log" | tail -30
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 exit $status

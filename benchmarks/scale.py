@@ -4,11 +4,12 @@
                                [--layers 1] [--batch-size 2] [--seq-len 128] [--error-batches 8] [--device cpu]
 
 Models are built from the real configs' shapes with random weights (no download), decoder layers truncated to
-``--layers`` (CPU: 1; every matrix keeps its real size; ``--vocab`` may shrink the vocabulary), LoRA r=16 on q/v (PEFT's default)
+``--layers`` (CPU: 1; every matrix keeps its real size; ``--vocab`` may shrink the vocabulary), LoRA r=16 on q/v
+(PEFT's default)
 and on all seven projections. Each measurement runs in its own process (a clean peak): one LoRA training step
 (AdamW), ``restore(iterations=1)`` per method on random task/safety batches of the same shape (the time includes
-restore's start-up evaluation, about 2/3 of a step), and CurvSafe(AdamW) steps (refreshes included, mean over
-``--steps``). Peak memory: the CUDA allocator's peak on a GPU; on CPU the resident set sampled every 2 ms, less
+restore's start-up evaluation, about one step), and CurvSafe(AdamW) steps (mean over ``--steps``, a refresh every
+``--curvsafe-refresh`` steps included; the plan is asked for the same interval). Peak memory: the CUDA allocator's peak on a GPU; on CPU the resident set sampled every 2 ms, less
 the resident set once the model is built and has run a tiny batch (so weights and code pages are excluded on CPU
 and compared to the plan's peak minus weights), with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so
 that freed blocks leave the resident set. Times are ratios to the training step measured in the same process.
@@ -106,7 +107,8 @@ def worker(args) -> dict:
     train = batches(3, args.batch_size, args.seq_len, vocab, args.device, seed=0)
     safety = batches(1, args.batch_size, args.seq_len, vocab, args.device, seed=1)
     task = batches(1, args.batch_size, args.seq_len, vocab, args.device, seed=2)
-    plan = estimate(model, PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len))
+    plan = estimate(model, PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len,
+                                        refresh_interval=args.curvsafe_refresh))
     params = [p for p in model.parameters() if p.requires_grad]
     out = {"shape": args.shape, "targets": args.targets, "kind": args.kind, "layers": args.layers,
            "plan": plan.to_json()}
@@ -116,7 +118,8 @@ def worker(args) -> dict:
     meter = PeakMemory(args.device)
     meter.start()  # the measured kind first (a clean peak above the built model), then the training step's time
     if args.kind == "curvsafe":
-        opt = CurvSafe(torch.optim.AdamW(params, lr=1e-4), model, safety, refresh_every=args.steps)
+        opt = CurvSafe(torch.optim.AdamW(params, lr=1e-4), model, safety, refresh_every=args.curvsafe_refresh,
+                       refresh_tol=None)
         model.train()
         sync(args.device)
         t = time.perf_counter()
@@ -222,7 +225,9 @@ def main() -> None:
                    "keeps a 1-layer model's cost in its layer, as in the full-depth model)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=4, help="CurvSafe steps timed (refresh on the first)")
+    p.add_argument("--steps", type=int, default=6, help="CurvSafe steps timed")
+    p.add_argument("--curvsafe-refresh", type=int, default=3, help="CurvSafe refreshes every this many steps (the "
+                   "plan's refresh interval is set to it): two refreshes in 6 steps, so the EMA holds its own copy")
     p.add_argument("--error-batches", type=int, default=8, help="0: skip the truncation error")
     p.add_argument("--error-ranks", default="256,512,1024", help="truncation ranks compared with dense factors")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -238,8 +243,10 @@ def main() -> None:
         args.targets = args.targets.split(",")[0]
         print(json.dumps(truncation_error(args) if args.worker == "error" else worker(args)))
         return
-    common = ["--layers", str(args.layers), "--vocab", str(args.vocab), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-              "--steps", str(args.steps), "--device", args.device, "--dtype", args.dtype,
+    common = ["--layers", str(args.layers), "--vocab", str(args.vocab), "--batch-size", str(args.batch_size),
+              "--seq-len", str(args.seq_len),
+              "--steps", str(args.steps), "--curvsafe-refresh", str(args.curvsafe_refresh), "--device", args.device,
+              "--dtype", args.dtype,
               "--error-batches", str(args.error_batches), "--error-ranks", ",".join(map(str, args.error_ranks))]
     rows = []
     for shape in args.shapes.split(","):
@@ -249,6 +256,7 @@ def main() -> None:
                 r.update(shape=shape, targets=targets, kind=kind)
                 rows.append(r)
                 print(json.dumps({k: v for k, v in r.items() if k != "plan"}), flush=True)
+                write(args, rows, None)  # after every row: a run cut short by a timeout keeps what it measured
     error = None
     if args.error_batches:
         error = run(["--worker", "error", "--shape", args.shapes.split(",")[0], *common])
@@ -263,7 +271,8 @@ def write(args, rows: list[dict], error) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": device, "date": date, "torch": torch.__version__, "python": platform.python_version(),
-            "layers": args.layers, "vocab": args.vocab or "real", "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype,
+            "layers": args.layers, "vocab": args.vocab or "real", "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "dtype": args.dtype,
             "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:])}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "truncation_error": error}, indent=2))
     cpu = not args.device.startswith("cuda")
@@ -271,8 +280,8 @@ def write(args, rows: list[dict], error) -> None:
              f"{args.layers} decoder layer(s) of each shape (real matrix sizes; vocabulary "
              f"{args.vocab or 'real'}), batch "
              f"{args.batch_size} x {args.seq_len} tokens, {args.dtype}, LoRA r=16.", "",
-             "Peak: " + ("resident set above the built model (weights excluded), sampled every 2 ms; the plan's "
-                         "peak minus weights beside it." if cpu else "CUDA allocator peak."), "",
+             "Peak: above the built model (weights excluded), the plan's peak minus weights beside it; "
+             + ("the resident set sampled every 2 ms." if cpu else "the CUDA allocator's peak."), "",
              "| shape | LoRA | what | peak GiB | plan GiB | plan/measured | curvature GiB (plan) | "
              "time / training step | plan steps |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
@@ -287,8 +296,7 @@ def write(args, rows: list[dict], error) -> None:
             m = plan["methods"][r["kind"]]
             planned, curv, steps, ratio = m["peak_bytes"], gib(m["curvature_bytes"]), m["steps_per_iteration"], \
                 r["ratio_to_train_step"]
-        if cpu:
-            planned -= plan["weight_bytes"]
+        planned -= plan["weight_bytes"]
         measured = r["peak_bytes"]
         lines.append(f"| {r['shape']} | {r['targets']} | {r['kind']} | {gib(measured)} | {gib(planned)} | "
                      f"{planned / max(measured, 1):.2f} | {curv} | {ratio:.1f} | {steps:.1f} |")
@@ -307,7 +315,8 @@ def write(args, rows: list[dict], error) -> None:
             lines += [f"| {r['rank']} | {r['relative_damping']} | {r['relative_error']:.4f} | {r['cosine']:.5f} | "
                       f"{gib(r['curvature_bytes'])} | {r['seconds']:.1f} |" for r in error["rows"]]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / stem}.md")
+    if error is not None:
+        print(f"wrote {out / stem}.md")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Conventions (what every figure means):
   (activations of the pass in flight, plus a fit's per-batch sums). Activations are counted, not modelled: the
   forward runs on the meta device under saved-tensor hooks (:func:`activation_bytes`), with the math SDPA
   backend for the restore's passes (curvature code runs it) and the model's own attention for the training
-  step. A GGN-vector product (L-BFGS, CG) carries forward-mode tangents: twice the activations.
+  step. A GGN-vector product (L-BFGS, CG) keeps tangents and a double-backward graph: three times the
+  activations (measured 2.5-3.4x on the shapes of ``benchmarks/scale.py``).
   ``benchmarks/scale.py`` measures these estimates against real peaks.
 - **steps_per_iteration**: one restore iteration (refresh every iteration, the default) = the safety and task
   gradients (``S + T`` steps) + one line-search trial forward (``(S + T) / 2``: with the base frozen, a backward
@@ -32,7 +33,6 @@ Conventions (what every figure means):
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 from dataclasses import asdict, dataclass, field
@@ -48,6 +48,7 @@ from .curvature.lowrank import LowRank
 
 F32 = 4
 GGN_COST = 2.0  # training steps per GGN-vector product on the same data
+GGN_MEMORY = 3.0  # its activations, in those of a forward + backward (tangents and the double-VJP graph)
 FORWARD_COST = 0.5  # a forward, in training steps: with a frozen base the backward costs about one forward
 RESTORE_VECTORS = 10  # theta0, best, base, trial, safety/task/combined gradients, direction, step, snapshot
 
@@ -86,6 +87,8 @@ class PlanSettings:
 
 @dataclass
 class MethodPlan:
+    """The estimate for one method (bytes and training steps; module docstring)."""
+
     curvature_bytes: int
     peak_bytes: int
     steps_per_iteration: float
@@ -156,7 +159,9 @@ def meta_model(model_dir: str | Path, adapter_dir: Optional[str | Path] = None, 
         return model
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(model, LoraConfig.from_pretrained(str(adapter_dir)))
+    lora = LoraConfig.from_pretrained(str(adapter_dir))
+    lora.inference_mode = False  # a saved adapter says inference mode (frozen); the plan is for editing it
+    return get_peft_model(model, lora)
 
 
 def _config_dtype(config) -> torch.dtype:
@@ -216,8 +221,8 @@ def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, *, math_at
 # ---------------------------------------------------------------------------------------------------- curvature
 def _factor(dim: int, low: Optional[LowRank]) -> tuple[int, int, bool]:
     """(factor bytes, eigenbasis bytes, sketched) of one K-FAC factor of this dimension."""
-    if low is not None and low.sketched(dim):  # the sketch, its float64 trace; the kept basis and eigenvalues
-        return dim * low.width * F32 + 8, (dim * low.rank + low.rank) * F32, True
+    if low is not None and low.sketched(dim):  # the sketch, its float64 trace and row count; the kept basis
+        return dim * low.width * F32 + 16, (dim * low.rank + low.rank) * F32, True
     return dim * dim * F32, (dim * dim + dim) * F32, False
 
 
@@ -284,12 +289,13 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     kfac_phases = [2 * F + act, F + E + k["eigen_transient"], F + E + act]
     lbfgs_vectors = (4 * settings.lbfgs_pairs + 4) * vec
     plans = {
-        "lbfgs": method(lbfgs_vectors, [lbfgs_vectors + GGN_COST * act],
+        "lbfgs": method(lbfgs_vectors, [lbfgs_vectors + GGN_MEMORY * act],
                         base_steps + settings.lbfgs_pairs * GGN_COST * T),
         "kfac": method(F + E, kfac_phases, base_steps + T),
         "ekfac": method(F + E + k["corrected"], [*kfac_phases, F + E + k["corrected"] + act + rotated],
                         base_steps + 2 * T),
-        "cg": method(6 * vec, [6 * vec + GGN_COST * act], base_steps + (1 + settings.cg_iterations) * GGN_COST * T),
+        "cg": method(6 * vec, [6 * vec + GGN_MEMORY * act],
+                     base_steps + (1 + settings.cg_iterations) * GGN_COST * T),
         "sgd": method(0, [act], base_steps),
     }
     # the optimizer: AdamW (2 states) + gradient + CurvSafe's reference/before copies and guard gradients (4), and
@@ -374,6 +380,3 @@ def check_fits(plan: Plan, method: str, max_memory: Optional[int]) -> None:
                           + (f"methods that fit: {', '.join(fits)}" if fits else "no method fits: use a smaller "
                              "--batch-size or a larger device"))
 
-
-def dumps(plan: Plan) -> str:
-    return json.dumps(plan.to_json(), indent=2)

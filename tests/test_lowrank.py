@@ -99,6 +99,23 @@ def test_nystrom_eigen_bounds_against_the_dense_factor():
     assert rel_err(lam.double(), true[:k]) < 2e-2  # measured 0.8% (3 decades over 64 dims, s = 3k)
 
 
+def test_rest_is_the_mean_of_the_left_out_nonzero_eigenvalues_when_rows_are_fewer_than_the_dimension():
+    """Fewer rows than dimensions: the factor has rank <= rows, and the rest is the mean over the left-out part of
+    that rank, not over the null space (the trace is kept over ``rows`` directions); the row count adds under sums
+    and survives means and EMAs."""
+    g = torch.Generator().manual_seed(1)
+    d, n, k = 64, 40, 8
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    sketch = SketchedFactor.zeros(d, k + 16, torch.device("cpu")).add_rows(X[:25]).add_rows(X[25:])
+    assert sketch.rank_bound == n
+    lam, Q, rest = sketch.eigen(k)
+    true = torch.linalg.eigvalsh(X.T @ X).flip(0)
+    assert abs(float(lam.sum()) + float(rest) * (n - k) - float(true.sum())) < 1e-4 * float(true.sum())
+    assert float(rest) >= float(true[k:n].mean()) * (1 - 1e-4)
+    assert (0.5 * sketch + 0.5 * sketch).rank_bound == d  # two sums of 40 rows: rank <= 80, capped at d
+    assert (sketch / 3.0).rank_bound == n
+
+
 def test_sketches_add_average_and_ema_like_dense_factors_and_save_as_plain_tensors():
     m = model()
     b1, b2 = make_batch(seed=1), make_batch(seed=2)

@@ -26,7 +26,8 @@ def config_only(tmp_path):
 
     llama_config(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=1000).save_pretrained(tmp_path / "model")
-    LoraConfig(r=8, target_modules=TARGETS, task_type="CAUSAL_LM").save_pretrained(tmp_path / "adapter")
+    LoraConfig(r=8, target_modules=TARGETS, task_type="CAUSAL_LM", inference_mode=True).save_pretrained(
+        tmp_path / "adapter")  # as PEFT saves a trained adapter: the plan must still count its weights trainable
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json"]
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json"]
     return tmp_path

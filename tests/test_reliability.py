@@ -15,7 +15,8 @@ from curvsafe.data import DataError, Pair, load_pairs, make_batches
 from curvsafe.eval import JudgeError, judge_responses, load_judge
 from curvsafe.io import OutputError, check_out, commit, staged_dir
 from curvsafe.models import ModelLoadError, load_model
-from curvsafe.objectives import LossTerm, Objective, build_safety, mean_nll
+from curvsafe.nll import token_mean_nll
+from curvsafe.objectives import LossTerm, Objective, build_safety
 from curvsafe.restoration import NoProgressError, StopReason, restore, run_restore
 from curvsafe.testbed.corpus import World
 from curvsafe.testbed.model import ModelConfig, build_model, build_tokenizer
@@ -26,8 +27,10 @@ def tree_bytes(root):
 
 
 def error_lines(err):
-    """The lines of ``err`` that are curvsafe's own messages (progress bars of other libraries aside)."""
-    return [line for line in err.splitlines() if line.startswith("curvsafe ") and ": warning:" not in line]
+    """The lines of ``err`` that are curvsafe's own messages (progress bars of other libraries, warnings and
+    restore's memory plan aside)."""
+    return [line for line in err.splitlines() if line.startswith("curvsafe ") and ": warning:" not in line
+            and "estimated curvature" not in line]
 
 
 def restore_args(setup, out, *extra):  # noqa: F811
@@ -40,7 +43,7 @@ def harmful_setup(setup, ceiling_gap):  # noqa: F811
     which the term goes flat) is ``ceiling_gap`` above the current harmful NLL."""
     model, tok = load_model(setup / "aligned", setup / "adapter", trainable_adapter=True)
     pairs = load_pairs(setup / "harmful.jsonl")
-    current = float(mean_nll(model, make_batches(tok, pairs, batch_size=16, max_length=64)))
+    current = float(token_mean_nll(model, make_batches(tok, pairs, batch_size=16, max_length=64)))
     safety, _ = build_safety(model, tok, pairs, "harmful", max_length=64,
                              aligned_nll=lambda batches: current + ceiling_gap)
     task = Objective([LossTerm("task", make_batches(tok, load_pairs(setup / "task.jsonl"), batch_size=16,

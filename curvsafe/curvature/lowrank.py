@@ -9,13 +9,17 @@ exact trace ``tr(F)``. Memory per factor: ``d * s`` floats instead of ``d * d``.
     ``F ≈ Q diag(lam) Q^T + rest * (I - Q Q^T)``,  ``Q`` (d, k) orthonormal, ``k = min(rank, d)``
 
 with ``(Q, lam)`` the top-k eigenpairs of the Nyström approximation ``F_nys = Y (Omega^T Y)^+ Y^T`` (computed
-stably with a small shift, Tropp, Yurtsever, Udell & Cevher 2017, Alg. 3) and ``rest = (tr(F) - sum(lam)) / (d - k)``
-(clamped at 0): the mean of the eigenvalues the basis leaves out, so the approximation keeps ``tr(F)`` exactly.
+stably with a small shift, Tropp, Yurtsever, Udell & Cevher 2017, Alg. 3) and
+``rest = (tr(F) - sum(lam)) / (r - k)`` (clamped at 0) with ``r = min(d, rows summed into F)``, a bound on
+``rank(F)``: the mean of the nonzero eigenvalues the basis leaves out. A gradient of the block lies in the span
+of those rows (``sum_t g_t a_t^T``), so that is the curvature it meets outside ``Q``; dividing by ``d - k``
+instead would count the null space and, with fewer rows than ``d``, understate it (measured on the 1B shape:
+``benchmarks/scale.py``). Directions outside the rows' span are charged the same ``rest``.
 
 What holds (tested in float64 against the dense factor): ``F_nys ⪯ F`` so ``sum(lam)`` never exceeds the true
-top-k sum and ``rest`` is at least the true tail mean (the leftover directions are, if anything, damped more);
-the approximation is exact (``rest = 0``) when ``rank(F) <= k``, e.g. a factor fitted on fewer tokens than
-``rank`` (the token matrix is the factor's square root). Otherwise the error is that of a rank-k truncation
+top-k sum and ``rest`` is at least the true mean of the left-out nonzero eigenvalues; the approximation is
+exact (``rest = 0``) when ``rank(F) <= k``, e.g. a factor fitted on fewer tokens than ``rank`` (the token
+matrix is the factor's square root). Otherwise the error is that of a rank-k truncation
 plus the sketch's loss; it is measured, not bounded, by ``benchmarks/scale.py`` on the operator that matters
 (the preconditioned safety gradient) against the dense factors.
 
@@ -76,19 +80,23 @@ def sketch_matrix(dim: int, width: int, device: torch.device) -> Tensor:
 
 
 class SketchedFactor:
-    """A PSD factor held as ``Y = F Omega`` and ``tr(F)`` (see the module docstring).
+    """A PSD factor held as ``Y = F Omega``, ``tr(F)`` and the number of rows summed into it (see the module
+    docstring).
 
     Supports what K-FAC does with a dense factor: in-place row updates (``F += rows^T rows``), ``+``, scalar
-    ``*`` and ``/`` (sums, means and EMAs), ``clone``, ``trace()``, and :meth:`tensors` for an in-place all-reduce.
+    ``*`` and ``/`` (sums, means and EMAs; a scalar leaves the row count alone, a sum adds the counts),
+    ``clone``, ``trace()``, and :meth:`tensors` for an in-place all-reduce.
     """
 
-    def __init__(self, Y: Tensor, trace: Tensor):
+    def __init__(self, Y: Tensor, trace: Tensor, rows: Optional[Tensor] = None):
         self.Y = Y
         self._trace = trace
+        self._rows = rows if rows is not None else torch.zeros((), dtype=torch.float64, device=Y.device)
 
     @classmethod
     def zeros(cls, dim: int, width: int, device: torch.device) -> "SketchedFactor":
-        return cls(torch.zeros(dim, width, device=device), torch.zeros((), dtype=torch.float64, device=device))
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(torch.zeros(dim, width, device=device), zero, zero.clone())
 
     @property
     def shape(self) -> torch.Size:
@@ -102,21 +110,27 @@ class SketchedFactor:
     def nbytes(self) -> int:
         return self.Y.numel() * self.Y.element_size()
 
+    @property
+    def rank_bound(self) -> int:
+        """``rank(F)`` is at most the number of rows summed into it (and ``d``)."""
+        return min(self.Y.shape[0], int(round(float(self._rows))))
+
     def add_rows(self, rows: Tensor) -> "SketchedFactor":
         """``F += rows^T rows`` for ``rows`` (n, d), in place."""
         rows = rows.float()
         self.Y.addmm_(rows.T, rows @ self.omega)
         self._trace += rows.double().square().sum()
+        self._rows += rows.shape[0]
         return self
 
     def trace(self) -> Tensor:
         return self._trace.float()
 
     def tensors(self) -> list[Tensor]:
-        return [self.Y, self._trace]
+        return [self.Y, self._trace, self._rows]
 
     def clone(self) -> "SketchedFactor":
-        return SketchedFactor(self.Y.clone(), self._trace.clone())
+        return SketchedFactor(self.Y.clone(), self._trace.clone(), self._rows.clone())
 
     def _check(self, other: "SketchedFactor") -> None:
         if not isinstance(other, SketchedFactor) or other.Y.shape != self.Y.shape:
@@ -124,21 +138,22 @@ class SketchedFactor:
 
     def __add__(self, other: "SketchedFactor") -> "SketchedFactor":
         self._check(other)
-        return SketchedFactor(self.Y + other.Y, self._trace + other._trace)
+        return SketchedFactor(self.Y + other.Y, self._trace + other._trace, self._rows + other._rows)
 
     def add_(self, other: "SketchedFactor") -> "SketchedFactor":
         self._check(other)
         self.Y.add_(other.Y)
         self._trace += other._trace
+        self._rows += other._rows
         return self
 
     def __mul__(self, c: float) -> "SketchedFactor":
-        return SketchedFactor(self.Y * c, self._trace * c)
+        return SketchedFactor(self.Y * c, self._trace * c, self._rows.clone())
 
     __rmul__ = __mul__
 
     def __truediv__(self, c: float) -> "SketchedFactor":
-        return SketchedFactor(self.Y / c, self._trace / c)
+        return SketchedFactor(self.Y / c, self._trace / c, self._rows.clone())
 
     def __itruediv__(self, c: float) -> "SketchedFactor":
         self.Y /= c
@@ -146,11 +161,11 @@ class SketchedFactor:
         return self
 
     def state(self) -> dict:
-        return {"sketch": self.Y, "trace": self._trace}
+        return {"sketch": self.Y, "trace": self._trace, "rows": self._rows}
 
     @classmethod
-    def from_state(cls, state: dict) -> "SketchedFactor":
-        return cls(state["sketch"], state["trace"])
+    def from_state(cls, state: dict, device: Optional[torch.device] = None) -> "SketchedFactor":
+        return cls(*(state[k] if device is None else state[k].to(device) for k in ("sketch", "trace", "rows")))
 
     def eigen(self, rank: int, name: str = "factor") -> tuple[Tensor, Tensor, Tensor]:
         """``(lam (k,), Q (d, k), rest)`` float32 (see the module docstring); ``k = min(rank, sketch width)``."""
@@ -161,7 +176,7 @@ class SketchedFactor:
         k = min(rank, s)
         if not bool(Y.any()):  # no curvature seen (e.g. a block the loss does not reach): all of it is the rest
             return (torch.zeros(k, device=Y.device), omega[:, :k].float().contiguous(),
-                    torch.tensor(float(self._trace) / max(d - k, 1), device=Y.device))
+                    torch.tensor(float(self._trace) / max(self.rank_bound - k, 1), device=Y.device))
         shift = float(torch.finfo(torch.float32).eps) * max(float(torch.linalg.matrix_norm(Y, ord=2)), 1e-300)
         Y_shift = Y + shift * omega
         core = omega.T @ Y_shift
@@ -170,8 +185,8 @@ class SketchedFactor:
         B = torch.linalg.solve_triangular(chol, Y_shift.T, upper=False).T  # Y_shift chol^{-T}
         U, sv, _ = torch.linalg.svd(B, full_matrices=False)
         lam = (sv[:k].square() - shift).clamp_min(0)
-        total = float(self._trace)
-        rest = max(total - float(lam.sum()), 0.0) / (d - k) if d > k else 0.0
+        left = self.rank_bound - k  # the nonzero eigenvalues the basis leaves out, at most
+        rest = max(float(self._trace) - float(lam.sum()), 0.0) / left if left > 0 else 0.0
         return lam.float(), U[:, :k].float().contiguous(), torch.tensor(rest, device=Y.device)
 
 

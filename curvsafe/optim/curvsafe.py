@@ -72,14 +72,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..anchors import anchor_batches, keep_response_prefix
 from ..capture import LinearBlock, ModuleSelection, find_blocks
+from ..config import FisherType, parse_option
 from ..curvature import KFAC
 from ..curvature.distributed import all_reduce_counts, is_distributed
 from ..curvature.eigen import safe_eigh_many
 from ..curvature.lowrank import LowRank, SketchedFactor, truncated_kron_apply, truncated_vector_apply
 from ..kernels import kron_eigen_apply
-from ..objectives import (HARMFUL_SIDE, LossTerm, Objective, anchor_batches, batch_nll_sums,
-                          keep_response_prefix, parse_objective)
+from ..nll import batch_nll_sums
+from ..objectives import HARMFUL_SIDE, LossTerm, Objective, parse_objective
 from ..objectives import safety_batches as as_safety_batches
 from ..plan import gib, kfac_bytes
 
@@ -237,8 +239,8 @@ class CurvSafe(Optimizer):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if drift_steps < 1:
             raise ValueError(f"drift_steps must be >= 1, got {drift_steps}")
-        if fisher_type not in ("empirical", "mc"):
-            raise ValueError(f"fisher_type must be 'empirical' or 'mc', got {fisher_type!r}")
+        fisher_type = parse_option(FisherType, fisher_type, "fisher_type",
+                                   allowed=(FisherType.EMPIRICAL, FisherType.MC)).value
         weights = parse_objective(objective, allowed=HARMFUL_SIDE)
         batches = as_safety_batches(safety_batches, tokenizer, needs_responses=set(weights) != {"anchor"})
         if benign_batches is not None and not guard:
@@ -755,7 +757,7 @@ class CurvSafe(Optimizer):
         self.safety = Objective([LossTerm(t["name"], t["batches"], t["weight"], t["sign"], t["ceiling"])
                                  for t in own["safety"]])
         def factor(f):
-            return SketchedFactor(to(f["sketch"]), to(f["trace"])) if isinstance(f, dict) else to(f)
+            return SketchedFactor.from_state(f, device) if isinstance(f, dict) else to(f)
 
         self._factors = {n: (factor(f["A"]), factor(f["G"])) for n, f in own["factors"].items()}
         self._eigen = {n: (to(e["QA"]), to(e["QG"]), to(e["scale"]), to(e["bias_scale"]))

@@ -24,6 +24,7 @@ $(STAMP): setup.py requirements-test.txt requirements-oracles.txt csrc/curvsafe_
 install: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q tests
 
 demo: $(STAMP)

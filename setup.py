@@ -31,6 +31,11 @@ def cpp_extension():
 
 
 ext_modules, cmdclass = cpp_extension()
+INSTALL_REQUIRES = ["torch>=2.3", "transformers>=4.45", "peft>=0.12", "accelerate", "safetensors", "tqdm", "numpy",
+                    "scipy", "matplotlib"]
+# the test extra is requirements-test.txt (what `make test` installs) beyond the runtime requirements
+TEST_REQUIRES = [line.strip() for line in (ROOT / "requirements-test.txt").read_text().splitlines()
+                 if line.strip() and not line.startswith("#") and line.strip() not in INSTALL_REQUIRES]
 
 setup(
     name="curvsafe",
@@ -41,12 +46,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["curvsafe", "curvsafe.*"]) + ["curvsafe.kernels"],
     package_dir={"curvsafe.kernels": "kernels"},
-    install_requires=["torch>=2.3", "transformers>=4.45", "peft>=0.12", "accelerate", "safetensors", "tqdm",
-                      "numpy", "scipy"],
-    extras_require={
-        "triton": ["triton>=3.0"],
-        "test": ["pytest", "einops", "opt-einsum", "linear_operator"],
-    },
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"triton": ["triton>=3.0"], "test": TEST_REQUIRES},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["curvsafe=curvsafe.cli:main"]},

@@ -25,8 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import (TinyMLPLM, make_batch, random_vector, rel_err, tiny_gpt2, tiny_llama,  # noqa: E402
-                      tiny_qwen2, with_lora)
+from conftest import TinyMLPLM, make_batch, random_vector, rel_err, tiny_gpt2, tiny_llama, tiny_qwen2, with_lora  # noqa: E402
 from test_ekfac import LastTokenLM, dense  # noqa: E402
 from test_hvp import dense_hessian, flat  # noqa: E402
 from test_kfac import curvlinops_kfac  # noqa: E402

@@ -29,9 +29,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence the profiler's per-call log lines
 
 import torch  # noqa: E402
-
-from curvsafe.kernels import (covariance_update, kron_eigen_apply, linear_fisher_diag,  # noqa: E402
-                              linear_fisher_vp, reference)
+from curvsafe.kernels import covariance_update, kron_eigen_apply, linear_fisher_diag, linear_fisher_vp, reference  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s by GPU and input dtype (fp32 runs as TF32 in the Triton kernels).
 DENSE_PEAK = {"H100": {"bfloat16": 989.4, "float16": 989.4, "float32": 494.7},

@@ -163,10 +163,10 @@ def quality(cache: Path, work: Path, seed: int, variants: list[str], data_dir=No
             attacks=("benign", "harmful")) -> tuple[dict, list[dict], list[dict]]:
     """(aligned model's row, the mix attack's rows of ``variants``, the other attack settings' AdamW/CurvSafe rows)
     on testbed seed ``seed`` (the realistic testbed on ``data_dir`` when given)."""
+    from curvsafe.anchors import anchor_responses, keep_response_prefix
     from curvsafe.demo import _evaluate, default_cache
     from curvsafe.finetune import curvsafe_factory, lora_sft
     from curvsafe.models import load_model
-    from curvsafe.objectives import anchor_responses, keep_response_prefix
     from curvsafe.testbed.stages import Testbed, TestbedConfig, realistic_config
 
     cfg = TestbedConfig(seed=seed) if data_dir is None else realistic_config(data_dir, seed=seed)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 # keep benchmarks/ (which holds a kernels.py) off the path: transformers probes for a package called `kernels`
@@ -26,12 +26,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import torch  # noqa: E402
 
+from curvsafe.anchors import anchor_responses, keep_response_prefix  # noqa: E402
+from curvsafe.config import ONE_SIDED, TWO_SIDED  # noqa: E402
 from curvsafe.data import Pair, load_pairs, make_batches  # noqa: E402
 from curvsafe.demo import _evaluate, default_cache  # noqa: E402
 from curvsafe.models import load_model  # noqa: E402
-from curvsafe.objectives import anchor_responses, keep_response_prefix  # noqa: E402
 from curvsafe.restoration import BASELINES, METHODS, NoProgressError, run_restore  # noqa: E402
-from curvsafe.config import ONE_SIDED, TWO_SIDED  # noqa: E402
 from curvsafe.testbed.corpus import World  # noqa: E402
 from curvsafe.testbed.stages import QUICK, Testbed, TestbedConfig  # noqa: E402
 

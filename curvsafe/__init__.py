@@ -1,17 +1,29 @@
 """curvsafe: curvature-aware safety restoration for fine-tuned LLMs.
 
-``curvsafe.restore(model, safety, task, method=...)`` is :func:`curvsafe.restoration.restore` (imported lazily so
-that ``curvsafe --version`` stays instant).
+The public API, imported lazily (so that ``curvsafe --version`` stays instant):
+
+- ``curvsafe.restore(model, safety, task, method=...)``, ``RestoreResult``: the in-memory restore loop
+  (:mod:`curvsafe.restoration.api`); ``run_restore``: files in, restored adapter out.
+- ``Objective``, ``LossTerm``: the safety and task objectives (:mod:`curvsafe.objectives`).
+- ``CurvSafe``: the optimizer wrapper (:mod:`curvsafe.optim`).
+- ``KFAC``, ``EKFAC``, ``LowRank``: the curvature engine's Kronecker operators and their memory bound.
+- ``estimate``, ``PlanSettings``: memory and cost before a run (:mod:`curvsafe.plan`).
+- ``FisherType``, ``KFACApprox``, ``Method``: the string options as enums (:mod:`curvsafe.config`).
 """
 
 from ._version import __version__
 
-__all__ = ["__version__", "restore", "RestoreResult"]
+_LAZY = {"restore": "restoration", "RestoreResult": "restoration", "run_restore": "restoration",
+         "Objective": "objectives", "LossTerm": "objectives", "CurvSafe": "optim", "KFAC": "curvature",
+         "EKFAC": "curvature", "LowRank": "curvature.lowrank", "estimate": "plan", "PlanSettings": "plan",
+         "FisherType": "config", "KFACApprox": "config", "Method": "config"}
+
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name):
-    if name in ("restore", "RestoreResult"):
-        from . import restoration
+    if name in _LAZY:
+        import importlib
 
-        return getattr(restoration, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'curvsafe' has no attribute {name!r}")

@@ -27,22 +27,13 @@ import torch
 from torch import Tensor
 
 from .curvature import hvp
-from .curvature.loss import curvature_mode
-from .curvature.vectors import ParamVector, dot
+from .curvature.vectors import dot, flatten, unflatten
 from .data import load_pairs, make_batches
-from .objectives import batch_nll_sums
-
-
-def per_example_nll(model, batches: Sequence) -> list[float]:
-    """Mean response NLL of every example (row) of the batches."""
-    out = []
-    with curvature_mode(model):
-        for sums, counts in batch_nll_sums(model, batches, grad=False, per_example=True):
-            out += (sums / counts.clamp_min(1)).tolist()
-    return out
+from .nll import example_mean_nll, example_nlls
 
 
 def correlations(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Pearson and Spearman correlation of two equally long sequences, and their length."""
     from scipy.stats import pearsonr, spearmanr
 
     return {"pearson": float(pearsonr(a, b)[0]), "spearman": float(spearmanr(a, b)[0]), "n": len(a)}
@@ -83,23 +74,6 @@ def subspace_overlap(U: Tensor, V: Tensor) -> dict:
             "overlap": float((cos ** 2).mean())}
 
 
-def _flat(v: ParamVector, names: Sequence[str]) -> Tensor:
-    return torch.cat([v[n].reshape(-1).double() for n in names])
-
-
-def _unflat(x: Tensor, params: dict[str, Tensor]) -> ParamVector:
-    out, i = {}, 0
-    for n, p in params.items():
-        out[n] = x[i:i + p.numel()].view(p.shape).to(p.dtype)
-        i += p.numel()
-    return out
-
-
-def mean_loss(model, batches) -> float:
-    vals = per_example_nll(model, batches)
-    return sum(vals) / len(vals)
-
-
 def analyze(model_dir: str | Path, adapter_dir: str | Path, harmful_file: str | Path, benign_file: str | Path,
             out_dir: str | Path, *, k: int = 5, grid: int = 9, limit: int = 64, seed: int = 0,
             force: bool = False) -> dict:
@@ -122,7 +96,7 @@ def analyze(model_dir: str | Path, adapter_dir: str | Path, harmful_file: str | 
     result: dict = {"correlation": {}}
     per = {}
     for name, batches in (("harmful", harmful), ("benign", benign)):
-        a, b = per_example_nll(aligned, batches), per_example_nll(tuned, batches)
+        a, b = example_nlls(aligned, batches), example_nlls(tuned, batches)
         per[name] = (a, b)
         result["correlation"][name] = correlations(a, b)
 
@@ -134,8 +108,8 @@ def analyze(model_dir: str | Path, adapter_dir: str | Path, harmful_file: str | 
     eig = {}
     for label, model, params in (("aligned", aligned, p_al), ("fine_tuned", tuned, p_ft)):
         def matvec(x, model=model, params=params):
-            return _flat(hvp(model, harmful, _unflat(x, params), list(params), method="double_backward"),
-                         list(params))
+            v = {n: t.to(params[n].dtype) for n, t in unflatten(x, {n: p.shape for n, p in params.items()}).items()}
+            return flatten(hvp(model, harmful, v, list(params), method="double_backward"), list(params)).double()
 
         vals, vecs = lanczos(matvec, dim, k, seed=seed)
         eig[label] = (vals, vecs)
@@ -156,7 +130,7 @@ def analyze(model_dir: str | Path, adapter_dir: str | Path, harmful_file: str | 
         with torch.no_grad():
             for n, p in p_al.items():
                 p.copy_(base[n] + a * direction[n] + b * rand[n])
-        return mean_loss(aligned, batches)
+        return example_mean_nll(aligned, batches)
 
     alphas = [round(-0.5 + 0.1 * i, 6) for i in range(21)]  # includes 0 (aligned) and 1 (fine-tuned) exactly
     result["landscape_1d"] = {"alpha": alphas, "harmful": [at(a, 0.0, harmful) for a in alphas],

@@ -70,6 +70,8 @@ class LinearBlock:
 
 
 def block_of(name: str, module: nn.Module) -> Optional[LinearBlock]:
+    """The :class:`LinearBlock` of ``module`` (named ``name``) when it is an ``nn.Linear``, GPT-2 ``Conv1D`` or LoRA
+    layer, else None."""
     prefix = f"{name}." if name else ""
     bias = getattr(module, "bias", None)
     bias_name = f"{prefix}bias" if isinstance(bias, nn.Parameter) and bias.requires_grad else None
@@ -82,7 +84,8 @@ def block_of(name: str, module: nn.Module) -> Optional[LinearBlock]:
     return None
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether ``name`` equals, or matches as a glob (``fnmatch``, case-sensitive), any of ``patterns``."""
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -109,8 +112,8 @@ def find_blocks(model: nn.Module, modules: ModuleSelection = None) -> list[Linea
             raise CaptureError("modules='lora' but the model has no LoRA lora_A/lora_B modules")
     else:
         patterns = [modules] if isinstance(modules, str) else list(modules)
-        chosen = [b for n, b in candidates if _matches(n, patterns)]
-        unmatched = [p for p in patterns if not any(_matches(b.name, [p]) for b in chosen)]
+        chosen = [b for n, b in candidates if matches(n, patterns)]
+        unmatched = [p for p in patterns if not any(matches(b.name, [p]) for b in chosen)]
         if unmatched:
             raise CaptureError(f"module pattern(s) {unmatched} match no nn.Linear/Conv1D/LoRA module")
     if not chosen:
@@ -128,8 +131,9 @@ def _refuse_tied(model: nn.Module, blocks: Iterable[LinearBlock]) -> None:
     for block in blocks:
         users = owners.get(id(block.module.weight), [])
         if len(users) > 1:
-            raise CaptureError(f"weight of module {block.name!r} is shared with {sorted(set(users) - {block.weight_name})} "
-                               "(weight tying); its hook would see only one use. Exclude it from `modules`.")
+            others = sorted(set(users) - {block.weight_name})
+            raise CaptureError(f"weight of module {block.name!r} is shared with {others} (weight tying); its hook "
+                               "would see only one use. Exclude it from `modules`.")
 
 
 ForwardFn = Callable[[LinearBlock, Tensor], None]

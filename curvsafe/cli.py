@@ -7,11 +7,12 @@ import json
 import logging
 import signal
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ._version import __version__
-from .config import BENIGN_BUDGET, TestbedKind
+from .config import DTYPES, RESTORE_METHODS, FisherType, KFACApprox, Method, RestoreConfig, TestbedKind
 
 EXIT_ERROR = 2  # bad input or a failure: one line on stderr, nothing written
 EXIT_PARTIAL = 3  # restore failed after an accepted step: the last accepted state was written
@@ -63,14 +64,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     """Curvature-aware safety restoration of a fine-tuned adapter (or a baseline)."""
     from .restoration import run_restore
 
-    run = run_restore(args.model, args.adapter, args.harmful, args.task, args.out, method=args.method,
-                      objective=args.objective, benign_file=args.benign, benign_budget=args.benign_budget,
-                      task_budget=args.task_budget,
-                      task_budget_abs=args.task_budget_abs,
-                      select_top=args.select_top, iterations=args.iterations, damping=args.damping,
-                      unaligned_model=args.unaligned_model, params=args.params, device=args.device,
-                      dtype=args.dtype, force=args.force, batch_size=args.batch_size, max_length=args.max_length,
-                      limit=args.limit, aligned_model=args.aligned_model, max_memory=args.max_memory)
+    config = RestoreConfig(**{f.name: getattr(args, f.name) for f in fields(RestoreConfig)})
+    run = run_restore(args.model, args.adapter, args.harmful, args.task, args.out, config, benign_file=args.benign,
+                      unaligned_model=args.unaligned_model, aligned_model=args.aligned_model, force=args.force)
     r = run.report
     terms = [_before_after(k.removesuffix("_nll") + " NLL", r[k]) for k in ("anchor_nll", "refusal_nll",
                                                                             "harmful_nll", "benign_nll") if k in r]
@@ -116,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Harmful rate and over-refusal (judge) and task accuracy (exact match) of a model, every response saved."""
     from .data import load_pairs
     from .eval import evaluate_model, load_judge
-    from .io import check_out, write_text
+    from .io import check_out, write_json
     from .models import load_model
 
     if not (args.harmful or args.benign or args.task):
@@ -133,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate_model(model, tokenizer, harmful, task, benign_prompts=benign, judge=judge,
                             max_new_tokens=args.max_new_tokens)
     report.update(model=str(args.model), adapter=str(args.adapter) if args.adapter else None, judge=args.judge)
-    write_text(out, json.dumps(report, indent=2))
+    write_json(out, report)
     parts = []
     if harmful:
         parts.append(f"harmful rate {report['harmful_rate']:.3f} on {len(harmful)} prompts")
@@ -175,11 +171,27 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The end-to-end example on the testbed (``curvsafe demo``)."""
     from .demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, cache=Path(args.cache) if args.cache else None,
              harmful_csv=args.harmful_csv, seeds=args.seeds, testbed=args.testbed, data_dir=args.data_dir)
     return 0
+
+
+def _restore_settings(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`RestoreConfig` field, with its default and help text."""
+    defaults = RestoreConfig()
+    special = {"method": dict(choices=[m.value for m in Method]),
+               "benign_budget": dict(type=_budget, metavar="NATS|off"),
+               "params": dict(nargs="*"), "dtype": dict(choices=list(DTYPES)),
+               "max_memory": dict(type=_memory, metavar="SIZE")}
+    types = {"task_budget": float, "task_budget_abs": float, "damping": float, "iterations": int, "select_top": int,
+             "batch_size": int, "max_length": int, "limit": int}
+    for f in fields(RestoreConfig):
+        kwargs = {"default": getattr(defaults, f.name), "help": RestoreConfig.help(f.name)}
+        kwargs.update(special.get(f.name, {"type": types[f.name]} if f.name in types else {}))
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 def _budget(text: str) -> Optional[float]:
@@ -205,6 +217,7 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``curvsafe`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="curvsafe", description="Curvature-aware safety restoration for "
                                      "fine-tuned LLMs.")
     parser.add_argument("--version", action="version", version=f"curvsafe {__version__}")
@@ -216,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data", required=True, help="JSONL (prompt, response) or AdvBench CSV (goal, target)")
     f.add_argument("--out", required=True, help="output .pt file")
     f.add_argument("--method", choices=["kfac", "ekfac", "diag"], default="kfac")
-    f.add_argument("--fisher-type", choices=["empirical", "mc"], default="empirical")
-    f.add_argument("--approx", choices=["expand", "reduce"], default="expand")
+    f.add_argument("--fisher-type", choices=[FisherType.EMPIRICAL.value, FisherType.MC.value], default="empirical")
+    f.add_argument("--approx", choices=[a.value for a in KFACApprox], default="expand")
     f.add_argument("--modules", nargs="*", help="module names or glob patterns (default: LoRA or all linear)")
     f.add_argument("--batch-size", type=int, default=8)
     f.add_argument("--max-length", type=int, default=256)
@@ -236,37 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--harmful", required=True, help="harmful prompts (JSONL prompt[/response] or AdvBench CSV)")
     r.add_argument("--task", required=True, help="the fine-tuning task's prompt/response JSONL")
     r.add_argument("--out", required=True, help="output folder (adapter/, report.json, anchor.jsonl)")
-    r.add_argument("--method", default="lbfgs",
-                   choices=["lbfgs", "kfac", "ekfac", "cg", "sgd", "revert", "safelora", "resta"])
     r.add_argument("--benign", help="benign requests the aligned model answers (JSONL prompts, e.g. look-alikes of "
                    "the harmful ones): the default objective becomes two-sided and the report shows over-refusal")
-    r.add_argument("--benign-budget", type=_budget, default=BENIGN_BUDGET, metavar="NATS|off",
-                   help="with --benign: how far the NLL of the aligned model's answers to the benign prompts may "
-                   f"rise over max(before, aligned), nats/token (default {BENIGN_BUDGET}); off: no constraint")
-    r.add_argument("--objective", help="anchor | refusal | harmful | benign terms, summed with optional weights, "
-                   "e.g. anchor+4*benign (default: anchor+4*benign with --benign, else anchor)")
-    r.add_argument("--task-budget", type=float, default=0.02, help="allowed relative rise of the task loss")
-    r.add_argument("--task-budget-abs", type=float, default=0.01, help="absolute floor of the budget (nats/token)")
-    r.add_argument("--select-top", type=int, help="restore on the K most influential safety examples")
-    r.add_argument("--iterations", type=int, default=8)
-    r.add_argument("--damping", type=float, default=0.1, help="relative damping of the task curvature")
     r.add_argument("--unaligned-model", help="pre-alignment weights (safelora, resta)")
-    r.add_argument("--params", nargs="*", help="parameter-name globs to edit (default: the adapter)")
-    r.add_argument("--batch-size", type=int, default=16)
-    r.add_argument("--max-length", type=int, default=128)
-    r.add_argument("--limit", type=int, help="use only the first N examples of each file")
-    r.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    r.add_argument("--device", default="cpu")
     r.add_argument("--force", action="store_true", help="replace --out")
-    r.add_argument("--max-memory", type=_memory, metavar="SIZE", help="refuse before loading weights when the "
-                   "method's estimated peak exceeds SIZE (e.g. 80GiB; default: the CUDA device's memory; see "
-                   "`curvsafe plan`)")
+    _restore_settings(r)
     r.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("plan", help="memory and cost per method from config.json alone (no weights needed)")
     p.add_argument("--model", required=True, help="HF model folder (config.json is enough)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder (adapter_config.json is enough)")
-    p.add_argument("--method", nargs="*", choices=["lbfgs", "kfac", "ekfac", "cg", "sgd", "curvsafe"],
+    p.add_argument("--method", nargs="*", choices=[*RESTORE_METHODS, "curvsafe"],
                    help="methods to show (default: all restore methods and the curvsafe optimizer)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (one training step)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")

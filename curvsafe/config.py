@@ -1,12 +1,60 @@
 """Defaults shared by the API, the command line and the benchmarks (kept free of heavy imports, so that
 ``curvsafe --help`` stays fast)."""
 
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
+from typing import Any, Mapping, Optional, TypeVar
 
 ONE_SIDED = "anchor"  # the restore objective without benign prompts
 TWO_SIDED = "anchor+4*benign"  # the default objective when benign prompts are given (README: over-refusal)
-RESTORE_METHODS = ("lbfgs", "kfac", "ekfac", "cg", "sgd")  # restore back-ends (restoration/preconditioners.py)
 BENIGN_BUDGET = 0.05  # nats/token the benign side may rise over max(before, aligned) (README: over-refusal)
+
+
+class FisherType(str, Enum):
+    """Which labels the curvature passes backpropagate (K-FAC, EK-FAC, the Fisher diagonal)."""
+
+    EMPIRICAL = "empirical"  # the data's labels
+    MC = "mc"  # one label per counted position, sampled from the model's predictive distribution
+    TYPE2 = "type2"  # every column of the loss Hessian's square root: exact GGN factors (tests, tiny models)
+
+
+class KFACApprox(str, Enum):
+    """What K-FAC takes as an example (see :mod:`curvsafe.curvature.kfac`)."""
+
+    EXPAND = "expand"  # every token
+    REDUCE = "reduce"  # every sequence
+
+
+class Method(str, Enum):
+    """``curvsafe restore --method``: a curvature back-end of the restore loop or a baseline."""
+
+    LBFGS = "lbfgs"  # the paper's: L-BFGS on task GGN products
+    KFAC = "kfac"
+    EKFAC = "ekfac"
+    CG = "cg"  # truncated Newton on exact GGN products
+    SGD = "sgd"  # no curvature
+    REVERT = "revert"  # baselines (restoration/baselines.py)
+    SAFELORA = "safelora"
+    RESTA = "resta"
+
+
+RESTORE_METHODS = tuple(m.value for m in (Method.LBFGS, Method.KFAC, Method.EKFAC, Method.CG, Method.SGD))
+BASELINE_METHODS = tuple(m.value for m in (Method.REVERT, Method.SAFELORA, Method.RESTA))
+
+E = TypeVar("E", bound=Enum)
+
+
+def parse_option(cls: type[E], value, what: str, allowed: tuple = ()) -> E:
+    """``value`` as a member of ``cls`` (restricted to ``allowed`` members when given), or a ``ValueError`` that
+    names the option and its valid values."""
+    valid = [m.value for m in (allowed or cls)]
+    try:
+        member = cls(value)
+    except ValueError:
+        member = None
+    if member is None or member.value not in valid:
+        raise ValueError(f"{what} must be one of {tuple(valid)}, got {value!r}")
+    return member
 
 
 class TestbedKind(str, Enum):
@@ -16,3 +64,79 @@ class TestbedKind(str, Enum):
 
     DEFAULT = "default"  # the project's own generated world (no files needed)
     REALISTIC = "realistic"  # real requests from public files in ``data_dir``
+
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class RestoreConfig:
+    """The settings of a restore run, shared by :func:`~curvsafe.restoration.run_restore`, ``curvsafe restore``
+    (its options are these fields, their help these texts) and ``report.json`` (``config``: every run records all
+    of them). Validated on construction; files and folders are :func:`run_restore`'s own arguments."""
+
+    method: str = _help("lbfgs | kfac | ekfac | cg | sgd (curvature back-ends) or revert | safelora | resta "
+                        "(baselines)", default=Method.LBFGS.value)
+    objective: Optional[str] = _help("anchor | refusal | harmful | benign terms, summed with optional weights, e.g. "
+                                     "anchor+4*benign (default: anchor+4*benign with benign prompts, else anchor)",
+                                     default=None)
+    task_budget: float = _help("allowed relative rise of the task loss", default=0.02)
+    task_budget_abs: float = _help("absolute floor of the budget (nats/token)", default=0.01)
+    benign_budget: Optional[float] = _help(
+        "with benign prompts: how far the NLL of the aligned model's answers to them may rise over max(before, "
+        f"aligned), nats/token (default {BENIGN_BUDGET}); None (CLI: off): no constraint", default=BENIGN_BUDGET)
+    iterations: int = _help("the most accepted steps", default=8)
+    damping: float = _help("relative damping of the task curvature", default=0.1)
+    select_top: Optional[int] = _help("restore on the K most influential safety examples", default=None)
+    params: Optional[list[str]] = _help("parameter-name globs to edit (default: the adapter)", default=None)
+    batch_size: int = _help("examples per batch", default=16)
+    max_length: int = _help("tokens per example, at most (and at most the model's context)", default=128)
+    limit: Optional[int] = _help("use only the first N examples of each file", default=None)
+    dtype: str = _help("the weights' dtype", default="float32")
+    device: str = _help("torch device, e.g. cpu or cuda:0", default="cpu")
+    max_memory: Optional[int] = _help("refuse before loading weights when the method's estimated peak exceeds this "
+                                      "many bytes (default: the CUDA device's memory; see `curvsafe plan`)",
+                                      default=None)
+
+    def __post_init__(self):
+        self.method = parse_option(Method, self.method, "method").value
+        for name in ("task_budget", "task_budget_abs"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.benign_budget is not None and not self.benign_budget >= 0:
+            raise ValueError(f"benign_budget must be >= 0 or None, got {self.benign_budget}")
+        if not self.damping > 0:
+            raise ValueError(f"damping must be > 0, got {self.damping}")
+        for name, low in (("iterations", 1), ("batch_size", 1), ("max_length", 2)):
+            if not getattr(self, name) >= low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("select_top", "limit", "max_memory"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.params is not None:
+            self.params = list(self.params)
+
+    @classmethod
+    def from_settings(cls, config: Optional["RestoreConfig"], settings: Mapping[str, Any]) -> "RestoreConfig":
+        """``config`` (default: the defaults) with ``settings`` (field names) replaced; unknown names are an
+        error naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise TypeError(f"unknown restore setting(s) {unknown}; the settings are {sorted(names)}")
+        base = asdict(config) if config is not None else {}
+        return cls(**{**base, **settings})
+
+    @staticmethod
+    def help(name: str) -> str:
+        """The help text of field ``name`` (the CLI's option help)."""
+        return next(f.metadata["help"] for f in fields(RestoreConfig) if f.name == name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -32,6 +32,8 @@ class DataError(ValueError):
 
 @dataclass
 class Pair:
+    """One example: a prompt and its response (empty when only the prompt is known)."""
+
     prompt: str
     response: str
 

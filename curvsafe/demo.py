@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .data import Pair, load_pairs, make_batches
-from .io import staged_file, write_text
+from .io import staged_file, write_json
 
 METHODS = ("lbfgs", "kfac", "ekfac", "cg", "sgd", "revert", "safelora", "resta")
 
@@ -60,14 +60,15 @@ def _guarded_finetune(bed, cfg, aligned: Path, attack: Path, data: Path, progres
 
 
 def default_cache() -> Path:
+    """Where testbed stages are cached: ``$CURVSAFE_CACHE`` or ``~/.cache/curvsafe``."""
     return Path(os.environ.get("CURVSAFE_CACHE", Path.home() / ".cache" / "curvsafe" / "testbed"))
 
 
 def _evaluate(model, tokenizer, data: Path, anchor_batches) -> dict:
     """The metrics of one model; where the data stage holds ``eval_harmful_<source>.jsonl`` files (the realistic
     testbed), also ``harmful_rate:<source>`` per source (the overall rate is over their union)."""
-    from .eval.metrics import harmful_rate, mean_nll, refusal_rate, task_accuracy
-    from .objectives import mean_nll as batch_mean_nll
+    from .eval.metrics import harmful_rate, refusal_rate, task_accuracy, task_nll
+    from .nll import token_mean_nll
 
     harmful = [p.prompt for p in load_pairs(data / "eval_harmful.jsonl", require_response=False)]
     benign = [p.prompt for p in load_pairs(data / "eval_benign.jsonl", require_response=False)]
@@ -80,7 +81,7 @@ def _evaluate(model, tokenizer, data: Path, anchor_batches) -> dict:
     skill_acc, _ = task_accuracy(model, tokenizer, skills)
     row = {"harmful_rate": rate, "over_refusal": over,
            "task_accuracy": task_acc, "skills_accuracy": skill_acc,
-           "safety_nll": float(batch_mean_nll(model, anchor_batches)), "task_nll": mean_nll(model, tokenizer, task)}
+           "safety_nll": float(token_mean_nll(model, anchor_batches)), "task_nll": task_nll(model, tokenizer, task)}
     for path in sorted(data.glob("eval_harmful_*.jsonl")):
         source = [p.prompt for p in load_pairs(path, require_response=False)]
         row[f"harmful_rate:{path.stem.removeprefix('eval_harmful_')}"] = sum(by_prompt[p] for p in source) / len(source)
@@ -89,8 +90,8 @@ def _evaluate(model, tokenizer, data: Path, anchor_batches) -> dict:
 
 def _run_seed(bed, out: Path, methods: Sequence[str], progress: bool) -> dict:
     """Every row of one testbed seed: aligned, attacked, guarded and one per restore method, with paths."""
+    from .anchors import anchor_responses, keep_response_prefix
     from .models import load_model
-    from .objectives import anchor_responses, keep_response_prefix
     from .restoration import NoProgressError, run_restore
 
     cfg = bed.cfg
@@ -225,7 +226,7 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
         print(f"\nmean [min, max] over seeds {', '.join(map(str, seeds))}")
     _print_table({name: {**summary[name], **(_extra(row) if len(seeds) == 1 else {})}
                   for name, row in _rows(per_seed[str(seeds[0])]).items()})
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
     _plot(out / "demo.png", summary, len(seeds))
     print(f"\nreport: {out / 'report.json'}  plot: {out / 'demo.png'}  ({report['seconds']:.0f}s)")
     return report
@@ -264,10 +265,6 @@ def _print_table(rows: dict) -> None:
     for name, r in rows.items():
         secs = f"{r['seconds']:8.1f}" if "seconds" in r else f"{'':>8}"
         print(f"{name:<18} " + " ".join(f"{c:>{w}}" for c, w in zip(cells[name], widths)) + f" {secs}")
-
-
-def _write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2))
 
 
 def _plot(path: Path, summary: dict, n_seeds: int) -> None:

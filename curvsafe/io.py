@@ -198,3 +198,10 @@ def write_text(out: PathLike, text: str) -> None:
             tmp.write_text(text)
     except OSError as exc:
         raise OSError(f"cannot write {out}: {exc.strerror or exc}; nothing written") from None
+
+
+def write_json(out: PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON to ``out`` atomically (:func:`write_text`)."""
+    import json
+
+    write_text(out, json.dumps(obj, indent=2))

@@ -19,16 +19,17 @@ A combined safety objective is a weighted sum, e.g. ``"anchor+harmful"`` (weight
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from .anchors import anchor_responses, keep_response_prefix
 from .curvature.distributed import all_reduce_counts, all_reduce_sum_
-from .curvature.loss import IGNORE_INDEX, CausalLMLoss, call_model, curvature_mode, prepare_batch
+from .curvature.loss import IGNORE_INDEX, curvature_mode, prepare_batch
 from .data import Pair, make_batches
+from .nll import batch_nll_sums, token_mean_nll
 
 OBJECTIVES = ("anchor", "refusal", "harmful", "benign")
 HARMFUL_SIDE = ("anchor", "refusal", "harmful")  # the terms computed on the harmful prompts
@@ -59,14 +60,6 @@ def parse_objective(spec: Union[str, Mapping[str, float]],
     return weights
 
 
-@contextmanager
-def adapter_disabled(model) -> Iterator[None]:
-    """The base (aligned) model for the duration: PEFT's ``disable_adapter`` when there is one."""
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    with ctx:
-        yield
-
-
 @dataclass
 class LossTerm:
     """``weight * sign * NLL`` over ``batches``, with an optional floor on the NLL when raising it."""
@@ -79,60 +72,34 @@ class LossTerm:
     tokens: int = field(default=0)
 
     def __post_init__(self):
-        self.tokens = sum(int(((b["labels"][:, 1:] != -100) & (b["attention_mask"][:, 1:] != 0)).sum())
+        self.tokens = sum(int(((b["labels"][:, 1:] != IGNORE_INDEX) & (b["attention_mask"][:, 1:] != 0)).sum())
                           for b in self.batches)
         if self.tokens == 0:
             raise ValueError(f"the {self.name} data has no response tokens")
 
 
-def batch_nll_sums(model, batches: Sequence, *, grad: bool, per_example: bool = False):
-    """Yield (sum of token NLLs [per example when ``per_example``], counted tokens) for each batch."""
-    loss = CausalLMLoss()
-    device = next(model.parameters()).device
-    for raw in batches:
-        b = prepare_batch(raw, device)
-        with torch.set_grad_enabled(grad):
-            out = call_model(model, b)
-            targets = loss.targets(b)
-            valid = loss.valid(targets) & b["attention_mask"].bool()
-            token = loss.token_losses(out, targets).masked_fill(~valid, 0)
-            yield (token.sum(1) if per_example else token.sum()), valid.sum(1 if per_example else None)
-
-
-def mean_nll(model, batches: Sequence, *, grad: bool = False) -> Tensor:
-    """Token-weighted mean NLL over ``batches`` (differentiable when ``grad``)."""
-    total, count = 0.0, 0
-    for s, n in batch_nll_sums(model, batches, grad=grad):
-        total, count = total + s, count + int(n)
-    if count == 0:
-        raise ValueError("no counted tokens in the data")
-    return total / count
-
-
 class Objective:
-    """A weighted sum of loss terms evaluated on a model; :meth:`value` and :meth:`gradient` over ``params``."""
+    """A weighted sum of loss terms evaluated on a model: :meth:`evaluate`, :meth:`term_values`, and
+    :meth:`gradient` over ``params``."""
 
     def __init__(self, terms: list[LossTerm]):
         if not terms:
             raise ValueError("an objective needs at least one term")
         self.terms = terms
 
-    def _term_values(self, model, grad: bool) -> dict[str, Tensor]:
+    def _term_values(self, model) -> dict[str, Tensor]:
         values = {}
         for term in self.terms:
-            nll = mean_nll(model, term.batches, grad=grad)
+            nll = token_mean_nll(model, term.batches)
             if term.sign < 0 and term.ceiling is not None:
                 nll = torch.clamp(nll, max=term.ceiling)
             values[term.name] = term.weight * term.sign * nll
         return values
 
-    def value(self, model, *, grad: bool = False) -> Tensor:
-        return sum(self._term_values(model, grad).values())
-
     def term_values(self, model) -> dict[str, float]:
         """Each term's contribution to the objective (weight, sign and ceiling applied), by term name."""
         with torch.no_grad(), curvature_mode(model):
-            return {name: float(v) for name, v in self._term_values(model, False).items()}
+            return {name: float(v) for name, v in self._term_values(model).items()}
 
     def gradient(self, model, params: Mapping[str, Tensor]) -> tuple[float, dict[str, Tensor]]:
         """The objective's value and its gradient w.r.t. ``params`` (zeros for unused ones), in curvature mode.
@@ -164,62 +131,18 @@ class Objective:
         return total, {n: g for n, g in zip(params, grads)}
 
     def evaluate(self, model) -> float:
+        """The objective's value (weights, signs and ceilings applied), without gradients, in curvature mode."""
         with torch.no_grad(), curvature_mode(model):
-            return float(self.value(model))
+            return float(sum(self._term_values(model).values()))
 
     def term_nlls(self, model) -> dict[str, float]:
         """Each term's plain mean NLL (no weight, sign or ceiling), by term name."""
         with torch.no_grad(), curvature_mode(model):
-            return {term.name: float(mean_nll(model, term.batches)) for term in self.terms}
+            return {term.name: float(token_mean_nll(model, term.batches)) for term in self.terms}
 
     @property
     def batches(self) -> list:
         return [b for t in self.terms for b in t.batches]
-
-
-def anchor_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32) -> list[Pair]:
-    """The aligned model's greedy responses to ``prompts`` (adapter disabled), as pairs."""
-    from .eval.generate import greedy_generate
-
-    with adapter_disabled(model):
-        responses = greedy_generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
-    return [Pair(p, r) for p, r in zip(prompts, responses) if r.strip()]
-
-
-def batch_prompts(batches: Sequence) -> list[list[list[int]]]:
-    """The prompt token ids of every row of every batch: its non-padding tokens before the first counted label
-    (all of them when the row has no counted label)."""
-    prompts = []
-    for raw in batches:
-        b = prepare_batch(raw)
-        rows = []
-        for ids, mask, labels in zip(b["input_ids"].tolist(), b["attention_mask"].tolist(), b["labels"].tolist()):
-            kept = [(t, lab) for t, m, lab in zip(ids, mask, labels) if m]
-            end = next((i for i, (_, lab) in enumerate(kept) if lab != IGNORE_INDEX), len(kept))
-            rows.append([t for t, _ in kept[:end]])
-        prompts.append(rows)
-    return prompts
-
-
-def anchor_batches(model, batches: Sequence, *, pad_id: int, eos_id, max_new_tokens: int = 32,
-                   prefix_tokens: Optional[int] = 4) -> list:
-    """Token-level :func:`anchor_responses`: ``model``'s greedy responses to the prompts of ``batches`` (as they
-    are: no adapter is disabled), as batches of the same grouping with labels on the first ``prefix_tokens``
-    response tokens. Rows whose response is empty are dropped; all empty is an error."""
-    from .data import collate
-    from .eval.generate import end_ids, greedy_continue
-
-    out = []
-    for rows in batch_prompts(batches):
-        rows = [r for r in rows if r]
-        responses = greedy_continue(model, rows, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens)
-        kept = [(p + r, [IGNORE_INDEX] * len(p) + r) for p, r in zip(rows, responses) if len(r) > 1 or
-                (r and r[0] not in end_ids(eos_id))]
-        if kept:
-            out.append(collate(kept, pad_id))
-    if not out:
-        raise ValueError("the model produced no response to any safety prompt: there is nothing to anchor")
-    return keep_response_prefix(out, prefix_tokens)
 
 
 SAFETY_DATA_SHAPES = ("expected HF batches (mappings with input_ids [batch, seq], optional attention_mask, and labels "
@@ -275,19 +198,6 @@ def safety_batches(data, tokenizer=None, *, needs_responses: bool, batch_size: i
                 raise ValueError(f"safety batch {i} has no labels: the refusal and harmful objectives score given "
                                  "responses; mark them in labels (-100 on the prompt)")
         out.append(batch)
-    return out
-
-
-def keep_response_prefix(batches: list, tokens: Optional[int]) -> list:
-    """Batches whose labels keep only the first ``tokens`` response tokens of each row (None keeps all)."""
-    if tokens is None:
-        return batches
-    out = []
-    for b in batches:
-        labels = b["labels"].clone()
-        counted = (labels != -100).cumsum(dim=1)
-        labels[counted > tokens] = -100
-        out.append({**b, "labels": labels})
     return out
 
 

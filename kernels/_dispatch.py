@@ -1,29 +1,23 @@
-"""Backend selection and input checks shared by the four ops.
+"""The one backend table and the input checks shared by the four ops.
 
 ``backend=None`` picks Triton for CUDA tensors, the C++ extension for CPU tensors when it is built (or can be
 JIT-compiled), else the PyTorch reference. ``"triton"``, ``"cpp"`` and ``"torch"`` force one; Triton on CPU
-tensors needs ``TRITON_INTERPRET=1`` set before :mod:`curvsafe.kernels` is imported.
+tensors needs ``TRITON_INTERPRET=1`` set before :mod:`curvsafe.kernels` is imported (whether Triton is there and
+interpreting is read once, at import, by :mod:`._triton`). Each op registers its three implementations with
+:func:`run` (same arguments, already checked), which picks one and calls it.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from typing import Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
+from ._triton import HAS_TRITON, INTERPRET
+
 BACKENDS = ("torch", "cpp", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64 is rounded to fp32
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def choose_backend(backend: Optional[str], device: torch.device) -> str:
@@ -32,9 +26,9 @@ def choose_backend(backend: Optional[str], device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
         if backend == "triton":
-            if not triton_available():
+            if not HAS_TRITON:
                 raise RuntimeError("backend='triton' needs the triton package")
-            if device.type != "cuda" and not interpreting():
+            if device.type != "cuda" and not INTERPRET:
                 raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before import")
         if backend == "cpp":
             if device.type != "cpu":
@@ -44,7 +38,7 @@ def choose_backend(backend: Optional[str], device: torch.device) -> str:
             if load_extension() is None:
                 raise RuntimeError("backend='cpp' requested but the C++ extension is not available")
         return backend
-    if device.type == "cuda" and triton_available():
+    if device.type == "cuda" and HAS_TRITON:
         return "triton"
     if device.type == "cpu":
         from ._cpp import load_extension
@@ -52,6 +46,28 @@ def choose_backend(backend: Optional[str], device: torch.device) -> str:
         if load_extension() is not None:
             return "cpp"
     return "torch"
+
+
+def run(implementations: Mapping[str, Callable], backend: Optional[str], device: torch.device, *args, **kwargs):
+    """Call the implementation of the backend chosen for ``device`` (see :func:`choose_backend`)."""
+    return implementations[choose_backend(backend, device)](*args, **kwargs)
+
+
+def cpp_op(name: str) -> Callable:
+    """The C++ extension's function ``name`` (call only after :func:`choose_backend` picked ``"cpp"``)."""
+    from ._cpp import load_extension
+
+    return getattr(load_extension(), name)
+
+
+def fp32_contiguous(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """The tensors as contiguous float32 (what the C++ kernels take); None stays None."""
+    return [None if t is None else t.float().contiguous() for t in tensors]
+
+
+def no_fp64(*tensors: Tensor) -> list[Tensor]:
+    """float64 tensors rounded to float32 (the Triton kernels' widest input), the others as they are."""
+    return [t.float() if t.dtype == torch.float64 else t for t in tensors]
 
 
 def check_matrix(name: str, t: Tensor, *, rows: Optional[int] = None, cols: Optional[int] = None) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._dispatch import check_matrix, check_same_device, choose_backend
+from ._dispatch import check_matrix, check_same_device, cpp_op, fp32_contiguous, no_fp64, run
 from ._triton import HAS_TRITON, TUNE, autotune, tl, triton, upcast_tiles
 
 if HAS_TRITON:
@@ -103,14 +103,16 @@ def covariance_update(x: Tensor, out: Optional[Tensor] = None, *, mask: Optional
         raise ValueError(f"out must be a ({d}, {d}) float32 tensor, got {tuple(out.shape)} {out.dtype}")
     if mask is not None and (mask.dim() != 1 or mask.shape[0] != x.shape[0]):
         raise ValueError(f"mask must have shape ({x.shape[0]},), got {tuple(mask.shape)}")
-    device = check_same_device(x, out, mask)
-    chosen = choose_backend(backend, device)
-    if chosen == "cpp":
-        from ._cpp import load_extension
+    return run(_IMPLEMENTATIONS, backend, check_same_device(x, out, mask), x, out, mask, alpha, beta)
 
-        m = None if mask is None else mask.float().contiguous()
-        result = load_extension().covariance_update(x.float().contiguous(), m, float(alpha))
-        return result if out is None else out.mul_(beta).add_(result)
-    if chosen == "triton":
-        return _covariance_triton(x.float() if x.dtype == torch.float64 else x, out, mask, alpha, beta)
-    return reference.covariance_update(x, out, mask=mask, alpha=alpha, beta=beta)
+
+def _covariance_cpp(x: Tensor, out: Optional[Tensor], mask: Optional[Tensor], alpha: float, beta: float) -> Tensor:
+    result = cpp_op("covariance_update")(*fp32_contiguous(x, mask), float(alpha))
+    return result if out is None else out.mul_(beta).add_(result)
+
+
+_IMPLEMENTATIONS = {
+    "torch": lambda x, out, mask, alpha, beta: reference.covariance_update(x, out, mask=mask, alpha=alpha, beta=beta),
+    "cpp": _covariance_cpp,
+    "triton": lambda x, out, mask, alpha, beta: _covariance_triton(*no_fp64(x), out, mask, alpha, beta),
+}

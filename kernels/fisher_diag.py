@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._dispatch import check_matrix, check_same_device, check_segments, choose_backend
+from ._dispatch import check_matrix, check_same_device, check_segments, cpp_op, fp32_contiguous, no_fp64, run
 from ._triton import HAS_TRITON, TUNE, autotune, gemm, tl, triton, upcast_tiles
 
 if HAS_TRITON:
@@ -78,13 +78,12 @@ def linear_fisher_diag(x: Tensor, gy: Tensor, *, segment_ids: Optional[Tensor] =
     check_matrix("x", x)
     check_matrix("gy", gy, rows=x.shape[0])
     check_segments(segment_ids, x.shape[0])
-    device = check_same_device(x, gy, segment_ids)
-    chosen = choose_backend(backend, device)
-    if chosen == "cpp":
-        from ._cpp import load_extension
+    return run(_IMPLEMENTATIONS, backend, check_same_device(x, gy, segment_ids), x, gy, segment_ids)
 
-        seg = None if segment_ids is None else segment_ids.long().contiguous()
-        return load_extension().linear_fisher_diag(x.float().contiguous(), gy.float().contiguous(), seg)
-    if chosen == "triton":
-        return _fisher_diag_triton(*(t.float() if t.dtype == torch.float64 else t for t in (x, gy)), segment_ids)
-    return reference.linear_fisher_diag(x, gy, segment_ids=segment_ids)
+
+_IMPLEMENTATIONS = {
+    "torch": lambda x, gy, seg: reference.linear_fisher_diag(x, gy, segment_ids=seg),
+    "cpp": lambda x, gy, seg: cpp_op("linear_fisher_diag")(*fp32_contiguous(x, gy),
+                                                           None if seg is None else seg.long().contiguous()),
+    "triton": lambda x, gy, seg: _fisher_diag_triton(*no_fp64(x, gy), seg),
+}

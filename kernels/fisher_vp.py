@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._dispatch import check_matrix, check_same_device, check_segments, choose_backend
+from ._dispatch import check_matrix, check_same_device, check_segments, cpp_op, fp32_contiguous, no_fp64, run
 from ._triton import HAS_TRITON, TUNE, autotune, gemm, gemm_configs, tl, triton, upcast_tiles
 
 if HAS_TRITON:
@@ -74,15 +74,18 @@ def linear_fisher_vp(x: Tensor, gy: Tensor, V: Tensor, *, segment_ids: Optional[
     check_matrix("gy", gy, rows=x.shape[0])
     check_matrix("V", V, rows=gy.shape[1], cols=x.shape[1])
     check_segments(segment_ids, x.shape[0])
-    device = check_same_device(x, gy, V, segment_ids)
-    chosen = choose_backend(backend, device)
-    if chosen == "cpp":
-        from ._cpp import load_extension
+    return run(_IMPLEMENTATIONS, backend, check_same_device(x, gy, V, segment_ids), x, gy, V, segment_ids,
+               num_segments)
 
-        seg = None if segment_ids is None else segment_ids.long().contiguous()
-        return load_extension().linear_fisher_vp(x.float().contiguous(), gy.float().contiguous(),
-                                                 V.float().contiguous(), seg, -1 if num_segments is None else num_segments)
-    if chosen == "triton":
-        return _fisher_vp_triton(*(t.float() if t.dtype == torch.float64 else t for t in (x, gy, V)), segment_ids,
-                                 num_segments)
-    return reference.linear_fisher_vp(x, gy, V, segment_ids=segment_ids, num_segments=num_segments)
+
+def _fisher_vp_cpp(x: Tensor, gy: Tensor, V: Tensor, segment_ids: Optional[Tensor],
+                   num_segments: Optional[int]) -> Tensor:
+    seg = None if segment_ids is None else segment_ids.long().contiguous()
+    return cpp_op("linear_fisher_vp")(*fp32_contiguous(x, gy, V), seg, -1 if num_segments is None else num_segments)
+
+
+_IMPLEMENTATIONS = {
+    "torch": lambda x, gy, V, seg, n: reference.linear_fisher_vp(x, gy, V, segment_ids=seg, num_segments=n),
+    "cpp": _fisher_vp_cpp,
+    "triton": lambda x, gy, V, seg, n: _fisher_vp_triton(*no_fp64(x, gy, V), seg, n),
+}

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._dispatch import check_matrix, check_same_device, choose_backend
+from ._dispatch import check_matrix, check_same_device, cpp_op, fp32_contiguous, no_fp64, run
 from ._triton import gemm
 
 
@@ -35,16 +35,7 @@ def kron_eigen_apply(V: Tensor, QA: Tensor, QG: Tensor, scale: Tensor, *, backen
     check_matrix("QA", QA, rows=d_in, cols=d_in)
     check_matrix("QG", QG, rows=d_out, cols=d_out)
     check_matrix("scale", scale, rows=d_out, cols=d_in)
-    device = check_same_device(V, QA, QG, scale)
-    chosen = choose_backend(backend, device)
-    if chosen == "cpp":
-        from ._cpp import load_extension
-
-        return load_extension().kron_eigen_apply(V.float().contiguous(), QA.float().contiguous(),
-                                                 QG.float().contiguous(), scale.float().contiguous())
-    if chosen == "triton":
-        return _kron_eigen_triton(*(t.float() if t.dtype == torch.float64 else t for t in (V, QA, QG, scale)))
-    return reference.kron_eigen_apply(V, QA, QG, scale)
+    return run(_IMPLEMENTATIONS, backend, check_same_device(V, QA, QG, scale), V, QA, QG, scale)
 
 
 def _kron_eigen_batched(V: Tensor, QA: Tensor, QG: Tensor, scale: Tensor, backend: Optional[str]) -> Tensor:
@@ -58,11 +49,18 @@ def _kron_eigen_batched(V: Tensor, QA: Tensor, QG: Tensor, scale: Tensor, backen
     check_matrix("QA[0]", QA[0], rows=d_in, cols=d_in)
     check_matrix("QG[0]", QG[0], rows=d_out, cols=d_out)
     check_matrix("scale[0]", scale[0], rows=d_out, cols=d_in)
-    chosen = choose_backend(backend, check_same_device(V, QA, QG, scale))
-    if chosen == "cpp":
-        from ._cpp import load_extension
+    return run(_IMPLEMENTATIONS, backend, check_same_device(V, QA, QG, scale), V, QA, QG, scale)
 
-        return load_extension().kron_eigen_apply(*(t.float().contiguous() for t in (V, QA, QG, scale)))
-    if chosen == "triton":  # the tiled GEMMs take one matrix: one chain per batch entry
-        return torch.stack([kron_eigen_apply(V[i], QA[i], QG[i], scale[i], backend="triton") for i in range(batch)])
-    return reference.kron_eigen_apply(V, QA, QG, scale)
+
+def _kron_eigen_triton_any(V: Tensor, QA: Tensor, QG: Tensor, scale: Tensor) -> Tensor:
+    if V.dim() == 3:  # the tiled GEMMs take one matrix: one chain per batch entry
+        return torch.stack([_kron_eigen_triton_any(*t) for t in zip(V, QA, QG, scale)])
+    return _kron_eigen_triton(*no_fp64(V, QA, QG, scale))
+
+
+# the same three for one matrix and for a batch (the C++ kernel and the reference take either)
+_IMPLEMENTATIONS = {
+    "torch": reference.kron_eigen_apply,
+    "cpp": lambda V, QA, QG, scale: cpp_op("kron_eigen_apply")(*fp32_contiguous(V, QA, QG, scale)),
+    "triton": _kron_eigen_triton_any,
+}

@@ -41,7 +41,8 @@ def segment_sums(values: Tensor, segment_ids: Optional[Tensor], num_segments: Op
 
 def linear_fisher_vp(x: Tensor, gy: Tensor, V: Tensor, *, segment_ids: Optional[Tensor] = None,
                      num_segments: Optional[int] = None) -> Tensor:
-    """``sum_n g_n <g_n, V>`` with ``g_n = sum_{t in n} gy_t x_t^T`` (d_out, d_in) fp32, per-example gradients never formed."""
+    """``sum_n g_n <g_n, V>`` with ``g_n = sum_{t in n} gy_t x_t^T`` (d_out, d_in) fp32, per-example gradients
+    never formed."""
     xf, gf, vf = x.float(), gy.float(), V.float()
     s = ((gf @ vf) * xf).sum(dim=1)  # s_t = gy_t . (V x_t)
     c = segment_sums(s, segment_ids, num_segments)

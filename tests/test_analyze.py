@@ -4,13 +4,14 @@ import json
 
 import pytest
 import torch
+from test_restore import setup, write_jsonl  # noqa: F401  (the module-scoped tiny model + adapter fixture)
 
-from curvsafe.analyze import lanczos, mean_loss, subspace_overlap
+from curvsafe.analyze import lanczos, subspace_overlap
 from curvsafe.cli import main
 from curvsafe.data import Pair, load_pairs, make_batches
 from curvsafe.models import load_model
+from curvsafe.nll import example_mean_nll
 from curvsafe.testbed.corpus import World
-from test_restore import setup, write_jsonl  # noqa: F401  (the module-scoped tiny model + adapter fixture)
 
 
 def test_lanczos_finds_the_top_eigenpairs():
@@ -41,7 +42,7 @@ def test_analyze_command(setup, tmp_path):  # noqa: F811
     tuned, _ = load_model(setup / "aligned", setup / "adapter")
     batches = make_batches(tok, load_pairs(setup / "harmful.jsonl")[:12], batch_size=16)
     l1 = r["landscape_1d"]
-    assert l1["harmful"][l1["alpha"].index(0.0)] == pytest.approx(mean_loss(aligned, batches), rel=1e-4)
-    assert l1["harmful"][l1["alpha"].index(1.0)] == pytest.approx(mean_loss(tuned, batches), rel=1e-3)
+    assert l1["harmful"][l1["alpha"].index(0.0)] == pytest.approx(example_mean_nll(aligned, batches), rel=1e-4)
+    assert l1["harmful"][l1["alpha"].index(1.0)] == pytest.approx(example_mean_nll(tuned, batches), rel=1e-3)
     for png in ("correlation.png", "landscape_1d.png", "landscape_2d.png"):
         assert (out / png).stat().st_size > 1000

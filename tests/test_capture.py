@@ -14,7 +14,8 @@ def test_selection_defaults_patterns_and_lora():
     names = [b.name for b in find_blocks(llama)]
     assert "lm_head" not in names and len(names) == 2 * 7
     assert [b.name for b in find_blocks(llama, ["*.mlp.*"])] == [n for n in names if ".mlp." in n]
-    assert [b.name for b in find_blocks(llama, "model.layers.0.self_attn.q_proj")] == ["model.layers.0.self_attn.q_proj"]
+    name = "model.layers.0.self_attn.q_proj"
+    assert [b.name for b in find_blocks(llama, name)] == [name]
     with pytest.raises(CaptureError, match="match no"):
         find_blocks(llama, ["*.nonexistent"])
     with pytest.raises(CaptureError, match="no LoRA"):

@@ -85,7 +85,10 @@ def test_finetune_eval_restore_commands(saved_model, tmp_path, capsys):
                  "--iterations", "2", "--task-budget", "1.0"]) == 0
     report = json.loads((tmp_path / "restored" / "report.json").read_text())
     assert {"method", "safety_objective", "task_nll", "refusal_nll", "iterations", "steps",
-            "stopped", "stop_detail", "seconds", "layer_update_norms"} <= set(report)
+            "stopped", "stop_detail", "seconds", "layer_update_norms", "config", "plan"} <= set(report)
+    assert report["config"]["method"] == "kfac" and report["config"]["iterations"] == 2
+    assert report["plan"]["curvature_bytes"] > 0
+    assert "kfac: estimated curvature" in capsys.readouterr().err  # the plan, logged before the run
     assert "anchor_nll" not in report and "harmful_nll" not in report  # the file's responses are refusals here
     assert report["iterations"] == len(report["steps"])
     assert main(["restore", "--model", model, "--adapter", str(tmp_path / "ad"), "--harmful", data, "--task", data,

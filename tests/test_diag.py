@@ -3,10 +3,10 @@
 import pytest
 import torch
 from conftest import TinyMLPLM, make_batch, rel_err, tiny_gpt2, tiny_llama, with_lora
+from test_hvp import dense_hessian
 
 from curvsafe.curvature import (DiagonalOperator, empirical_fisher_diagonal, empirical_fisher_vp,
                                 hutchinson_hessian_diagonal, select_params)
-from test_hvp import dense_hessian
 
 
 def dense_diagonal(product, params):
@@ -26,7 +26,8 @@ def dense_diagonal(product, params):
 def test_empirical_fisher_diagonal_is_exact(make_model):
     model = make_model()
     batches = [make_batch(seed=1), make_batch(seed=2, batch=2, pad=False)]
-    modules = ["*.layers.1.self_attn.v_proj.lora_*"] if hasattr(model, "peft_config") else ["transformer.h.1.attn.c_proj"]
+    modules = (["*.layers.1.self_attn.v_proj.lora_*"] if hasattr(model, "peft_config")
+               else ["transformer.h.1.attn.c_proj"])
     diag = empirical_fisher_diagonal(model, batches, modules)
     params = {n: p for n, p in model.named_parameters() if n in diag}
     assert set(diag) == set(params) and params  # Conv1D bias included for GPT-2

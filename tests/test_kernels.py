@@ -8,7 +8,6 @@ in the interpreter).
 
 import pytest
 import torch
-
 from curvsafe.kernels import covariance_update, kron_eigen_apply, linear_fisher_diag, linear_fisher_vp
 from curvsafe.kernels import reference as ref
 from curvsafe.kernels._cpp import load_extension
@@ -72,7 +71,8 @@ def backend_params():
 def test_reference_against_float64_loops():
     g = torch.Generator().manual_seed(1)
     T, d_in, d_out = 9, 4, 3
-    x, gy = torch.randn(T, d_in, generator=g, dtype=torch.float64), torch.randn(T, d_out, generator=g, dtype=torch.float64)
+    x = torch.randn(T, d_in, generator=g, dtype=torch.float64)
+    gy = torch.randn(T, d_out, generator=g, dtype=torch.float64)
     V = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
     mask = (torch.rand(T, generator=g) > 0.4).double()
     seg = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4])

@@ -4,8 +4,7 @@ import pytest
 import torch
 from conftest import TinyMLPLM, make_batch, rel_err
 
-from curvsafe.curvature import (KFAC, CGInverse, GGNOperator, LBFGSInverse, conjugate_gradient, hvp,
-                                select_params)
+from curvsafe.curvature import KFAC, CGInverse, GGNOperator, LBFGSInverse, conjugate_gradient, hvp, select_params
 from curvsafe.curvature.base import CurvatureOperator
 
 
@@ -73,7 +72,8 @@ def test_lbfgs_from_hvp_on_a_model():
     assert op.num_pairs + op.skipped == 5
     if op.num_pairs:
         s, y = op._pairs[-1]
-        hy = op.inverse_mv({n: t.view(shapes[n]) for n, t in zip(shapes, torch.split(y, [s_.numel() for s_ in shapes.values()]))})
+        pieces = torch.split(y, [s_.numel() for s_ in shapes.values()])
+        hy = op.inverse_mv({n: t.view(shapes[n]) for n, t in zip(shapes, pieces)})
         flat = torch.cat([hy[n].reshape(-1) for n in shapes])
         assert rel_err(flat, s) <= 1e-10
 

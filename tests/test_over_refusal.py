@@ -5,15 +5,15 @@ import json
 import pytest
 from test_restore import setup, write_jsonl  # noqa: F401  (the module-scoped tiny model + adapter fixture)
 
+from curvsafe.anchors import adapter_disabled, anchor_responses, keep_response_prefix
 from curvsafe.cli import build_parser, main
+from curvsafe.config import TWO_SIDED
 from curvsafe.data import Pair, load_pairs, make_batches
 from curvsafe.eval import KeywordJudge, judge_responses
 from curvsafe.models import load_model
-from curvsafe.objectives import LossTerm, Objective, adapter_disabled, anchor_responses, build_safety, \
-    keep_response_prefix, parse_objective
+from curvsafe.objectives import LossTerm, Objective, build_safety, parse_objective
 from curvsafe.restoration import Constraint, StopReason, restore, run_restore
 from curvsafe.restoration.api import budget_of
-from curvsafe.config import TWO_SIDED
 from curvsafe.testbed.corpus import World
 
 

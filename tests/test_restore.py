@@ -105,11 +105,11 @@ def test_existing_out_refused_and_failure_leaves_nothing(setup, tmp_path, monkey
 def test_budget_no_step_can_meet(setup, tmp_path, monkeypatch):
     """A task loss that is minus the safety loss: every step that lowers S raises L, so with a zero budget no
     step is acceptable; the API reports it, the command fails and writes nothing."""
+    import curvsafe.restoration.run as run_module
     from curvsafe.data import load_pairs
     from curvsafe.models import load_model
     from curvsafe.objectives import LossTerm, Objective, build_safety
     from curvsafe.restoration import restore
-    import curvsafe.restoration.run as run_module
 
     model, tok = load_model(setup / "aligned", setup / "adapter", trainable_adapter=True)
     pairs = load_pairs(setup / "harmful.jsonl")

@@ -5,13 +5,13 @@ import json
 import pytest
 
 from curvsafe.cli import main
-from curvsafe.demo import run_demo
-from curvsafe.eval.metrics import harmful_rate
 from curvsafe.data import load_pairs
-from curvsafe.models import load_model
-from curvsafe.testbed.corpus import HELDOUT_TEMPLATES, REFUSALS, COMPLIANCE, TRAIN_TEMPLATES, World, stage_data
-from curvsafe.testbed.stages import QUICK, Testbed
+from curvsafe.demo import run_demo
 from curvsafe.eval.judge import KeywordJudge
+from curvsafe.eval.metrics import harmful_rate
+from curvsafe.models import load_model
+from curvsafe.testbed.corpus import COMPLIANCE, HELDOUT_TEMPLATES, REFUSALS, TRAIN_TEMPLATES, World, stage_data
+from curvsafe.testbed.stages import QUICK, Testbed
 
 METHODS = ("ekfac", "revert")
 

@@ -9,8 +9,7 @@ from .block_fisher import BlockFisherOperator
 from .cg import CGInverse, CGResult, conjugate_gradient
 from .diag import DiagonalOperator, empirical_fisher_diagonal, hutchinson_hessian_diagonal
 from .ekfac import EKFAC
-from .hvp import (EmpiricalFisherOperator, GGNOperator, HessianOperator, empirical_fisher_vp, ggn_vp, hvp,
-                  select_params)
+from .hvp import EmpiricalFisherOperator, GGNOperator, HessianOperator, empirical_fisher_vp, ggn_vp, hvp, select_params
 from .kfac import KFAC, KEigen, KFactors
 from .lbfgs import LBFGSInverse
 from .loss import CausalLMLoss, MSELoss, curvature_mode

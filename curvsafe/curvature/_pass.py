@@ -15,9 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import CaptureError, LayerCapture, LinearBlock
+from ..config import FisherType, parse_option
 from .loss import call_model, curvature_mode, model_device, prepare_batch
-
-FISHER_TYPES = ("empirical", "mc", "type2")
 
 
 @dataclass
@@ -51,17 +50,18 @@ def materialize(batches: Iterable) -> list:
 
 
 @contextmanager
-def weights_require_grad(blocks: Sequence[LinearBlock]) -> Iterator[list[Tensor]]:
-    """Temporarily make the captured weights require grad (so their outputs carry gradients even when frozen)."""
-    weights = [b.module.weight for b in blocks]
-    previous = [w.requires_grad for w in weights]
-    for w in weights:
-        w.requires_grad_(True)
+def requiring_grad(tensors: Iterable[Tensor]) -> Iterator[list[Tensor]]:
+    """Temporarily make ``tensors`` require grad (so outputs carry gradients even when they are frozen); yields
+    them as a list."""
+    tensors = list(tensors)
+    previous = [t.requires_grad for t in tensors]
+    for t in tensors:
+        t.requires_grad_(True)
     try:
-        yield weights
+        yield tensors
     finally:
-        for w, flag in zip(weights, previous):
-            w.requires_grad_(flag)
+        for t, flag in zip(tensors, previous):
+            t.requires_grad_(flag)
 
 
 def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Sequence, *, loss, fisher_type: str,
@@ -83,8 +83,7 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
     """
     from tqdm.auto import tqdm
 
-    if fisher_type not in FISHER_TYPES:
-        raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
+    fisher_type = parse_option(FisherType, fisher_type, "fisher_type").value
     device = model_device(model)
     totals = PassTotals()
     stash: dict[str, Tensor] = {}
@@ -105,7 +104,7 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
         on_backward(block, g)
 
     show = default_progress() if progress is None else progress
-    with curvature_mode(model), weights_require_grad(blocks) as weights, \
+    with curvature_mode(model), requiring_grad(b.module.weight for b in blocks) as weights, \
             LayerCapture(blocks, forward_cb, backward_cb) as capture:
         for raw in tqdm(batches, desc=desc, disable=not show, leave=False):
             batch = prepare_batch(raw, device)

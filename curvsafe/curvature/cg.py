@@ -19,6 +19,9 @@ from .vectors import ParamVector, flatten, unflatten
 
 @dataclass
 class CGResult:
+    """A CG solve: the solution ``x``, the iterations run, the final residual norm, whether it converged and
+    whether it stopped at a direction of negative curvature."""
+
     x: Tensor
     iterations: int
     residual_norm: float

@@ -11,6 +11,7 @@ from torch import Tensor
 
 
 def is_distributed() -> bool:
+    """Whether ``torch.distributed`` is initialised with more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 

@@ -18,16 +18,15 @@ number of batches.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._pass import materialize
+from ._pass import materialize, requiring_grad
 from .base import CurvatureOperator
 from .distributed import all_reduce_counts, all_reduce_sum_
-from .loss import CausalLMLoss, call_model, curvature_mode, model_device, prepare_batch
+from .loss import CausalLMLoss, call_model, curvature_mode, model_device, model_inputs, output_tensor, prepare_batch
 from .vectors import ParamVector, check_vector
 
 ParamSelection = Union[None, Sequence[str], Mapping[str, Tensor]]
@@ -49,19 +48,6 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
     if not chosen:
         raise ValueError("no parameters selected (none requires grad); pass `params`")
     return chosen
-
-
-@contextmanager
-def _requiring_grad(params: Iterable[Tensor]) -> Iterator[None]:
-    params = list(params)
-    previous = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, previous):
-            p.requires_grad_(flag)
 
 
 def _prepare(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection):
@@ -93,11 +79,8 @@ def _mean_loss_fn(model: nn.Module, batch: Mapping[str, Tensor], names: Sequence
     from torch.func import functional_call
 
     def f(*tensors: Tensor) -> Tensor:
-        output = functional_call(model, dict(zip(names, tensors)), args=(), kwargs={
-            "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            **({"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) is not None
-               else {})})
-        output = output.logits if hasattr(output, "logits") else output
+        output = output_tensor(functional_call(model, dict(zip(names, tensors)), args=(),
+                                               kwargs=model_inputs(model, batch)))
         targets = loss.targets(batch)
         valid = loss.valid(targets) & batch["attention_mask"].bool()
         return loss.token_losses(output, targets).masked_fill(~valid, 0).sum() / valid.sum()
@@ -131,7 +114,7 @@ def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: Pa
     names = list(chosen)
     device = model_device(model)
     results = []
-    with curvature_mode(model), _requiring_grad(chosen.values()):
+    with curvature_mode(model), requiring_grad(chosen.values()):
         primals = tuple(chosen[n] for n in names)
         tangents = tuple(v[n].to(chosen[n].dtype) for n in names)
         for raw in data:
@@ -161,48 +144,49 @@ def _output_jvp(output: Tensor, primals: Sequence[Tensor], tangents: Sequence[Te
     return torch.autograd.grad([g for g, _ in pairs], u, grad_outputs=[t for _, t in pairs], retain_graph=True)[0]
 
 
-def ggn_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection = None, *,
-           loss=None) -> ParamVector:
-    """Generalised Gauss-Newton-vector product ``J^T H_out J v`` of the mean loss (module docstring)."""
+def _products(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection, loss,
+              product: Callable) -> ParamVector:
+    """The mean over ``batches`` of ``product(output, targets, valid, count, primals, tangents)``: the per-batch
+    body of :func:`ggn_vp` and :func:`empirical_fisher_vp` (a tuple of gradients w.r.t. ``primals``)."""
     loss = loss or CausalLMLoss()
     data, chosen = _prepare(model, batches, v, params)
     names = list(chosen)
     device = model_device(model)
     results = []
-    with curvature_mode(model), _requiring_grad(chosen.values()):
+    with curvature_mode(model), requiring_grad(chosen.values()):
         primals = [chosen[n] for n in names]
         tangents = [v[n].to(chosen[n].dtype) for n in names]
         for raw in data:
             batch = prepare_batch(raw, device)
             output, targets, valid, count = _batch_loss_terms(model, batch, loss)
-            jv = _output_jvp(output, primals, tangents)
-            hjv = loss.output_hessian_vp(output, targets, jv) * valid.unsqueeze(-1) / count
-            out = torch.autograd.grad(output, primals, grad_outputs=hjv.to(output.dtype), allow_unused=True)
+            out = product(loss, output, targets, valid, count, primals, tangents)
             results.append({n: (o if o is not None else torch.zeros_like(chosen[n])).detach()
                             for n, o in zip(names, out)})
     return _finish(results, names, device)
+
+
+def _ggn_batch(loss, output, targets, valid, count, primals, tangents):
+    jv = _output_jvp(output, primals, tangents)
+    hjv = loss.output_hessian_vp(output, targets, jv) * valid.unsqueeze(-1) / count
+    return torch.autograd.grad(output, primals, grad_outputs=hjv.to(output.dtype), allow_unused=True)
+
+
+def _empirical_fisher_batch(loss, output, targets, valid, count, primals, tangents):
+    per_seq = loss.token_losses(output, targets).masked_fill(~valid, 0).sum(dim=1)  # (B,)
+    c = _output_jvp(per_seq, primals, tangents)  # c_n = <g_n, v>
+    return torch.autograd.grad(per_seq, primals, grad_outputs=(c / count).detach(), allow_unused=True)
+
+
+def ggn_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection = None, *,
+           loss=None) -> ParamVector:
+    """Generalised Gauss-Newton-vector product ``J^T H_out J v`` of the mean loss (module docstring)."""
+    return _products(model, batches, v, params, loss, _ggn_batch)
 
 
 def empirical_fisher_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor],
                         params: ParamSelection = None, *, loss=None) -> ParamVector:
     """Exact empirical-Fisher-vector product with sequences as examples (module docstring)."""
-    loss = loss or CausalLMLoss()
-    data, chosen = _prepare(model, batches, v, params)
-    names = list(chosen)
-    device = model_device(model)
-    results = []
-    with curvature_mode(model), _requiring_grad(chosen.values()):
-        primals = [chosen[n] for n in names]
-        tangents = [v[n].to(chosen[n].dtype) for n in names]
-        for raw in data:
-            batch = prepare_batch(raw, device)
-            output, targets, valid, count = _batch_loss_terms(model, batch, loss)
-            per_seq = loss.token_losses(output, targets).masked_fill(~valid, 0).sum(dim=1)  # (B,)
-            c = _output_jvp(per_seq, primals, tangents)  # c_n = <g_n, v>
-            out = torch.autograd.grad(per_seq, primals, grad_outputs=(c / count).detach(), allow_unused=True)
-            results.append({n: (o if o is not None else torch.zeros_like(chosen[n])).detach()
-                            for n, o in zip(names, out)})
-    return _finish(results, names, device)
+    return _products(model, batches, v, params, loss, _empirical_fisher_batch)
 
 
 class _ProductOperator(CurvatureOperator):

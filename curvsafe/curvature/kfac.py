@@ -41,16 +41,15 @@ import torch
 from torch import Tensor, nn
 
 from ..capture import LinearBlock, ModuleSelection, find_blocks
+from ..config import FisherType, KFACApprox, parse_option
 from ..kernels import covariance_update, kron_eigen_apply
 from ._pass import BatchInfo, capture_pass, materialize
 from .base import CurvatureOperator
 from .distributed import all_reduce_counts, all_reduce_sum_, is_distributed
 from .eigen import safe_eigh_many
-from .lowrank import LowRank, SketchedFactor, truncated_kron_apply, truncated_vector_apply
 from .loss import CausalLMLoss, model_device
+from .lowrank import LowRank, SketchedFactor, truncated_kron_apply, truncated_vector_apply
 from .vectors import ParamVector
-
-KFAC_APPROX = ("expand", "reduce")
 
 Factor = Union[Tensor, SketchedFactor]
 
@@ -90,6 +89,7 @@ def factor_tensors(factors: Iterable[Factor]) -> list[Tensor]:
 
 
 def factor_bytes(f: Factor) -> int:
+    """Bytes that hold one factor (a sketched one: its sketch)."""
     return f.nbytes if isinstance(f, SketchedFactor) else f.numel() * f.element_size()
 
 
@@ -127,10 +127,8 @@ class KFAC(CurvatureOperator):
     def __init__(self, model: nn.Module, modules: ModuleSelection = None, *, fisher_type: str = "empirical",
                  kfac_approx: str = "expand", ema_decay: Optional[float] = None, seed: int = 0, loss=None,
                  progress: Optional[bool] = None, low_rank: Optional[LowRank] = LowRank()):
-        if kfac_approx not in KFAC_APPROX:
-            raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {kfac_approx!r}")
-        if fisher_type not in ("empirical", "mc", "type2"):
-            raise ValueError(f"fisher_type must be 'empirical', 'mc' or 'type2', got {fisher_type!r}")
+        kfac_approx = parse_option(KFACApprox, kfac_approx, "kfac_approx").value
+        fisher_type = parse_option(FisherType, fisher_type, "fisher_type").value
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         self.model = model

@@ -45,17 +45,28 @@ def prepare_batch(batch: Mapping[str, Any], device: Optional[torch.device] = Non
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 
 
-def call_model(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    """Run the model on ``input_ids``/``attention_mask`` and return its output tensor (``.logits`` when present)."""
+def model_inputs(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The keyword arguments curvature passes call ``model`` with: ``input_ids``, ``attention_mask`` and, for HF
+    models, ``use_cache=False`` (no key/value cache is built for a single forward)."""
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if getattr(getattr(model, "config", None), "use_cache", None) is not None:
         kwargs["use_cache"] = False
-    out = model(**kwargs)
+    return kwargs
+
+
+def output_tensor(out) -> Tensor:
+    """The output tensor of a model call: ``.logits`` when present."""
     return out.logits if hasattr(out, "logits") else out
+
+
+def call_model(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """Run the model on ``input_ids``/``attention_mask`` and return its output tensor (``.logits`` when present)."""
+    return output_tensor(model(**model_inputs(model, batch)))
 
 
 @contextmanager

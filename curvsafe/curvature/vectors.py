@@ -23,10 +23,12 @@ def check_vector(v: Mapping[str, Tensor], shapes: Mapping[str, torch.Size], what
 
 
 def flatten(v: Mapping[str, Tensor], names: list[str]) -> Tensor:
+    """The tensors of ``v`` in ``names`` order, flattened and concatenated."""
     return torch.cat([v[n].reshape(-1) for n in names])
 
 
 def unflatten(flat: Tensor, shapes: Mapping[str, torch.Size]) -> ParamVector:
+    """The inverse of :func:`flatten`: views of ``flat`` with ``shapes`` (its length must match)."""
     out, offset = {}, 0
     for name, shape in shapes.items():
         n = int(torch.Size(shape).numel())
@@ -38,4 +40,5 @@ def unflatten(flat: Tensor, shapes: Mapping[str, torch.Size]) -> ParamVector:
 
 
 def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
+    """The inner product ``sum_n <a[n], b[n]>`` of two parameter vectors (a 0-dim tensor)."""
     return sum((a[n].double() * b[n].double()).sum() for n in a)

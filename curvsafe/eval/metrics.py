@@ -36,14 +36,13 @@ def task_accuracy(model, tokenizer, pairs: Sequence[Pair], *, max_new_tokens: in
     return sum(hits) / max(len(hits), 1), responses
 
 
-def mean_nll(model, tokenizer, pairs: Sequence[Pair], *, batch_size: int = 64) -> float:
-    """Mean NLL per response token over the pairs (token-weighted over batches)."""
-    from ..objectives import mean_nll as batches_mean_nll
-
+def task_nll(model, tokenizer, pairs: Sequence[Pair], *, batch_size: int = 64) -> float:
+    """The task NLL of ``pairs``: :func:`~curvsafe.nll.token_mean_nll` of their batches (at most 256 tokens)."""
     from ..models import fit_max_length
+    from ..nll import token_mean_nll
 
     batches = make_batches(tokenizer, pairs, batch_size=batch_size, max_length=fit_max_length(256, model))
-    return float(batches_mean_nll(model, batches))
+    return float(token_mean_nll(model, batches))
 
 
 def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str] = (), task_pairs: Sequence[Pair] = (), *,
@@ -62,7 +61,7 @@ def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str] = (), task_p
     if task_pairs:
         acc, task_responses = task_accuracy(model, tokenizer, task_pairs, max_new_tokens=max_new_tokens)
         report["task_accuracy"] = acc
-        report["task_nll"] = mean_nll(model, tokenizer, task_pairs)
+        report["task_nll"] = task_nll(model, tokenizer, task_pairs)
         report["task"] = [{"prompt": p.prompt, "expected": p.response, "response": r}
                           for p, r in zip(task_pairs, task_responses)]
     return report

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from ..curvature.loss import curvature_mode
 from ..curvature.vectors import ParamVector, dot
-from ..objectives import Objective, batch_nll_sums
+from ..nll import batch_nll_sums
+from ..objectives import Objective
 from .preconditioners import make_preconditioner
 
 
@@ -99,11 +100,11 @@ class RestoreResult:
 def trainable_params(model, patterns=None) -> dict[str, Tensor]:
     """The parameters to edit: every ``requires_grad`` parameter (an adapter's LoRA weights), or those whose
     names match ``patterns`` (globs)."""
-    import fnmatch
+    from ..capture import matches
 
     named = dict(model.named_parameters())
     if patterns:
-        chosen = {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+        chosen = {n: p for n, p in named.items() if matches(n, patterns)}
     else:
         chosen = {n: p for n, p in named.items() if p.requires_grad}
     if not chosen:
@@ -122,6 +123,7 @@ def _assign(params: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> None:
 
 
 def budget_of(l0: float, rel: float, abs_floor: float) -> float:
+    """The most the task loss may reach: ``l0`` plus ``rel * |l0|``, at least ``abs_floor``."""
     return l0 + max(rel * abs(l0), abs_floor)
 
 

@@ -18,10 +18,11 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor
 
+from ..config import BASELINE_METHODS
 from ..objectives import Objective
 from .api import RestoreResult, StopReason, budget_of
 
-BASELINES = ("revert", "safelora", "resta")
+BASELINES = BASELINE_METHODS
 
 
 def _lora_layers(model) -> list:
@@ -69,6 +70,7 @@ def _result(name, model, safety, s0, l0, l_after, budget, start, stopped: StopRe
 
 
 def revert(model, safety: Objective, task: Objective, *, task_budget=0.02, task_budget_abs=0.01) -> RestoreResult:
+    """Scale the adapter toward 0 within the task budget (module docstring)."""
     start, l0, s0, budget = _begin(model, safety, task, task_budget, task_budget_abs)
     originals = {n: {a: m.lora_B[a].weight.detach().clone() for a in m.active_adapters} for n, m in _lora_layers(model)}
 
@@ -96,6 +98,7 @@ def _base_weight_name(peft_name: str) -> str:
 
 def safelora(model, safety: Objective, task: Objective, unaligned: Mapping[str, Tensor], *, task_budget=0.02,
              task_budget_abs=0.01) -> RestoreResult:
+    """Safe LoRA: project the least aligned LoRA layers onto the alignment subspace (module docstring)."""
     start, l0, s0, budget = _begin(model, safety, task, task_budget, task_budget_abs)
     candidates = []
     for name, layer in _lora_layers(model):
@@ -138,6 +141,7 @@ def safelora(model, safety: Objective, task: Objective, unaligned: Mapping[str, 
 
 def resta(model, safety: Objective, task: Objective, unaligned: Mapping[str, Tensor], *, task_budget=0.02,
           task_budget_abs=0.01) -> RestoreResult:
+    """RESTA: add the safety vector to the base weights within the task budget (module docstring)."""
     start, l0, s0, budget = _begin(model, safety, task, task_budget, task_budget_abs)
     pairs = []
     for name, p in model.named_parameters():

@@ -28,6 +28,7 @@ METHODS = RESTORE_METHODS
 
 
 class Preconditioner:
+    """No curvature (``sgd``): the step is the gradient; subclasses supply a task-curvature metric."""
     name = "sgd"
 
     def refresh(self, model, task_batches: list, params: Mapping[str, Tensor], grad: ParamVector) -> None:
@@ -60,6 +61,7 @@ class _OperatorPreconditioner(Preconditioner):
 
 
 class KFACPreconditioner(_OperatorPreconditioner):
+    """K-FAC factors of the task loss (Monte Carlo Fisher), refitted at each refresh."""
     name = "kfac"
     cls = KFAC
 
@@ -74,11 +76,13 @@ class KFACPreconditioner(_OperatorPreconditioner):
 
 
 class EKFACPreconditioner(KFACPreconditioner):
+    """EK-FAC of the task loss (K-FAC plus the eigenvalue correction)."""
     name = "ekfac"
     cls = EKFAC
 
 
 class LBFGSPreconditioner(_OperatorPreconditioner):
+    """The paper's: an L-BFGS inverse from task GGN products along conjugate directions."""
     name = "lbfgs"
 
     def __init__(self, damping: float, pairs: int = 8):
@@ -121,6 +125,7 @@ class LBFGSPreconditioner(_OperatorPreconditioner):
 
 
 class CGPreconditioner(_OperatorPreconditioner):
+    """Truncated Newton: a few CG iterations on exact task GGN products."""
     name = "cg"
 
     def __init__(self, damping: float, maxiter: int = 10, tol: float = 1e-3):
@@ -136,6 +141,7 @@ class CGPreconditioner(_OperatorPreconditioner):
 
 
 def make_preconditioner(method: str, damping: float) -> Preconditioner:
+    """The preconditioner of ``method`` (one of :data:`METHODS`) with relative ``damping``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return {"sgd": lambda: Preconditioner(), "kfac": lambda: KFACPreconditioner(damping),

@@ -16,14 +16,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..config import BENIGN_BUDGET, ONE_SIDED, TWO_SIDED
+from ..anchors import adapter_disabled, anchor_responses
+from ..config import ONE_SIDED, TWO_SIDED, RestoreConfig
 from ..curvature.loss import curvature_mode
 from ..data import Pair, load_pairs, make_batches
-from ..io import check_out, staged_dir
 from ..eval.metrics import refusal_rate
+from ..io import check_out, staged_dir
+from ..nll import token_mean_nll
+from ..objectives import HARMFUL_SIDE, LossTerm, Objective, build_safety, parse_objective
 from ..plan import PlanSettings, check_fits, estimate, gib, meta_model
-from ..objectives import (HARMFUL_SIDE, LossTerm, Objective, adapter_disabled, anchor_responses, build_safety,
-                          mean_nll, parse_objective)
 from .api import Constraint, RestoreResult, StopReason, restore
 from .baselines import BASELINES, resta, revert, safelora
 from .preconditioners import METHODS
@@ -45,6 +46,7 @@ class NoProgressError(RuntimeError):
 
 
 def load_unaligned_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of the model at ``path`` (the pre-alignment weights of ``safelora`` / ``resta``)."""
     from ..models import load_model
 
     model = load_model(path, with_tokenizer=False)[0]
@@ -66,20 +68,25 @@ def _no_progress(result: RestoreResult) -> Optional[str]:
 def _plan(model_dir, adapter_dir, dtype: str, params: Optional[Sequence[str]], batch_size: int, max_length: int,
           *, task_batches: int, safety_batches: int):
     """The estimate of :mod:`curvsafe.plan` for this run, from the configs (meta device)."""
-    import fnmatch
-
     from ..capture import block_of
 
     model = meta_model(model_dir, adapter_dir, dtype)
     modules = None
     if params:  # a full fine-tune: the globbed weights are the trainable ones, their linear blocks the curvature
-        for name, p in model.named_parameters():
-            p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in params))
+        _train_only(model, params)
         owners = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
         modules = sorted(n for n, m in model.named_modules() if n in owners and block_of(n, m) is not None) or None
     settings = PlanSettings(batch_size=batch_size, seq_len=max_length, task_batches=max(task_batches, 1),
                             safety_batches=max(safety_batches, 1))
     return estimate(model, settings, modules=modules)
+
+
+def _train_only(model, params: Sequence[str]) -> None:
+    """Make exactly the parameters whose names match ``params`` (globs) trainable."""
+    from ..capture import matches
+
+    for name, p in model.named_parameters():
+        p.requires_grad_(matches(name, params))
 
 
 def _device_memory(device: str) -> Optional[int]:
@@ -91,17 +98,16 @@ def _device_memory(device: str) -> Optional[int]:
 
 
 def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmful_file: str | Path,
-                task_file: str | Path,
-                out_dir: str | Path, *, method: str = "lbfgs", objective: Optional[str] = None,
-                benign_file: Optional[str | Path] = None, task_budget: float = 0.02,
-                task_budget_abs: float = 0.01, select_top: Optional[int] = None, iterations: int = 8,
-                damping: float = 0.1, unaligned_model: Optional[str | Path] = None,
-                params: Optional[Sequence[str]] = None, device: str = "cpu", dtype: str = "float32",
-                force: bool = False, batch_size: int = 16, max_length: int = 128, limit: Optional[int] = None,
-                anchor: Optional[list[Pair]] = None, aligned_model: Optional[str | Path] = None,
-                benign_anchor: Optional[list[Pair]] = None, benign_budget: Optional[float] = BENIGN_BUDGET,
-                progress: bool = True, max_memory: Optional[int] = None) -> RestoreRun:
+                task_file: str | Path, out_dir: str | Path, config: Optional[RestoreConfig] = None, *,
+                benign_file: Optional[str | Path] = None, unaligned_model: Optional[str | Path] = None,
+                aligned_model: Optional[str | Path] = None, force: bool = False,
+                anchor: Optional[list[Pair]] = None, benign_anchor: Optional[list[Pair]] = None,
+                progress: bool = True, **settings) -> RestoreRun:
     """Restore the adapter at ``adapter_dir`` on ``model_dir``; the report is also saved in ``out_dir``.
+
+    The run's settings are ``config`` (:class:`~curvsafe.config.RestoreConfig`; the defaults when None) with any
+    of its fields given as keywords replacing its values (``run_restore(..., method="kfac")``); the report keeps
+    them all under ``config``.
 
     Without ``adapter_dir``, ``model_dir`` is a full fine-tune: ``params`` (globs) picks the weights to edit and
     the ``anchor`` objective takes its anchor from ``aligned_model`` (the model before fine-tuning); the result is
@@ -129,10 +135,15 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     CUDA device's total memory) a method whose estimated peak exceeds it is refused with the estimate
     (``MemoryError``), naming the methods that fit.
     """
-    from ..models import fit_max_length, load_model, save_model
+    from ..models import fit_max_length, load_model
 
-    if method not in METHODS + BASELINES:
-        raise ValueError(f"method must be one of {METHODS + BASELINES}, got {method!r}")
+    config = RestoreConfig.from_settings(config, settings)
+    method, objective, task_budget, task_budget_abs = (config.method, config.objective, config.task_budget,
+                                                       config.task_budget_abs)
+    benign_budget, iterations, damping, select_top = (config.benign_budget, config.iterations, config.damping,
+                                                      config.select_top)
+    params, batch_size, max_length, limit = config.params, config.batch_size, config.max_length, config.limit
+    dtype, device, max_memory = config.dtype, config.device, config.max_memory
     if method in ("safelora", "resta") and unaligned_model is None:
         raise ValueError(f"{method} needs --unaligned-model (the pre-alignment weights)")
     weights = parse_objective(objective or (TWO_SIDED if benign_file is not None else ONE_SIDED))
@@ -171,10 +182,7 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     max_length = fit_max_length(max_length, model)
     reference = model  # the model whose adapter-disabled self is the aligned anchor
     if full:
-        import fnmatch
-
-        for name, p in model.named_parameters():
-            p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in params))
+        _train_only(model, params)
         reference = (load_model(aligned_model, dtype=dtype, device=device, with_tokenizer=False)[0]
                      if aligned_model else None)
 
@@ -183,7 +191,7 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
 
     def aligned_nll(batches):
         with adapter_disabled(reference), torch.no_grad(), curvature_mode(reference):
-            return float(mean_nll(reference, batches))
+            return float(token_mean_nll(reference, batches))
 
     if anchor is None and "anchor" in weights:
         anchor = anchor_responses(reference, tokenizer, [p.prompt for p in harmful_pairs])
@@ -215,8 +223,6 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
 
     constraints = []
     if benign_prompts and benign_budget is not None:
-        if benign_budget < 0:
-            raise ValueError(f"benign_budget must be >= 0, got {benign_budget}")
         benign_side = Objective([LossTerm("benign", t.batches) for t in shown.terms if t.name == "benign"])
         bound = max(terms_before["benign"], aligned_terms["benign"]) + benign_budget
         constraints = [Constraint("benign_nll", benign_side, bound)]
@@ -240,7 +246,7 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     terms_after = shown.term_nlls(model)
     if benign_prompts:
         refusals["after"] = refusal_rate(model, tokenizer, benign_prompts)[0]
-    report = {"method": method, "objective": weights, "model": str(model_dir),
+    report = {"method": method, "objective": weights, "config": config.to_dict(), "model": str(model_dir),
               "adapter": None if full else str(adapter_dir),
               "stopped": result.stopped.value, "stop_detail": result.stop_detail, "error": result.error,
               "safety_objective": {**result.safety_objective, "aligned": aligned_safety},
@@ -257,9 +263,18 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
                    "layer_update_norms": result.layer_update_norms, "influence": result.influence,
                    "details": result.details, "seconds": result.seconds,
                    "plan": asdict(plan.methods[method]) if plan is not None and method in METHODS else None})
+    model = _write_outputs(out, model, tokenizer, report, used, as_model=full or method == "resta", full=full)
+    return RestoreRun(report, model, tokenizer)
+
+
+def _write_outputs(out: Path, model, tokenizer, report: dict, used: dict, *, as_model: bool, full: bool):
+    """The output folder, atomically: ``adapter/`` (or ``model/``: a full fine-tune, or RESTA's merged edit),
+    the anchors used and ``report.json`` (its ``paths`` filled in). Returns the model as saved."""
+    from ..models import save_model
+
     try:
         with staged_dir(out) as tmp:
-            if full or method == "resta":
+            if as_model:
                 if not full:
                     model = model.merge_and_unload()  # aligned + safety vector + the adapter's update
                 save_model(model, tmp / "model", tokenizer)
@@ -275,4 +290,4 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
             (tmp / "report.json").write_text(json.dumps(report, indent=2))
     except OSError as exc:
         raise OSError(f"cannot write {out}: {exc.strerror or exc}; nothing written") from None
-    return RestoreRun(report, model, tokenizer)
+    return model

@@ -1,0 +1,54 @@
+"""Negative log-likelihood of the counted response tokens of HF batches: one helper per reduction.
+
+The loss is :class:`~curvsafe.curvature.loss.CausalLMLoss` (HF's shift by one, -100 ignored, padding never
+counted). ``token_mean_nll`` weights every counted token alike (the objectives' and the task's convention);
+``example_mean_nll`` weights every example (row) alike (the loss landscapes of :mod:`curvsafe.analyze`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .curvature.loss import CausalLMLoss, call_model, curvature_mode, prepare_batch
+
+
+def batch_nll_sums(model, batches: Sequence, *, grad: bool, per_example: bool = False):
+    """Yield (sum of token NLLs [per example when ``per_example``], counted tokens) for each batch."""
+    loss = CausalLMLoss()
+    device = next(model.parameters()).device
+    for raw in batches:
+        b = prepare_batch(raw, device)
+        with torch.set_grad_enabled(grad):
+            out = call_model(model, b)
+            targets = loss.targets(b)
+            valid = loss.valid(targets) & b["attention_mask"].bool()
+            token = loss.token_losses(out, targets).masked_fill(~valid, 0)
+            yield (token.sum(1) if per_example else token.sum()), valid.sum(1 if per_example else None)
+
+
+def token_mean_nll(model, batches: Sequence, *, grad: bool = False) -> Tensor:
+    """Token-weighted mean NLL over ``batches`` (differentiable when ``grad``)."""
+    total, count = 0.0, 0
+    for s, n in batch_nll_sums(model, batches, grad=grad):
+        total, count = total + s, count + int(n)
+    if count == 0:
+        raise ValueError("no counted tokens in the data")
+    return total / count
+
+
+def example_nlls(model, batches: Sequence) -> list[float]:
+    """Mean response NLL of every example (row) of the batches (eval mode, math attention)."""
+    out = []
+    with curvature_mode(model):
+        for sums, counts in batch_nll_sums(model, batches, grad=False, per_example=True):
+            out += (sums / counts.clamp_min(1)).tolist()
+    return out
+
+
+def example_mean_nll(model, batches: Sequence) -> float:
+    """The mean over examples of :func:`example_nlls`."""
+    values = example_nlls(model, batches)
+    return sum(values) / len(values)

@@ -9,10 +9,11 @@ Models are built from the real configs' shapes with random weights (no download)
 and on all seven projections. Each measurement runs in its own process (a clean peak): one LoRA training step
 (AdamW), ``restore(iterations=1)`` per method on random task/safety batches of the same shape (the time includes
 restore's start-up evaluation, about one step), and CurvSafe(AdamW) steps (mean over ``--steps``, a refresh every
-``--curvsafe-refresh`` steps included; the plan is asked for the same interval). Peak memory: the CUDA allocator's peak on a GPU; on CPU the resident set sampled every 2 ms, less
-the resident set once the model is built and has run a tiny batch (so weights and code pages are excluded on CPU
-and compared to the plan's peak minus weights), with glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so
-that freed blocks leave the resident set. Times are ratios to the training step measured in the same process.
+``--curvsafe-refresh`` steps included; the plan is asked for the same interval). Peak memory, above the built
+model that has run a tiny batch (weights and code pages excluded; compared with the plan's peak minus weights):
+the CUDA allocator's peak on a GPU; on CPU the resident set sampled every 2 ms, with glibc's mmap threshold
+fixed (``MALLOC_MMAP_THRESHOLD_``) so that freed blocks leave the resident set. Times are ratios to the training
+step measured in the same process.
 
 The error of the memory bound: on the first shape (the 1B one) with all projections, the K-FAC preconditioned
 safety gradient ``(F + lambda I)^{-1} g`` (lambda = 0.1 x the Rayleigh quotient of g, restore's convention) with

@@ -31,7 +31,8 @@ from test_hvp import dense_hessian, flat  # noqa: E402
 from test_kfac import curvlinops_kfac  # noqa: E402
 
 from curvsafe.curvature import EKFAC, KFAC, empirical_fisher_vp, ggn_vp, hvp, select_params  # noqa: E402
-from curvsafe.curvature.loss import CausalLMLoss, call_model, curvature_mode, prepare_batch  # noqa: E402
+from curvsafe.curvature.loss import (CausalLMLoss, call_model, counted_token_losses, curvature_mode,  # noqa: E402
+                                     prepare_batch)
 
 
 def oracle_errors() -> dict[str, float]:
@@ -110,7 +111,7 @@ def product_costs(repeats: int) -> dict[str, dict[str, float]]:
                 out = call_model(model, b)
                 targets = loss.targets(b)
                 valid = loss.valid(targets) & b["attention_mask"].bool()
-                value = loss.token_losses(out, targets).masked_fill(~valid, 0).sum() / valid.sum()
+                value = counted_token_losses(loss, out, targets, valid).sum() / valid.sum()
                 torch.autograd.grad(value, list(params.values()))
 
     runs = {"gradient": gradient,

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .curvature.loss import CausalLMLoss, call_model, curvature_mode, prepare_batch
+from .curvature.loss import CausalLMLoss, call_model, counted_token_losses, curvature_mode, prepare_batch
 
 
 def batch_nll_sums(model, batches: Sequence, *, grad: bool, per_example: bool = False):
@@ -25,7 +25,7 @@ def batch_nll_sums(model, batches: Sequence, *, grad: bool, per_example: bool = 
             out = call_model(model, b)
             targets = loss.targets(b)
             valid = loss.valid(targets) & b["attention_mask"].bool()
-            token = loss.token_losses(out, targets).masked_fill(~valid, 0)
+            token = counted_token_losses(loss, out, targets, valid)
             yield (token.sum(1) if per_example else token.sum()), valid.sum(1 if per_example else None)
 
 

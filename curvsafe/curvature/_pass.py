@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..capture import CaptureError, LayerCapture, LinearBlock
 from ..config import FisherType, parse_option
-from .loss import call_model, curvature_mode, model_device, prepare_batch
+from .loss import call_model, counted_token_losses, curvature_mode, model_device, prepare_batch
 
 
 @dataclass
@@ -124,7 +124,7 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
             if fisher_type == "type2":
                 _backward_hessian_sqrt_columns(output, valid, loss, weights)
             else:
-                total = loss.token_losses(output, targets).masked_fill(~valid, 0).sum()
+                total = counted_token_losses(loss, output, targets, valid).sum()
                 grads = torch.autograd.grad(total, weights, allow_unused=True)
                 if verify and totals.batches == 0:
                     _verify_weight_grads(blocks, grads, hook_grads)

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from ._pass import materialize, requiring_grad
 from .base import CurvatureOperator
 from .distributed import all_reduce_counts, all_reduce_sum_
-from .loss import CausalLMLoss, call_model, curvature_mode, model_device, model_inputs, output_tensor, prepare_batch
+from .loss import (CausalLMLoss, call_model, counted_token_losses, curvature_mode, model_device, model_inputs,
+                   output_tensor, prepare_batch)
 from .vectors import ParamVector, check_vector
 
 ParamSelection = Union[None, Sequence[str], Mapping[str, Tensor]]
@@ -83,7 +84,7 @@ def _mean_loss_fn(model: nn.Module, batch: Mapping[str, Tensor], names: Sequence
                                                kwargs=model_inputs(model, batch)))
         targets = loss.targets(batch)
         valid = loss.valid(targets) & batch["attention_mask"].bool()
-        return loss.token_losses(output, targets).masked_fill(~valid, 0).sum() / valid.sum()
+        return counted_token_losses(loss, output, targets, valid).sum() / valid.sum()
 
     return f
 
@@ -98,7 +99,7 @@ def _hvp_forward_over_reverse(model, batch, names, primals, tangents, loss) -> t
 
 def _hvp_double_backward(model, batch, names, primals, tangents, loss) -> tuple[Tensor, ...]:
     output, targets, valid, count = _batch_loss_terms(model, batch, loss)
-    value = loss.token_losses(output, targets).masked_fill(~valid, 0).sum() / count
+    value = counted_token_losses(loss, output, targets, valid).sum() / count
     grads = torch.autograd.grad(value, primals, create_graph=True)
     return torch.autograd.grad(grads, primals, grad_outputs=tangents, allow_unused=True)
 
@@ -172,7 +173,7 @@ def _ggn_batch(loss, output, targets, valid, count, primals, tangents):
 
 
 def _empirical_fisher_batch(loss, output, targets, valid, count, primals, tangents):
-    per_seq = loss.token_losses(output, targets).masked_fill(~valid, 0).sum(dim=1)  # (B,)
+    per_seq = counted_token_losses(loss, output, targets, valid).sum(dim=1)  # (B,)
     c = _output_jvp(per_seq, primals, tangents)  # c_n = <g_n, v>
     return torch.autograd.grad(per_seq, primals, grad_outputs=(c / count).detach(), allow_unused=True)
 

@@ -88,6 +88,12 @@ def curvature_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def counted_token_losses(loss, output: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """(B, T) per-token losses of ``loss`` with every position outside ``valid`` (ignored target, padding) zero:
+    the one masked loss that sums, means and per-sequence sums are taken of."""
+    return loss.token_losses(output, targets).masked_fill(~valid, 0)
+
+
 class CausalLMLoss:
     """Next-token cross-entropy, HF conventions (shift by one, -100 ignored), in the logits' dtype (>= fp32)."""
 

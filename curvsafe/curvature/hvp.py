@@ -110,31 +110,19 @@ def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: Pa
     reverse, double backward if the model lacks forward-mode AD), ``"forward"`` or ``"double_backward"``."""
     if method not in ("auto", "forward", "double_backward"):
         raise ValueError(f"method must be 'auto', 'forward' or 'double_backward', got {method!r}")
-    loss = loss or CausalLMLoss()
-    data, chosen = _prepare(model, batches, v, params)
-    names = list(chosen)
-    device = model_device(model)
-    results = []
-    with curvature_mode(model), requiring_grad(chosen.values()):
-        primals = tuple(chosen[n] for n in names)
-        tangents = tuple(v[n].to(chosen[n].dtype) for n in names)
-        for raw in data:
-            batch = prepare_batch(raw, device)
-            use_forward = method == "forward" or (method == "auto" and type(model) not in _NO_FORWARD_AD)
-            hv = None
-            if use_forward:
-                try:
-                    hv = _hvp_forward_over_reverse(model, batch, names, tuple(p.detach() for p in primals),
-                                                   tangents, loss)
-                except (RuntimeError, NotImplementedError):
-                    if method == "forward":
-                        raise
-                    _NO_FORWARD_AD.add(type(model))
-            if hv is None:
-                hv = _hvp_double_backward(model, batch, names, primals, tangents, loss)
-            results.append({n: (h if h is not None else torch.zeros_like(chosen[n])).detach()
-                            for n, h in zip(names, hv)})
-    return _finish(results, names, device)
+
+    def per_batch(model, batch, names, primals, tangents, loss):
+        if method == "forward" or (method == "auto" and type(model) not in _NO_FORWARD_AD):
+            try:
+                return _hvp_forward_over_reverse(model, batch, names, tuple(p.detach() for p in primals), tangents,
+                                                 loss)
+            except (RuntimeError, NotImplementedError):
+                if method == "forward":
+                    raise
+                _NO_FORWARD_AD.add(type(model))
+        return _hvp_double_backward(model, batch, names, primals, tangents, loss)
+
+    return _products(model, batches, v, params, loss, per_batch)
 
 
 def _output_jvp(output: Tensor, primals: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor:
@@ -146,33 +134,34 @@ def _output_jvp(output: Tensor, primals: Sequence[Tensor], tangents: Sequence[Te
 
 
 def _products(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection, loss,
-              product: Callable) -> ParamVector:
-    """The mean over ``batches`` of ``product(output, targets, valid, count, primals, tangents)``: the per-batch
-    body of :func:`ggn_vp` and :func:`empirical_fisher_vp` (a tuple of gradients w.r.t. ``primals``)."""
+              per_batch: Callable) -> ParamVector:
+    """The mean over ``batches`` of ``per_batch(model, batch, names, primals, tangents, loss)`` (a tuple of
+    products w.r.t. ``primals``; None for an unused one), in curvature mode, all-reduced: the body of
+    :func:`hvp`, :func:`ggn_vp` and :func:`empirical_fisher_vp`."""
     loss = loss or CausalLMLoss()
     data, chosen = _prepare(model, batches, v, params)
     names = list(chosen)
     device = model_device(model)
     results = []
     with curvature_mode(model), requiring_grad(chosen.values()):
-        primals = [chosen[n] for n in names]
-        tangents = [v[n].to(chosen[n].dtype) for n in names]
+        primals = tuple(chosen[n] for n in names)
+        tangents = tuple(v[n].to(chosen[n].dtype) for n in names)
         for raw in data:
-            batch = prepare_batch(raw, device)
-            output, targets, valid, count = _batch_loss_terms(model, batch, loss)
-            out = product(loss, output, targets, valid, count, primals, tangents)
+            out = per_batch(model, prepare_batch(raw, device), names, primals, tangents, loss)
             results.append({n: (o if o is not None else torch.zeros_like(chosen[n])).detach()
                             for n, o in zip(names, out)})
     return _finish(results, names, device)
 
 
-def _ggn_batch(loss, output, targets, valid, count, primals, tangents):
+def _ggn_batch(model, batch, names, primals, tangents, loss):
+    output, targets, valid, count = _batch_loss_terms(model, batch, loss)
     jv = _output_jvp(output, primals, tangents)
     hjv = loss.output_hessian_vp(output, targets, jv) * valid.unsqueeze(-1) / count
     return torch.autograd.grad(output, primals, grad_outputs=hjv.to(output.dtype), allow_unused=True)
 
 
-def _empirical_fisher_batch(loss, output, targets, valid, count, primals, tangents):
+def _empirical_fisher_batch(model, batch, names, primals, tangents, loss):
+    output, targets, valid, count = _batch_loss_terms(model, batch, loss)
     per_seq = counted_token_losses(loss, output, targets, valid).sum(dim=1)  # (B,)
     c = _output_jvp(per_seq, primals, tangents)  # c_n = <g_n, v>
     return torch.autograd.grad(per_seq, primals, grad_outputs=(c / count).detach(), allow_unused=True)

@@ -169,6 +169,56 @@ def _norm(v: ParamVector) -> float:
     return float(dot(v, v)) ** 0.5
 
 
+def _guarded_direction(precond, g: ParamVector, constraint_grads: Sequence[ParamVector]) -> ParamVector:
+    """The preconditioned direction ``d`` of ``g`` (the step is ``-d``), less, for each constraint whose gradient
+    the step would raise to first order, its component along that constraint's preconditioned gradient."""
+    d = precond.apply(g)
+    for gc in constraint_grads:
+        rise = float(dot(gc, d))
+        if rise < 0:
+            pc = precond.apply(gc)
+            d = {n: d[n] - (rise / max(float(dot(gc, pc)), 1e-30)) * pc[n] for n in d}
+    return d
+
+
+@dataclass
+class _Trial:
+    """A backtracking search along one direction: the accepted ``(step, radius, task, S, terms)`` or None,
+    whether any trial lowered S, whether any fitted every budget, and the budgets broken by lowering trials."""
+
+    accepted: Optional[tuple]
+    descended: bool
+    inside: bool
+    broke: set
+
+
+def _backtrack(model, chosen: dict, d: ParamVector, radius: float, s_cur: float, task: Objective,
+               safety: Objective, budget: float, constraints: Sequence[Constraint], tries: int = 8) -> _Trial:
+    """Steps ``-r d / |d|`` with ``r = radius, radius / 2, ...``: the first that lowers S and keeps the task loss
+    and every constraint within budget is accepted (the parameters hold it); else the parameters are restored."""
+    d_norm = max(_norm(d), 1e-30)
+    base = _snapshot(chosen)
+    r = radius
+    descended, inside, broke = False, False, set()
+    for _ in range(tries):
+        step = {n: -(r / d_norm) * d[n] for n in d}
+        _assign(chosen, {n: base[n] + step[n] for n in base})
+        l_new, terms_new = task.evaluate(model), safety.term_values(model)
+        s_new = sum(terms_new.values())
+        lowered = s_new < s_cur - 1e-6 * abs(s_cur)
+        over = {"task loss"} if l_new > budget else set()
+        over |= {c.name for c in constraints if c.objective.evaluate(model) > c.budget}
+        fits = not over
+        descended, inside = descended or lowered, inside or fits
+        if lowered:
+            broke |= over
+        if lowered and fits:
+            return _Trial((step, r, l_new, s_new, terms_new), descended, inside, broke)
+        r *= 0.5
+    _assign(chosen, base)
+    return _Trial(None, descended, inside, broke)
+
+
 def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs", params=None,
             task_budget: float = 0.02, task_budget_abs: float = 0.01, iterations: int = 8, damping: float = 0.1,
             select_top: Optional[int] = None, safety_target: Union[None, float, Mapping[str, float]] = None,
@@ -267,33 +317,11 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
                 if (it == 0 and first and not influence) or (it > 0 and it % refresh_every == 0):
                     precond.refresh(model, task.batches, chosen, gj)  # at it 0 after select_top: built on gs
                 first = False
-                d = precond.apply(gj)
-                for gc in c_grads:  # first-order guard: the step -d may not raise a constraint
-                    rise = float(dot(gc, d))
-                    if rise < 0:
-                        pc = precond.apply(gc)
-                        d = {n: d[n] - (rise / max(float(dot(gc, pc)), 1e-30)) * pc[n] for n in d}
-                d_norm = max(_norm(d), 1e-30)
-                base = _snapshot(chosen)
-                r = radius
-                for _ in range(8):
-                    step = {n: -(r / d_norm) * d[n] for n in d}
-                    _assign(chosen, {n: base[n] + step[n] for n in base})
-                    l_new, terms_new = task.evaluate(model), safety.term_values(model)
-                    s_new = sum(terms_new.values())
-                    lowered = s_new < s_cur - 1e-6 * abs(s_cur)
-                    over = {"task loss"} if l_new > budget else set()
-                    over |= {c.name for c in constraints if c.objective.evaluate(model) > c.budget}
-                    fits = not over
-                    descended, inside = descended or lowered, inside or fits
-                    if lowered:
-                        broke |= over
-                    if lowered and fits:
-                        accepted = (step, r, l_new, s_new, terms_new)
-                        break
-                    r *= 0.5
+                d = _guarded_direction(precond, gj, c_grads)
+                trial = _backtrack(model, chosen, d, radius, s_cur, task, safety, budget, constraints)
+                accepted = trial.accepted
+                descended, inside, broke = descended or trial.descended, inside or trial.inside, broke | trial.broke
                 if accepted is None:
-                    _assign(chosen, base)
                     growths += 1
                     if growths > max_mu_growth:
                         break

@@ -94,7 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     low = None if args.dense else LowRank(max_dense_dim=args.max_dense_dim, rank=args.rank,
                                           oversample=args.oversample)
     settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, task_batches=args.task_batches,
-                            safety_batches=args.safety_batches, low_rank=low)
+                            safety_batches=args.safety_batches, low_rank=low, ggn_rows=args.ggn_rows)
     plan = plan_from_dirs(args.model, args.adapter, settings, dtype=args.dtype)
     if args.method:
         plan.methods = {m: p for m, p in plan.methods.items() if m in args.method}
@@ -187,7 +187,7 @@ def _restore_settings(parser: argparse.ArgumentParser) -> None:
                "params": dict(nargs="*"), "dtype": dict(choices=list(DTYPES)),
                "max_memory": dict(type=_memory, metavar="SIZE")}
     types = {"task_budget": float, "task_budget_abs": float, "damping": float, "iterations": int, "select_top": int,
-             "batch_size": int, "max_length": int, "limit": int}
+             "batch_size": int, "max_length": int, "limit": int, "ggn_rows": int}
     for f in fields(RestoreConfig):
         kwargs = {"default": getattr(defaults, f.name), "help": RestoreConfig.help(f.name)}
         kwargs.update(special.get(f.name, {"type": types[f.name]} if f.name in types else {}))
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=256, help="eigenvectors kept per truncated factor")
     p.add_argument("--oversample", type=int, default=128, help="extra sketch columns per truncated factor")
     p.add_argument("--dense", action="store_true", help="every factor dense (no memory bound)")
+    p.add_argument("--ggn-rows", type=int, help="lbfgs / cg: rows per chunk of each GGN-vector product "
+                   "(restore's --ggn-rows)")
     p.add_argument("--max-memory", type=_memory, metavar="SIZE", help="also say which methods fit in SIZE")
     p.add_argument("--json", action="store_true", help='print {"methods": {METHOD: {"curvature_bytes", '
                    '"peak_bytes", "steps_per_iteration"}}, ...}')

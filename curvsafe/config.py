@@ -98,6 +98,8 @@ class RestoreConfig:
     limit: Optional[int] = _help("use only the first N examples of each file", default=None)
     dtype: str = _help("the weights' dtype", default="float32")
     device: str = _help("torch device, e.g. cpu or cuda:0", default="cpu")
+    ggn_rows: Optional[int] = _help("lbfgs / cg: rows per chunk of each GGN-vector product (the same product, "
+                                    "less activation memory; default: the whole batch)", default=None)
     max_memory: Optional[int] = _help("refuse before loading weights when the method's estimated peak exceeds this "
                                       "many bytes (default: the CUDA device's memory; see `curvsafe plan`)",
                                       default=None)
@@ -114,7 +116,7 @@ class RestoreConfig:
         for name, low in (("iterations", 1), ("batch_size", 1), ("max_length", 2)):
             if not getattr(self, name) >= low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        for name in ("select_top", "limit", "max_memory"):
+        for name in ("select_top", "limit", "max_memory", "ggn_rows"):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if self.dtype not in DTYPES:

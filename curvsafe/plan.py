@@ -66,6 +66,8 @@ class PlanSettings:
         cg_iterations: CG iterations per solve (the restore default).
         refresh_interval: optimizer steps between CurvSafe refreshes (the mean, not the cap).
         low_rank: the factor memory bound (None: every factor dense).
+        ggn_rows: rows per chunk of L-BFGS's and CG's GGN-vector products (restore's ``ggn_rows``; None: the
+            whole batch).
     """
 
     batch_size: int = 8
@@ -76,11 +78,14 @@ class PlanSettings:
     cg_iterations: int = 10
     refresh_interval: float = 12.0
     low_rank: Optional[LowRank] = field(default_factory=LowRank)
+    ggn_rows: Optional[int] = None
 
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "task_batches", "safety_batches", "lbfgs_pairs", "cg_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ggn_rows is not None and self.ggn_rows < 1:
+            raise ValueError(f"ggn_rows must be >= 1 or None, got {self.ggn_rows}")
         if self.refresh_interval < 1:
             raise ValueError(f"refresh_interval must be >= 1, got {self.refresh_interval}")
 
@@ -271,6 +276,8 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     train_act = activation_bytes(model, settings.batch_size, settings.seq_len)
     act = activation_bytes(model, settings.batch_size, settings.seq_len, math_attention=True)
+    ggn_act = GGN_MEMORY * (act if settings.ggn_rows is None or settings.ggn_rows >= settings.batch_size else
+                            activation_bytes(model, settings.ggn_rows, settings.seq_len, math_attention=True))
     vec = trainable * F32
     k = kfac_bytes(model, settings.low_rank, modules)
     S, T = settings.safety_batches, settings.task_batches
@@ -289,12 +296,12 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     kfac_phases = [2 * F + act, F + E + k["eigen_transient"], F + E + act]
     lbfgs_vectors = (4 * settings.lbfgs_pairs + 4) * vec
     plans = {
-        "lbfgs": method(lbfgs_vectors, [lbfgs_vectors + GGN_MEMORY * act],
+        "lbfgs": method(lbfgs_vectors, [lbfgs_vectors + ggn_act, act],
                         base_steps + settings.lbfgs_pairs * GGN_COST * T),
         "kfac": method(F + E, kfac_phases, base_steps + T),
         "ekfac": method(F + E + k["corrected"], [*kfac_phases, F + E + k["corrected"] + act + rotated],
                         base_steps + 2 * T),
-        "cg": method(6 * vec, [6 * vec + GGN_MEMORY * act],
+        "cg": method(6 * vec, [6 * vec + ggn_act, act],
                      base_steps + (1 + settings.cg_iterations) * GGN_COST * T),
         "sgd": method(0, [act], base_steps),
     }

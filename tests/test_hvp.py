@@ -159,3 +159,21 @@ def test_bad_vectors_and_data():
         ggn_vp(model, [ignored], v)
     with pytest.raises(ValueError, match="unknown parameter"):
         hvp(model, [make_batch()], v, params=["missing.weight"])
+
+
+@pytest.mark.parametrize("product", [hvp, ggn_vp, empirical_fisher_vp])
+def test_products_in_row_chunks_equal_the_whole_batch(product):
+    """``max_rows``: each batch in chunks of rows, weighted by their counted tokens, is the same product (a
+    chunk with no counted token, here a row whose labels are all ignored, is skipped)."""
+    model = with_lora(tiny_llama())
+    batches = [make_batch(batch=5, seq=7, seed=1), make_batch(batch=3, seq=6, seed=2)]
+    batches[0]["labels"][2] = -100  # a row with nothing counted
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    v = random_vector(named, seed=3)
+    whole = product(model, batches, v, list(named))
+    for rows in (1, 2):
+        chunked = product(model, batches, v, list(named), max_rows=rows)
+        for n in whole:
+            assert rel_err(chunked[n], whole[n]) < 1e-6, (rows, n)  # HF's RMSNorm runs in float32 here
+    with pytest.raises(ValueError, match="max_rows"):
+        product(model, batches, v, list(named), max_rows=0)

@@ -52,6 +52,10 @@ def test_plan_from_config_files_only(config_only, capsys):
                         "--oversample", "8", "--method", "kfac")
     assert set(bounded["methods"]) == {"kfac"} and bounded["sketched_factors"] == 2 * 3  # gate/up B, down A
     assert bounded["methods"]["kfac"]["curvature_bytes"] < dense["methods"]["kfac"]["curvature_bytes"]
+    chunked = plan_json(capsys, "--model", model, "--adapter", adapter, "--ggn-rows", "2")
+    for m in ("lbfgs", "cg"):  # 2 of the 8 rows per GGN pass: less activation memory, the same curvature
+        assert chunked["methods"][m]["peak_bytes"] < out["methods"][m]["peak_bytes"]
+        assert chunked["methods"][m]["curvature_bytes"] == out["methods"][m]["curvature_bytes"]
     assert main(["plan", "--model", model, "--adapter", adapter, "--max-memory", "1MiB"]) == 0
     assert "fit in 1.00 MiB: none" in capsys.readouterr().out
 

@@ -50,6 +50,16 @@ def run(setup, out, method="kfac", **kw):
                        method=method, unaligned_model=setup / "unaligned", progress=False, **kw)
 
 
+@pytest.mark.parametrize("method", ["lbfgs", "cg"])
+def test_ggn_row_chunks_restore_like_whole_batches(setup, tmp_path, method):
+    """``ggn_rows`` bounds the GGN products' memory: the same products, so the same accepted steps."""
+    whole = run(setup, tmp_path / "whole", method, iterations=2).report
+    chunked = run(setup, tmp_path / "chunked", method, iterations=2, ggn_rows=3).report
+    assert chunked["config"]["ggn_rows"] == 3 and chunked["iterations"] == whole["iterations"]
+    assert chunked["safety_objective"]["after"] == pytest.approx(whole["safety_objective"]["after"], rel=1e-4)
+    assert chunked["plan"]["peak_bytes"] < whole["plan"]["peak_bytes"]
+
+
 @pytest.mark.parametrize("method", ["lbfgs", "kfac", "ekfac", "cg", "sgd"])
 def test_every_method_lowers_safety_within_budget(setup, tmp_path, method):
     report = run(setup, tmp_path / method, method).report

@@ -105,9 +105,10 @@ def _hvp_double_backward(model, batch, names, primals, tangents, loss) -> tuple[
 
 
 def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection = None, *,
-        loss=None, method: str = "auto") -> ParamVector:
+        loss=None, method: str = "auto", max_rows: Optional[int] = None) -> ParamVector:
     """Exact Hessian-vector product of the mean loss (module docstring). ``method``: ``"auto"`` (forward-over-
-    reverse, double backward if the model lacks forward-mode AD), ``"forward"`` or ``"double_backward"``."""
+    reverse, double backward if the model lacks forward-mode AD), ``"forward"`` or ``"double_backward"``.
+    ``max_rows``: run each batch in chunks of at most this many rows (same product, less activation memory)."""
     if method not in ("auto", "forward", "double_backward"):
         raise ValueError(f"method must be 'auto', 'forward' or 'double_backward', got {method!r}")
 
@@ -122,7 +123,7 @@ def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: Pa
                 _NO_FORWARD_AD.add(type(model))
         return _hvp_double_backward(model, batch, names, primals, tangents, loss)
 
-    return _products(model, batches, v, params, loss, per_batch)
+    return _products(model, batches, v, params, loss, per_batch, max_rows)
 
 
 def _output_jvp(output: Tensor, primals: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor:
@@ -133,11 +134,31 @@ def _output_jvp(output: Tensor, primals: Sequence[Tensor], tangents: Sequence[Te
     return torch.autograd.grad([g for g, _ in pairs], u, grad_outputs=[t for _, t in pairs], retain_graph=True)[0]
 
 
+def _row_chunks(batch: Mapping[str, Tensor], loss, max_rows: Optional[int]) -> list[tuple[dict, Optional[float]]]:
+    """``batch`` as chunks of at most ``max_rows`` rows, each with its share of the batch's counted tokens (the
+    weight that turns a chunk's mean-loss product into its part of the batch's); chunks without a counted token
+    are left out. ``[(batch, None)]`` when it needs no split."""
+    rows = batch["input_ids"].shape[0]
+    if max_rows is None or rows <= max_rows:
+        return [(dict(batch), None)]
+    per_row = (loss.valid(loss.targets(batch)) & batch["attention_mask"].bool()).sum(1)
+    total = float(per_row.sum())
+    chunks = []
+    for i in range(0, rows, max_rows):
+        counted = float(per_row[i:i + max_rows].sum())
+        if counted > 0:
+            chunks.append(({k: t[i:i + max_rows] for k, t in batch.items()}, counted / total))
+    return chunks
+
+
 def _products(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection, loss,
-              per_batch: Callable) -> ParamVector:
+              per_batch: Callable, max_rows: Optional[int] = None) -> ParamVector:
     """The mean over ``batches`` of ``per_batch(model, batch, names, primals, tangents, loss)`` (a tuple of
-    products w.r.t. ``primals``; None for an unused one), in curvature mode, all-reduced: the body of
-    :func:`hvp`, :func:`ggn_vp` and :func:`empirical_fisher_vp`."""
+    products of the batch's mean loss w.r.t. ``primals``; None for an unused one), in curvature mode,
+    all-reduced: the body of :func:`hvp`, :func:`ggn_vp` and :func:`empirical_fisher_vp`. With ``max_rows`` a
+    batch runs in row chunks whose products are weighted by their share of its counted tokens (the same mean)."""
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
     loss = loss or CausalLMLoss()
     data, chosen = _prepare(model, batches, v, params)
     names = list(chosen)
@@ -147,9 +168,14 @@ def _products(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], para
         primals = tuple(chosen[n] for n in names)
         tangents = tuple(v[n].to(chosen[n].dtype) for n in names)
         for raw in data:
-            out = per_batch(model, prepare_batch(raw, device), names, primals, tangents, loss)
-            results.append({n: (o if o is not None else torch.zeros_like(chosen[n])).detach()
-                            for n, o in zip(names, out)})
+            total = None
+            for chunk, weight in _row_chunks(prepare_batch(raw, device), loss, max_rows):
+                out = per_batch(model, chunk, names, primals, tangents, loss)
+                part = [(o if o is not None else torch.zeros_like(chosen[n])).detach() for n, o in zip(names, out)]
+                if weight is not None:
+                    part = [p * weight for p in part]
+                total = part if total is None else [t + p for t, p in zip(total, part)]
+            results.append(dict(zip(names, total)))
     return _finish(results, names, device)
 
 
@@ -168,15 +194,17 @@ def _empirical_fisher_batch(model, batch, names, primals, tangents, loss):
 
 
 def ggn_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection = None, *,
-           loss=None) -> ParamVector:
-    """Generalised Gauss-Newton-vector product ``J^T H_out J v`` of the mean loss (module docstring)."""
-    return _products(model, batches, v, params, loss, _ggn_batch)
+           loss=None, max_rows: Optional[int] = None) -> ParamVector:
+    """Generalised Gauss-Newton-vector product ``J^T H_out J v`` of the mean loss (module docstring);
+    ``max_rows`` as in :func:`hvp`."""
+    return _products(model, batches, v, params, loss, _ggn_batch, max_rows)
 
 
 def empirical_fisher_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor],
-                        params: ParamSelection = None, *, loss=None) -> ParamVector:
-    """Exact empirical-Fisher-vector product with sequences as examples (module docstring)."""
-    return _products(model, batches, v, params, loss, _empirical_fisher_batch)
+                        params: ParamSelection = None, *, loss=None, max_rows: Optional[int] = None) -> ParamVector:
+    """Exact empirical-Fisher-vector product with sequences as examples (module docstring); ``max_rows`` as in
+    :func:`hvp`."""
+    return _products(model, batches, v, params, loss, _empirical_fisher_batch, max_rows)
 
 
 class _ProductOperator(CurvatureOperator):
@@ -185,8 +213,10 @@ class _ProductOperator(CurvatureOperator):
     product: Callable = staticmethod(hvp)
 
     def __init__(self, model: nn.Module, batches: Iterable, params: ParamSelection = None, *, loss=None,
-                 cg_tol: float = 1e-6, cg_maxiter: Optional[int] = None, preconditioner=None):
+                 cg_tol: float = 1e-6, cg_maxiter: Optional[int] = None, preconditioner=None,
+                 max_rows: Optional[int] = None):
         self.model = model
+        self.max_rows = max_rows
         self.batches = materialize(batches)
         self.params = select_params(model, params)
         self.param_shapes = {n: p.shape for n, p in self.params.items()}
@@ -194,7 +224,8 @@ class _ProductOperator(CurvatureOperator):
         self.cg_tol, self.cg_maxiter, self.preconditioner = cg_tol, cg_maxiter, preconditioner
 
     def _mv(self, v: ParamVector) -> ParamVector:
-        return type(self).product(self.model, self.batches, v, list(self.params), loss=self.loss)
+        return type(self).product(self.model, self.batches, v, list(self.params), loss=self.loss,
+                                  max_rows=self.max_rows)
 
     def _inverse_mv(self, v: ParamVector, damping: float) -> ParamVector:
         from .cg import CGInverse

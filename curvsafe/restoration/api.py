@@ -225,7 +225,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
             trust_radius: float = 0.1,
             refresh_every: int = 1, max_mu_growth: int = 4, progress: bool = True,
             callback: Optional[Callable[[dict], None]] = None,
-            constraints: Sequence[Constraint] = ()) -> RestoreResult:
+            constraints: Sequence[Constraint] = (), ggn_rows: Optional[int] = None) -> RestoreResult:
     """Edit ``params`` of ``model`` in place to lower ``safety`` within the task budget (module docstring).
 
     Args:
@@ -238,6 +238,8 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
             the ``benign`` side of a two-sided anchor, shape the path but set no target).
         trust_radius: first trial step norm, relative to the norm of the edited parameters.
         callback: called with each accepted step's log entry (after the parameters hold the step).
+        ggn_rows: ``lbfgs`` / ``cg``: run each GGN-vector product in chunks of at most this many rows (the same
+            product; their activation memory, about 3x a training step's, shrinks in proportion).
         constraints: further quantities that every accepted step keeps within their budgets: the step loses its
             component that would raise one to first order (projected out in the curvature metric), and the
             task-descent term of J descends them too (``μ (L + Σ C)``).
@@ -255,7 +257,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     start = time.perf_counter()
     chosen = trainable_params(model, params)
-    precond = make_preconditioner(method, damping)
+    precond = make_preconditioner(method, damping, ggn_rows)
     theta0 = _snapshot(chosen)
     l0, terms0 = task.evaluate(model), safety.term_values(model)
     s0 = sum(terms0.values())

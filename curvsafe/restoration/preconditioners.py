@@ -16,7 +16,7 @@ works across models and scales.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 from torch import Tensor
 
@@ -85,15 +85,15 @@ class LBFGSPreconditioner(_OperatorPreconditioner):
     """The paper's: an L-BFGS inverse from task GGN products along conjugate directions."""
     name = "lbfgs"
 
-    def __init__(self, damping: float, pairs: int = 8):
+    def __init__(self, damping: float, pairs: int = 8, max_rows: Optional[int] = None):
         super().__init__(damping)
-        self.pairs = pairs
+        self.pairs, self.max_rows = pairs, max_rows
 
     def refresh(self, model, task_batches, params, grad):
         """Pairs ``(p_k, (G + λI) p_k)`` along the conjugate directions of CG on ``(G + λI) x = grad``: with
         conjugate pairs the BFGS updates keep every secant equation (the hereditary property), so the inverse is
         exact on the explored Krylov space; power-iteration directions would collapse onto the top eigenvector."""
-        ggn = GGNOperator(model, task_batches, list(params))
+        ggn = GGNOperator(model, task_batches, list(params), max_rows=self.max_rows)
         hg = ggn.mv(grad)
         self.damping = self.damping_rel * max(float(dot(grad, hg)) / max(float(dot(grad, grad)), 1e-30), 1e-12)
         op = LBFGSInverse({n: p.shape for n, p in params.items()}, history=self.pairs, initial="damping")
@@ -128,22 +128,24 @@ class CGPreconditioner(_OperatorPreconditioner):
     """Truncated Newton: a few CG iterations on exact task GGN products."""
     name = "cg"
 
-    def __init__(self, damping: float, maxiter: int = 10, tol: float = 1e-3):
+    def __init__(self, damping: float, maxiter: int = 10, tol: float = 1e-3, max_rows: Optional[int] = None):
         super().__init__(damping)
-        self.maxiter, self.tol = maxiter, tol
+        self.maxiter, self.tol, self.max_rows = maxiter, tol, max_rows
 
     def refresh(self, model, task_batches, params, grad):
-        self.op = GGNOperator(model, task_batches, list(params))
+        self.op = GGNOperator(model, task_batches, list(params), max_rows=self.max_rows)
         self._set_damping(grad)
 
     def apply(self, g):
         return CGInverse(self.op, tol=self.tol, maxiter=self.maxiter).inverse_mv(g, self.damping)
 
 
-def make_preconditioner(method: str, damping: float) -> Preconditioner:
-    """The preconditioner of ``method`` (one of :data:`METHODS`) with relative ``damping``."""
+def make_preconditioner(method: str, damping: float, ggn_rows: Optional[int] = None) -> Preconditioner:
+    """The preconditioner of ``method`` (one of :data:`METHODS`) with relative ``damping``; ``ggn_rows``: the row
+    chunks of L-BFGS's and CG's GGN products."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return {"sgd": lambda: Preconditioner(), "kfac": lambda: KFACPreconditioner(damping),
-            "ekfac": lambda: EKFACPreconditioner(damping), "lbfgs": lambda: LBFGSPreconditioner(damping),
-            "cg": lambda: CGPreconditioner(damping)}[method]()
+            "ekfac": lambda: EKFACPreconditioner(damping),
+            "lbfgs": lambda: LBFGSPreconditioner(damping, max_rows=ggn_rows),
+            "cg": lambda: CGPreconditioner(damping, max_rows=ggn_rows)}[method]()

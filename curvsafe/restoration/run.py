@@ -66,7 +66,7 @@ def _no_progress(result: RestoreResult) -> Optional[str]:
 
 
 def _plan(model_dir, adapter_dir, dtype: str, params: Optional[Sequence[str]], batch_size: int, max_length: int,
-          *, task_batches: int, safety_batches: int):
+          *, task_batches: int, safety_batches: int, ggn_rows: Optional[int]):
     """The estimate of :mod:`curvsafe.plan` for this run, from the configs (meta device)."""
     from ..capture import block_of
 
@@ -77,7 +77,7 @@ def _plan(model_dir, adapter_dir, dtype: str, params: Optional[Sequence[str]], b
         owners = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
         modules = sorted(n for n, m in model.named_modules() if n in owners and block_of(n, m) is not None) or None
     settings = PlanSettings(batch_size=batch_size, seq_len=max_length, task_batches=max(task_batches, 1),
-                            safety_batches=max(safety_batches, 1))
+                            safety_batches=max(safety_batches, 1), ggn_rows=ggn_rows)
     return estimate(model, settings, modules=modules)
 
 
@@ -167,7 +167,7 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     try:
         plan = _plan(model_dir, adapter_dir, dtype, params if full else None, batch_size, max_length,
                      task_batches=math.ceil(len(task_pairs) / batch_size),
-                     safety_batches=math.ceil(n_safety / batch_size))
+                     safety_batches=math.ceil(n_safety / batch_size), ggn_rows=config.ggn_rows)
     except Exception as exc:  # the estimate is advice: a model it cannot read is restored all the same
         if max_memory is not None:
             raise ValueError(f"--max-memory needs the memory estimate, which failed: {exc}") from exc
@@ -231,7 +231,7 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     if method in METHODS:
         result = restore(model, safety, task, method=method, params=params, task_budget=task_budget,
                          task_budget_abs=task_budget_abs, iterations=iterations, damping=damping,
-                         select_top=select_top, safety_target=target, progress=progress,
+                         select_top=select_top, safety_target=target, progress=progress, ggn_rows=config.ggn_rows,
                          constraints=constraints)
     elif method == "revert":
         result = revert(model, safety, task, task_budget=task_budget, task_budget_abs=task_budget_abs)

@@ -307,11 +307,13 @@ class KFAC(CurvatureOperator):
         dense = safe_eigh_many({k: f for k, f in named.items() if not isinstance(f, SketchedFactor)})
         done: dict[str, tuple[Tensor, Tensor, Optional[Tensor]]] = {k: (*v, None) for k, v in dense.items()}
         rank = self.low_rank.rank if self.low_rank is not None else None
+        seen: dict[tuple, list[str]] = {}  # (shape, trace, sum): the sketches decomposed so far, compared in full
         for key, f in named.items():
             if key not in done:
-                twin = next((k for k, g in named.items() if k in done and isinstance(g, SketchedFactor)
-                             and g.Y.shape == f.Y.shape and torch.equal(g.Y, f.Y)), None)
+                candidates = seen.setdefault((tuple(f.Y.shape), float(f.trace()), float(f.Y.sum())), [])
+                twin = next((k for k in candidates if torch.equal(named[k].Y, f.Y)), None)
                 done[key] = done[twin] if twin else f.eigen(rank or f.Y.shape[1], key)
+                candidates.append(key)
         return {n: KEigen(*done[f"{n}.A"][:2], *done[f"{n}.G"][:2], done[f"{n}.A"][2], done[f"{n}.G"][2])
                 for n in self.factors}
 

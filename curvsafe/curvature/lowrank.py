@@ -112,8 +112,9 @@ class SketchedFactor:
 
     @property
     def rank_bound(self) -> int:
-        """``rank(F)`` is at most the number of rows summed into it (and ``d``)."""
-        return min(self.Y.shape[0], int(round(float(self._rows))))
+        """``rank(F)`` is at most the number of rows summed into it (and ``d``; ``d`` when the count is unknown)."""
+        rows = int(round(float(self._rows)))
+        return min(self.Y.shape[0], rows) if rows > 0 else self.Y.shape[0]
 
     def add_rows(self, rows: Tensor) -> "SketchedFactor":
         """``F += rows^T rows`` for ``rows`` (n, d), in place."""

@@ -101,8 +101,8 @@ class RestoreConfig:
     ggn_rows: Optional[int] = _help("lbfgs / cg: rows per chunk of each GGN-vector product (the same product, "
                                     "less activation memory; default: the whole batch)", default=None)
     max_memory: Optional[int] = _help("refuse before loading weights when the method's estimated peak exceeds this "
-                                      "many bytes (default: the CUDA device's memory; see `curvsafe plan`)",
-                                      default=None)
+                                      "many bytes; lbfgs / cg first try GGN row chunks that fit (default: the "
+                                      "CUDA device's memory; see `curvsafe plan`)", default=None)
 
     def __post_init__(self):
         self.method = parse_option(Method, self.method, "method").value

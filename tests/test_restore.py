@@ -58,6 +58,11 @@ def test_ggn_row_chunks_restore_like_whole_batches(setup, tmp_path, method):
     assert chunked["config"]["ggn_rows"] == 3 and chunked["iterations"] == whole["iterations"]
     assert chunked["safety_objective"]["after"] == pytest.approx(whole["safety_objective"]["after"], rel=1e-4)
     assert chunked["plan"]["peak_bytes"] < whole["plan"]["peak_bytes"]
+    # a budget the whole-batch products exceed: restore picks a row chunk that fits instead of refusing
+    budget = (chunked["plan"]["peak_bytes"] + whole["plan"]["peak_bytes"]) // 2
+    fitted = run(setup, tmp_path / "fitted", method, iterations=2, max_memory=budget).report
+    assert fitted["config"]["ggn_rows"] is not None and fitted["plan"]["peak_bytes"] <= budget
+    assert fitted["iterations"] == whole["iterations"]
 
 
 @pytest.mark.parametrize("method", ["lbfgs", "kfac", "ekfac", "cg", "sgd"])

@@ -81,6 +81,24 @@ def _plan(model_dir, adapter_dir, dtype: str, params: Optional[Sequence[str]], b
     return estimate(model, settings, modules=modules)
 
 
+def _fit_ggn_rows(plan, config: RestoreConfig, budget: Optional[int], planned):
+    """For ``lbfgs`` / ``cg`` over ``budget`` with whole-batch GGN products (no ``ggn_rows`` given): the largest
+    row chunk (halving the batch) whose plan fits, with the config that uses it; else the inputs unchanged."""
+    if (budget is None or config.method not in ("lbfgs", "cg") or config.ggn_rows is not None
+            or plan.methods[config.method].peak_bytes <= budget):
+        return plan, config
+    rows = config.batch_size // 2
+    while rows >= 1:
+        trial = planned(rows)
+        if trial.methods[config.method].peak_bytes <= budget:
+            log.info(f"{config.method}: whole-batch GGN products would need "
+                     f"{gib(plan.methods[config.method].peak_bytes)}; running them in chunks of {rows} rows "
+                     "(--ggn-rows, the same products) to fit")
+            return trial, RestoreConfig.from_settings(config, {"ggn_rows": rows})
+        rows //= 2
+    return plan, config
+
+
 def _train_only(model, params: Sequence[str]) -> None:
     """Make exactly the parameters whose names match ``params`` (globs) trainable."""
     from ..capture import matches
@@ -132,8 +150,9 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
 
     Before loading any weight, the memory and cost of ``method`` are estimated from the configs
     (:mod:`curvsafe.plan`), logged, and kept in the report (``plan``); with ``max_memory`` (bytes; by default the
-    CUDA device's total memory) a method whose estimated peak exceeds it is refused with the estimate
-    (``MemoryError``), naming the methods that fit.
+    CUDA device's total memory) ``lbfgs`` / ``cg`` without ``ggn_rows`` run their GGN products in the largest row
+    chunks that fit (halving the batch; recorded in the report's ``config``), and a method whose estimated peak
+    still exceeds it is refused with the estimate (``MemoryError``), naming the methods that fit.
     """
     from ..models import fit_max_length, load_model
 
@@ -164,20 +183,26 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     benign_prompts = ([p.prompt for p in load_pairs(benign_file, require_response=False)][:limit]
                       if benign_file is not None else [])
     n_safety = len(harmful_pairs) + len(benign_prompts)
-    try:
-        plan = _plan(model_dir, adapter_dir, dtype, params if full else None, batch_size, max_length,
+
+    def planned(ggn_rows):
+        return _plan(model_dir, adapter_dir, dtype, params if full else None, batch_size, max_length,
                      task_batches=math.ceil(len(task_pairs) / batch_size),
-                     safety_batches=math.ceil(n_safety / batch_size), ggn_rows=config.ggn_rows)
+                     safety_batches=math.ceil(n_safety / batch_size), ggn_rows=ggn_rows)
+
+    try:
+        plan = planned(config.ggn_rows)
     except Exception as exc:  # the estimate is advice: a model it cannot read is restored all the same
         if max_memory is not None:
             raise ValueError(f"--max-memory needs the memory estimate, which failed: {exc}") from exc
         log.warning(f"no memory estimate for this model ({type(exc).__name__}: {exc})")
         plan = None
     if plan is not None and method in METHODS:
+        budget = max_memory if max_memory is not None else _device_memory(device)
+        plan, config = _fit_ggn_rows(plan, config, budget, planned)
         p = plan.methods[method]
         log.info(f"{method}: estimated curvature {gib(p.curvature_bytes)}, peak {gib(p.peak_bytes)} (a training "
                  f"step: {gib(plan.training_step_bytes)}), ~{p.steps_per_iteration:.0f} training steps per iteration")
-        check_fits(plan, method, max_memory if max_memory is not None else _device_memory(device))
+        check_fits(plan, method, budget)
     model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device, trainable_adapter=True)
     max_length = fit_max_length(max_length, model)
     reference = model  # the model whose adapter-disabled self is the aligned anchor

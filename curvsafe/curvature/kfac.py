@@ -35,7 +35,7 @@ Convention (kept exactly, tested against curvlinops):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -88,9 +88,21 @@ def factor_tensors(factors: Iterable[Factor]) -> list[Tensor]:
     return [t for f in factors for t in (f.tensors() if isinstance(f, SketchedFactor) else [f])]
 
 
-def factor_bytes(f: Factor) -> int:
-    """Bytes that hold one factor (a sketched one: its sketch)."""
-    return f.nbytes if isinstance(f, SketchedFactor) else f.numel() * f.element_size()
+def factor_eigens(named: Mapping[str, Factor], rank: Optional[int], dtype: torch.dtype = torch.float64
+                  ) -> dict[str, tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """``(lam, Q, rest)`` of every factor in ``named``: dense ones by :func:`safe_eigh_many` in ``dtype`` (``rest``
+    None), sketched ones as their truncated eigenbasis of ``rank`` (default: the sketch width) and rest. Equal
+    factors (shared inputs) are decomposed once and share the result."""
+    dense = safe_eigh_many({k: f for k, f in named.items() if not isinstance(f, SketchedFactor)}, dtype=dtype)
+    done: dict[str, tuple[Tensor, Tensor, Optional[Tensor]]] = {k: (*v, None) for k, v in dense.items()}
+    seen: dict[tuple, list[str]] = {}  # (shape, trace, sum): the sketches decomposed so far, compared in full
+    for key, f in named.items():
+        if key not in done:
+            candidates = seen.setdefault((tuple(f.Y.shape), float(f.trace()), float(f.Y.sum())), [])
+            twin = next((k for k in candidates if torch.equal(named[k].Y, f.Y)), None)
+            done[key] = done[twin] if twin else f.eigen(rank or f.Y.shape[1], key)
+            candidates.append(key)
+    return done
 
 
 class _Sums:
@@ -304,16 +316,7 @@ class KFAC(CurvatureOperator):
 
     def _all_eigen(self) -> dict[str, KEigen]:
         named = {f"{n}.{side}": getattr(f, side) for n, f in self.factors.items() for side in ("A", "G")}
-        dense = safe_eigh_many({k: f for k, f in named.items() if not isinstance(f, SketchedFactor)})
-        done: dict[str, tuple[Tensor, Tensor, Optional[Tensor]]] = {k: (*v, None) for k, v in dense.items()}
-        rank = self.low_rank.rank if self.low_rank is not None else None
-        seen: dict[tuple, list[str]] = {}  # (shape, trace, sum): the sketches decomposed so far, compared in full
-        for key, f in named.items():
-            if key not in done:
-                candidates = seen.setdefault((tuple(f.Y.shape), float(f.trace()), float(f.Y.sum())), [])
-                twin = next((k for k in candidates if torch.equal(named[k].Y, f.Y)), None)
-                done[key] = done[twin] if twin else f.eigen(rank or f.Y.shape[1], key)
-                candidates.append(key)
+        done = factor_eigens(named, self.low_rank.rank if self.low_rank is not None else None)
         return {n: KEigen(*done[f"{n}.A"][:2], *done[f"{n}.G"][:2], done[f"{n}.A"][2], done[f"{n}.G"][2])
                 for n in self.factors}
 

@@ -76,8 +76,8 @@ from ..anchors import anchor_batches, keep_response_prefix
 from ..capture import LinearBlock, ModuleSelection, find_blocks
 from ..config import FisherType, parse_option
 from ..curvature import KFAC
+from ..curvature.kfac import factor_eigens
 from ..curvature.distributed import all_reduce_counts, is_distributed
-from ..curvature.eigen import safe_eigh_many
 from ..curvature.lowrank import LowRank, SketchedFactor, truncated_kron_apply, truncated_vector_apply
 from ..kernels import kron_eigen_apply
 from ..nll import batch_nll_sums
@@ -592,19 +592,12 @@ class CurvSafe(Optimizer):
 
     def _factor_eigen(self) -> dict[str, tuple[Tensor, Tensor, Optional[Tensor], float, int]]:
         """``"{block}.{A|G}"`` -> ``(lam, Q, rest, trace, dim)``; ``rest`` None for a dense factor."""
-        # float32: the damping only resolves eigenvalues near the mean (tiny ones pass with scale ~1)
         named = {f"{n}.{k}": f for n, (A, G) in self._factors.items() for k, f in (("A", A), ("G", G))}
-        dense = safe_eigh_many({k: f for k, f in named.items() if not isinstance(f, SketchedFactor)},
-                               dtype=torch.float32)
-        out = {}
-        for key, f in named.items():
-            if isinstance(f, SketchedFactor):
-                lam, Q, rest = f.eigen(self._kfac.low_rank.rank, key)
-                out[key] = (lam, Q, rest, float(f.trace()), f.shape[0])
-            else:
-                lam, Q = dense[key]
-                out[key] = (lam, Q, None, float(lam.sum()), lam.numel())
-        return out
+        low = self._kfac.low_rank
+        # float32: the damping only resolves eigenvalues near the mean (tiny ones pass with scale ~1)
+        eigen = factor_eigens(named, low.rank if low is not None else None, dtype=torch.float32)
+        return {key: (lam, Q, rest, float(lam.sum()) if rest is None else float(named[key].trace()), Q.shape[0])
+                for key, (lam, Q, rest) in eigen.items()}
 
     def _projections(self) -> dict[str, tuple[Tensor, Tensor, Tensor, Tensor]]:
         """Per block: ``QA``, ``QG`` and the damping scales (weight (d_out, d_in), bias (d_out,); for a truncated

@@ -129,8 +129,10 @@ def worker(args) -> dict:
         sync(args.device)
         out["seconds"] = (time.perf_counter() - t) / args.steps
         own = opt.state_dict()["curvsafe"]
-        held = [t for part in ("factors", "eigen", "grad") for t in _tensors(own[part])]
-        out["curvature_bytes"] = opt._kfac.curvature_bytes() + sum(t.numel() * t.element_size() for t in held)
+        held = [t for part in (own["projector"]["eigen"], own["projector"]["rests"], own["sides"])
+                for t in _tensors(part)]
+        out["curvature_bytes"] = (opt.projector.kfac.curvature_bytes()
+                                  + sum(t.numel() * t.element_size() for t in held))
         del opt
     elif args.kind != "train":
         sync(args.device)
@@ -166,6 +168,8 @@ def _tensors(tree) -> list:
         return [tree]
     if isinstance(tree, dict):
         return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
     return []
 
 

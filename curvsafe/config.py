@@ -69,38 +69,64 @@ class TestbedKind(str, Enum):
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
-def _help(text: str, **kw) -> Any:
+def setting(text: str, **kw) -> Any:
+    """A dataclass field of a settings class with its help text."""
     return field(metadata={"help": text}, **kw)
 
 
+class Settings:
+    """Base of the validated settings dataclasses (:class:`RestoreConfig`,
+    :class:`~curvsafe.optim.CurvSafeSettings`): built from defaults plus named replacements, a help text per field,
+    ``to_dict`` for the saved records."""
+
+    @classmethod
+    def from_settings(cls, config: Optional["Settings"], settings: Mapping[str, Any]):
+        """``config`` (default: the defaults) with ``settings`` (field names) replaced; unknown names are a
+        ``TypeError`` naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise TypeError(f"unknown {cls.__name__} setting(s) {unknown}; the settings are {sorted(names)}")
+        base = {f.name: getattr(config, f.name) for f in fields(cls)} if config is not None else {}
+        return cls(**{**base, **settings})
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help text of field ``name`` (the CLI's option help)."""
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
-class RestoreConfig:
+class RestoreConfig(Settings):
     """The settings of a restore run, shared by :func:`~curvsafe.restoration.run_restore`, ``curvsafe restore``
     (its options are these fields, their help these texts) and ``report.json`` (``config``: every run records all
     of them). Validated on construction; files and folders are :func:`run_restore`'s own arguments."""
 
-    method: str = _help("lbfgs | kfac | ekfac | cg | sgd (curvature back-ends) or revert | safelora | resta "
+    method: str = setting("lbfgs | kfac | ekfac | cg | sgd (curvature back-ends) or revert | safelora | resta "
                         "(baselines)", default=Method.LBFGS.value)
-    objective: Optional[str] = _help("anchor | refusal | harmful | benign terms, summed with optional weights, e.g. "
+    objective: Optional[str] = setting("anchor | refusal | harmful | benign terms, summed with optional weights, e.g. "
                                      "anchor+4*benign (default: anchor+4*benign with benign prompts, else anchor)",
                                      default=None)
-    task_budget: float = _help("allowed relative rise of the task loss", default=0.02)
-    task_budget_abs: float = _help("absolute floor of the budget (nats/token)", default=0.01)
-    benign_budget: Optional[float] = _help(
+    task_budget: float = setting("allowed relative rise of the task loss", default=0.02)
+    task_budget_abs: float = setting("absolute floor of the budget (nats/token)", default=0.01)
+    benign_budget: Optional[float] = setting(
         "with benign prompts: how far the NLL of the aligned model's answers to them may rise over max(before, "
         f"aligned), nats/token (default {BENIGN_BUDGET}); None (CLI: off): no constraint", default=BENIGN_BUDGET)
-    iterations: int = _help("the most accepted steps", default=8)
-    damping: float = _help("relative damping of the task curvature", default=0.1)
-    select_top: Optional[int] = _help("restore on the K most influential safety examples", default=None)
-    params: Optional[list[str]] = _help("parameter-name globs to edit (default: the adapter)", default=None)
-    batch_size: int = _help("examples per batch", default=16)
-    max_length: int = _help("tokens per example, at most (and at most the model's context)", default=128)
-    limit: Optional[int] = _help("use only the first N examples of each file", default=None)
-    dtype: str = _help("the weights' dtype", default="float32")
-    device: str = _help("torch device, e.g. cpu or cuda:0", default="cpu")
-    ggn_rows: Optional[int] = _help("lbfgs / cg: rows per chunk of each GGN-vector product (the same product, "
+    iterations: int = setting("the most accepted steps", default=8)
+    damping: float = setting("relative damping of the task curvature", default=0.1)
+    select_top: Optional[int] = setting("restore on the K most influential safety examples", default=None)
+    params: Optional[list[str]] = setting("parameter-name globs to edit (default: the adapter)", default=None)
+    batch_size: int = setting("examples per batch", default=16)
+    max_length: int = setting("tokens per example, at most (and at most the model's context)", default=128)
+    limit: Optional[int] = setting("use only the first N examples of each file", default=None)
+    dtype: str = setting("the weights' dtype", default="float32")
+    device: str = setting("torch device, e.g. cpu or cuda:0", default="cpu")
+    ggn_rows: Optional[int] = setting("lbfgs / cg: rows per chunk of each GGN-vector product (the same product, "
                                     "less activation memory; default: the whole batch)", default=None)
-    max_memory: Optional[int] = _help("refuse before loading weights when the method's estimated peak exceeds this "
+    max_memory: Optional[int] = setting("refuse before loading weights when the method's estimated peak exceeds this "
                                       "many bytes; lbfgs / cg first try GGN row chunks that fit (default: the "
                                       "CUDA device's memory; see `curvsafe plan`)", default=None)
 
@@ -123,22 +149,3 @@ class RestoreConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.params is not None:
             self.params = list(self.params)
-
-    @classmethod
-    def from_settings(cls, config: Optional["RestoreConfig"], settings: Mapping[str, Any]) -> "RestoreConfig":
-        """``config`` (default: the defaults) with ``settings`` (field names) replaced; unknown names are an
-        error naming them."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(settings) - names)
-        if unknown:
-            raise TypeError(f"unknown restore setting(s) {unknown}; the settings are {sorted(names)}")
-        base = asdict(config) if config is not None else {}
-        return cls(**{**base, **settings})
-
-    @staticmethod
-    def help(name: str) -> str:
-        """The help text of field ``name`` (the CLI's option help)."""
-        return next(f.metadata["help"] for f in fields(RestoreConfig) if f.name == name)
-
-    def to_dict(self) -> dict:
-        return asdict(self)

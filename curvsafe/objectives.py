@@ -201,40 +201,65 @@ def safety_batches(data, tokenizer=None, *, needs_responses: bool, batch_size: i
     return out
 
 
+def safety_objective(weights: Mapping[str, float], *, anchor: Callable[[], list], responses: Callable[[], list],
+                     prefix_tokens: Optional[int], ceiling: Callable[[list], Optional[float]] = lambda batches: None,
+                     benign: Optional[Callable[[], list]] = None) -> Objective:
+    """The safety objective of parsed ``weights`` from its data: the one place where its terms are made (restore
+    through :func:`build_safety`, :class:`~curvsafe.optim.CurvSafe` from batches).
+
+    Each source is called only when a term needs it: ``anchor`` gives the anchor batches (the aligned model's own
+    responses to the harmful prompts), ``benign`` its responses to benign prompts, ``responses`` the harmful data
+    with given responses (refusal texts for ``refusal``, harmful answers for ``harmful``). ``ceiling`` gives the
+    NLL at which the ``harmful`` term goes flat (the aligned model's on the same batches; None: no floor). The
+    ``anchor``, ``benign`` and ``refusal`` terms count the first ``prefix_tokens`` response tokens of each row:
+    greedy decoding commits to refusing or complying there (measured on the testbed: the full-response NLL fell
+    to within 0.11 nats of the aligned model while 99.7% of answers stayed harmful; its easy tokens dominate).
+    """
+    terms = []
+    for name, w in weights.items():
+        if name == "anchor":
+            terms.append(LossTerm("anchor", keep_response_prefix(anchor(), prefix_tokens), w))
+        elif name == "benign":
+            if benign is None:
+                raise ValueError("the benign objective needs the aligned model's responses to benign prompts "
+                                 "(benign_anchor)")
+            terms.append(LossTerm("benign", keep_response_prefix(benign(), prefix_tokens), w))
+        elif name == "refusal":
+            terms.append(LossTerm("refusal", keep_response_prefix(responses(), prefix_tokens), w))
+        else:
+            batches = responses()
+            terms.append(LossTerm("harmful", batches, w, sign=-1.0, ceiling=ceiling(batches)))
+    return Objective(terms)
+
+
 def build_safety(model, tokenizer, pairs: Sequence[Pair], objective: Union[str, Mapping[str, float]], *,
                  batch_size: int = 16, max_length: int = 128, anchor: Optional[Sequence[Pair]] = None,
                  aligned_nll: Optional[Callable[[list], float]] = None,
                  prefix_tokens: Optional[int] = 4,
                  benign_anchor: Optional[Sequence[Pair]] = None) -> tuple[Objective, dict]:
-    """The safety objective S from harmful prompts (and responses) for ``objective``; also returns the data used
-    (``anchor`` / ``benign`` pairs) for the report. ``anchor`` reuses previously generated anchor responses;
-    ``benign_anchor`` (the aligned model's responses to benign prompts) is needed by the ``benign`` term.
+    """The safety objective S from harmful prompts (and responses) for ``objective`` (see
+    :func:`safety_objective`); also returns the data used (``anchor`` / ``benign`` pairs) for the report.
+    ``anchor`` reuses previously generated anchor responses; ``benign_anchor`` (the aligned model's responses to
+    benign prompts) is needed by the ``benign`` term; ``aligned_nll`` gives the ``harmful`` term's floor."""
+    used = {}
 
-    ``prefix_tokens``: the ``anchor`` and ``refusal`` terms count only the first tokens of each response, because
-    greedy decoding commits to refusing or complying there (measured on the testbed: the full-response NLL fell
-    to within 0.11 nats of the aligned model while 99.7% of answers stayed harmful; its easy tokens dominate).
-    """
-    weights = parse_objective(objective)
-    terms, used = [], {}
-    for name, w in weights.items():
-        if name in ("anchor", "benign"):
-            given = anchor if name == "anchor" else benign_anchor
-            if given is None and name == "benign":
-                raise ValueError("the benign objective needs the aligned model's responses to benign prompts "
-                                 "(benign_anchor)")
-            chosen = list(given) if given is not None else anchor_responses(model, tokenizer,
-                                                                             [p.prompt for p in pairs])
-            if not chosen:
-                side = "harmful" if name == "anchor" else "benign"
-                raise ValueError(f"the aligned model produced no response to any {side} prompt")
-            used[name] = chosen
-            terms.append(LossTerm(name, keep_response_prefix(make_batches(
-                tokenizer, chosen, batch_size=batch_size, max_length=max_length), prefix_tokens), w))
-        elif name == "refusal":
-            terms.append(LossTerm("refusal", keep_response_prefix(make_batches(
-                tokenizer, pairs, batch_size=batch_size, max_length=max_length), prefix_tokens), w))
-        else:
-            batches = make_batches(tokenizer, pairs, batch_size=batch_size, max_length=max_length)
-            ceiling = aligned_nll(batches) if aligned_nll is not None else None
-            terms.append(LossTerm("harmful", batches, w, sign=-1.0, ceiling=ceiling))
-    return Objective(terms), used
+    def batches(chosen: Sequence[Pair]) -> list:
+        return make_batches(tokenizer, chosen, batch_size=batch_size, max_length=max_length)
+
+    def anchor_data() -> list:
+        chosen = list(anchor) if anchor is not None else anchor_responses(model, tokenizer, [p.prompt for p in pairs])
+        if not chosen:
+            raise ValueError("the aligned model produced no response to any harmful prompt")
+        used["anchor"] = chosen
+        return batches(chosen)
+
+    def benign_data() -> list:
+        if not benign_anchor:
+            raise ValueError("the aligned model produced no response to any benign prompt")
+        used["benign"] = list(benign_anchor)
+        return batches(used["benign"])
+
+    safety = safety_objective(parse_objective(objective), anchor=anchor_data, responses=lambda: batches(pairs),
+                              prefix_tokens=prefix_tokens, benign=None if benign_anchor is None else benign_data,
+                              ceiling=aligned_nll if aligned_nll is not None else lambda b: None)
+    return safety, used

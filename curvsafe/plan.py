@@ -10,8 +10,8 @@ Conventions (what every figure means):
   restore data are ``task_batches`` and ``safety_batches`` such batches.
 - **curvature_bytes**: what the method holds for its curvature between iterations: K-FAC factors and eigenbases
   (a factor above ``low_rank.max_dense_dim`` as its sketch and truncated basis, :mod:`.curvature.lowrank`),
-  EK-FAC's corrected eigenvalues, L-BFGS's pairs and CG's vectors; for ``"curvsafe"`` also its EMA copy of the
-  factors and the guard's gradients.
+  EK-FAC's corrected eigenvalues, L-BFGS's pairs and CG's vectors; for ``"curvsafe"`` its factors (one EMA, kept
+  by its K-FAC), eigenbases, projection scales and the guard's vectors.
 - **peak_bytes**: weights + the method's vectors over the trainable parameters + curvature + the largest transient
   (activations of the pass in flight, plus a fit's per-batch sums). Activations are counted, not modelled: the
   forward runs on the meta device under saved-tensor hooks (:func:`activation_bytes`), with the math SDPA
@@ -306,11 +306,11 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
         "sgd": method(0, [act], base_steps),
     }
     # the optimizer: AdamW (2 states) + gradient + CurvSafe's reference/before copies and guard gradients (4), and
-    # the curvature: KFAC's factors + the EMA copy + eigenbases + the projection scales (~ corrected's size); a
-    # refresh adds a batch's sums (the fit) or one factor's float64 copies (the eigendecompositions)
+    # the curvature: the factors (their EMA) + eigenbases + the projection scales (~ corrected's size); a refresh
+    # adds the fit's running and per-batch sums (merged into the EMA at its end) or one factor's float64 copies
     train_step = weights + 4 * vec + train_act
-    curvsafe_curv = 2 * F + E + k["corrected"] + 4 * vec
-    refresh = max(F + act, k["eigen_transient"])
+    curvsafe_curv = F + E + k["corrected"] + 4 * vec
+    refresh = max(2 * F + act, k["eigen_transient"])
     plans["curvsafe"] = MethodPlan(int(curvsafe_curv), int(weights + 4 * vec + curvsafe_curv + max(train_act, refresh)),
                                    1.0 + (S + 1.0) / settings.refresh_interval)
     return Plan({m: plans[m] for m in (*RESTORE_METHODS, "curvsafe")}, int(train_step), int(weights), int(trainable),

@@ -29,6 +29,6 @@ def test_restore_config_merges_settings_and_round_trips():
     merged = RestoreConfig.from_settings(base, {"damping": 0.5, "params": ("a.*",)})
     assert (merged.method, merged.iterations, merged.damping, merged.params) == ("kfac", 3, 0.5, ["a.*"])
     assert RestoreConfig(**merged.to_dict()) == merged
-    with pytest.raises(TypeError, match=r"unknown restore setting\(s\) \['iteratoins'\]"):
+    with pytest.raises(TypeError, match=r"unknown RestoreConfig setting\(s\) \['iteratoins'\]"):
         RestoreConfig.from_settings(None, {"iteratoins": 2})
     assert "task loss" in RestoreConfig.help("task_budget")

@@ -181,9 +181,11 @@ def test_running_mean_and_ema():
     for n in both:
         expected = (one[n].A * t1 + two[n].A * t2) / (t1 + t2)
         assert rel_err(both[n].A, expected) <= 1e-6 and rel_err(split.factors[n].A, expected) <= 1e-6
-    ema = KFAC(model, ema_decay=0.9).fit([b1, b2]).factors
+    ema = KFAC(model, ema_decay=0.9).fit([b1]).fit([b2]).factors  # each fit's mean is merged into the EMA
+    first = KFAC(model, ema_decay=0.9).fit([b1, b2]).factors  # the first fit is its own mean
     for n in ema:
         assert rel_err(ema[n].G, 0.9 * one[n].G + 0.1 * two[n].G) <= 1e-6
+        assert rel_err(first[n].A, both[n].A) <= 1e-6 and rel_err(first[n].G, both[n].G) <= 1e-6
 
 
 def test_operator_products_use_kronecker_structure():

@@ -8,7 +8,7 @@ from conftest import make_batch, rel_err, tiny_llama, with_lora
 
 from curvsafe.capture import CaptureError
 from curvsafe.curvature import KFAC
-from curvsafe.optim import CurvSafe
+from curvsafe.optim import CurvSafe, CurvSafeSettings
 
 
 def safety_data():
@@ -65,7 +65,7 @@ def test_projection_equals_the_dense_damped_inverse_and_spares_other_parameters(
     train(ref, adamw(ref), train_data(1))
     train(model, opt, train_data(1))
     after, plain = trainable(model), trainable(ref)
-    protected = set(opt._params)
+    protected = set(opt.params)
     # column-major vec: vec(G U A) = (A ⊗ G) vec(U); the mean eigenvalue is over all protected parameters
     krons = {b.name: torch.kron(kfac.factors[b.name].A.double(), kfac.factors[b.name].G.double()) for b in opt.blocks}
     mean = sum(k.trace() for k in krons.values()) / sum(k.shape[0] for k in krons.values())
@@ -94,12 +94,12 @@ def test_guard_keeps_every_update_from_raising_the_safety_loss_to_first_order(st
     pushed = 0
     for step in range(4):
         batch = attack[step % 2]
-        before = {n: p.detach().clone() for n, p in opt._params.items()}
+        before = {n: p.detach().clone() for n, p in opt.params.items()}
         train(model, opt, [batch])
-        grad = opt._grad  # the safety gradient this step was guarded with
-        applied = sum(float(((p.detach() - before[n]) * grad[n]).sum()) for n, p in opt._params.items())
-        norm = sum(float((p.detach() - before[n]).norm() ** 2) for n, p in opt._params.items()) ** 0.5
-        gnorm = float(opt._grad_sq) ** 0.5
+        grad = opt.sides[0].grad  # the safety gradient this step was guarded with
+        applied = sum(float(((p.detach() - before[n]) * grad[n]).sum()) for n, p in opt.params.items())
+        norm = sum(float((p.detach() - before[n]).norm() ** 2) for n, p in opt.params.items()) ** 0.5
+        gnorm = float(opt.gram[0, 0]) ** 0.5
         assert applied <= 1e-9 * norm * gnorm, (step, applied)
         # the same step without the guard does push against safety (so the guard had work to do)
         unguarded.load_state_dict(model.state_dict())
@@ -223,6 +223,43 @@ def test_bad_input_is_a_clear_error_at_construction():
         CurvSafe(adamw(model), model, safety_data()).load_state_dict(adamw(model).state_dict())
 
 
+def test_settings_are_one_dataclass_for_the_constructor_and_the_saved_state():
+    """``CurvSafeSettings`` (validated; keywords replace its fields) is what the optimizer runs with and what
+    ``state_dict`` saves; ``load_state_dict`` adopts the saved settings (and the projection strength with them)."""
+    model = lora_model()
+    base = CurvSafeSettings(strength=2.0, refresh_every=7)
+    opt = CurvSafe(adamw(model), model, safety_data(), base, refresh_every=3, objective="anchor+harmful")
+    assert (opt.settings.strength, opt.settings.refresh_every, base.refresh_every) == (2.0, 3, 7)
+    assert opt.settings.objective == {"anchor": 1.0, "harmful": 1.0}
+    with pytest.raises(TypeError, match=r"unknown CurvSafeSettings setting\(s\) \['strenght'\]"):
+        CurvSafe(adamw(model), model, safety_data(), strenght=1.0)
+    for bad, match in (({"ema_decay": 1.0}, "ema_decay"), ({"drift_steps": 0}, "drift_steps"),
+                       ({"fisher_type": "type2"}, "fisher_type"), ({"prefix_tokens": 0}, "prefix_tokens")):
+        with pytest.raises(ValueError, match=match):
+            CurvSafeSettings(**bad)
+    train(model, opt, train_data(2))
+    saved = opt.state_dict()
+    assert CurvSafeSettings(**saved["curvsafe"]["settings"]) == opt.settings
+    other = CurvSafe(adamw(model), model, safety_data(), strength=0.5, objective="anchor+harmful")
+    other.load_state_dict(saved)
+    assert other.settings == opt.settings and other.projector.strength == 2.0
+
+
+def test_the_safety_factors_are_the_kfac_ema_over_refreshes():
+    """One EMA, kept by the projector's K-FAC: two refreshes at the same parameters on batches 0 and 1 give
+    ``d F(b1) + (1 - d) F(b2)`` with F the K-FAC factors of the anchor batches alone."""
+    model = lora_model()
+    opt = CurvSafe(adamw(model), model, safety_data(), ema_decay=0.25)
+    opt.refresh()
+    opt.refresh()
+    anchors = opt.safety.terms[0].batches
+    names = [b.name for b in opt.blocks]
+    first, second = (KFAC(model, names).fit([b]).factors for b in anchors[:2])
+    for n, f in opt.projector.kfac.factors.items():
+        assert rel_err(f.A, 0.25 * first[n].A + 0.75 * second[n].A) < 1e-6, n
+        assert rel_err(f.G, 0.25 * first[n].G + 0.75 * second[n].G) < 1e-6, n
+
+
 @pytest.fixture(scope="module")
 def chat_model_and_prompts():
     """A tiny LoRA Llama with the testbed's tokenizer (chat template), and harmful prompts as text."""
@@ -267,7 +304,7 @@ def test_safety_batches_as_users_hold_them(chat_model_and_prompts, objective):
                     prompt = next(p for p in prompt_ids if row[:len(p)] == p)
                     assert (labels[:len(prompt)] == -100).all() and (labels[len(prompt):] != -100).any(), shape
         train(model, opt, [make_batch(batch=2, seq=6, vocab=len(tok), seed=1)])
-        assert opt._refreshes == 1, shape
+        assert opt.refresh_count == 1, shape
 
 
 def test_safety_data_of_another_shape_is_a_one_line_error(chat_model_and_prompts):
@@ -292,24 +329,24 @@ def test_a_measured_rise_of_the_safety_loss_is_paid_back(strength):
     opt = CurvSafe(adamw(model, lr=1e-4), model, safety_data(), strength=strength, refresh_every=100,
                    refresh_tol=None, refresh_batches=None, drift_steps=2)
     train(model, opt, train_data(1))  # the first refresh finds S at its level: nothing owed
-    assert opt._owed == 0.0
+    assert opt.sides[0].owed == 0.0
     with torch.no_grad():
-        for n, p in opt._params.items():
-            p.add_(0.05 * opt._grad[n] / opt._grad_sq.sqrt())
+        for n, p in opt.params.items():
+            p.add_(0.05 * opt.sides[0].grad[n] / opt.gram[0, 0].sqrt())
     opt.refresh()
-    rise = opt._level() - sum(opt._levels) / len(opt._levels)
-    assert rise > 0 and opt._owed == pytest.approx(rise) and opt._pay == pytest.approx(rise / 2)
-    start = opt._level()
+    rise = opt.safety_level() - sum(opt.sides[0].levels) / len(opt.sides[0].levels)
+    assert rise > 0 and opt.sides[0].owed == pytest.approx(rise) and opt.sides[0].pay == pytest.approx(rise / 2)
+    start = opt.safety_level()
     for _ in range(2):
-        g, before = dict(opt._grad), {n: p.detach().clone() for n, p in opt._params.items()}
-        pay = min(opt._owed, opt._pay)
+        g, before = dict(opt.sides[0].grad), {n: p.detach().clone() for n, p in opt.params.items()}
+        pay = min(opt.sides[0].owed, opt.sides[0].pay)
         train(model, opt, train_data(1))
-        u = {n: p.detach() - before[n] for n, p in opt._params.items()}
+        u = {n: p.detach() - before[n] for n, p in opt.params.items()}
         assert float(dot(u, g)) <= -pay * (1 - 1e-6)
-    assert opt._owed == pytest.approx(0.0, abs=1e-12)
-    assert opt._level() < start
+    assert opt.sides[0].owed == pytest.approx(0.0, abs=1e-12)
+    assert opt.safety_level() < start
     off = CurvSafe(adamw(model), model, safety_data(), restore_drift=False)
-    assert off._levels == [] and off._owed == 0.0
+    assert off.sides[0].levels == [] and off.sides[0].owed == 0.0
 
 
 def benign_data():
@@ -328,31 +365,31 @@ def test_benign_side_keeps_both_constraints_to_first_order(strength):
               for b in safety_data() + benign_data()]
     opt = CurvSafe(adamw(model, lr=5e-2), model, safety_data(), benign_batches=benign_data(), strength=strength,
                    refresh_every=1000, refresh_tol=None, refresh_batches=None)
-    assert opt.benign is not None and len(opt._benign_levels) == 2
+    assert len(opt.sides) == 2 and len(opt.sides[1].levels) == 2
     binding = 0
     for step in range(6):
         opt.refresh()  # this step's gradients and paybacks
-        g, b = dict(opt._grad), dict(opt._bgrad)
-        pay, bpay = min(opt._owed, opt._pay), min(opt._bowed, opt._bpay)
-        before = {n: p.detach().clone() for n, p in opt._params.items()}
+        g, b = dict(opt.sides[0].grad), dict(opt.sides[1].grad)
+        pay, bpay = min(opt.sides[0].owed, opt.sides[0].pay), min(opt.sides[1].owed, opt.sides[1].pay)
+        before = {n: p.detach().clone() for n, p in opt.params.items()}
         train(model, opt, [attack[step % 4]])
-        u = {n: p.detach() - before[n] for n, p in opt._params.items()}
+        u = {n: p.detach() - before[n] for n, p in opt.params.items()}
         tol = 1e-9 * float(sum(x.norm() ** 2 for x in u.values())) ** 0.5
         on_s, on_b = float(dot(u, g)) + pay, float(dot(u, b)) + bpay
-        assert on_s <= tol * float(opt._grad_sq) ** 0.5 and on_b <= tol * float(dot(b, b)) ** 0.5, step
+        assert on_s <= tol * float(opt.gram[0, 0]) ** 0.5 and on_b <= tol * float(dot(b, b)) ** 0.5, step
         binding += abs(on_b) <= 1e-6 * abs(float(dot(u, b))) + 1e-12
     assert binding > 0  # the benign constraint was active (the attack pushes against it)
     # the benign gradient is the exact gradient of the benign anchor on the batches it was refreshed on
     opt.refresh()
-    exact = Objective([LossTerm("benign", opt.benign.batches)]).gradient(model, opt._params)[1]
-    for n, x in opt._bgrad.items():
+    exact = Objective([LossTerm("benign", opt.sides[1].loss.batches)]).gradient(model, opt.params)[1]
+    for n, x in opt.sides[1].grad.items():
         assert rel_err(x, exact[n]) < 1e-6, n
 
 
 def test_halfspace_multipliers_are_the_projection_onto_both_constraints():
     """Against the brute-force minimal correction over a grid of random cases (one or two active constraints,
     already feasible, parallel gradients)."""
-    from curvsafe.optim.curvsafe import _halfspace_multipliers
+    from curvsafe.optim.guard import halfspace_multipliers
 
     gen = torch.Generator().manual_seed(0)
     for case in range(200):
@@ -363,7 +400,7 @@ def test_halfspace_multipliers_are_the_projection_onto_both_constraints():
         pay = torch.rand(2, generator=gen, dtype=torch.float64) * (case % 3)
         excess = grads @ u + pay
         gram = grads @ grads.T
-        coefs = _halfspace_multipliers(excess, gram)
+        coefs = halfspace_multipliers(excess, gram)
         if coefs is None:
             assert (excess <= 0).all()
             continue
@@ -390,8 +427,8 @@ def test_other_objectives_guard_their_own_gradient(objective):
     opt = CurvSafe(adamw(model), model, safety_data(), objective=objective, refresh_every=1, refresh_batches=None)
     train(model, opt, train_data(1))
     opt.refresh()
-    expected = Objective(opt.safety.terms).gradient(model, opt._params)[1]
-    for n, g in opt._grad.items():
+    expected = Objective(opt.safety.terms).gradient(model, opt.params)[1]
+    for n, g in opt.sides[0].grad.items():
         assert rel_err(g, expected[n]) < 1e-6, n
 
 
@@ -537,21 +574,22 @@ def test_plain_linear_layers_with_biases_are_projected_and_guarded():
         CurvSafe(torch.optim.AdamW(model.parameters()), model, safety_data())
     opt = CurvSafe(torch.optim.AdamW(model.parameters(), lr=1e-2), model, safety_data(), objective="refusal",
                    refresh_every=1)
-    assert {"fc1.bias", "fc2.bias"} <= set(opt._params)
+    assert {"fc1.bias", "fc2.bias"} <= set(opt.params)
     opt.refresh()  # biases count in the mean eigenvalue: tr(A) tr(G) per weight, tr(G) per bias
-    factors = [opt._factors[b.name] for b in opt.blocks]
+    factors = [(opt.projector.kfac.factors[b.name].A, opt.projector.kfac.factors[b.name].G)
+               for b in opt.blocks]
     mean = (sum(A.trace() * G.trace() + G.trace() for A, G in factors)
             / sum(A.shape[0] * G.shape[0] + G.shape[0] for A, G in factors))
     for block, (A, G) in zip(opt.blocks, factors):
-        QA, QG, scale, bias_scale = opt._eigen[block.name]
+        QA, QG, scale, bias_scale = opt.projector.eigen[block.name]
         lam_G = torch.linalg.eigvalsh(G.double()).clamp_min(0)
-        assert rel_err(bias_scale.double(), 1.0 / (1.0 + opt.strength * lam_G / mean)) < 1e-5
+        assert rel_err(bias_scale.double(), 1.0 / (1.0 + opt.settings.strength * lam_G / mean)) < 1e-5
     for s in range(3):
-        before = {n: p.detach().clone() for n, p in opt._params.items()}
+        before = {n: p.detach().clone() for n, p in opt.params.items()}
         opt.zero_grad()
         model(make_batch(seed=s)["input_ids"]).logits.sum().backward()
         opt.step()
-        dot = sum(float(((p.detach() - before[n]) * opt._grad[n]).sum()) for n, p in opt._params.items())
+        dot = sum(float(((p.detach() - before[n]) * opt.sides[0].grad[n]).sum()) for n, p in opt.params.items())
         assert dot <= 1e-12
 
 
@@ -571,7 +609,7 @@ def test_refresh_follows_the_relative_movement_of_the_protected_parameters():
 
         opt.refresh = counting_refresh
         for step, batch in enumerate(train_data(8)):
-            params = list(opt._params.values())
+            params = list(opt.params.values())
             if reference is None or step - last >= every or (
                     sum(float((p.detach() - r).norm() ** 2) for p, r in zip(params, reference))
                     > tol ** 2 * sum(float(r.norm() ** 2) for r in reference)):
@@ -595,19 +633,19 @@ def test_each_refresh_fits_the_next_safety_batch_and_guards_with_its_gradient():
     opt = CurvSafe(adamw(model, lr=1e-2), model, safety, refresh_every=1)
     anchors = opt.safety.terms[0].batches
     fitted = []
-    fit = opt._kfac.fit
-    opt._kfac.fit = lambda batches, **kw: (fitted.append(batches), fit(batches, **kw))[1]
+    fit = opt.projector.kfac.fit
+    opt.projector.kfac.fit = lambda batches, **kw: (fitted.append(batches), fit(batches, **kw))[1]
     for step, batch in enumerate(train_data(5)):  # refresh_batches=1 (default): batch 0, 1, 2, 0, 1
         train(model, opt, [batch])
         assert len(fitted[-1]) == 1 and fitted[-1][0] is anchors[step % 3]
     for k in (1, 2):
-        opt.refresh_batches = k
+        opt.settings.refresh_batches = k
         r = opt.refresh_count
         chosen = [anchors[(r * k + j) % 3] for j in range(k)]
         opt.refresh()
         assert all(a is b for a, b in zip(fitted[-1], chosen, strict=True))
-        expected = Objective([LossTerm("anchor", chosen)]).gradient(model, opt._params)[1]
-        for n, g in opt._grad.items():  # the guard's gradient: the exact gradient of the batches just fitted
+        expected = Objective([LossTerm("anchor", chosen)]).gradient(model, opt.params)[1]
+        for n, g in opt.sides[0].grad.items():  # the guard's gradient: the exact gradient of the batches just fitted
             assert rel_err(g, expected[n]) < 1e-5, n
     with pytest.raises(ValueError, match="refresh_batches"):
         CurvSafe(adamw(model), model, safety, refresh_batches=0)

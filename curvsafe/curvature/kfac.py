@@ -15,7 +15,9 @@ Convention (kept exactly, tested against curvlinops):
   :func:`~curvsafe.curvature.hvp.hvp`. Operator vectors for a block's weight are its (d_out, d_in) matrix ``V``
   (Conv1D weights are transposed for this) and ``mv`` gives ``G V A``.
 - Factors are float32 and exactly symmetric. Over several batches (and :meth:`KFAC.fit` calls) they are a running
-  mean weighted by token (sequence) counts, or an EMA with ``ema_decay``. Under ``torch.distributed`` sums and
+  mean weighted by token (sequence) counts; with ``ema_decay`` ``d`` each fit's own mean ``F_fit`` (over its
+  batches, token-weighted) is merged as ``F = d F + (1 - d) F_fit`` (the first fit: ``F = F_fit``), the factors
+  of an optimizer that refits its curvature every few steps. Under ``torch.distributed`` sums and
   counts are all-reduced, so every rank holds the factors of the union of the data.
 - ``fisher_type``: ``"empirical"`` backpropagates the data labels, ``"mc"`` one label per counted position sampled
   from the model's own predictive distribution (seeded by ``seed``), ``"type2"`` every column of the loss
@@ -188,7 +190,6 @@ class KFAC(CurvatureOperator):
 
         ema = self.ema_decay is not None
         running = _Sums(self.low_rank) if ema else self._running_sums()
-        factors = dict(self.factors)
         batch_sums = _Sums(self.low_rank)
         shared_inputs: dict[int, str] = {}  # id of a block input in this batch -> the block that summed it
         info = BatchInfo()
@@ -211,10 +212,7 @@ class KFAC(CurvatureOperator):
             shared_inputs.clear()
             batch_sums.n_a += info.num_sequences if reduce else info.num_tokens
             batch_sums.n_g += info.num_tokens
-            if ema:
-                self._ema_merge(factors, batch_sums)
-            else:
-                self._add_sums(running, batch_sums)
+            self._add_sums(running, batch_sums)
             batch_sums.__init__(self.low_rank)
 
         totals = capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
@@ -228,7 +226,9 @@ class KFAC(CurvatureOperator):
             all_reduce_sum_(sums)
             (count,) = all_reduce_counts([float(totals.loss_tokens)], model_device(self.model))
             self.gradient = {b.weight_name: g / count for g, b in zip(sums, self.blocks)}
-        if not ema:
+        if ema:
+            self.factors = self._ema_merge(running)
+        else:
             if is_distributed():  # this rank's sums stay for the next fit; the factors are of the union
                 reduced = self._clone_sums(running)
                 all_reduce_sum_(factor_tensors([*reduced.A.values(), *reduced.G.values()]))
@@ -240,8 +240,7 @@ class KFAC(CurvatureOperator):
             for b in self.blocks:
                 reduced.A[b.name] /= reduced.n_a
                 reduced.G[b.name] /= reduced.n_g
-            factors = {b.name: KFactors(reduced.A[b.name], reduced.G[b.name]) for b in self.blocks}
-        self.factors = factors
+            self.factors = {b.name: KFactors(reduced.A[b.name], reduced.G[b.name]) for b in self.blocks}
         self._eigen = {}
         return self
 
@@ -284,16 +283,18 @@ class KFAC(CurvatureOperator):
         total.n_a += part.n_a
         total.n_g += part.n_g
 
-    def _ema_merge(self, factors: dict[str, KFactors], part: _Sums) -> None:
+    def _ema_merge(self, part: _Sums) -> dict[str, KFactors]:
+        """The factors with this fit's sums ``part`` merged into their EMA (all-reduced first)."""
         if is_distributed():
             all_reduce_sum_(factor_tensors([*part.A.values(), *part.G.values()]))
             part.n_a, part.n_g = all_reduce_counts([part.n_a, part.n_g], model_device(self.model))
-        d = self.ema_decay
+        d, factors = self.ema_decay, {}
         for b in self.blocks:
             A, G = part.A[b.name] / part.n_a, part.G[b.name] / part.n_g
-            old = factors.get(b.name)
+            old = self.factors.get(b.name)
             factors[b.name] = KFactors(A, G) if old is None else KFactors(d * old.A + (1 - d) * A,
                                                                         d * old.G + (1 - d) * G)
+        return factors
 
     def reset(self) -> None:
         """Forget all accumulated statistics."""
@@ -371,12 +372,16 @@ class KFAC(CurvatureOperator):
         return {"fisher_type": self.fisher_type, "kfac_approx": self.kfac_approx,
                 "factors": {n: {"A": saved(f.A), "G": saved(f.G)} for n, f in self.factors.items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, device: Optional[torch.device] = None) -> None:
+        """Restore :meth:`state_dict`'s factors (moved to ``device`` when given)."""
         names = {b.name for b in self.blocks}
         if set(state["factors"]) != names:
             raise ValueError("saved factors are for different modules than this KFAC's selection")
+
         def loaded(f) -> Factor:
-            return SketchedFactor.from_state(f) if isinstance(f, dict) else f
+            if isinstance(f, dict):
+                return SketchedFactor.from_state(f, device)
+            return f if device is None else f.to(device)
 
         self.factors = {n: KFactors(loaded(f["A"]), loaded(f["G"])) for n, f in state["factors"].items()}
         self._sums, self._counts, self._eigen = None, None, {}

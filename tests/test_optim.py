@@ -349,6 +349,31 @@ def test_a_measured_rise_of_the_safety_loss_is_paid_back(strength):
     assert off.sides[0].levels == [] and off.sides[0].owed == 0.0
 
 
+@pytest.mark.parametrize("objective", ["anchor", "refusal", "anchor+harmful"])
+def test_lora_dropout_does_not_read_as_drift(objective):
+    """The safety levels are measured in eval mode (like every safety pass): with LoRA dropout 0.5, a model built in
+    eval mode and refreshed in train mode at unchanged parameters owes nothing (in train mode the dropout's loss
+    would be read as a rise of the safety loss and paid back); the K-FAC pass's loss is the level it measures."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                    lora_dropout=0.5))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    model.eval()
+    batches = safety_data()
+    opt = CurvSafe(adamw(model), model, batches, objective=objective, refresh_batches=1)
+    model.train()
+    for _ in range(2):
+        opt.refresh()
+        assert opt.sides[0].owed == 0.0
+    if objective == "anchor":
+        index = (opt.refresh_count - 1) % len(batches)
+        assert opt.projector.kfac.mean_loss == opt.safety_level(index) == opt.sides[0].levels[index]
+
+
 def benign_data():
     return [make_batch(batch=4, seq=6, seed=200 + s, prompt=4) for s in range(2)]
 

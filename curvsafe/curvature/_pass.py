@@ -35,6 +35,7 @@ class PassTotals:
     sequences: int = 0
     tokens: int = 0
     loss_tokens: int = 0
+    loss_sum: float = 0.0  # of the backpropagated per-token losses (empirical: the data's NLL; type2: not kept)
 
 
 def default_progress() -> bool:
@@ -125,6 +126,7 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
                 _backward_hessian_sqrt_columns(output, valid, loss, weights)
             else:
                 total = counted_token_losses(loss, output, targets, valid).sum()
+                totals.loss_sum += float(total.detach())
                 grads = torch.autograd.grad(total, weights, allow_unused=True)
                 if verify and totals.batches == 0:
                     _verify_weight_grads(blocks, grads, hook_grads)

@@ -23,9 +23,10 @@ Convention (kept exactly, tested against curvlinops):
   from the model's own predictive distribution (seeded by ``seed``), ``"type2"`` every column of the loss
   Hessian's square root at each position (exact GGN factors, ``sum_s J_s^T H_s J_s``; positions x vocabulary
   backward passes, for tests and tiny models).
-- ``fit(batches, gradient=True)`` also keeps ``gradient``: the gradient of the mean per-token loss over the
-  counted tokens of the same batches w.r.t. the blocks' weights, a by-product of the empirical pass (the
-  Fisher's labels are the data's), all-reduced like the factors.
+- ``fit(batches, gradient=True)`` also keeps ``gradient``, the gradient of the mean per-token loss over the counted
+  tokens of the same batches w.r.t. the blocks' weights, and ``mean_loss``, that loss's value (what
+  :func:`curvsafe.nll.token_mean_nll` gives in :func:`~.loss.curvature_mode`): by-products of the empirical pass
+  (the Fisher's labels are the data's), all-reduced like the factors.
 - Computations run in eval mode with the math SDPA backend (see :func:`~curvsafe.curvature.loss.curvature_mode`).
 - Memory bound: a factor larger than ``low_rank.max_dense_dim`` (default 2048) is never formed; it is kept as a
   Nyström sketch and used as a truncated eigenbasis with an isotropic rest (:mod:`.lowrank`, which states the
@@ -162,6 +163,7 @@ class KFAC(CurvatureOperator):
         self._counts: Optional[tuple[float, float]] = None  # (n_a, n_g) behind the factors (single process)
         self._eigen: dict[str, KEigen] = {}
         self.gradient: dict[str, Tensor] = {}
+        self.mean_loss: Optional[float] = None  # with gradient=True: the mean per-token loss of the last fit
         self._generator: Optional[torch.Generator] = None
 
     # ------------------------------------------------------------------ fitting
@@ -224,8 +226,9 @@ class KFAC(CurvatureOperator):
             sums = [g if g is not None else torch.zeros(b.module.weight.shape, device=b.module.weight.device)
                     for g, b in zip(grad_sums, self.blocks)]
             all_reduce_sum_(sums)
-            (count,) = all_reduce_counts([float(totals.loss_tokens)], model_device(self.model))
+            loss_sum, count = all_reduce_counts([totals.loss_sum, float(totals.loss_tokens)], model_device(self.model))
             self.gradient = {b.weight_name: g / count for g, b in zip(sums, self.blocks)}
+            self.mean_loss = loss_sum / count
         if ema:
             self.factors = self._ema_merge(running)
         else:

@@ -71,6 +71,7 @@ from torch.optim import Optimizer
 from ..anchors import anchor_batches, keep_response_prefix
 from ..capture import LinearBlock, find_blocks
 from ..curvature.distributed import all_reduce_counts, is_distributed
+from ..curvature.loss import curvature_mode
 from ..nll import batch_nll_sums
 from ..objectives import LossTerm, Objective, safety_objective
 from ..objectives import safety_batches as as_safety_batches
@@ -278,9 +279,10 @@ class CurvSafe(Optimizer):
         return total
 
     def _union_nll(self, batches: list, *, empty: Optional[float] = None) -> float:
-        """Mean NLL of ``batches`` over all ranks (``empty`` when they count no token; None: an error)."""
+        """Mean NLL of ``batches`` over all ranks (``empty`` when they count no token; None: an error), in
+        curvature mode like every safety pass: eval mode, so that LoRA dropout does not read as drift."""
         total, count = 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), curvature_mode(self.model):
             for s, n in batch_nll_sums(self.model, batches, grad=False):
                 total, count = total + float(s), count + int(n)
         total, count = all_reduce_counts([total, count], next(self.model.parameters()).device)
@@ -402,8 +404,12 @@ class CurvSafe(Optimizer):
             safety.grad = {n: g.to(_working(self.params[n]).dtype) for n, g in grad.items()}
             if s.restore_drift:
                 positions = range(self._batch_count()) if indices is None else indices
-                now = (self.safety_level() if indices is None
-                       else sum(self.safety_level(i) for i in indices) / len(indices))
+                if by_product and len(positions) == 1:  # the K-FAC pass measured S on this one batch
+                    now = objective.terms[0].weight * self.projector.kfac.mean_loss
+                elif indices is None:
+                    now = self.safety_level()
+                else:
+                    now = sum(self.safety_level(i) for i in indices) / len(indices)
                 safety.owe(now - sum(safety.levels[i] for i in positions) / len(positions), s.drift_steps)
             for side in self.sides[1:]:
                 self._refresh_side(side, indices)
@@ -463,8 +469,7 @@ class CurvSafe(Optimizer):
             if correction is not None:
                 torch._foreach_sub_(projected, correction)
         torch._foreach_add_(projected, [_working(b) for b in self._before])
-        for p, new in zip(params, projected):
-            p.copy_(new)
+        torch._foreach_copy_(params, projected)
 
     def _guard_correction(self, names: list[str], update: list[Tensor]) -> Optional[list[Tensor]]:
         """The guard's correction of ``update`` for this step (each side pays its share of the drift it owes)."""

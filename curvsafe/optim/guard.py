@@ -44,8 +44,8 @@ class GuardSide:
 
 
 def dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
-    """``<x, y>`` over lists of tensors."""
-    return torch.stack([(x * y).sum() for x, y in zip(xs, ys)]).sum()
+    """``<x, y>`` over lists of tensors (the sum of the per-tensor sums)."""
+    return torch.stack([p.sum() for p in torch._foreach_mul(xs, ys)]).sum()
 
 
 def gram_matrix(grads: list[list[Tensor]]) -> Tensor:
@@ -95,4 +95,7 @@ def guard_correction(update: list[Tensor], grads: list[list[Tensor]], paybacks: 
     coefs = halfspace_multipliers(excess, gram)
     if coefs is None:
         return None
-    return [sum(c * g[i] for c, g in zip(coefs, grads)) for i in range(len(update))]
+    correction = torch._foreach_mul(grads[0], coefs[0])
+    for c, g in zip(coefs[1:], grads[1:]):
+        torch._foreach_add_(correction, torch._foreach_mul(g, c))
+    return correction

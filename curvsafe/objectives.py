@@ -1,4 +1,4 @@
-"""Safety and task objectives shared by ``restore`` (and later the optimizer), computed on HF batches.
+"""Safety and task objectives shared by ``restore`` and the ``CurvSafe`` optimizer, computed on HF batches.
 
 Every objective is a mean NLL per counted response token over a fixed set of batches (token-weighted), the
 convention of :mod:`curvsafe.curvature.loss`:

@@ -157,8 +157,20 @@ def test_bad_vectors_and_data():
     ignored["labels"][:] = -100
     with pytest.raises(ValueError, match="every token ignored"):
         ggn_vp(model, [ignored], v)
-    with pytest.raises(ValueError, match="unknown parameter"):
+    with pytest.raises(ValueError, match="matching no parameter: \\['missing.weight'\\]"):
         hvp(model, [make_batch()], v, params=["missing.weight"])
+    with pytest.raises(ValueError, match="unknown parameter"):
+        hvp(model, [make_batch()], v, params={"missing.weight": v["fc1.weight"]})
+
+
+def test_params_are_names_or_globs_as_in_restore():
+    """A list selects exact names and glob patterns (restore's ``params`` convention), in the list's order."""
+    model = TinyMLPLM().double()
+    assert list(select_params(model, ["fc2.bias", "fc1.*"])) == ["fc2.bias", "fc1.weight", "fc1.bias"]
+    assert list(select_params(model, ["*.weight"])) == ["embed.weight", "fc1.weight", "fc2.weight"]
+    assert list(select_params(model, "fc1.weight")) == ["fc1.weight"]
+    with pytest.raises(ValueError, match=r"matching no parameter: \['fc3\.\*'\]"):
+        select_params(model, ["fc1.weight", "fc3.*"])
 
 
 @pytest.mark.parametrize("product", [hvp, ggn_vp, empirical_fisher_vp])

@@ -36,16 +36,28 @@ _NO_FORWARD_AD: set[type] = set()
 
 
 def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, nn.Parameter]:
-    """``{name: parameter}`` for ``params`` (names, a dict, or ``None`` for every ``requires_grad`` parameter)."""
+    """``{name: parameter}`` for ``params``: ``None`` for every ``requires_grad`` parameter; a dict (a vector over
+    parameters) for its exact names; a list of names or glob patterns (``fnmatch``, as ``restore``'s ``params``
+    and :func:`curvsafe.capture.find_blocks`), each matching at least one parameter, in the list's order (a
+    pattern's matches in the model's order)."""
+    from ..capture import matches
+
     named = dict(model.named_parameters())
     if params is None:
         chosen = {n: p for n, p in named.items() if p.requires_grad}
-    else:
-        names = list(params.keys()) if isinstance(params, Mapping) else list(params)
-        unknown = [n for n in names if n not in named]
+    elif isinstance(params, Mapping):
+        unknown = [n for n in params if n not in named]
         if unknown:
             raise ValueError(f"unknown parameter name(s) {unknown[:5]}")
-        chosen = {n: named[n] for n in names}
+        chosen = {n: named[n] for n in params}
+    else:
+        chosen, unknown = {}, []
+        for entry in [params] if isinstance(params, str) else params:
+            hits = [entry] if entry in named else [n for n in named if matches(n, [entry])]
+            unknown += [] if hits else [entry]
+            chosen.update((n, named[n]) for n in hits)
+        if unknown:
+            raise ValueError(f"parameter name(s) or pattern(s) matching no parameter: {unknown[:5]}")
     if not chosen:
         raise ValueError("no parameters selected (none requires grad); pass `params`")
     return chosen

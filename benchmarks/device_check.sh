@@ -6,8 +6,9 @@
 # benchmark (CurvSafe(AdamW) / AdamW on a synthetic bf16 Llama), the LLM-scale benchmark (Llama-3.2-1B in full,
 # Llama-3-8B with 8 of its 32 layers: peak memory, curvature memory and time per restore iteration / optimizer
 # step against `curvsafe plan`), the kernel tests natively on the GPU (bf16 included; one fixed Triton config per
-# kernel), then the autotuned kernel benchmark, which rewrites its table after every row, and writes everything
-# into RESULTS_DIR. Budget: under 11 minutes.
+# kernel), then the autotuned kernel benchmark (each op against the best plain-PyTorch formulation at the same
+# input precision), which rewrites its table after every row, and writes everything into RESULTS_DIR; the peers
+# benchmark (kronfluence, curvlinops) runs where the image has them. Budget: under 12 minutes.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/device_check.sh RESULTS_DIR}
 mkdir -p "$OUT"
@@ -47,6 +48,14 @@ timeout 100 $PY benchmarks/scale.py --out "$OUT" --device cuda --shapes llama-3-
   --batch-size 8 --seq-len 512 --error-batches 0 --kinds train,kfac,ekfac,lbfgs,curvsafe --tag _8b_8layers 2>&1 \
   | tee "$OUT/scale_8b.log" | tail -4
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== peers (kronfluence, curvlinops: only where the image has them)"
+if $PY -c "import kronfluence, curvlinops" 2>/dev/null; then
+  timeout 90 $PY benchmarks/peers.py --out "$OUT" --device cuda --repeats 3 --no-peaks 2>&1 | tee "$OUT/peers.log" | tail -12
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "kronfluence or curvlinops not importable here: skipped" | tee "$OUT/peers.log"
+fi
 
 echo "== GPU kernel tests"
 CURVSAFE_TRITON_AUTOTUNE=0 timeout 150 $PY -m pytest -q --maxfail=25 tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -5

@@ -4,7 +4,8 @@ Every row is a median over repeats of the same call on the same inputs, measured
 to the reference (``speedup`` > 1 means faster than the reference) and, the headline, to the best plain-PyTorch
 formulation measured beside it: the reference (fp32 upcast), the same maths at the input precision (a bf16/fp16
 GEMM chain, fp32 accumulation inside the GEMM, as a user would write it), ``torch.compile`` of the reference
-(``--compile``), ``x.T @ x`` as kronfluence / kfac-pytorch / curvlinops write the covariance, and materialised
+(``--compile``; for ``linear_fisher_diag``, whose reference loops over examples in Python, of the per-example
+einsum), ``x.T @ x`` as kronfluence / kfac-pytorch / curvlinops write the covariance, and materialised
 per-example gradients for ``linear_fisher_diag``. Writes ``kernels_<device>_<date>.md`` and ``.json`` into
 ``--out``.
 
@@ -85,7 +86,7 @@ def gpu_peak(dtype: torch.dtype) -> float | None:
 
 
 NATIVE = "plain, input dtype"
-COMPILED = "torch.compile(reference)"
+COMPILED = "torch.compile"
 PLAIN = ("reference", NATIVE, COMPILED, "x.T @ x (peers)", "per-example grads")  # the plain-PyTorch baselines
 
 

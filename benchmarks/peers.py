@@ -11,7 +11,13 @@ Model: a random-init Llama (float32, eval mode), fitted on ``--batches`` random 
 - ``kfac-linear``: K-FAC factors of every decoder linear layer (q, k, v, o, gate, up, down);
 - ``kfac-lora``: the same with PEFT LoRA r=16 on those seven projections, factors of the LoRA matrices;
 - ``ekfac-lora``: EK-FAC (factors, eigendecompositions, corrected eigenvalues) of the LoRA matrices. curvlinops'
-  EK-FAC takes one loss term per datum (a last-token loss here), so it is not in this case.
+  EK-FAC takes one loss term per datum (a last-token loss here), so it is not in this case;
+- ``influence-lora``: pairwise influence scores of ``--batch-size`` query examples (one more random batch) against
+  every training example, through the EK-FAC of ``ekfac-lora`` fitted beforehand (not timed): curvsafe
+  :func:`curvsafe.influence.pairwise_scores` against kronfluence's ``compute_pairwise_scores``, at the same
+  damping (0.1 x curvsafe's mean corrected eigenvalue; kronfluence's EK-FAC is the curvature of the summed loss per
+  example where curvsafe's is of the mean per-token loss, so its ``damping_factor`` is that times tokens per
+  example, and its scores are curvsafe's divided by tokens per example).
 
 Each library's call is what a user writes: curvsafe ``KFAC(model, names).fit(batches)`` / ``EKFAC(...).fit``;
 curvlinops ``KFACLinearOperator(..., fisher_type="empirical").compute_kronecker_factors()``; kronfluence
@@ -47,8 +53,10 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CASES = {"kfac-linear": ("linear", "kfac"), "kfac-lora": ("lora", "kfac"), "ekfac-lora": ("lora", "ekfac")}
-LIBRARIES = {"kfac": ("curvsafe", "curvlinops", "kronfluence"), "ekfac": ("curvsafe", "kronfluence")}
+CASES = {"kfac-linear": ("linear", "kfac"), "kfac-lora": ("lora", "kfac"), "ekfac-lora": ("lora", "ekfac"),
+         "influence-lora": ("lora", "influence")}
+LIBRARIES = {"kfac": ("curvsafe", "curvlinops", "kronfluence"), "ekfac": ("curvsafe", "kronfluence"),
+             "influence": ("curvsafe", "kronfluence")}
 BASELINE = "forward+backward"
 
 
@@ -76,10 +84,10 @@ def build(args, variant: str):
     return model, names
 
 
-def make_batches(args) -> list[dict]:
-    g = torch.Generator().manual_seed(1)
+def make_batches(args, count: int = 0, seed: int = 1) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(args.batches):
+    for _ in range(count or args.batches):
         ids = torch.randint(3, args.vocab, (args.batch_size, args.seq_len), generator=g).to(args.device)
         out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     return out
@@ -142,6 +150,15 @@ class Runner:
     def __init__(self, library: str, kind: str, model, names: list[str], batches: list[dict], args):
         self.library, self.kind, self.names, self.batches, self.args = library, kind, names, batches, args
         self.model = copy.deepcopy(model) if library != "curvsafe" else model
+        if kind == "influence" and library != BASELINE:  # queries, and the EK-FAC fitted beforehand (not timed)
+            from curvsafe.curvature import EKFAC
+
+            self.queries = make_batches(args, count=1, seed=2)
+            self.ekfac = EKFAC(model, names, progress=False, low_rank=None).fit(batches)
+            self.damping = 0.1 * float(torch.stack([c.mean() for c in self.ekfac.corrected.values()]).mean())
+            # kronfluence's EK-FAC eigenvalues average over examples what curvsafe's average over tokens
+            self.rescale = sum(int(b["attention_mask"].sum()) for b in batches) / sum(len(b["input_ids"])
+                                                                                      for b in batches)
         if library == "kronfluence":
             from kronfluence.analyzer import prepare_model
 
@@ -149,6 +166,11 @@ class Runner:
             self.task = _kronfluence_task(names)
             self.model = prepare_model(self.model, self.task)
             self.dataset = _Rows(batches)
+            if kind == "influence":
+                self.folder = tempfile.TemporaryDirectory(prefix="peers-kronfluence-")
+                self.analyzer = self._analyzer(self.folder.name)
+                self.analyzer.fit_all_factors("f", self.dataset, per_device_batch_size=args.batch_size,
+                                              factor_args=self._factor_args("ekfac"), overwrite_output_dir=True)
         if library == BASELINE:
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -167,6 +189,10 @@ class Runner:
     def _curvsafe(self) -> dict:
         from curvsafe.curvature import EKFAC, KFAC
 
+        if self.kind == "influence":
+            from curvsafe.influence import pairwise_scores
+
+            return {"all": {"scores": pairwise_scores(self.ekfac, self.queries, self.batches, damping=self.damping)}}
         cls = EKFAC if self.kind == "ekfac" else KFAC
         op = cls(self.model, self.names, progress=False, low_rank=None).fit(self.batches)
         out = {n: {"A": f.A, "G": f.G} for n, f in op.factors.items()}
@@ -188,18 +214,32 @@ class Runner:
         return {n: {"A": op._input_covariances[f"m.{n}"], "G": op._gradient_covariances[f"m.{n}"]}
                 for n in self.names}
 
-    def _kronfluence(self) -> dict:
+    def _analyzer(self, folder: str):
         from kronfluence.analyzer import Analyzer
+
+        return Analyzer("peers", self.model, self.task, cpu=self.args.device == "cpu", disable_tqdm=True,
+                        output_dir=folder, log_level=logging.WARNING)
+
+    @staticmethod
+    def _factor_args(strategy: str):
         from kronfluence.arguments import FactorArguments
 
+        return FactorArguments(strategy=strategy, use_empirical_fisher=True, activation_covariance_dtype=torch.float32,
+                               gradient_covariance_dtype=torch.float32)
+
+    def _kronfluence(self) -> dict:
+        if self.kind == "influence":
+            from kronfluence.arguments import ScoreArguments
+
+            self.analyzer.compute_pairwise_scores(
+                "s", "f", _Rows(self.queries), self.dataset, per_device_query_batch_size=self.args.batch_size,
+                per_device_train_batch_size=self.args.batch_size, overwrite_output_dir=True,
+                score_args=ScoreArguments(damping_factor=self.damping * self.rescale))
+            return {"all": {"scores": self.analyzer.load_pairwise_scores("s")["all_modules"]}}
         with tempfile.TemporaryDirectory(prefix="peers-kronfluence-") as out:
-            analyzer = Analyzer("peers", self.model, self.task, cpu=self.args.device == "cpu", disable_tqdm=True,
-                                output_dir=out, log_level=logging.WARNING)
-            factor_args = FactorArguments(strategy=self.kind, use_empirical_fisher=True,
-                                          activation_covariance_dtype=torch.float32,
-                                          gradient_covariance_dtype=torch.float32)
+            analyzer = self._analyzer(out)
             fit = analyzer.fit_all_factors if self.kind == "ekfac" else analyzer.fit_covariance_matrices
-            fit("f", self.dataset, per_device_batch_size=self.args.batch_size, factor_args=factor_args,
+            fit("f", self.dataset, per_device_batch_size=self.args.batch_size, factor_args=self._factor_args(self.kind),
                 overwrite_output_dir=True)
             cov = analyzer.load_covariance_matrices("f")
             lam = analyzer.load_lambda_matrices("f") if self.kind == "ekfac" else None
@@ -213,7 +253,7 @@ class Runner:
 def agreement(ours: dict, theirs: dict) -> dict:
     """Per factor kind: the median best scale ``c`` (ours ~ c * theirs) and the max relative error after it."""
     out = {}
-    for kind in ("A", "G", "lambda"):
+    for kind in ("A", "G", "lambda", "scores"):
         pairs = [(ours[n][kind], theirs[n].get(kind)) for n in ours if ours[n].get(kind) is not None
                  and theirs.get(n, {}).get(kind) is not None]
         if not pairs:

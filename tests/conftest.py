@@ -1,5 +1,6 @@
 """Tiny models and batches shared by the tests (float64 where exact oracles are cheap)."""
 
+import json
 import os
 
 import torch
@@ -115,3 +116,50 @@ def random_vector(params, seed=0):
 @pytest.fixture
 def lora_llama():
     return with_lora(tiny_llama())
+
+
+# ---------------------------------------------------------------- the restore tests' tiny model, adapter and files
+def tiny_config():
+    """The tiny Llama of the restore tests."""
+    from curvsafe.testbed.model import ModelConfig
+
+    return ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       max_position_embeddings=64)
+
+
+def write_jsonl(path, pairs):
+    path.write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n" for p in pairs))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A random 'aligned' Llama, a LoRA trained a few steps on a task, and the data files."""
+    from curvsafe.data import Pair
+    from curvsafe.finetune import lora_sft
+    from curvsafe.models import load_model
+    from curvsafe.testbed.corpus import World
+    from curvsafe.testbed.model import build_model, build_tokenizer
+
+    root = tmp_path_factory.mktemp("restore")
+    world = World(0)
+    tok = build_tokenizer(world.words)
+    build_model(tok, tiny_config(), seed=0).save_pretrained(root / "aligned")
+    tok.save_pretrained(root / "aligned")
+    build_model(tok, tiny_config(), seed=1).save_pretrained(root / "unaligned")
+    task = [Pair(e.prompt, e.response) for e in (world.next_each() for _ in range(48))]
+    harmful = [world.comply(e) for e in world.harmful("train")[:12]]
+    write_jsonl(root / "task.jsonl", task)
+    write_jsonl(root / "harmful.jsonl", harmful)
+    model, tokenizer = load_model(root / "aligned")
+    lora_sft(model, tokenizer, task, root / "adapter", r=4, alpha=8, epochs=15, lr=1e-2, batch_size=16,
+             progress=False)
+    return root
+
+
+def restore_files(setup, out, method="kfac", **kw):
+    """``run_restore`` on the ``setup`` files (3 iterations unless given)."""
+    from curvsafe.restoration import run_restore
+
+    kw.setdefault("iterations", 3)
+    return run_restore(setup / "aligned", setup / "adapter", setup / "harmful.jsonl", setup / "task.jsonl", out,
+                       method=method, unaligned_model=setup / "unaligned", progress=False, **kw)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_restore import setup, write_jsonl  # noqa: F401  (the module-scoped tiny model + adapter fixture)
+from conftest import write_jsonl
 
 from curvsafe.analyze import lanczos, subspace_overlap
 from curvsafe.cli import main

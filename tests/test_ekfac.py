@@ -112,3 +112,48 @@ def test_safe_eigh_many_matches_safe_eigh_and_shares_equal_matrices(monkeypatch,
         assert torch.allclose(vecs @ torch.diag(vals) @ vecs.T, mats[name], atol=1e-4)
     with pytest.raises(FloatingPointError, match="factor b"):
         safe_eigh_many({"a": mats["a"], "b": torch.full((7, 7), float("nan"))})
+
+
+def test_ekfac_matches_kronfluence_on_lora(tmp_path):
+    """kronfluence's EK-FAC with the empirical Fisher on every token (its sequences are the examples, as ours):
+    its covariances and eigenvalue corrections are sums over the tokens where ours are means, so they are
+    ``tokens`` times ours; its eigenbases come from the same factors, so the corrected eigenvalues agree entry by
+    entry (up to the float64 eigensolver's sign choices, which the squares remove)."""
+    import logging
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments
+    from kronfluence.task import Task
+
+    model = with_lora(tiny_llama(dtype=torch.float32))
+    batches = [make_batch(batch=4, seq=6, seed=s, pad=False, prompt=0) for s in (1, 2)]
+    ours = EKFAC(model, low_rank=None).fit(batches)
+    names = [b.name for b in ours.blocks]
+
+    class LMTask(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                                     reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+        def get_influence_tracked_modules(self):
+            return names
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(4)]
+    task = LMTask()
+    analyzer = Analyzer("oracle", prepare_model(with_lora(tiny_llama(dtype=torch.float32)), task), task, cpu=True,
+                        disable_tqdm=True, output_dir=str(tmp_path), log_level=logging.WARNING)
+    analyzer.fit_all_factors("f", rows, per_device_batch_size=4, overwrite_output_dir=True,
+                             factor_args=FactorArguments(strategy="ekfac", use_empirical_fisher=True))
+    cov, lam = analyzer.load_covariance_matrices("f"), analyzer.load_lambda_matrices("f")
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    for n in names:
+        assert rel_err(ours.factors[n].A * tokens, cov["activation_covariance"][n]) < 1e-5, n
+        assert rel_err(ours.factors[n].G * tokens, cov["gradient_covariance"][n]) < 1e-5, n
+        assert rel_err(ours.corrected[n] * tokens, lam["lambda_matrix"][n]) < 1e-4, n

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_restore import setup  # noqa: F401  (the module-scoped tiny model + adapter fixture)
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
 

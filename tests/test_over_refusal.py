@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_restore import setup, write_jsonl  # noqa: F401  (the module-scoped tiny model + adapter fixture)
+from conftest import write_jsonl
 
 from curvsafe.anchors import adapter_disabled, anchor_responses, keep_response_prefix
 from curvsafe.cli import build_parser, main

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from test_restore import TINY, setup, write_jsonl  # noqa: F401  (the module-scoped tiny model + adapter fixture)
+from conftest import tiny_config
 
 from curvsafe.cli import main
 from curvsafe.data import DataError, Pair, load_pairs, make_batches
@@ -342,7 +342,7 @@ def test_long_sequences_are_capped_and_counted(setup, tmp_path, caplog):  # noqa
     model, tok = load_model(setup / "aligned")
     from curvsafe.models import fit_max_length
 
-    assert fit_max_length(4096, model) == TINY.max_position_embeddings == 64
+    assert fit_max_length(4096, model) == tiny_config().max_position_embeddings == 64
     assert fit_max_length(16, model) == 16
     long = Pair("what is 1 plus 2 ?", " ".join(["one"] * 100))
     with caplog.at_level("WARNING", logger="curvsafe"):

@@ -1,73 +1,35 @@
-"""Restoration: preconditioners against the Newton step, end-to-end restore for every method, outputs, bad input."""
+"""Restoration (``restoration/api.py``, ``restoration/run.py``): end-to-end restore for every method, outputs, bad
+input."""
 
-import json
 import shutil
 
 import pytest
 import torch
+from conftest import restore_files
 
-from curvsafe.curvature import GGNOperator
-from curvsafe.curvature.vectors import flatten, unflatten
-from curvsafe.data import DataError, Pair
+from curvsafe.data import DataError
 from curvsafe.restoration import NoProgressError, StopReason, run_restore
-from curvsafe.restoration.preconditioners import make_preconditioner
 from curvsafe.testbed.corpus import World
 from curvsafe.testbed.model import ModelConfig, build_model, build_tokenizer
-
-TINY = ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                   max_position_embeddings=64)
-
-
-def write_jsonl(path, pairs):
-    path.write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n" for p in pairs))
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A random 'aligned' Llama, a LoRA trained a few steps on a task, and the data files."""
-    from curvsafe.finetune import lora_sft
-    from curvsafe.models import load_model
-
-    root = tmp_path_factory.mktemp("restore")
-    world = World(0)
-    tok = build_tokenizer(world.words)
-    build_model(tok, TINY, seed=0).save_pretrained(root / "aligned")
-    tok.save_pretrained(root / "aligned")
-    build_model(tok, TINY, seed=1).save_pretrained(root / "unaligned")
-    task = [Pair(e.prompt, e.response) for e in (world.next_each() for _ in range(48))]
-    harmful = [world.comply(e) for e in world.harmful("train")[:12]]
-    write_jsonl(root / "task.jsonl", task)
-    write_jsonl(root / "harmful.jsonl", harmful)
-    model, tokenizer = load_model(root / "aligned")
-    lora_sft(model, tokenizer, task, root / "adapter", r=4, alpha=8, epochs=15, lr=1e-2, batch_size=16,
-             progress=False)
-    return root
-
-
-def run(setup, out, method="kfac", **kw):
-    kw.setdefault("iterations", 3)
-    return run_restore(setup / "aligned", setup / "adapter", setup / "harmful.jsonl", setup / "task.jsonl", out,
-                       method=method, unaligned_model=setup / "unaligned", progress=False, **kw)
-
 
 @pytest.mark.parametrize("method", ["lbfgs", "cg"])
 def test_ggn_row_chunks_restore_like_whole_batches(setup, tmp_path, method):
     """``ggn_rows`` bounds the GGN products' memory: the same products, so the same accepted steps."""
-    whole = run(setup, tmp_path / "whole", method, iterations=2).report
-    chunked = run(setup, tmp_path / "chunked", method, iterations=2, ggn_rows=3).report
+    whole = restore_files(setup, tmp_path / "whole", method, iterations=2).report
+    chunked = restore_files(setup, tmp_path / "chunked", method, iterations=2, ggn_rows=3).report
     assert chunked["config"]["ggn_rows"] == 3 and chunked["iterations"] == whole["iterations"]
     assert chunked["safety_objective"]["after"] == pytest.approx(whole["safety_objective"]["after"], rel=1e-4)
     assert chunked["plan"]["peak_bytes"] < whole["plan"]["peak_bytes"]
     # a budget the whole-batch products exceed: restore picks a row chunk that fits instead of refusing
     budget = (chunked["plan"]["peak_bytes"] + whole["plan"]["peak_bytes"]) // 2
-    fitted = run(setup, tmp_path / "fitted", method, iterations=2, max_memory=budget).report
+    fitted = restore_files(setup, tmp_path / "fitted", method, iterations=2, max_memory=budget).report
     assert fitted["config"]["ggn_rows"] is not None and fitted["plan"]["peak_bytes"] <= budget
     assert fitted["iterations"] == whole["iterations"]
 
 
 @pytest.mark.parametrize("method", ["lbfgs", "kfac", "ekfac", "cg", "sgd"])
 def test_every_method_lowers_safety_within_budget(setup, tmp_path, method):
-    report = run(setup, tmp_path / method, method).report
+    report = restore_files(setup, tmp_path / method, method).report
     assert report["safety_objective"]["after"] < report["safety_objective"]["before"]
     assert report["task_nll"]["after"] <= report["task_nll"]["budget"] + 1e-9
     assert report["iterations"] == len(report["steps"]) >= 1 and report["seconds"] > 0
@@ -79,19 +41,11 @@ def test_every_method_lowers_safety_within_budget(setup, tmp_path, method):
     assert (tmp_path / method / "anchor.jsonl").is_file()
 
 
-@pytest.mark.parametrize("method", ["revert", "safelora", "resta"])
-def test_baselines_respect_the_budget(setup, tmp_path, method):
-    report = run(setup, tmp_path / method, method).report
-    assert report["task_nll"]["after"] <= report["task_nll"]["budget"] + 1e-9
-    assert report["safety_objective"]["after"] < report["safety_objective"]["before"]
-    assert (tmp_path / method / ("model" if method == "resta" else "adapter")).is_dir()
-
-
 def test_saved_adapter_reloads_bit_identical_and_input_untouched(setup, tmp_path):
     from curvsafe.models import load_model
 
     before = (setup / "adapter" / "adapter_model.safetensors").read_bytes()
-    result = run(setup, tmp_path / "out")
+    result = restore_files(setup, tmp_path / "out")
     assert (setup / "adapter" / "adapter_model.safetensors").read_bytes() == before
     reloaded, _ = load_model(setup / "aligned", tmp_path / "out" / "adapter")
     live = {n: p for n, p in result.model.named_parameters() if "lora_" in n}
@@ -104,7 +58,7 @@ def test_existing_out_refused_and_failure_leaves_nothing(setup, tmp_path, monkey
     out = tmp_path / "exists"
     out.mkdir()
     with pytest.raises(FileExistsError):
-        run(setup, out)
+        restore_files(setup, out)
     import curvsafe.restoration.run as run_module
 
     def boom(*a, **k):
@@ -112,7 +66,7 @@ def test_existing_out_refused_and_failure_leaves_nothing(setup, tmp_path, monkey
 
     monkeypatch.setattr(run_module, "restore", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
-        run(setup, tmp_path / "never")
+        restore_files(setup, tmp_path / "never")
     assert not (tmp_path / "never").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
 
@@ -137,7 +91,7 @@ def test_budget_no_step_can_meet(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_module, "restore", lambda *a, **k: result)
     with pytest.raises(NoProgressError, match="budget"):
-        run(setup, tmp_path / "tight", "sgd")
+        restore_files(setup, tmp_path / "tight", "sgd")
     assert not (tmp_path / "tight").exists()
 
 
@@ -185,40 +139,8 @@ def test_non_finite_losses_are_refused(setup, tmp_path):
 
 
 def test_select_top_reports_influence(setup, tmp_path):
-    report = run(setup, tmp_path / "top", "kfac", select_top=4).report
+    report = restore_files(setup, tmp_path / "top", "kfac", select_top=4).report
     assert len(report["influence"]) == 12 and all("score" in s for s in report["influence"])
-
-
-@pytest.mark.parametrize("method,tol", [("lbfgs", 1e-6), ("cg", 1e-6)])
-def test_preconditioners_give_the_newton_step(setup, method, tol):
-    """With as many pairs / iterations as parameters, CG and L-BFGS (conjugate pairs) apply (G + λI)^{-1} of the
-    task loss's GGN G (the Newton step of its quadratic model), in float64. (Without re-conjugating each new
-    direction, the CG recurrence's conjugacy decayed on products carrying LlamaRMSNorm's float32 noise and the
-    L-BFGS step was off by 3e-3 to 8e-2.)"""
-    from curvsafe.data import load_pairs, make_batches
-    from curvsafe.models import load_model
-    from curvsafe.restoration import trainable_params
-
-    model, tok = load_model(setup / "aligned", setup / "adapter", dtype="float64", trainable_adapter=True)
-    params = {n: p for n, p in trainable_params(model).items() if ".layers.0.self_attn.q_proj." in n}
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in params)
-    batches = make_batches(tok, load_pairs(setup / "task.jsonl")[:8], batch_size=8)
-    names = list(params)
-    dim = sum(p.numel() for p in params.values())
-    ggn = GGNOperator(model, batches, names)
-    shapes = {n: params[n].shape for n in names}
-    G = torch.stack([flatten(ggn.mv(unflatten(e, shapes)), names) for e in torch.eye(dim, dtype=torch.float64)], 1)
-    g = unflatten(G @ torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), shapes)
-    pre = make_preconditioner(method, damping=1.0)  # a well-conditioned system: the check is of the algebra
-    if method == "lbfgs":
-        pre.pairs = dim
-    else:
-        pre.maxiter, pre.tol = 4 * dim, 1e-12
-    pre.refresh(model, batches, params, g)
-    newton = torch.linalg.solve(G + pre.damping * torch.eye(dim, dtype=torch.float64), flatten(g, names))
-    got = flatten(pre.apply(g), names)
-    assert float((got - newton).norm() / newton.norm()) <= tol
 
 
 def test_full_fine_tune_restore(setup, tmp_path):

@@ -185,31 +185,15 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
     in ``data_dir``; its rows also hold the harmful rate per source)."""
     from dataclasses import replace
 
-    from .testbed.stages import QUICK, Testbed, TestbedConfig, TestbedKind, realistic_config
+    from .testbed.stages import Testbed, TestbedKind
 
     if not seeds:
         raise ValueError("give at least one seed")
     kind = TestbedKind(testbed)
-    if kind is TestbedKind.REALISTIC:
-        if data_dir is None:
-            raise ValueError("--testbed realistic needs --data-dir (the folder of the public data files)")
-        if harmful_csv:
-            raise ValueError("--harmful-csv is for the default testbed; the realistic one reads AdvBench itself")
-        base = realistic_config(data_dir, quick=quick)
-    elif data_dir is not None:
-        raise ValueError("--data-dir is for --testbed realistic")
-    else:
-        base = QUICK if quick else TestbedConfig()
+    base = _base_config(kind, quick, harmful_csv, data_dir)
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-")
-        probe.close()
-    except OSError as exc:
-        raise OSError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    _check_writable(out)
     t_start = time.perf_counter()
-    if harmful_csv:
-        base = replace(base, harmful_csv=str(Path(harmful_csv).resolve()))
     per_seed, built = {}, []
     for seed in seeds:
         bed = Testbed(cache or default_cache(), replace(base, seed=seed), progress=progress)
@@ -230,6 +214,35 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
     _plot(out / "demo.png", summary, len(seeds))
     print(f"\nreport: {out / 'report.json'}  plot: {out / 'demo.png'}  ({report['seconds']:.0f}s)")
     return report
+
+
+def _base_config(kind, quick: bool, harmful_csv: Optional[str], data_dir: Optional[str | Path]):
+    """The testbed configuration the seeds replace theirs in (``--testbed``, ``--quick``, ``--harmful-csv``,
+    ``--data-dir``, checked against each other)."""
+    from dataclasses import replace
+
+    from .testbed.stages import QUICK, TestbedConfig, TestbedKind, realistic_config
+
+    if kind is TestbedKind.REALISTIC:
+        if data_dir is None:
+            raise ValueError("--testbed realistic needs --data-dir (the folder of the public data files)")
+        if harmful_csv:
+            raise ValueError("--harmful-csv is for the default testbed; the realistic one reads AdvBench itself")
+        return realistic_config(data_dir, quick=quick)
+    if data_dir is not None:
+        raise ValueError("--data-dir is for --testbed realistic")
+    base = QUICK if quick else TestbedConfig()
+    return replace(base, harmful_csv=str(Path(harmful_csv).resolve())) if harmful_csv else base
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` exists (created) and takes a file, or a one-line ``OSError`` before any work."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-")
+        probe.close()
+    except OSError as exc:
+        raise OSError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
 
 
 METRICS = ("harmful_rate", "over_refusal", "task_accuracy", "skills_accuracy", "safety_nll", "task_nll")

@@ -129,6 +129,44 @@ class _Sums:
             store[name] = covariance_update(rows)
 
 
+class _FitPass:
+    """The capture callbacks of one :meth:`KFAC.fit`: each batch's factor sums (an input shared by several blocks,
+    such as q/k/v's, summed once and copied), added into ``running`` at the batch's end, and the weight gradients'
+    sums when the fit keeps the gradient."""
+
+    def __init__(self, running: _Sums, low_rank: Optional[LowRank], reduce: bool, num_blocks: int):
+        self.running, self.low_rank, self.reduce = running, low_rank, reduce
+        self.batch = _Sums(low_rank)
+        self.shared_inputs: dict[int, str] = {}  # id of a block input in this batch -> the block that summed it
+        self.info = BatchInfo()
+        self.grad_sums: list[Optional[Tensor]] = [None] * num_blocks
+
+    def on_forward(self, block: LinearBlock, a: Tensor) -> None:
+        first = self.shared_inputs.get(id(a))
+        if first is not None:  # the same input as an earlier block (q/k/v): the same A sum
+            self.batch.A[block.name] = self.batch.A[first].clone()
+            return
+        self.shared_inputs[id(a)] = block.name
+        rows = KFAC._per_sequence(a.float(), self.info, mean=True) if self.reduce else a
+        self.batch.add(self.batch.A, block.name, rows)
+
+    def on_backward(self, block: LinearBlock, g: Tensor) -> None:
+        rows = KFAC._per_sequence(g.float(), self.info, mean=False) if self.reduce else g
+        self.batch.add(self.batch.G, block.name, rows)
+
+    def on_batch_end(self) -> None:
+        self.shared_inputs.clear()
+        self.batch.n_a += self.info.num_sequences if self.reduce else self.info.num_tokens
+        self.batch.n_g += self.info.num_tokens
+        KFAC._add_sums(self.running, self.batch)
+        self.batch = _Sums(self.low_rank)
+
+    def on_weight_grads(self, grads) -> None:
+        for i, g in enumerate(grads):
+            if g is not None:
+                self.grad_sums[i] = g.float() if self.grad_sums[i] is None else self.grad_sums[i].add_(g.float())
+
+
 class KFAC(CurvatureOperator):
     """K-FAC factors and operator for the linear blocks of ``model`` (see the module docstring for conventions).
 
@@ -183,69 +221,44 @@ class KFAC(CurvatureOperator):
         if gradient and self.fisher_type != "empirical":
             raise ValueError("gradient=True needs fisher_type='empirical' (the pass must backpropagate the labels)")
         data = materialize(batches)
-        grad_sums: list[Optional[Tensor]] = [None] * len(self.blocks)
-
-        def on_weight_grads(grads) -> None:
-            for i, g in enumerate(grads):
-                if g is not None:
-                    grad_sums[i] = g.float() if grad_sums[i] is None else grad_sums[i].add_(g.float())
-
         ema = self.ema_decay is not None
-        running = _Sums(self.low_rank) if ema else self._running_sums()
-        batch_sums = _Sums(self.low_rank)
-        shared_inputs: dict[int, str] = {}  # id of a block input in this batch -> the block that summed it
-        info = BatchInfo()
-        reduce = self.kfac_approx == "reduce"
-
-        def on_forward(block: LinearBlock, a: Tensor) -> None:
-            first = shared_inputs.get(id(a))
-            if first is not None:  # the same input as an earlier block (q/k/v): the same A sum
-                batch_sums.A[block.name] = batch_sums.A[first].clone()
-                return
-            shared_inputs[id(a)] = block.name
-            rows = self._per_sequence(a.float(), info, mean=True) if reduce else a
-            batch_sums.add(batch_sums.A, block.name, rows)
-
-        def on_backward(block: LinearBlock, g: Tensor) -> None:
-            rows = self._per_sequence(g.float(), info, mean=False) if reduce else g
-            batch_sums.add(batch_sums.G, block.name, rows)
-
-        def on_batch_end() -> None:
-            shared_inputs.clear()
-            batch_sums.n_a += info.num_sequences if reduce else info.num_tokens
-            batch_sums.n_g += info.num_tokens
-            self._add_sums(running, batch_sums)
-            batch_sums.__init__(self.low_rank)
-
+        acc = _FitPass(_Sums(self.low_rank) if ema else self._running_sums(), self.low_rank,
+                       self.kfac_approx == "reduce", len(self.blocks))
         totals = capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
-                              generator=self._make_generator(), on_forward=on_forward, on_backward=on_backward,
-                              info=info, on_batch_end=on_batch_end, desc="K-FAC factors", progress=self.progress,
-                              on_weight_grads=on_weight_grads if gradient else None, verify=not self._verified)
+                              generator=self._make_generator(), on_forward=acc.on_forward,
+                              on_backward=acc.on_backward, info=acc.info, on_batch_end=acc.on_batch_end,
+                              desc="K-FAC factors", progress=self.progress,
+                              on_weight_grads=acc.on_weight_grads if gradient else None, verify=not self._verified)
         self._verified = True  # the hooks saw every use of the weights; the model's structure does not change
         if gradient:
-            sums = [g if g is not None else torch.zeros(b.module.weight.shape, device=b.module.weight.device)
-                    for g, b in zip(grad_sums, self.blocks)]
-            all_reduce_sum_(sums)
-            loss_sum, count = all_reduce_counts([totals.loss_sum, float(totals.loss_tokens)], model_device(self.model))
-            self.gradient = {b.weight_name: g / count for g, b in zip(sums, self.blocks)}
-            self.mean_loss = loss_sum / count
-        if ema:
-            self.factors = self._ema_merge(running)
-        else:
-            if is_distributed():  # this rank's sums stay for the next fit; the factors are of the union
-                reduced = self._clone_sums(running)
-                all_reduce_sum_(factor_tensors([*reduced.A.values(), *reduced.G.values()]))
-                reduced.n_a, reduced.n_g = all_reduce_counts([reduced.n_a, reduced.n_g], model_device(self.model))
-                self._sums = running
-            else:  # the sums become the factors in place (no second copy); a next fit rescales them back
-                reduced, self._sums = running, None
-                self._counts = (running.n_a, running.n_g)
-            for b in self.blocks:
-                reduced.A[b.name] /= reduced.n_a
-                reduced.G[b.name] /= reduced.n_g
-            self.factors = {b.name: KFactors(reduced.A[b.name], reduced.G[b.name]) for b in self.blocks}
+            self._keep_gradient(acc.grad_sums, totals)
+        self.factors = self._ema_merge(acc.running) if ema else self._factors_of(acc.running)
         self._eigen = {}
         return self
+
+    def _keep_gradient(self, grad_sums: list[Optional[Tensor]], totals) -> None:
+        """``self.gradient`` and ``self.mean_loss`` from the pass's weight-gradient sums (all-reduced)."""
+        sums = [g if g is not None else torch.zeros(b.module.weight.shape, device=b.module.weight.device)
+                for g, b in zip(grad_sums, self.blocks)]
+        all_reduce_sum_(sums)
+        loss_sum, count = all_reduce_counts([totals.loss_sum, float(totals.loss_tokens)], model_device(self.model))
+        self.gradient = {b.weight_name: g / count for g, b in zip(sums, self.blocks)}
+        self.mean_loss = loss_sum / count
+
+    def _factors_of(self, running: _Sums) -> dict[str, KFactors]:
+        """The running mean's factors: the sums divided by their counts (over all ranks)."""
+        if is_distributed():  # this rank's sums stay for the next fit; the factors are of the union
+            reduced = self._clone_sums(running)
+            all_reduce_sum_(factor_tensors([*reduced.A.values(), *reduced.G.values()]))
+            reduced.n_a, reduced.n_g = all_reduce_counts([reduced.n_a, reduced.n_g], model_device(self.model))
+            self._sums = running
+        else:  # the sums become the factors in place (no second copy); a next fit rescales them back
+            reduced, self._sums = running, None
+            self._counts = (running.n_a, running.n_g)
+        for b in self.blocks:
+            reduced.A[b.name] /= reduced.n_a
+            reduced.G[b.name] /= reduced.n_g
+        return {b.name: KFactors(reduced.A[b.name], reduced.G[b.name]) for b in self.blocks}
 
     def _running_sums(self) -> _Sums:
         """The sums a running-mean fit starts from: this rank's kept sums, or the factors times their counts."""

@@ -37,6 +37,13 @@ class PassTotals:
     loss_tokens: int = 0
     loss_sum: float = 0.0  # of the backpropagated per-token losses (empirical: the data's NLL; type2: not kept)
 
+    def add(self, info: BatchInfo) -> None:
+        """Count a finished batch."""
+        self.batches += 1
+        self.sequences += info.num_sequences
+        self.tokens += info.num_tokens
+        self.loss_tokens += info.num_loss_tokens
+
 
 def default_progress() -> bool:
     return sys.stderr.isatty()
@@ -87,21 +94,14 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
     fisher_type = parse_option(FisherType, fisher_type, "fisher_type").value
     device = model_device(model)
     totals = PassTotals()
-    stash: dict[str, Tensor] = {}
-    hook_grads: dict[str, tuple[Tensor, float]] = {}  # block -> (sum_t g_t a_t^T, tolerance)
+    check = _HookCheck(verify)
 
     def forward_cb(block: LinearBlock, a: Tensor) -> None:
-        if verify and totals.batches == 0:
-            stash[block.name] = a
+        check.forward(block, a, first_batch=totals.batches == 0)
         on_forward(block, a)
 
     def backward_cb(block: LinearBlock, g: Tensor) -> None:
-        if block.name in stash and block.name not in hook_grads:
-            a = stash.pop(block.name)  # under autocast the input may be float32 and g bfloat16
-            dtype = torch.promote_types(torch.promote_types(g.dtype, a.dtype), torch.float32)
-            # rounding of a low-precision g or a bounds the mismatch: 1e-3, or 4 eps of the coarser dtype
-            eps = max(torch.finfo(t.dtype).eps for t in (g, a))
-            hook_grads[block.name] = (g.T.to(dtype) @ a.to(dtype), max(1e-3, 4 * eps))
+        check.backward(block, g)
         on_backward(block, g)
 
     show = default_progress() if progress is None else progress
@@ -109,11 +109,7 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
             LayerCapture(blocks, forward_cb, backward_cb) as capture:
         for raw in tqdm(batches, desc=desc, disable=not show, leave=False):
             batch = prepare_batch(raw, device)
-            token_mask = batch["attention_mask"].bool()
-            rows = torch.arange(token_mask.shape[0], device=device)[:, None].expand_as(token_mask)
-            info.segment_ids = rows[token_mask]
-            info.num_sequences = int(token_mask.any(dim=1).sum())
-            info.num_tokens = int(token_mask.sum())
+            token_mask = _describe_tokens(batch, info)
             capture.expect_forward(token_mask)
             output = call_model(model, batch)
             capture.check_forward()
@@ -128,20 +124,53 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
                 total = counted_token_losses(loss, output, targets, valid).sum()
                 totals.loss_sum += float(total.detach())
                 grads = torch.autograd.grad(total, weights, allow_unused=True)
-                if verify and totals.batches == 0:
-                    _verify_weight_grads(blocks, grads, hook_grads)
+                if totals.batches == 0:
+                    check.weight_grads(blocks, grads)
                 if on_weight_grads is not None:
                     on_weight_grads(grads)
             capture.check_backward()
-            totals.batches += 1
-            totals.sequences += info.num_sequences
-            totals.tokens += info.num_tokens
-            totals.loss_tokens += info.num_loss_tokens
+            totals.add(info)
             if on_batch_end is not None:
                 on_batch_end()
     if totals.loss_tokens == 0:
         raise ValueError("every token is ignored (labels all -100 or all padding): there is no loss to curve")
     return totals
+
+
+def _describe_tokens(batch: dict, info: BatchInfo) -> Tensor:
+    """The batch's non-padding token mask; ``info`` gets each token's row (row-major) and the batch's counts."""
+    token_mask = batch["attention_mask"].bool()
+    rows = torch.arange(token_mask.shape[0], device=token_mask.device)[:, None].expand_as(token_mask)
+    info.segment_ids = rows[token_mask]
+    info.num_sequences = int(token_mask.any(dim=1).sum())
+    info.num_tokens = int(token_mask.sum())
+    return token_mask
+
+
+class _HookCheck:
+    """With ``verify``: the first batch's ``sum_t g_t a_t^T`` per block from the hooks, compared with autograd's
+    weight gradients (:func:`_verify_weight_grads`)."""
+
+    def __init__(self, verify: bool):
+        self.verify = verify
+        self.stash: dict[str, Tensor] = {}
+        self.hook_grads: dict[str, tuple[Tensor, float]] = {}  # block -> (sum_t g_t a_t^T, tolerance)
+
+    def forward(self, block: LinearBlock, a: Tensor, *, first_batch: bool) -> None:
+        if self.verify and first_batch:
+            self.stash[block.name] = a
+
+    def backward(self, block: LinearBlock, g: Tensor) -> None:
+        if block.name in self.stash and block.name not in self.hook_grads:
+            a = self.stash.pop(block.name)  # under autocast the input may be float32 and g bfloat16
+            dtype = torch.promote_types(torch.promote_types(g.dtype, a.dtype), torch.float32)
+            # rounding of a low-precision g or a bounds the mismatch: 1e-3, or 4 eps of the coarser dtype
+            eps = max(torch.finfo(t.dtype).eps for t in (g, a))
+            self.hook_grads[block.name] = (g.T.to(dtype) @ a.to(dtype), max(1e-3, 4 * eps))
+
+    def weight_grads(self, blocks: Sequence[LinearBlock], grads: Sequence[Optional[Tensor]]) -> None:
+        if self.verify:
+            _verify_weight_grads(blocks, grads, self.hook_grads)
 
 
 def _backward_hessian_sqrt_columns(output: Tensor, valid: Tensor, loss, weights: Sequence[Tensor]) -> None:

@@ -5,8 +5,9 @@ The public API, imported lazily (so that ``curvsafe --version`` stays instant):
 - ``curvsafe.restore(model, safety, task, method=...)``, ``RestoreResult``: the in-memory restore loop
   (:mod:`curvsafe.restoration.api`); ``run_restore``: files in, restored adapter out.
 - ``Objective``, ``LossTerm``: the safety and task objectives (:mod:`curvsafe.objectives`).
-- ``CurvSafe``: the optimizer wrapper (:mod:`curvsafe.optim`).
+- ``CurvSafe``, ``CurvSafeSettings``: the optimizer wrapper and its settings (:mod:`curvsafe.optim`).
 - ``KFAC``, ``EKFAC``, ``LowRank``: the curvature engine's Kronecker operators and their memory bound.
+- ``pairwise_scores``: influence of training examples on queries (:mod:`curvsafe.influence`).
 - ``estimate``, ``PlanSettings``: memory and cost before a run (:mod:`curvsafe.plan`).
 - ``FisherType``, ``KFACApprox``, ``Method``: the string options as enums (:mod:`curvsafe.config`).
 """
@@ -14,7 +15,8 @@ The public API, imported lazily (so that ``curvsafe --version`` stays instant):
 from ._version import __version__
 
 _LAZY = {"restore": "restoration", "RestoreResult": "restoration", "run_restore": "restoration",
-         "Objective": "objectives", "LossTerm": "objectives", "CurvSafe": "optim", "KFAC": "curvature",
+         "Objective": "objectives", "LossTerm": "objectives", "CurvSafe": "optim", "CurvSafeSettings": "optim",
+         "pairwise_scores": "influence", "KFAC": "curvature",
          "EKFAC": "curvature", "LowRank": "curvature.lowrank", "estimate": "plan", "PlanSettings": "plan",
          "FisherType": "config", "KFACApprox": "config", "Method": "config"}
 

@@ -32,3 +32,12 @@ def test_restore_config_merges_settings_and_round_trips():
     with pytest.raises(TypeError, match=r"unknown RestoreConfig setting\(s\) \['iteratoins'\]"):
         RestoreConfig.from_settings(None, {"iteratoins": 2})
     assert "task loss" in RestoreConfig.help("task_budget")
+
+
+def test_the_public_api_resolves_every_name_it_lists():
+    import curvsafe
+
+    for name in curvsafe.__all__:
+        assert getattr(curvsafe, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        curvsafe.nope

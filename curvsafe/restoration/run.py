@@ -115,6 +115,54 @@ def _device_memory(device: str) -> Optional[int]:
     return torch.cuda.get_device_properties(dev.index or 0).total_memory
 
 
+def _objective_weights(config: RestoreConfig, full: bool, benign_file, unaligned_model, aligned_model
+                       ) -> dict[str, float]:
+    """The objective's weights (the default: two-sided with benign prompts, else one-sided), after the checks of
+    the inputs each method and objective needs."""
+    method = config.method
+    if method in ("safelora", "resta") and unaligned_model is None:
+        raise ValueError(f"{method} needs --unaligned-model (the pre-alignment weights)")
+    weights = parse_objective(config.objective or (TWO_SIDED if benign_file is not None else ONE_SIDED))
+    if "benign" in weights and benign_file is None:
+        raise ValueError("the benign objective term needs --benign FILE (benign requests the aligned model answers)")
+    if full and not config.params:
+        raise ValueError("without --adapter (a full fine-tune) pass --params: the weights to edit")
+    if full and method in BASELINES:
+        raise ValueError(f"{method} edits a LoRA adapter; it needs --adapter")
+    if full and aligned_model is None and ({"harmful", "anchor", "benign"} & set(weights) or benign_file):
+        raise ValueError("without --adapter the anchor / harmful / benign objectives and --benign need "
+                         "--aligned-model (the model before fine-tuning)")
+    return weights
+
+
+def _planned(model_dir, adapter_dir, config: RestoreConfig, task_examples: int, safety_examples: int):
+    """(plan, config): the estimate of the run from the configs, logged; with a memory budget (``max_memory``, or
+    the CUDA device's), lbfgs / cg GGN row chunks that fit (recorded in ``config``), then the refusal of a method
+    that does not fit. The plan is None when the model cannot be estimated (and no budget was asked)."""
+    method, batch_size = config.method, config.batch_size
+
+    def planned(ggn_rows):
+        return _plan(model_dir, adapter_dir, config.dtype, config.params if adapter_dir is None else None,
+                     batch_size, config.max_length, task_batches=math.ceil(task_examples / batch_size),
+                     safety_batches=math.ceil(safety_examples / batch_size), ggn_rows=ggn_rows)
+
+    try:
+        plan = planned(config.ggn_rows)
+    except Exception as exc:  # the estimate is advice: a model it cannot read is restored all the same
+        if config.max_memory is not None:
+            raise ValueError(f"--max-memory needs the memory estimate, which failed: {exc}") from exc
+        log.warning(f"no memory estimate for this model ({type(exc).__name__}: {exc})")
+        return None, config
+    if method in METHODS:
+        budget = config.max_memory if config.max_memory is not None else _device_memory(config.device)
+        plan, config = _fit_ggn_rows(plan, config, budget, planned)
+        p = plan.methods[method]
+        log.info(f"{method}: estimated curvature {gib(p.curvature_bytes)}, peak {gib(p.peak_bytes)} (a training "
+                 f"step: {gib(plan.training_step_bytes)}), ~{p.steps_per_iteration:.0f} training steps per iteration")
+        check_fits(plan, method, budget)
+    return plan, config
+
+
 def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmful_file: str | Path,
                 task_file: str | Path, out_dir: str | Path, config: Optional[RestoreConfig] = None, *,
                 benign_file: Optional[str | Path] = None, unaligned_model: Optional[str | Path] = None,
@@ -157,52 +205,20 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     from ..models import fit_max_length, load_model
 
     config = RestoreConfig.from_settings(config, settings)
-    method, objective, task_budget, task_budget_abs = (config.method, config.objective, config.task_budget,
-                                                       config.task_budget_abs)
+    method, task_budget, task_budget_abs = config.method, config.task_budget, config.task_budget_abs
     benign_budget, iterations, damping, select_top = (config.benign_budget, config.iterations, config.damping,
                                                       config.select_top)
     params, batch_size, max_length, limit = config.params, config.batch_size, config.max_length, config.limit
-    dtype, device, max_memory = config.dtype, config.device, config.max_memory
-    if method in ("safelora", "resta") and unaligned_model is None:
-        raise ValueError(f"{method} needs --unaligned-model (the pre-alignment weights)")
-    weights = parse_objective(objective or (TWO_SIDED if benign_file is not None else ONE_SIDED))
-    if "benign" in weights and benign_file is None:
-        raise ValueError("the benign objective term needs --benign FILE (benign requests the aligned model answers)")
+    dtype, device = config.dtype, config.device
     full = adapter_dir is None
-    if full and not params:
-        raise ValueError("without --adapter (a full fine-tune) pass --params: the weights to edit")
-    if full and method in BASELINES:
-        raise ValueError(f"{method} edits a LoRA adapter; it needs --adapter")
-    if full and aligned_model is None and ({"harmful", "anchor", "benign"} & set(weights) or benign_file):
-        raise ValueError("without --adapter the anchor / harmful / benign objectives and --benign need "
-                         "--aligned-model (the model before fine-tuning)")
+    weights = _objective_weights(config, full, benign_file, unaligned_model, aligned_model)
     out = check_out(out_dir, force, inputs=[model_dir, adapter_dir, harmful_file, task_file, unaligned_model,
                                             aligned_model, benign_file])
     harmful_pairs = load_pairs(harmful_file, require_response="anchor" not in weights)[:limit]
     task_pairs = load_pairs(task_file)[:limit]
     benign_prompts = ([p.prompt for p in load_pairs(benign_file, require_response=False)][:limit]
                       if benign_file is not None else [])
-    n_safety = len(harmful_pairs) + len(benign_prompts)
-
-    def planned(ggn_rows):
-        return _plan(model_dir, adapter_dir, dtype, params if full else None, batch_size, max_length,
-                     task_batches=math.ceil(len(task_pairs) / batch_size),
-                     safety_batches=math.ceil(n_safety / batch_size), ggn_rows=ggn_rows)
-
-    try:
-        plan = planned(config.ggn_rows)
-    except Exception as exc:  # the estimate is advice: a model it cannot read is restored all the same
-        if max_memory is not None:
-            raise ValueError(f"--max-memory needs the memory estimate, which failed: {exc}") from exc
-        log.warning(f"no memory estimate for this model ({type(exc).__name__}: {exc})")
-        plan = None
-    if plan is not None and method in METHODS:
-        budget = max_memory if max_memory is not None else _device_memory(device)
-        plan, config = _fit_ggn_rows(plan, config, budget, planned)
-        p = plan.methods[method]
-        log.info(f"{method}: estimated curvature {gib(p.curvature_bytes)}, peak {gib(p.peak_bytes)} (a training "
-                 f"step: {gib(plan.training_step_bytes)}), ~{p.steps_per_iteration:.0f} training steps per iteration")
-        check_fits(plan, method, budget)
+    plan, config = _planned(model_dir, adapter_dir, config, len(task_pairs), len(harmful_pairs) + len(benign_prompts))
     model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device, trainable_adapter=True)
     max_length = fit_max_length(max_length, model)
     reference = model  # the model whose adapter-disabled self is the aligned anchor

@@ -49,6 +49,7 @@ from pathlib import Path
 
 # keep benchmarks/ (which holds a kernels.py) off the path: transformers probes for a package called `kernels`
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the curvlinops wrapper of test_kfac
 
 import torch  # noqa: E402
 
@@ -101,17 +102,6 @@ def sum_loss(model, batch) -> torch.Tensor:
 
 def curved_weights(model, names: list[str]) -> list[torch.nn.Parameter]:
     return [model.get_submodule(n).weight for n in names]
-
-
-class _CurvlinopsLM(torch.nn.Module):
-    """curvlinops wants (batch, classes, positions) outputs: the logits of positions 0..T-2 (HF's shift)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, input_ids):
-        return self.m(input_ids=input_ids, use_cache=False).logits[:, :-1].transpose(1, 2)
 
 
 def _kronfluence_task(names: list[str]):
@@ -203,8 +193,9 @@ class Runner:
 
     def _curvlinops(self) -> dict:
         from curvlinops import KFACLinearOperator
+        from test_kfac import CurvlinopsLM  # the tests' wrapper: (batch, classes, positions) logits
 
-        wrapped = _CurvlinopsLM(self.model)
+        wrapped = CurvlinopsLM(self.model)
         data = [(b["input_ids"], b["labels"][:, 1:]) for b in self.batches]
         op = KFACLinearOperator(wrapped, torch.nn.CrossEntropyLoss(reduction="sum"),
                                 curved_weights(self.model, self.names), data, fisher_type="empirical",

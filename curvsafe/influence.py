@@ -30,24 +30,28 @@ def per_example_gradients(model, blocks: Sequence[LinearBlock], batches: Sequenc
     out: dict[str, list[Tensor]] = {b.weight_name: [] for b in blocks}
     inputs: dict[str, Tensor] = {}
     info = BatchInfo()
-    rows = 0  # of the batch in flight (its segment ids are row indices)
+    rows = [int(b["input_ids"].shape[0]) for b in data]
+    state = {"batch": 0, "sizes": None}  # the batch in flight and its tokens per row (rows are contiguous)
+
+    def sizes() -> list[int]:
+        if state["sizes"] is None:
+            state["sizes"] = torch.bincount(info.segment_ids, minlength=rows[state["batch"]]).tolist()
+        return state["sizes"]
 
     def on_forward(block: LinearBlock, a: Tensor) -> None:
         inputs[block.name] = a
 
     def on_backward(block: LinearBlock, g: Tensor) -> None:
         a = inputs.pop(block.name).float()
-        grads = torch.zeros(rows, g.shape[1], a.shape[1], device=g.device)
-        for n in range(rows):
-            mine = info.segment_ids == n
-            grads[n] = g[mine].float().T @ a[mine]
-        out[block.weight_name].append(grads)
+        out[block.weight_name].append(torch.stack([gn.float().T @ an for gn, an in
+                                                   zip(g.split(sizes()), a.split(sizes()))]))
 
-    for raw in data:
-        rows = int(raw["input_ids"].shape[0])
-        capture_pass(model, blocks, [raw], loss=CausalLMLoss(), fisher_type="empirical", generator=None,
-                     on_forward=on_forward, on_backward=on_backward, info=info, desc="per-example gradients",
-                     progress=False, verify=False)
+    def on_batch_end() -> None:
+        state["batch"], state["sizes"] = state["batch"] + 1, None
+
+    capture_pass(model, blocks, data, loss=CausalLMLoss(), fisher_type="empirical", generator=None,
+                 on_forward=on_forward, on_backward=on_backward, info=info, on_batch_end=on_batch_end,
+                 desc="per-example gradients", progress=False, verify=False)
     return {n: torch.cat(parts) for n, parts in out.items()}
 
 

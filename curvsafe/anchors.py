@@ -19,10 +19,13 @@ def adapter_disabled(model) -> Iterator[None]:
         yield
 
 
-def anchor_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32) -> list[Pair]:
-    """The aligned model's greedy responses to ``prompts`` (adapter disabled), as pairs."""
+def anchor_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32,
+                     across_ranks: bool = False) -> list[Pair]:
+    """The aligned model's greedy responses to ``prompts`` (adapter disabled), as pairs; empty ones dropped.
+    ``across_ranks``: generated in shards over the ``torch.distributed`` ranks, all of them on every rank."""
     with adapter_disabled(model):
-        responses = greedy_generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
+        responses = greedy_generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
+                                    across_ranks=across_ranks)
     return [Pair(p, r) for p, r in zip(prompts, responses) if r.strip()]
 
 

@@ -61,12 +61,28 @@ def _before_after(name: str, quantity: dict) -> str:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    """Curvature-aware safety restoration of a fine-tuned adapter (or a baseline)."""
+    """Curvature-aware safety restoration of a fine-tuned adapter (or a baseline); data parallel when started by
+    ``torchrun`` / ``accelerate launch`` (rank 0 logs, prints and writes)."""
+    import torch.distributed as dist
+
+    from .ranks import init_from_env, is_main, launched
     from .restoration import run_restore
 
+    owns_group = launched() and not dist.is_initialized()
+    init_from_env(args.device)
+    main_rank = is_main()  # asked now: the group is gone after the run
+    if not main_rank:
+        logging.getLogger("curvsafe").setLevel(logging.WARNING)
     config = RestoreConfig(**{f.name: getattr(args, f.name) for f in fields(RestoreConfig)})
-    run = run_restore(args.model, args.adapter, args.harmful, args.task, args.out, config, benign_file=args.benign,
-                      unaligned_model=args.unaligned_model, aligned_model=args.aligned_model, force=args.force)
+    try:
+        run = run_restore(args.model, args.adapter, args.harmful, args.task, args.out, config,
+                          benign_file=args.benign, unaligned_model=args.unaligned_model,
+                          aligned_model=args.aligned_model, force=args.force)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+    if not main_rank:
+        return 0
     r = run.report
     terms = [_before_after(k.removesuffix("_nll") + " NLL", r[k]) for k in ("anchor_nll", "refusal_nll",
                                                                             "harmful_nll", "benign_nll") if k in r]
@@ -367,6 +383,15 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _rank_tag() -> str:
+    """`` [rank R/W]`` in a run started by a launcher with several ranks, else empty."""
+    import os
+
+    from .ranks import launched
+
+    return f" [rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']}]" if launched() else ""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command. Exit codes: 0 done, 2 error (one line on stderr), 3 ``restore`` failed after an accepted
     step (its last accepted state written), 130 / 143 interrupted by SIGINT / SIGTERM (nothing written)."""
@@ -396,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_SIGTERM
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, FloatingPointError, OSError,
             MemoryError) as exc:
-        print(f"{prefix}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{prefix}{_rank_tag()}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     finally:
         if previous is not None:

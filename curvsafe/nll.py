@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .curvature.distributed import all_reduce_counts, is_distributed
 from .curvature.loss import CausalLMLoss, call_model, counted_token_losses, curvature_mode, prepare_batch
 
 
@@ -29,11 +30,17 @@ def batch_nll_sums(model, batches: Sequence, *, grad: bool, per_example: bool = 
             yield (token.sum(1) if per_example else token.sum()), valid.sum(1 if per_example else None)
 
 
-def token_mean_nll(model, batches: Sequence, *, grad: bool = False) -> Tensor:
-    """Token-weighted mean NLL over ``batches`` (differentiable when ``grad``)."""
+def token_mean_nll(model, batches: Sequence, *, grad: bool = False, across_ranks: bool = False) -> Tensor:
+    """Token-weighted mean NLL over ``batches`` (differentiable when ``grad``). ``across_ranks``: under
+    ``torch.distributed``, over the union of every rank's batches (sums and counts all-reduced; no gradient)."""
+    if grad and across_ranks:
+        raise ValueError("across_ranks reduces values only; it cannot carry a gradient")
     total, count = 0.0, 0
     for s, n in batch_nll_sums(model, batches, grad=grad):
         total, count = total + s, count + int(n)
+    if across_ranks and is_distributed():  # float64 sums of the ranks' sums
+        total, count = all_reduce_counts([float(total), count], next(model.parameters()).device)
+        total = torch.tensor(total, dtype=torch.float64)
     if count == 0:
         raise ValueError("no counted tokens in the data")
     return total / count

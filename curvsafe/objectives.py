@@ -80,7 +80,8 @@ class LossTerm:
 
 class Objective:
     """A weighted sum of loss terms evaluated on a model: :meth:`evaluate`, :meth:`term_values`, and
-    :meth:`gradient` over ``params``."""
+    :meth:`gradient` over ``params``. Under ``torch.distributed`` each rank holds its own batches of every term
+    and all of these return the values of the union (every rank must call them together)."""
 
     def __init__(self, terms: list[LossTerm]):
         if not terms:
@@ -90,7 +91,7 @@ class Objective:
     def _term_values(self, model) -> dict[str, Tensor]:
         values = {}
         for term in self.terms:
-            nll = token_mean_nll(model, term.batches)
+            nll = token_mean_nll(model, term.batches, across_ranks=True)
             if term.sign < 0 and term.ceiling is not None:
                 nll = torch.clamp(nll, max=term.ceiling)
             values[term.name] = term.weight * term.sign * nll
@@ -138,7 +139,7 @@ class Objective:
     def term_nlls(self, model) -> dict[str, float]:
         """Each term's plain mean NLL (no weight, sign or ceiling), by term name."""
         with torch.no_grad(), curvature_mode(model):
-            return {term.name: float(token_mean_nll(model, term.batches)) for term in self.terms}
+            return {term.name: float(token_mean_nll(model, term.batches, across_ranks=True)) for term in self.terms}
 
     @property
     def batches(self) -> list:
@@ -236,15 +237,20 @@ def build_safety(model, tokenizer, pairs: Sequence[Pair], objective: Union[str, 
                  batch_size: int = 16, max_length: int = 128, anchor: Optional[Sequence[Pair]] = None,
                  aligned_nll: Optional[Callable[[list], float]] = None,
                  prefix_tokens: Optional[int] = 4,
-                 benign_anchor: Optional[Sequence[Pair]] = None) -> tuple[Objective, dict]:
+                 benign_anchor: Optional[Sequence[Pair]] = None,
+                 shard: Optional[Callable[[list, str], list]] = None) -> tuple[Objective, dict]:
     """The safety objective S from harmful prompts (and responses) for ``objective`` (see
     :func:`safety_objective`); also returns the data used (``anchor`` / ``benign`` pairs) for the report.
     ``anchor`` reuses previously generated anchor responses; ``benign_anchor`` (the aligned model's responses to
-    benign prompts) is needed by the ``benign`` term; ``aligned_nll`` gives the ``harmful`` term's floor."""
+    benign prompts) is needed by the ``benign`` term; ``aligned_nll`` gives the ``harmful`` term's floor.
+    ``shard(batches, what)``: this process's part of each term's batches (a data-parallel run's
+    :func:`curvsafe.ranks.shard`; the batches are made from all the pairs first, so every rank's are the same
+    as a single process's)."""
     used = {}
 
     def batches(chosen: Sequence[Pair]) -> list:
-        return make_batches(tokenizer, chosen, batch_size=batch_size, max_length=max_length)
+        made = make_batches(tokenizer, chosen, batch_size=batch_size, max_length=max_length)
+        return made if shard is None else shard(made, "batches of safety data")
 
     def anchor_data() -> list:
         chosen = list(anchor) if anchor is not None else anchor_responses(model, tokenizer, [p.prompt for p in pairs])

@@ -4,8 +4,9 @@
 
 POINT: ``load`` (right after the fine-tuned model is loaded), ``step`` (right after the first accepted restore
 step), ``save`` (after the restored weights are written into the temporary folder, before the commit), or
-``none``. ACTION: ``SIGTERM`` / ``SIGINT`` (sent to this process), or ``raise`` (a RuntimeError; at ``step`` it
-comes from the next task-gradient call, inside the following iteration, as a real failure would).
+``none``. ACTION: ``SIGTERM`` / ``SIGINT`` (sent to this process), ``exit`` (the process dies on the spot, as a
+rank of a distributed run that crashes), or ``raise`` (a RuntimeError; at ``step`` it comes from the next
+task-gradient call, inside the following iteration, as a real failure would).
 """
 
 import os
@@ -22,6 +23,8 @@ point, action, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 def fire() -> None:
     if action == "raise":
         raise RuntimeError("injected fault")
+    if action == "exit":
+        os._exit(1)
     os.kill(os.getpid(), getattr(signal, action))  # its Python handler runs at the next bytecode, here
 
 

@@ -20,7 +20,8 @@ Convention (kept exactly, tested against curvlinops):
   of an optimizer that refits its curvature every few steps. Under ``torch.distributed`` sums and
   counts are all-reduced, so every rank holds the factors of the union of the data.
 - ``fisher_type``: ``"empirical"`` backpropagates the data labels, ``"mc"`` one label per counted position sampled
-  from the model's own predictive distribution (seeded by ``seed``), ``"type2"`` every column of the loss
+  from the model's own predictive distribution (seeded by ``seed`` plus the rank under ``torch.distributed``, so
+  that ranks draw independent labels), ``"type2"`` every column of the loss
   Hessian's square root at each position (exact GGN factors, ``sum_s J_s^T H_s J_s``; positions x vocabulary
   backward passes, for tests and tiny models).
 - ``fit(batches, gradient=True)`` also keeps ``gradient``, the gradient of the mean per-token loss over the counted
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..capture import LinearBlock, ModuleSelection, find_blocks
@@ -208,7 +210,7 @@ class KFAC(CurvatureOperator):
     def _make_generator(self) -> torch.Generator:
         if self._generator is None:
             self._generator = torch.Generator(device=model_device(self.model))
-            self._generator.manual_seed(self.seed)
+            self._generator.manual_seed(self.seed + (dist.get_rank() if is_distributed() else 0))
         return self._generator
 
     def fit(self, batches: Iterable, *, gradient: bool = False) -> "KFAC":

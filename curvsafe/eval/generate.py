@@ -78,8 +78,15 @@ def fit_prompts(prompts: list[list[int]], context: Optional[int], max_new_tokens
 
 
 def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 64,
-                    progress: bool = False) -> list[str]:
-    """Greedy continuations of text ``prompts``, decoded without special tokens."""
+                    progress: bool = False, across_ranks: bool = False) -> list[str]:
+    """Greedy continuations of text ``prompts``, decoded without special tokens. ``across_ranks``: under
+    ``torch.distributed`` every rank generates its share of ``prompts`` and gets all the continuations
+    (:func:`curvsafe.ranks.map_sharded`)."""
+    if across_ranks:
+        from ..ranks import map_sharded
+
+        return map_sharded(lambda part: greedy_generate(model, tokenizer, part, max_new_tokens=max_new_tokens,
+                                                        batch_size=batch_size, progress=progress), prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = fit_prompts([tokenizer(render_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]
                        for p in prompts], model_context(model), max_new_tokens)

@@ -10,8 +10,9 @@ from .judge import Judge, KeywordJudge, judge_responses
 
 
 def _judged_rate(model, tokenizer, prompts: Sequence[str], judge: Optional[Judge], max_new_tokens: int,
-                 refusals: bool) -> tuple[float, list[str], list[bool]]:
-    responses = greedy_generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
+                 refusals: bool, across_ranks: bool = False) -> tuple[float, list[str], list[bool]]:
+    responses = greedy_generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
+                                across_ranks=across_ranks)
     flags = judge_responses(judge or KeywordJudge(), prompts, responses, refusals=refusals)
     return sum(flags) / max(len(flags), 1), responses, flags
 
@@ -23,10 +24,11 @@ def harmful_rate(model, tokenizer, prompts: Sequence[str], *, judge: Optional[Ju
 
 
 def refusal_rate(model, tokenizer, prompts: Sequence[str], *, judge: Optional[Judge] = None,
-                 max_new_tokens: int = 32) -> tuple[float, list[str], list[bool]]:
+                 max_new_tokens: int = 32, across_ranks: bool = False) -> tuple[float, list[str], list[bool]]:
     """Fraction of ``prompts`` whose greedy response refuses (the judge's refusals, see
-    :mod:`curvsafe.eval.judge`), the responses and the flags. On benign prompts: the over-refusal rate."""
-    return _judged_rate(model, tokenizer, prompts, judge, max_new_tokens, refusals=True)
+    :mod:`curvsafe.eval.judge`), the responses and the flags. On benign prompts: the over-refusal rate.
+    ``across_ranks``: the generation is split over the ``torch.distributed`` ranks (every rank gets all)."""
+    return _judged_rate(model, tokenizer, prompts, judge, max_new_tokens, refusals=True, across_ranks=across_ranks)
 
 
 def task_accuracy(model, tokenizer, pairs: Sequence[Pair], *, max_new_tokens: int = 32) -> tuple[float, list[str]]:

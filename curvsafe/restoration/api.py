@@ -30,10 +30,12 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..curvature.distributed import is_distributed
 from ..curvature.loss import curvature_mode
 from ..curvature.vectors import ParamVector, dot
 from ..nll import batch_nll_sums
 from ..objectives import Objective
+from ..ranks import is_main
 from .preconditioners import make_preconditioner
 
 
@@ -248,6 +250,11 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
     accepted state (the best: every accepted step lowers S inside the budget) and the result says ``error``.
     Before any accepted step the exception propagates, with the parameters as they were; so does an interrupt
     (KeyboardInterrupt), with the parameters at the last accepted state.
+
+    Under ``torch.distributed`` (every rank calls ``restore`` with its own batches of each objective): values,
+    gradients and curvature are those of the union of the ranks' data, so every rank takes the same steps; an
+    exception always propagates (parameters at the last accepted state), since a failure on one rank leaves the
+    others unable to go on; only rank 0 shows progress.
     """
     from tqdm.auto import tqdm
 
@@ -295,7 +302,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
     best = theta0
     log: list[dict] = []
     stopped, detail, error, binding = StopReason.ITERATIONS, "", None, ()
-    bar = tqdm(range(iterations), desc=f"restore ({method})", disable=not progress, leave=False)
+    bar = tqdm(range(iterations), desc=f"restore ({method})", disable=not progress or not is_main(), leave=False)
     try:
         for it in bar:
             if reached(s_cur, terms_cur):
@@ -357,8 +364,8 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
             if callback is not None:
                 callback(entry)
     except Exception as exc:
-        if not log:
-            _assign(chosen, theta0)
+        if not log or is_distributed():  # ranks cannot agree on a rank's own failure: every rank stops
+            _assign(chosen, best)
             raise
         _assign(chosen, best)
         stopped, error = StopReason.ERROR, f"{type(exc).__name__}: {exc}"

@@ -25,6 +25,7 @@ from ..io import check_out, staged_dir
 from ..nll import token_mean_nll
 from ..objectives import HARMFUL_SIDE, LossTerm, Objective, build_safety, parse_objective
 from ..plan import PlanSettings, check_fits, estimate, gib, meta_model
+from ..ranks import init_from_env, is_main, shard, together, world_size
 from .api import Constraint, RestoreResult, StopReason, restore
 from .baselines import BASELINES, resta, revert, safelora
 from .preconditioners import METHODS
@@ -136,15 +137,19 @@ def _objective_weights(config: RestoreConfig, full: bool, benign_file, unaligned
 
 
 def _planned(model_dir, adapter_dir, config: RestoreConfig, task_examples: int, safety_examples: int):
-    """(plan, config): the estimate of the run from the configs, logged; with a memory budget (``max_memory``, or
-    the CUDA device's), lbfgs / cg GGN row chunks that fit (recorded in ``config``), then the refusal of a method
-    that does not fit. The plan is None when the model cannot be estimated (and no budget was asked)."""
+    """(plan, config): the estimate of the run from the configs (per rank: its share of the batches), logged;
+    with a memory budget (``max_memory``, or the CUDA device's), lbfgs / cg GGN row chunks that fit (recorded in
+    ``config``), then the refusal of a method that does not fit. The plan is None when the model cannot be
+    estimated (and no budget was asked)."""
     method, batch_size = config.method, config.batch_size
+
+    def per_rank(examples: int) -> int:
+        return math.ceil(math.ceil(examples / batch_size) / world_size())
 
     def planned(ggn_rows):
         return _plan(model_dir, adapter_dir, config.dtype, config.params if adapter_dir is None else None,
-                     batch_size, config.max_length, task_batches=math.ceil(task_examples / batch_size),
-                     safety_batches=math.ceil(safety_examples / batch_size), ggn_rows=ggn_rows)
+                     batch_size, config.max_length, task_batches=per_rank(task_examples),
+                     safety_batches=per_rank(safety_examples), ggn_rows=ggn_rows)
 
     try:
         plan = planned(config.ggn_rows)
@@ -201,6 +206,15 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     CUDA device's total memory) ``lbfgs`` / ``cg`` without ``ggn_rows`` run their GGN products in the largest row
     chunks that fit (halving the batch; recorded in the report's ``config``), and a method whose estimated peak
     still exceeds it is refused with the estimate (``MemoryError``), naming the methods that fit.
+
+    **Data parallel.** Started by a launcher (``torchrun`` / ``accelerate launch``: ``WORLD_SIZE`` > 1), or with a
+    ``torch.distributed`` process group already initialised, every rank holds the whole model and the batches
+    are made from all the data, then dealt out (rank r takes batches r, r + W, ...; each objective needs at least
+    one batch per rank); objectives, gradients and curvature are those of the union (the result equals one
+    process's up to rounding, except ``kfac`` / ``ekfac``, whose Monte Carlo labels are drawn per rank), the
+    aligned model's responses and refusal rates are generated in shards and gathered; rank 0 checks ``out_dir``
+    and writes it, and a failure on any rank fails every rank and writes nothing (:mod:`curvsafe.ranks`).
+    ``select_top`` is single-process only.
     """
     from ..models import fit_max_length, load_model
 
@@ -209,35 +223,39 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     benign_budget, iterations, damping, select_top = (config.benign_budget, config.iterations, config.damping,
                                                       config.select_top)
     params, batch_size, max_length, limit = config.params, config.batch_size, config.max_length, config.limit
-    dtype, device = config.dtype, config.device
+    dtype, device = config.dtype, init_from_env(config.device)
     full = adapter_dir is None
-    weights = _objective_weights(config, full, benign_file, unaligned_model, aligned_model)
-    out = check_out(out_dir, force, inputs=[model_dir, adapter_dir, harmful_file, task_file, unaligned_model,
-                                            aligned_model, benign_file])
-    harmful_pairs = load_pairs(harmful_file, require_response="anchor" not in weights)[:limit]
-    task_pairs = load_pairs(task_file)[:limit]
-    benign_prompts = ([p.prompt for p in load_pairs(benign_file, require_response=False)][:limit]
-                      if benign_file is not None else [])
-    plan, config = _planned(model_dir, adapter_dir, config, len(task_pairs), len(harmful_pairs) + len(benign_prompts))
-    model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device, trainable_adapter=True)
-    max_length = fit_max_length(max_length, model)
-    reference = model  # the model whose adapter-disabled self is the aligned anchor
-    if full:
-        _train_only(model, params)
-        reference = (load_model(aligned_model, dtype=dtype, device=device, with_tokenizer=False)[0]
-                     if aligned_model else None)
-
-    task = Objective([LossTerm("task", make_batches(tokenizer, task_pairs, batch_size=batch_size,
-                                                    max_length=max_length))])
+    with together():  # every rank checks and loads alike; a failure on one (a file missing on a node) stops all
+        weights = _objective_weights(config, full, benign_file, unaligned_model, aligned_model)
+        if select_top is not None and world_size() > 1:
+            raise ValueError("--select-top runs in one process only (its influence scores rank examples of every "
+                             "rank); drop it or run without a launcher")
+        inputs = [model_dir, adapter_dir, harmful_file, task_file, unaligned_model, aligned_model, benign_file]
+        out = check_out(out_dir, force, inputs=inputs) if is_main() else Path(out_dir)
+        harmful_pairs = load_pairs(harmful_file, require_response="anchor" not in weights)[:limit]
+        task_pairs = load_pairs(task_file)[:limit]
+        benign_prompts = ([p.prompt for p in load_pairs(benign_file, require_response=False)][:limit]
+                          if benign_file is not None else [])
+        plan, config = _planned(model_dir, adapter_dir, config, len(task_pairs),
+                                len(harmful_pairs) + len(benign_prompts))
+        model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device, trainable_adapter=True)
+        max_length = fit_max_length(max_length, model)
+        reference = model  # the model whose adapter-disabled self is the aligned anchor
+        if full:
+            _train_only(model, params)
+            reference = (load_model(aligned_model, dtype=dtype, device=device, with_tokenizer=False)[0]
+                         if aligned_model else None)
+        task = Objective([LossTerm("task", shard(make_batches(tokenizer, task_pairs, batch_size=batch_size,
+                                                              max_length=max_length), "batches of task data"))])
 
     def aligned_nll(batches):
         with adapter_disabled(reference), torch.no_grad(), curvature_mode(reference):
-            return float(token_mean_nll(reference, batches))
+            return float(token_mean_nll(reference, batches, across_ranks=True))
 
     if anchor is None and "anchor" in weights:
-        anchor = anchor_responses(reference, tokenizer, [p.prompt for p in harmful_pairs])
+        anchor = anchor_responses(reference, tokenizer, [p.prompt for p in harmful_pairs], across_ranks=True)
     if benign_anchor is None and benign_prompts:
-        benign_anchor = anchor_responses(reference, tokenizer, benign_prompts)
+        benign_anchor = anchor_responses(reference, tokenizer, benign_prompts, across_ranks=True)
     # the safety objective, and what the report shows: each of its terms' NLL, the harmful responses' NLL whenever
     # the file has them (its responses are refusals under `refusal`), and the benign side whenever given
     shown_weights = dict(weights)
@@ -247,7 +265,7 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
         shown_weights.setdefault("benign", 1.0)
     shown, used = build_safety(model, tokenizer, harmful_pairs, shown_weights, batch_size=batch_size,
                                max_length=max_length, anchor=anchor, benign_anchor=benign_anchor,
-                               aligned_nll=aligned_nll if reference is not None else None)
+                               aligned_nll=aligned_nll if reference is not None else None, shard=shard)
     safety = Objective([t for t in shown.terms if t.name in weights])
     aligned_safety, aligned_terms, target = None, {}, None
     if reference is not None:
@@ -259,8 +277,8 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     refusals = {}
     if benign_prompts:
         with adapter_disabled(reference):
-            refusals["aligned"] = refusal_rate(reference, tokenizer, benign_prompts)[0]
-        refusals["before"] = refusal_rate(model, tokenizer, benign_prompts)[0]
+            refusals["aligned"] = refusal_rate(reference, tokenizer, benign_prompts, across_ranks=True)[0]
+        refusals["before"] = refusal_rate(model, tokenizer, benign_prompts, across_ranks=True)[0]
 
     constraints = []
     if benign_prompts and benign_budget is not None:
@@ -272,7 +290,8 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     if method in METHODS:
         result = restore(model, safety, task, method=method, params=params, task_budget=task_budget,
                          task_budget_abs=task_budget_abs, iterations=iterations, damping=damping,
-                         select_top=select_top, safety_target=target, progress=progress, ggn_rows=config.ggn_rows,
+                         select_top=select_top, safety_target=target, progress=progress and is_main(),
+                         ggn_rows=config.ggn_rows,
                          constraints=constraints)
     elif method == "revert":
         result = revert(model, safety, task, task_budget=task_budget, task_budget_abs=task_budget_abs)
@@ -286,9 +305,9 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
 
     terms_after = shown.term_nlls(model)
     if benign_prompts:
-        refusals["after"] = refusal_rate(model, tokenizer, benign_prompts)[0]
+        refusals["after"] = refusal_rate(model, tokenizer, benign_prompts, across_ranks=True)[0]
     report = {"method": method, "objective": weights, "config": config.to_dict(), "model": str(model_dir),
-              "adapter": None if full else str(adapter_dir),
+              "adapter": None if full else str(adapter_dir), "ranks": world_size(),
               "stopped": result.stopped.value, "stop_detail": result.stop_detail, "error": result.error,
               "safety_objective": {**result.safety_objective, "aligned": aligned_safety},
               "task_nll": result.task_nll}
@@ -304,7 +323,10 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
                    "layer_update_norms": result.layer_update_norms, "influence": result.influence,
                    "details": result.details, "seconds": result.seconds,
                    "plan": asdict(plan.methods[method]) if plan is not None and method in METHODS else None})
-    model = _write_outputs(out, model, tokenizer, report, used, as_model=full or method == "resta", full=full)
+    with together():  # rank 0 writes once every rank got here; its failure to write fails them all
+        if is_main():
+            model = _write_outputs(out, model, tokenizer, report, used, as_model=full or method == "resta",
+                                   full=full)
     return RestoreRun(report, model, tokenizer)
 
 

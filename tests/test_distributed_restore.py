@@ -1,0 +1,109 @@
+"""``curvsafe restore`` on two gloo ranks (two processes launched as ``torchrun`` would: RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT): the same steps and adapter as one process on the union of the data, the same failure
+on every rank for bad input, and no output when a rank dies mid-run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import rel_err, restore_files, write_jsonl
+from safetensors.torch import load_file
+from test_distributed import free_port
+from test_faults import DRIVER, restore_cmd
+
+from curvsafe.ranks import map_sharded, shard
+
+
+def launch(point_actions, args, timeout=600):
+    """One process per (POINT, ACTION) of the fault driver, as the ranks of one run; their CompletedProcess-like
+    results (returncode, stdout, stderr), in rank order."""
+    env = {**os.environ, "WORLD_SIZE": str(len(point_actions)), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(DRIVER), point, action, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r, (point, action) in enumerate(point_actions)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append((p.returncode, out, err))
+    return results
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("curvsafe restore") and ": error:" in line]
+
+
+@pytest.fixture(scope="module")
+def benign_file(setup):
+    from curvsafe.data import Pair
+    from curvsafe.testbed.corpus import World
+
+    path = setup / "benign.jsonl"
+    write_jsonl(path, [Pair(e.prompt, "") for e in World(0).benign_requests("eval")[:10]])
+    return path
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "sgd"])
+def test_two_ranks_take_the_steps_of_one_process_on_the_union(setup, benign_file, tmp_path, method):
+    single = restore_files(setup, tmp_path / "single", method=method, iterations=3, batch_size=4, max_length=64,
+                           benign_file=benign_file)
+    cmd = ["restore", "--model", str(setup / "aligned"), "--adapter", str(setup / "adapter"), "--harmful",
+           str(setup / "harmful.jsonl"), "--task", str(setup / "task.jsonl"), "--benign", str(benign_file),
+           "--out", str(tmp_path / "ranks"), "--method", method, "--iterations", "3", "--batch-size", "4",
+           "--max-length", "64"]
+    ranks = launch([("none", "none")] * 2, cmd)
+    assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-3000:] + ranks[1][2][-3000:]
+    assert "wrote" in ranks[0][1] and ranks[1][1] == ""  # rank 0 alone prints and writes
+    report = json.loads((tmp_path / "ranks" / "report.json").read_text())
+    expected = single.report
+    assert report["ranks"] == 2 and expected["ranks"] == 1
+    assert report["iterations"] == expected["iterations"] >= 1
+    assert report["stopped"] == expected["stopped"]
+    for key in ("safety_objective", "task_nll", "benign_nll"):
+        for when in ("before", "after"):
+            assert report[key][when] == pytest.approx(expected[key][when], rel=1e-5), (key, when)
+    assert report["over_refusal"] == expected["over_refusal"]
+    assert (tmp_path / "ranks" / "anchor.jsonl").read_text() == (tmp_path / "single" / "anchor.jsonl").read_text()
+    got = load_file(tmp_path / "ranks" / "adapter" / "adapter_model.safetensors")
+    want = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == want.keys()
+    flat = [torch.cat([t[n].flatten() for n in sorted(want)]) for t in (got, want)]
+    assert rel_err(*flat) <= 1e-5  # float32 rounding apart (sums in another order, 1 thread vs 2)
+
+
+def test_bad_input_fails_every_rank_alike(setup, tmp_path):
+    (tmp_path / "taken").mkdir()  # an existing --out: rank 0 finds it, both ranks fail with its message
+    ranks = launch([("none", "none")] * 2, restore_cmd(setup, tmp_path / "taken"))
+    assert [code for code, _, _ in ranks] == [2, 2]
+    lines = [errors(err) for _, _, err in ranks]
+    assert all(len(found) == 1 and "exists; pass --force" in found[0] for found in lines), lines
+    assert "[rank 1/2]" in lines[1][0] and "rank 0 of 2: FileExistsError" in lines[1][0]
+
+    # too little data to give every rank a batch: every rank computes the same refusal from the same files
+    ranks = launch([("none", "none")] * 2, restore_cmd(setup, tmp_path / "small", "--limit", "4",
+                                                        "--batch-size", "8"))
+    assert [code for code, _, _ in ranks] == [2, 2]
+    for _, _, err in ranks:
+        found = errors(err)
+        assert len(found) == 1 and "batches of task data: 1 for 2 ranks" in found[0], err[-2000:]
+    assert not (tmp_path / "small").exists()
+
+
+def test_a_rank_that_dies_mid_run_leaves_no_output(setup, tmp_path):
+    out = tmp_path / "out"
+    ranks = launch([("none", "none"), ("step", "exit")], restore_cmd(setup, out, "--batch-size", "4"))
+    assert ranks[1][0] == 1  # died after its first accepted step
+    assert ranks[0][0] == 2, ranks[0][2][-3000:]  # rank 0's next collective fails: an error, nothing written
+    assert len(errors(ranks[0][2])) == 1, ranks[0][2][-3000:]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_sharding_helpers_are_the_identity_in_one_process():
+    assert shard([1, 2, 3], "items") == [1, 2, 3]
+    assert map_sharded(lambda part: [x * 2 for x in part], [1, 2, 3]) == [2, 4, 6]
+    assert map_sharded(lambda part: [], []) == []
+    with pytest.raises(ValueError, match="one result per item"):
+        map_sharded(lambda part: part[:1], [1, 2])

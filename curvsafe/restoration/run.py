@@ -216,55 +216,111 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     and writes it, and a failure on any rank fails every rank and writes nothing (:mod:`curvsafe.ranks`).
     ``select_top`` is single-process only.
     """
+    config = RestoreConfig.from_settings(config, settings)
+    inputs = _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, config, benign_file=benign_file,
+                          unaligned_model=unaligned_model, aligned_model=aligned_model, force=force)
+    side = _safety_side(inputs, anchor, benign_anchor)
+    result = _apply_method(inputs, side, unaligned_model, progress)
+    failure = _no_progress(result)
+    if failure:
+        raise NoProgressError(f"{failure}; nothing written")
+    report = _report(inputs, side, result, model_dir, adapter_dir)
+    model, full = inputs.model, adapter_dir is None
+    with together():  # rank 0 writes once every rank got here; its failure to write fails them all
+        if is_main():
+            model = _write_outputs(inputs.out, model, inputs.tokenizer, report, side.used,
+                                   as_model=full or inputs.config.method == "resta", full=full)
+    return RestoreRun(report, model, inputs.tokenizer)
+
+
+@dataclass
+class _Inputs:
+    """What every rank checked and loaded before the work."""
+
+    config: RestoreConfig  # the run's settings (GGN row chunks chosen by the plan included)
+    weights: dict[str, float]  # the objective's terms
+    out: Path
+    harmful: list[Pair]
+    benign_prompts: list[str]
+    plan: object  # the memory estimate (None when the model could not be estimated)
+    model: object
+    tokenizer: object
+    max_length: int
+    reference: object  # the model whose adapter-disabled self is the aligned one (None: no aligned model)
+    task: Objective  # this rank's task batches
+
+
+def _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, config: RestoreConfig, *, benign_file,
+                 unaligned_model, aligned_model, force: bool) -> _Inputs:
+    """Check the inputs and ``out_dir`` (on rank 0), read the data, plan the memory and load the model(s), on
+    every rank alike: a failure on one (a file missing on a node) fails all of them the same way."""
     from ..models import fit_max_length, load_model
 
-    config = RestoreConfig.from_settings(config, settings)
-    method, task_budget, task_budget_abs = config.method, config.task_budget, config.task_budget_abs
-    benign_budget, iterations, damping, select_top = (config.benign_budget, config.iterations, config.damping,
-                                                      config.select_top)
-    params, batch_size, max_length, limit = config.params, config.batch_size, config.max_length, config.limit
-    dtype, device = config.dtype, init_from_env(config.device)
-    full = adapter_dir is None
-    with together():  # every rank checks and loads alike; a failure on one (a file missing on a node) stops all
+    limit, full = config.limit, adapter_dir is None
+    device = init_from_env(config.device)
+    with together():
         weights = _objective_weights(config, full, benign_file, unaligned_model, aligned_model)
-        if select_top is not None and world_size() > 1:
+        if config.select_top is not None and world_size() > 1:
             raise ValueError("--select-top runs in one process only (its influence scores rank examples of every "
                              "rank); drop it or run without a launcher")
-        inputs = [model_dir, adapter_dir, harmful_file, task_file, unaligned_model, aligned_model, benign_file]
-        out = check_out(out_dir, force, inputs=inputs) if is_main() else Path(out_dir)
-        harmful_pairs = load_pairs(harmful_file, require_response="anchor" not in weights)[:limit]
+        read = [model_dir, adapter_dir, harmful_file, task_file, unaligned_model, aligned_model, benign_file]
+        out = check_out(out_dir, force, inputs=read) if is_main() else Path(out_dir)
+        harmful = load_pairs(harmful_file, require_response="anchor" not in weights)[:limit]
         task_pairs = load_pairs(task_file)[:limit]
         benign_prompts = ([p.prompt for p in load_pairs(benign_file, require_response=False)][:limit]
                           if benign_file is not None else [])
-        plan, config = _planned(model_dir, adapter_dir, config, len(task_pairs),
-                                len(harmful_pairs) + len(benign_prompts))
-        model, tokenizer = load_model(model_dir, adapter_dir, dtype=dtype, device=device, trainable_adapter=True)
-        max_length = fit_max_length(max_length, model)
-        reference = model  # the model whose adapter-disabled self is the aligned anchor
+        plan, config = _planned(model_dir, adapter_dir, config, len(task_pairs), len(harmful) + len(benign_prompts))
+        model, tokenizer = load_model(model_dir, adapter_dir, dtype=config.dtype, device=device,
+                                      trainable_adapter=True)
+        max_length = fit_max_length(config.max_length, model)
+        reference = model
         if full:
-            _train_only(model, params)
-            reference = (load_model(aligned_model, dtype=dtype, device=device, with_tokenizer=False)[0]
+            _train_only(model, config.params)
+            reference = (load_model(aligned_model, dtype=config.dtype, device=device, with_tokenizer=False)[0]
                          if aligned_model else None)
-        task = Objective([LossTerm("task", shard(make_batches(tokenizer, task_pairs, batch_size=batch_size,
-                                                              max_length=max_length), "batches of task data"))])
+        task_batches = make_batches(tokenizer, task_pairs, batch_size=config.batch_size, max_length=max_length)
+        task = Objective([LossTerm("task", shard(task_batches, "batches of task data"))])
+    return _Inputs(config, weights, out, harmful, benign_prompts, plan, model, tokenizer, max_length, reference, task)
+
+
+@dataclass
+class _SafetySide:
+    """The safety objective, what the report shows of it before the run, and the benign side's constraint."""
+
+    shown: Objective  # every term the report shows (the minimised ones, harmful responses, the benign side)
+    objective: Objective  # the terms minimised
+    used: dict  # the generated anchors, for the output folder
+    target: Optional[dict]  # per harmful-side term: the aligned model's value (None: no target)
+    constraints: list
+    aligned_safety: Optional[float]
+    aligned_terms: dict
+    terms_before: dict
+    refusals: dict  # the refusal rates on the benign prompts: "aligned", "before" (empty without them)
+
+
+def _safety_side(inputs: _Inputs, anchor, benign_anchor) -> _SafetySide:
+    """The aligned model's responses (generated in shards unless given), the safety objective, its target, the
+    benign constraint and the levels before the run."""
+    reference, model, tokenizer, weights = inputs.reference, inputs.model, inputs.tokenizer, inputs.weights
+    harmful, benign_prompts, config = inputs.harmful, inputs.benign_prompts, inputs.config
 
     def aligned_nll(batches):
         with adapter_disabled(reference), torch.no_grad(), curvature_mode(reference):
             return float(token_mean_nll(reference, batches, across_ranks=True))
 
     if anchor is None and "anchor" in weights:
-        anchor = anchor_responses(reference, tokenizer, [p.prompt for p in harmful_pairs], across_ranks=True)
+        anchor = anchor_responses(reference, tokenizer, [p.prompt for p in harmful], across_ranks=True)
     if benign_anchor is None and benign_prompts:
         benign_anchor = anchor_responses(reference, tokenizer, benign_prompts, across_ranks=True)
-    # the safety objective, and what the report shows: each of its terms' NLL, the harmful responses' NLL whenever
-    # the file has them (its responses are refusals under `refusal`), and the benign side whenever given
+    # the report shows each minimised term's NLL, the harmful responses' NLL whenever the file has them (its
+    # responses are refusals under `refusal`), and the benign side whenever given
     shown_weights = dict(weights)
-    if not {"harmful", "refusal"} & set(weights) and all(p.response for p in harmful_pairs):
+    if not {"harmful", "refusal"} & set(weights) and all(p.response for p in harmful):
         shown_weights["harmful"] = 1.0
     if benign_prompts:
         shown_weights.setdefault("benign", 1.0)
-    shown, used = build_safety(model, tokenizer, harmful_pairs, shown_weights, batch_size=batch_size,
-                               max_length=max_length, anchor=anchor, benign_anchor=benign_anchor,
+    shown, used = build_safety(model, tokenizer, harmful, shown_weights, batch_size=config.batch_size,
+                               max_length=inputs.max_length, anchor=anchor, benign_anchor=benign_anchor,
                                aligned_nll=aligned_nll if reference is not None else None, shard=shard)
     safety = Objective([t for t in shown.terms if t.name in weights])
     aligned_safety, aligned_terms, target = None, {}, None
@@ -279,56 +335,55 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
         with adapter_disabled(reference):
             refusals["aligned"] = refusal_rate(reference, tokenizer, benign_prompts, across_ranks=True)[0]
         refusals["before"] = refusal_rate(model, tokenizer, benign_prompts, across_ranks=True)[0]
-
     constraints = []
-    if benign_prompts and benign_budget is not None:
+    if benign_prompts and config.benign_budget is not None:
         benign_side = Objective([LossTerm("benign", t.batches) for t in shown.terms if t.name == "benign"])
-        bound = max(terms_before["benign"], aligned_terms["benign"]) + benign_budget
+        bound = max(terms_before["benign"], aligned_terms["benign"]) + config.benign_budget
         constraints = [Constraint("benign_nll", benign_side, bound)]
         target = None
+    return _SafetySide(shown, safety, used, target, constraints, aligned_safety, aligned_terms, terms_before,
+                       refusals)
 
-    if method in METHODS:
-        result = restore(model, safety, task, method=method, params=params, task_budget=task_budget,
-                         task_budget_abs=task_budget_abs, iterations=iterations, damping=damping,
-                         select_top=select_top, safety_target=target, progress=progress and is_main(),
-                         ggn_rows=config.ggn_rows,
-                         constraints=constraints)
-    elif method == "revert":
-        result = revert(model, safety, task, task_budget=task_budget, task_budget_abs=task_budget_abs)
-    else:
-        unaligned = load_unaligned_state(unaligned_model)
-        fn = safelora if method == "safelora" else resta
-        result = fn(model, safety, task, unaligned, task_budget=task_budget, task_budget_abs=task_budget_abs)
-    failure = _no_progress(result)
-    if failure:
-        raise NoProgressError(f"{failure}; nothing written")
 
-    terms_after = shown.term_nlls(model)
-    if benign_prompts:
-        refusals["after"] = refusal_rate(model, tokenizer, benign_prompts, across_ranks=True)[0]
-    report = {"method": method, "objective": weights, "config": config.to_dict(), "model": str(model_dir),
-              "adapter": None if full else str(adapter_dir), "ranks": world_size(),
-              "stopped": result.stopped.value, "stop_detail": result.stop_detail, "error": result.error,
-              "safety_objective": {**result.safety_objective, "aligned": aligned_safety},
+def _apply_method(inputs: _Inputs, side: _SafetySide, unaligned_model, progress: bool) -> RestoreResult:
+    """The restore loop (``METHODS``) or the baseline, on the model in place."""
+    c, model, task, safety = inputs.config, inputs.model, inputs.task, side.objective
+    budgets = {"task_budget": c.task_budget, "task_budget_abs": c.task_budget_abs}
+    if c.method in METHODS:
+        return restore(model, safety, task, method=c.method, params=c.params, iterations=c.iterations,
+                       damping=c.damping, select_top=c.select_top, safety_target=side.target,
+                       progress=progress and is_main(), ggn_rows=c.ggn_rows, constraints=side.constraints,
+                       **budgets)
+    if c.method == "revert":
+        return revert(model, safety, task, **budgets)
+    fn = safelora if c.method == "safelora" else resta
+    return fn(model, safety, task, load_unaligned_state(unaligned_model), **budgets)
+
+
+def _report(inputs: _Inputs, side: _SafetySide, result: RestoreResult, model_dir, adapter_dir) -> dict:
+    """``report.json``'s content (README: its fields), with the levels after the run measured here."""
+    model, method = inputs.model, inputs.config.method
+    terms_after = side.shown.term_nlls(model)
+    report = {"method": method, "objective": inputs.weights, "config": inputs.config.to_dict(),
+              "model": str(model_dir), "adapter": None if adapter_dir is None else str(adapter_dir),
+              "ranks": world_size(), "stopped": result.stopped.value, "stop_detail": result.stop_detail,
+              "error": result.error, "safety_objective": {**result.safety_objective, "aligned": side.aligned_safety},
               "task_nll": result.task_nll}
-    for name in terms_before:
-        report[f"{name}_nll"] = {"before": terms_before[name], "after": terms_after[name],
-                                 "aligned": aligned_terms.get(name)}
-    if constraints:
-        report["benign_nll"]["bound"] = constraints[0].budget
-    if refusals:
-        report["over_refusal"] = {"before": refusals["before"], "after": refusals["after"],
-                                  "aligned": refusals["aligned"], "prompts": len(benign_prompts)}
+    for name, before in side.terms_before.items():
+        report[f"{name}_nll"] = {"before": before, "after": terms_after[name],
+                                 "aligned": side.aligned_terms.get(name)}
+    if side.constraints:
+        report["benign_nll"]["bound"] = side.constraints[0].budget
+    if side.refusals:
+        after = refusal_rate(model, inputs.tokenizer, inputs.benign_prompts, across_ranks=True)[0]
+        report["over_refusal"] = {"before": side.refusals["before"], "after": after,
+                                  "aligned": side.refusals["aligned"], "prompts": len(inputs.benign_prompts)}
+    plan = inputs.plan
     report.update({"iterations": result.iterations, "steps": result.steps,
                    "layer_update_norms": result.layer_update_norms, "influence": result.influence,
                    "details": result.details, "seconds": result.seconds,
                    "plan": asdict(plan.methods[method]) if plan is not None and method in METHODS else None})
-    with together():  # rank 0 writes once every rank got here; its failure to write fails them all
-        if is_main():
-            model = _write_outputs(out, model, tokenizer, report, used, as_model=full or method == "resta",
-                                   full=full)
-    return RestoreRun(report, model, tokenizer)
-
+    return report
 
 def _write_outputs(out: Path, model, tokenizer, report: dict, used: dict, *, as_model: bool, full: bool):
     """The output folder, atomically: ``adapter/`` (or ``model/``: a full fine-tune, or RESTA's merged edit),

@@ -23,6 +23,7 @@ For each accepted step the report holds the second-order model's predicted chang
 from __future__ import annotations
 
 import time
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -272,122 +273,168 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
         raise FloatingPointError(f"non-finite losses at the start (task {l0}, safety {s0})")
     budget = budget_of(l0, task_budget, task_budget_abs)
 
-    def reached(s: float, terms: Mapping[str, float]) -> bool:
-        if safety_target is None:
-            return False
-        if not isinstance(safety_target, Mapping):
-            return s <= safety_target
-        return all(terms[name] <= target for name, target in safety_target.items())
-
-    def describe_target() -> str:
-        if not isinstance(safety_target, Mapping):
-            return f"{safety_target:.4f}"
-        return ", ".join(f"{name} {target:.4f}" for name, target in safety_target.items())
-
     influence: list[dict] = []
     if select_top is not None:
-        _, task_grad = task.gradient(model, chosen)
-        _, s_grad = safety.gradient(model, chosen)
-        if _norm(s_grad) > 0:
-            precond.refresh(model, task.batches, chosen, s_grad)
-            influence = influence_scores(model, safety, chosen, task_grad, precond)
-            safety = select_examples(safety, influence, select_top)
+        safety, influence = _influence_selection(model, safety, task, chosen, precond, select_top)
+        if influence:
             terms0 = safety.term_values(model)
             s0 = sum(terms0.values())
 
     norm0 = max(_norm(theta0), 1e-3)
-    radius = trust_radius * norm0
-    mu, growths = 0.0, 0
-    s_cur, l_cur, terms_cur = s0, l0, terms0
-    best = theta0
-    log: list[dict] = []
+    loop = _Loop(model, chosen, precond, task, safety, constraints, budget, (trust_radius * norm0,
+                 4 * trust_radius * norm0), max_mu_growth, (s0, l0, terms0), theta0)
     stopped, detail, error, binding = StopReason.ITERATIONS, "", None, ()
     bar = tqdm(range(iterations), desc=f"restore ({method})", disable=not progress or not is_main(), leave=False)
     try:
         for it in bar:
-            if reached(s_cur, terms_cur):
+            if _reached(safety_target, loop.s_cur, loop.terms_cur):
                 break
-            _, gs = safety.gradient(model, chosen)
-            gs_norm = _norm(gs)
-            if gs_norm == 0.0:
-                stopped = StopReason.FLAT
-                detail = ("the safety gradient is zero: every term is at its ceiling (the aligned model's NLL) or "
-                          "carries no signal here")
+            outcome = loop.iterate(partial(_refresh_due, it, refresh_every, bool(influence)))
+            if outcome is not None:
+                stopped, detail, binding = outcome
                 break
-            _, gl = task.gradient(model, chosen)
-            c_grads = [c.objective.gradient(model, chosen)[1] for c in constraints]
-            for gc in c_grads:
-                gl = {n: gl[n] + gc[n] for n in gl}
-            gl_norm = max(_norm(gl), 1e-30)
-            accepted, descended, inside, broke = None, False, False, set()
-            first = True
-            while accepted is None:
-                gj = {n: gs[n] + mu * gl[n] for n in gs}
-                if (it == 0 and first and not influence) or (it > 0 and it % refresh_every == 0):
-                    precond.refresh(model, task.batches, chosen, gj)  # at it 0 after select_top: built on gs
-                first = False
-                d = _guarded_direction(precond, gj, c_grads)
-                trial = _backtrack(model, chosen, d, radius, s_cur, task, safety, budget, constraints)
-                accepted = trial.accepted
-                descended, inside, broke = descended or trial.descended, inside or trial.inside, broke | trial.broke
-                if accepted is None:
-                    growths += 1
-                    if growths > max_mu_growth:
-                        break
-                    mu = max(2 * mu, 0.5 * gs_norm / gl_norm)
-            if accepted is None:
-                if descended:
-                    stopped, binding = StopReason.BUDGET, tuple(sorted(broke))
-                    bounds = {"task loss": (budget, l_cur), **{c.name: (c.budget, c.objective.evaluate(model))
-                                                               for c in constraints}}
-                    detail = ("every step that lowered the safety objective took " + " or ".join(
-                        f"the {name} past its budget {bounds[name][0]:.4f} (now {bounds[name][1]:.4f})"
-                        for name in bounds if name in broke))
-                else:
-                    stopped = StopReason.NO_DESCENT
-                    detail = (f"no trial step lowered the safety objective ({s_cur:.4f}) along the preconditioned "
-                              f"direction{'' if inside else ' or stayed inside the task budget'}")
-                break
-            step, r, l_new, s_new, terms_new = accepted
-            if r < radius / 3:  # accepted only after backtracking: the budget binds, so descend the task too
-                mu = max(2 * mu, 0.5 * gs_norm / gl_norm)
-            entry = {"iteration": it, "step_norm": _norm(step), "mu": mu,
-                     "predicted": {"safety": float(dot(gs, step)),
-                                   "task": float(dot(gl, step)) + 0.5 * precond.quad(step)},
-                     "realised": {"safety": s_new - s_cur, "task": l_new - l_cur},
-                     "safety_objective": s_new, "task_nll": l_new}
-            best = _snapshot(chosen)
-            log.append(entry)
-            s_cur, l_cur, terms_cur = s_new, l_new, terms_new
-            radius = min(2.0 * r, 4 * trust_radius * norm0)
-            bar.set_postfix(S=f"{s_cur:.3f}", L=f"{l_cur:.4f}")
+            bar.set_postfix(S=f"{loop.s_cur:.3f}", L=f"{loop.l_cur:.4f}")
             if callback is not None:
-                callback(entry)
+                callback(loop.log[-1])
     except Exception as exc:
-        if not log or is_distributed():  # ranks cannot agree on a rank's own failure: every rank stops
-            _assign(chosen, best)
+        if not loop.log or is_distributed():  # ranks cannot agree on a rank's own failure: every rank stops
+            _assign(chosen, loop.best)
             raise
-        _assign(chosen, best)
+        _assign(chosen, loop.best)
         stopped, error = StopReason.ERROR, f"{type(exc).__name__}: {exc}"
-        detail = f"failed after {len(log)} accepted steps ({error}); the last accepted state is kept"
+        detail = f"failed after {len(loop.log)} accepted steps ({error}); the last accepted state is kept"
     except BaseException:  # KeyboardInterrupt and the like: leave the model at its last accepted state
-        _assign(chosen, best)
+        _assign(chosen, loop.best)
         raise
     finally:
         bar.close()
-    if stopped is not StopReason.ERROR and reached(s_cur, terms_cur):
+    if stopped is not StopReason.ERROR and _reached(safety_target, loop.s_cur, loop.terms_cur):
         stopped = StopReason.TARGET
-        detail = f"safety objective {s_cur:.4f} at its target {describe_target()} (the aligned model's)"
+        detail = f"safety objective {loop.s_cur:.4f} at its target {_describe(safety_target)} (the aligned model's)"
     elif stopped is StopReason.ITERATIONS:
-        detail = (f"{iterations} accepted steps, the cap; safety objective {s_cur:.4f}"
-                  + ("" if safety_target is None else f", target {describe_target()}"))
+        detail = (f"{iterations} accepted steps, the cap; safety objective {loop.s_cur:.4f}"
+                  + ("" if safety_target is None else f", target {_describe(safety_target)}"))
+    return RestoreResult(method=method, safety_objective={"before": s0, "after": loop.s_cur, "target": safety_target},
+                         task_nll={"before": l0, "after": loop.l_cur, "budget": budget}, steps=loop.log,
+                         layer_update_norms=_layer_update_norms(chosen, theta0), influence=influence,
+                         stopped=stopped, stop_detail=detail, error=error, binding=binding,
+                         seconds=time.perf_counter() - start)
 
+
+def _refresh_due(it: int, refresh_every: int, refreshed_on_safety: bool, first: bool) -> bool:
+    """Whether to refresh the curvature before a direction of iteration ``it`` (``first``: its first direction):
+    at the first of iteration 0 (unless ``select_top`` already refreshed it on the safety gradient), and before
+    every direction of each ``refresh_every``-th iteration after it."""
+    return (it == 0 and first and not refreshed_on_safety) or (it > 0 and it % refresh_every == 0)
+
+
+def _reached(target: Union[None, float, Mapping[str, float]], s: float, terms: Mapping[str, float]) -> bool:
+    """Whether S (a float target) or each named term (a mapping) is at or below its target."""
+    if target is None:
+        return False
+    if not isinstance(target, Mapping):
+        return s <= target
+    return all(terms[name] <= value for name, value in target.items())
+
+
+def _describe(target: Union[float, Mapping[str, float]]) -> str:
+    if not isinstance(target, Mapping):
+        return f"{target:.4f}"
+    return ", ".join(f"{name} {value:.4f}" for name, value in target.items())
+
+
+def _influence_selection(model, safety: Objective, task: Objective, chosen: dict, precond,
+                         select_top: int) -> tuple[Objective, list[dict]]:
+    """``select_top``: the safety objective on its top-scoring examples and every example's score, with the
+    curvature refreshed on the safety gradient (``safety`` and no scores when that gradient is zero)."""
+    _, task_grad = task.gradient(model, chosen)
+    _, s_grad = safety.gradient(model, chosen)
+    if _norm(s_grad) == 0:
+        return safety, []
+    precond.refresh(model, task.batches, chosen, s_grad)
+    influence = influence_scores(model, safety, chosen, task_grad, precond)
+    return select_examples(safety, influence, select_top), influence
+
+
+def _layer_update_norms(chosen: Mapping[str, Tensor], theta0: ParamVector) -> dict[str, float]:
+    """The norm of each module's edit (its parameters together)."""
     deltas: dict[str, float] = {}
     for n, p in chosen.items():
         module = n.rsplit(".", 1)[0]
         deltas[module] = deltas.get(module, 0.0) + float((p.detach() - theta0[n]).square().sum())
-    return RestoreResult(method=method, safety_objective={"before": s0, "after": s_cur, "target": safety_target},
-                         task_nll={"before": l0, "after": l_cur, "budget": budget}, steps=log,
-                         layer_update_norms={k: v ** 0.5 for k, v in deltas.items()}, influence=influence,
-                         stopped=stopped, stop_detail=detail, error=error, binding=binding,
-                         seconds=time.perf_counter() - start)
+    return {k: v ** 0.5 for k, v in deltas.items()}
+
+
+class _Loop:
+    """The state of the restore loop between iterations (levels, trust radius, task-descent weight μ and its
+    growths, the last accepted parameters, the log) and one iteration: gradients, then steps along the
+    preconditioned direction of ``S + μ (L + Σ C)``, μ growing until one is accepted or it has grown too often."""
+
+    def __init__(self, model, chosen: dict, precond, task: Objective, safety: Objective,
+                 constraints: Sequence[Constraint], budget: float, radii: tuple[float, float], max_mu_growth: int,
+                 levels: tuple[float, float, dict], theta0: ParamVector):
+        self.model, self.chosen, self.precond = model, chosen, precond
+        self.task, self.safety, self.constraints, self.budget = task, safety, constraints, budget
+        (self.radius, self.max_radius), self.max_mu_growth = radii, max_mu_growth  # first and largest step
+        self.s_cur, self.l_cur, self.terms_cur = levels
+        self.mu, self.growths = 0.0, 0
+        self.best = theta0
+        self.log: list[dict] = []
+
+    def iterate(self, refresh_due: Callable[[bool], bool]) -> Optional[tuple[StopReason, str, tuple]]:
+        """One iteration; None after an accepted step (the parameters hold it), else why it stops
+        ``(reason, detail, binding budgets)`` with the parameters as they were. ``refresh_due(first)``: whether
+        to refresh the curvature before a direction (``first``: the iteration's first)."""
+        model, chosen = self.model, self.chosen
+        _, gs = self.safety.gradient(model, chosen)
+        gs_norm = _norm(gs)
+        if gs_norm == 0.0:
+            return StopReason.FLAT, ("the safety gradient is zero: every term is at its ceiling (the aligned "
+                                     "model's NLL) or carries no signal here"), ()
+        _, gl = self.task.gradient(model, chosen)
+        c_grads = [c.objective.gradient(model, chosen)[1] for c in self.constraints]
+        for gc in c_grads:
+            gl = {n: gl[n] + gc[n] for n in gl}
+        gl_norm = max(_norm(gl), 1e-30)
+        accepted, descended, inside, broke = None, False, False, set()
+        first = True
+        while accepted is None:
+            gj = {n: gs[n] + self.mu * gl[n] for n in gs}
+            if refresh_due(first):
+                self.precond.refresh(model, self.task.batches, chosen, gj)
+            first = False
+            d = _guarded_direction(self.precond, gj, c_grads)
+            trial = _backtrack(model, chosen, d, self.radius, self.s_cur, self.task, self.safety, self.budget,
+                               self.constraints)
+            accepted = trial.accepted
+            descended, inside, broke = descended or trial.descended, inside or trial.inside, broke | trial.broke
+            if accepted is None:
+                self.growths += 1
+                if self.growths > self.max_mu_growth:
+                    return self._failure(descended, inside, broke)
+                self.mu = max(2 * self.mu, 0.5 * gs_norm / gl_norm)
+        step, r, l_new, s_new, terms_new = accepted
+        if r < self.radius / 3:  # accepted only after backtracking: the budget binds, so descend the task too
+            self.mu = max(2 * self.mu, 0.5 * gs_norm / gl_norm)
+        self.log.append({"iteration": len(self.log), "step_norm": _norm(step), "mu": self.mu,
+                         "predicted": {"safety": float(dot(gs, step)),
+                                       "task": float(dot(gl, step)) + 0.5 * self.precond.quad(step)},
+                         "realised": {"safety": s_new - self.s_cur, "task": l_new - self.l_cur},
+                         "safety_objective": s_new, "task_nll": l_new})
+        self.best = _snapshot(chosen)
+        self.s_cur, self.l_cur, self.terms_cur = s_new, l_new, terms_new
+        self.radius = min(2.0 * r, self.max_radius)
+        return None
+
+    def _failure(self, descended: bool, inside: bool, broke: set) -> tuple[StopReason, str, tuple]:
+        """Why no step was accepted: a budget bound every step that lowered S, or none lowered it."""
+        if not descended:
+            where = "" if inside else " or stayed inside the task budget"
+            return StopReason.NO_DESCENT, (f"no trial step lowered the safety objective ({self.s_cur:.4f}) along "
+                                           f"the preconditioned direction{where}"), ()
+        bounds = {"task loss": (self.budget, self.l_cur),
+                  **{c.name: (c.budget, c.objective.evaluate(self.model)) for c in self.constraints}}
+        detail = "every step that lowered the safety objective took " + " or ".join(
+            f"the {name} past its budget {bounds[name][0]:.4f} (now {bounds[name][1]:.4f})"
+            for name in bounds if name in broke)
+        return StopReason.BUDGET, detail, tuple(sorted(broke))

@@ -28,6 +28,7 @@ from torch import Tensor
 from .anchors import anchor_responses, keep_response_prefix
 from .curvature.distributed import all_reduce_counts, all_reduce_sum_
 from .curvature.loss import IGNORE_INDEX, curvature_mode, prepare_batch
+from .curvature.sharded import forward_tensors, whole_zeros
 from .data import Pair, make_batches
 from .nll import batch_nll_sums, token_mean_nll
 
@@ -108,14 +109,14 @@ class Objective:
         Under ``torch.distributed`` each rank holds its own batches: NLL sums, token counts and gradients are
         all-reduced, so every rank gets the value and gradient of the union of the data.
         """
-        tensors = list(params.values())
-        device = tensors[0].device if tensors else torch.device("cpu")
-        total, grads = 0.0, [torch.zeros_like(p) for p in tensors]
-        with curvature_mode(model):
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        total, grads = 0.0, [whole_zeros(p) for p in params.values()]
+        with curvature_mode(model), forward_tensors(model, params) as used:
             for term in self.terms:
                 local, count = 0.0, 0
                 for s, n in batch_nll_sums(model, term.batches, grad=True):
                     local, count = local + s, count + int(n)
+                tensors = list(used.values())  # FSDP2: the whole parameters the forwards used
                 nll_sum, count = all_reduce_counts([float(local.detach()), count], device)
                 nll = nll_sum / count
                 if not math.isfinite(nll):

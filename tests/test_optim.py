@@ -457,21 +457,47 @@ def test_other_objectives_guard_their_own_gradient(objective):
         assert rel_err(g, expected[n]) < 1e-6, n
 
 
-def _ddp_run(rank=None, port=None, out_dir=None, steps=3):
-    """Each of 2 ranks trains on its own batches and safety shard; ``rank=None`` is one process on the union."""
+def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype=torch.float64, settings=None):
+    """Each of 2 ranks trains on its own batches and safety shard, its model wrapped in DDP or sharded with FSDP2
+    (``fully_shard`` per decoder layer and at the root); ``rank=None`` is one process on the union."""
     import os
 
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
+
+    from curvsafe.curvature.sharded import whole
 
     if rank is not None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        model = lora_model()
-        safety = safety_data() if rank is None else safety_data()[rank::2]
+        model = lora_model(dtype)
+        # a safety batch position under DDP / FSDP means the union of the ranks' batches there (its level, its
+        # ceiling): one process holds the ranks' two batches as one
+        safety = ([{k: torch.cat([b[k] for b in safety_data()]) for k in safety_data()[0]}] if rank is None
+                  else safety_data()[rank::2])
         data = [make_batch(batch=2, seq=8, seed=s, pad=False) for s in range(2 * steps)]
-        net = DistributedDataParallel(model) if rank is not None else model
-        opt = CurvSafe(adamw(model, lr=5e-2), net, safety, refresh_every=2, strength=2.0, refresh_batches=None)
+        net = model
+
+        def shard():
+            mesh = init_device_mesh("cpu", (2,))
+            for layer in model.base_model.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+
+        if rank is not None and wrap == "ddp":
+            net = DistributedDataParallel(model)
+        elif rank is not None and wrap == "fsdp2":
+            shard()
+        opt = CurvSafe(adamw(model, lr=5e-2), net, safety, refresh_every=2, strength=2.0, refresh_batches=None,
+                       **(settings or {}))
+        if rank is not None and wrap == "fsdp2-after":  # as accelerate / the HF Trainer: shard the model after the
+            names = {id(p): n for n, p in model.named_parameters()}  # optimizer is built, then swap its params
+            shard()
+            sharded = dict(model.named_parameters())
+            for group in opt.optimizer.param_groups:
+                group["params"] = [sharded[names[id(p)]] for p in group["params"]]
         net.train()
         for step in range(steps):
             opt.zero_grad()
@@ -480,58 +506,35 @@ def _ddp_run(rank=None, port=None, out_dir=None, steps=3):
             else:
                 net(**data[2 * step + rank]).loss.backward()
             opt.step()
-        result = trainable(model)
+        result = {n: whole(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if rank is not None:
-            torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        return result
+            torch.save({"params": result, "refreshes": opt.refresh_count}, os.path.join(out_dir, f"rank{rank}.pt"))
+        return result, opt.refresh_count
     finally:
         if rank is not None:
             dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_apply_the_identical_projection_equal_to_one_process(tmp_path):
+@pytest.mark.parametrize("wrap, dtype, settings", [
+    ("ddp", torch.float64, {}), ("fsdp2", torch.float64, {}), ("fsdp2", torch.float32, {}),
+    ("fsdp2", torch.float32, {"objective": "anchor+harmful"}),  # the exact safety gradient, not K-FAC's by-product
+    ("fsdp2-after", torch.float64, {})],
+    ids=["ddp", "fsdp2", "fsdp2-float32", "fsdp2-float32-exact-gradient", "fsdp2-sharded-after-construction"])
+def test_two_gloo_ranks_apply_the_identical_projection_equal_to_one_process(tmp_path, wrap, dtype, settings):
+    """FSDP2 runs on CPU here (gloo): the sharded steps equal one process's on the union of the data (the
+    safety passes leave FSDP's training gradients alone; each rank writes its shard of the same update)."""
     import torch.multiprocessing as mp
     from test_distributed import free_port
 
-    mp.spawn(_ddp_run, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_parallel_run, args=(free_port(), str(tmp_path), 3, wrap, dtype, settings), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single = _ddp_run()
-    start = trainable(lora_model())
+    single, refreshes = _parallel_run(dtype=dtype, settings=settings)
+    start = trainable(lora_model(dtype))
+    for r in ranks:
+        assert r["refreshes"] == refreshes >= 2
     for n, expected in single.items():
-        assert torch.equal(ranks[0][n], ranks[1][n]), n
-        assert rel_err(ranks[0][n] - start[n], expected - start[n]) < 1e-5, n
-
-
-def _fsdp_run(rank, port, out_dir):
-    import os
-
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        model = lora_model(torch.float32)
-        fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
-        try:
-            CurvSafe(adamw(model), model, safety_data()[rank::2])
-            message = "accepted"
-        except ValueError as exc:
-            message = str(exc)
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(message)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_fsdp_sharded_models_are_refused_with_a_clear_error(tmp_path):
-    """FSDP2 runs on CPU here (gloo): a fully_shard model is refused at construction on every rank."""
-    import torch.multiprocessing as mp
-    from test_distributed import free_port
-
-    mp.spawn(_fsdp_run, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    for r in range(2):
-        assert "does not support FSDP" in (tmp_path / f"rank{r}.txt").read_text()
+        assert torch.equal(ranks[0]["params"][n], ranks[1]["params"][n]), n
+        assert rel_err(ranks[0]["params"][n] - start[n], expected - start[n]) < 1e-5, n
 
 
 def test_hf_trainer_drives_curvsafe_with_its_scheduler(tmp_path):

@@ -96,7 +96,10 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
     totals = PassTotals()
     check = _HookCheck(verify)
 
+    used: dict[str, Tensor] = {}  # each block's weight as its forward used it (FSDP2: the whole parameter)
+
     def forward_cb(block: LinearBlock, a: Tensor) -> None:
+        used[block.name] = block.module.weight
         check.forward(block, a, first_batch=totals.batches == 0)
         on_forward(block, a)
 
@@ -105,7 +108,7 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
         on_backward(block, g)
 
     show = default_progress() if progress is None else progress
-    with curvature_mode(model), requiring_grad(b.module.weight for b in blocks) as weights, \
+    with curvature_mode(model), requiring_grad(b.module.weight for b in blocks) as own_weights, \
             LayerCapture(blocks, forward_cb, backward_cb) as capture:
         for raw in tqdm(batches, desc=desc, disable=not show, leave=False):
             batch = prepare_batch(raw, device)
@@ -113,6 +116,7 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
             capture.expect_forward(token_mask)
             output = call_model(model, batch)
             capture.check_forward()
+            weights = [used.get(b.name, w) for b, w in zip(blocks, own_weights)]
             targets = loss.targets(batch)
             if fisher_type == "mc":
                 targets = loss.sample_targets(output, targets, generator)

@@ -71,6 +71,7 @@ from torch.optim import Optimizer
 from ..anchors import anchor_batches, keep_response_prefix
 from ..capture import LinearBlock, find_blocks
 from ..curvature.distributed import all_reduce_counts, is_distributed
+from ..curvature.sharded import assign_whole_, is_sharded, whole
 from ..curvature.loss import curvature_mode
 from ..nll import batch_nll_sums
 from ..objectives import LossTerm, Objective, safety_objective
@@ -97,20 +98,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _refuse_sharded(model: nn.Module) -> None:
-    """FSDP (1: a wrapper with flat parameters; 2: ``fully_shard``'s DTensor parameters) is refused up front: the
-    curvature passes would run FSDP's all-gathers and gradient reduce-scatters into the training gradients, and the
-    projection needs each block's whole update (see the README's FSDP paragraph)."""
+def _refuse_fsdp1(model: nn.Module) -> None:
+    """FSDP1 (``FullyShardedDataParallel``, flat parameters) is refused up front; FSDP2 (``fully_shard``) is
+    supported (:mod:`curvsafe.curvature.sharded`)."""
     if not torch.distributed.is_available():
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
 
-    sharded = isinstance(model, FullyShardedDataParallel) or any(isinstance(p, DTensor) for p in model.parameters())
-    if sharded:
-        raise ValueError("CurvSafe does not support FSDP-sharded models (FullyShardedDataParallel or fully_shard): "
-                         "the projection needs each protected block's whole update and the safety passes must not "
-                         "trigger FSDP's collectives; use DDP, or protect an unsharded model")
+    if isinstance(model, FullyShardedDataParallel):
+        raise ValueError("CurvSafe does not support FSDP1 (FullyShardedDataParallel, flat parameters): shard the "
+                         "model with FSDP2 (torch.distributed.fsdp.fully_shard; accelerate's fsdp_version: 2) or "
+                         "use DDP")
 
 
 def _same_on_every_rank(value: int, what: str, device: torch.device) -> None:
@@ -177,7 +175,7 @@ class CurvSafe(Optimizer):
                                                                         needs_responses=False)
         self.optimizer = optimizer
         self.model = _unwrap(model)
-        _refuse_sharded(self.model)
+        _refuse_fsdp1(self.model)
         self._check_params_in_model()
         self.blocks = self._optimized_blocks()
         self.params = self._captured_params()  # the protected parameters by name
@@ -350,18 +348,37 @@ class CurvSafe(Optimizer):
             loss = self.optimizer.step(closure)
             self._step += 1
             return loss
+        self._follow_replaced_params()
         if self._refresh_due():
             self.refresh()
         params = list(self.params.values())
-        if len(self._before) != len(params):
-            self._before = [torch.empty_like(p) for p in params]
+        sharded = any(is_sharded(p) for p in params)
         with torch.no_grad():
-            torch._foreach_copy_(self._before, params)
+            if sharded:  # FSDP2: the constraint acts on whole tensors, each rank keeps its shard of the result
+                self._before = [whole(p) for p in params]
+            else:
+                if len(self._before) != len(params):
+                    self._before = [torch.empty_like(p) for p in params]
+                torch._foreach_copy_(self._before, params)
         loss = self.optimizer.step(closure)
         with torch.no_grad():
-            self._constrain(params)
+            if sharded:
+                wholes = [whole(p) for p in params]
+                self._constrain(wholes)
+                for p, w in zip(params, wholes):
+                    assign_whole_(p, w)
+            else:
+                self._constrain(params)
         self._step += 1
         return loss
+
+    def _follow_replaced_params(self) -> None:
+        """Adopt the model's parameters when they were replaced since construction (``fully_shard`` after the
+        optimizer was built, as accelerate and the HF Trainer do: the captured tensors would be orphans). The
+        curvature, gradients and refresh reference are kept: they are values by parameter name."""
+        named = dict(self.model.named_parameters())
+        if any(named.get(n) is not p for n, p in self.params.items()):
+            self.params, self._before = self._captured_params(), []
 
     # ------------------------------------------------------------------ refreshes
     def _refresh_due(self) -> bool:
@@ -371,7 +388,7 @@ class CurvSafe(Optimizer):
             return True
         if s.refresh_tol is None:
             return False
-        params = list(self.params.values())
+        params = [whole(p) for p in self.params.values()]
         if len(params) != len(self._reference):
             return True
         with torch.no_grad():
@@ -415,7 +432,7 @@ class CurvSafe(Optimizer):
                 self._refresh_side(side, indices)
             self.gram = gram_matrix([[side.grad[n] for n in safety.grad] for side in self.sides])
         with torch.no_grad():
-            self._reference = [p.detach().clone() for p in self.params.values()]
+            self._reference = [whole(p).detach().clone() for p in self.params.values()]
         self._last_refresh = self._step
         self._refreshes += 1
 

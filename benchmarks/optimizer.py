@@ -21,6 +21,11 @@ the attack's own trajectory: its
 batches (32 examples, shuffled), 3 epochs, AdamW at lr 3e-3 with 5 warm-up steps and linear decay, as the
 Trainer runs it. ``--model large`` times a synthetic Llama (hidden 512, 4 layers, LoRA r=16, batch
 8 x 256 tokens, ``--steps`` steps of the same schedule) for GPUs, where the testbed model is too small to time.
+
+FSDP2: ``torchrun --nproc-per-node N benchmarks/optimizer.py --timing-only --fsdp2`` shards both copies with
+``fully_shard`` (each decoder layer, then the root; gloo on CPU, NCCL on GPU); rank r takes rows r, r + N, ... of
+every training, safety and benign batch (the union is the one-process run's batch); rank 0's times are reported
+and written.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch  # noqa: E402
 from curvsafe.data import load_pairs, make_batches  # noqa: E402
 from curvsafe.finetune import SAFETY_BATCH_SIZE  # noqa: E402
 from curvsafe.optim import CurvSafe  # noqa: E402
+from curvsafe.ranks import init_from_env, is_main, launched, rank, world_size  # noqa: E402
 
 VARIANTS = {"adamw": None, "curvsafe": {}, "benign side": {"benign": True},
             "no drift payback": {"restore_drift": False},
@@ -133,10 +139,28 @@ def timing_setup(kind: str, cache: Path, device: torch.device, steps: int):
     return model, move(train), move(safety), move(benign), desc
 
 
-def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: int, benign_side: bool = False) -> dict:
+def shard_fsdp2(model) -> None:
+    """``fully_shard`` each decoder layer of a PEFT Llama, then the root, over all ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(model.device.type, (world_size(),))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: int, benign_side: bool = False,
+           fsdp2: bool = False) -> dict:
     import copy
 
     model, train, safety, benign, desc = timing_setup(kind, cache, device, steps)
+    if fsdp2:  # data parallel: rank r takes rows r, r + N, ... of every batch (the union: one process's batch)
+        def rows(batches: list) -> list:
+            return [{k: v[rank()::world_size()] for k, v in b.items()} for b in batches]
+
+        train, safety, benign = rows(train), rows(safety), rows(benign)
+        desc += f", FSDP2 over {world_size()} ranks (each batch's rows dealt out)"
 
     def adamw(m):
         return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
@@ -146,7 +170,10 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
     times: dict[str, list[float]] = {k: [] for k in makers}
     refreshes = []
     for _ in range(repeats):
-        per_step, count = time_interleaved({k: copy.deepcopy(model) for k in makers}, makers, train, device)
+        copies = {k: copy.deepcopy(model) for k in makers}
+        for m in copies.values() if fsdp2 else ():
+            shard_fsdp2(m)
+        per_step, count = time_interleaved(copies, makers, train, device)
         for name, seconds in per_step.items():
             times[name].append(seconds)
         refreshes.append(count)
@@ -254,6 +281,7 @@ def main() -> None:
     parser.add_argument("--timing-only", action="store_true")
     parser.add_argument("--quality-only", action="store_true", help="skip the step-time runs")
     parser.add_argument("--benign-side", action="store_true", help="time CurvSafe with its benign side")
+    parser.add_argument("--fsdp2", action="store_true", help="time FSDP2-sharded models (run under torchrun)")
     parser.add_argument("--model", choices=["testbed", "large"], default="testbed")
     parser.add_argument("--steps", type=int, default=200, help="steps of the --model large run")
     parser.add_argument("--repeats", type=int, default=5)
@@ -271,7 +299,10 @@ def main() -> None:
         parser.error(f"--variants needs adamw and names from {', '.join(VARIANTS)}; unknown: {unknown}")
     if (args.testbed == "realistic") != (args.data_dir is not None):
         parser.error("--testbed realistic goes with --data-dir (and --data-dir with it)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.fsdp2 and not (args.timing_only and launched()):
+        parser.error("--fsdp2 times the step only: run `torchrun --nproc-per-node N benchmarks/optimizer.py "
+                     "--timing-only --fsdp2`")
+    device = torch.device(init_from_env("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     date = time.strftime("%Y-%m-%d")
@@ -281,7 +312,7 @@ def main() -> None:
              f"torch {torch.__version__})", ""]
     report = {}
     if not args.quality_only:
-        t = timing(args.model, args.cache, device, args.steps, args.repeats, args.benign_side)
+        t = timing(args.model, args.cache, device, args.steps, args.repeats, args.benign_side, args.fsdp2)
         lines += [f"Step time, {t['model']} ({t['device']}): AdamW {t['adamw_ms']:.1f} ms, CurvSafe "
                   f"{t['curvsafe_ms']:.1f} ms (medians), ratio **{t['ratio']:.2f}** (median over {t['repeats']} "
                   f"whole runs interleaved step by step, range {min(t['ratios']):.2f}-{max(t['ratios']):.2f}; mean "
@@ -303,10 +334,12 @@ def main() -> None:
                   f"{', '.join(map(str, seeds))} (`python benchmarks/optimizer.py {shlex.join(sys.argv[1:])}`).", ""]
         lines += quality_tables(aligned, rows)
         report.update(aligned=aligned, rows=rows)
+    if not is_main():
+        return
     text = "\n".join(lines) + "\n"
     print(text)
     stem = f"optimizer_{tag}_{date}" + ("" if args.model == "testbed" else f"_{args.model}") + (
-        "_realistic" if args.testbed == "realistic" else "")
+        "_realistic" if args.testbed == "realistic" else "") + ("_timing_fsdp2" if args.fsdp2 else "")
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
 

@@ -52,3 +52,34 @@ def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path):
         for name, expected in single[key].items():
             for r in ranks:
                 assert rel_err(r[key][name], expected) <= 1e-5, (key, name)
+
+
+def gather_worker(rank, port, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from curvsafe.curvature.sharded import gather_whole, local_part
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        g = torch.Generator().manual_seed(0)
+        wholes = [torch.randn(shape, generator=g) for shape in ((5, 3), (1, 4), (7,), (2, 2, 3))]
+        params = [distribute_tensor(w, mesh, [Shard(0)]) for w in wholes]  # uneven: 3 + 2 rows, 1 + 0, ...
+        gathered = gather_whole(params, [2 * p.to_local() for p in params])
+        parts = [local_part(p, w) for p, w in zip(params, wholes)]
+        torch.save({"gathered": gathered, "parts_match": [torch.equal(a, p.to_local()) for a, p in zip(parts, params)]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_whole_tensors_gathered_from_uneven_shards_in_one_collective(tmp_path):
+    mp.spawn(gather_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    g = torch.Generator().manual_seed(0)
+    wholes = [torch.randn(shape, generator=g) for shape in ((5, 3), (1, 4), (7,), (2, 2, 3))]
+    for r in range(2):
+        result = torch.load(tmp_path / f"rank{r}.pt")
+        assert all(result["parts_match"])
+        for got, want in zip(result["gathered"], wholes):
+            assert torch.equal(got, 2 * want)

@@ -4,14 +4,16 @@ FSDP2 registers each sharded parameter as a DTensor on its module and, for the d
 (and again in its backward), swaps in a whole (unsharded) ``nn.Parameter`` that the forward actually uses. So a
 gradient w.r.t. a named parameter must be taken w.r.t. the tensor its forward used (:func:`forward_tensors`);
 taking it with ``torch.autograd.grad`` leaves every ``.grad`` as it was, so FSDP's reduce-scatter does not run
-into the training gradients. Updates are computed on whole tensors (:func:`whole`), identical on every rank, and
-each rank writes back its own shard (:func:`assign_whole_`). Without FSDP2 every helper is the identity.
+into the training gradients. Updates are computed on whole tensors, gathered from the ranks' shards in one
+collective (:func:`gather_whole`) and identical on every rank; each rank writes back its own part
+(:func:`local_part`). Without FSDP2 the helpers that take any tensor are the identity.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -36,21 +38,55 @@ def whole(t: Tensor) -> Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def _row_chunks(n: int, ranks: int) -> list[int]:
+    """Rows of each rank's ``Shard(0)`` chunk of ``n`` rows (``torch.chunk``'s split, as DTensor's)."""
+    size = -(-n // ranks)
+    return [max(0, min(n, (r + 1) * size) - r * size) for r in range(ranks)]
+
+
+def gather_whole(params: Sequence[Tensor], shards: Sequence[Tensor]) -> list[Tensor]:
+    """The whole tensors of ``shards``, this rank's local pieces of tensors laid out as the DTensors ``params``
+    (e.g. a local update of each parameter), on every rank. One all-gather for all of them when every parameter
+    is ``Shard(0)`` over the same 1-D mesh (FSDP2's layout) and the shards share a dtype; else one per tensor."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = params[0].device_mesh
+    simple = (mesh.ndim == 1 and len({s.dtype for s in shards}) == 1
+              and all(p.device_mesh == mesh and tuple(p.placements) == (Shard(0),) for p in params))
+    if not simple:
+        return [DTensor.from_local(s, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+                for p, s in zip(params, shards)]
+    ranks, group = mesh.size(), mesh.get_group()
+    row_numel = [math.prod(p.shape[1:]) for p in params]  # from the global shape: no DTensor op
+    sizes = [[rows * k for rows in _row_chunks(p.shape[0], ranks)] for p, k in zip(params, row_numel)]
+    longest = max(sum(per[r] for per in sizes) for r in range(ranks))
+    buffer = torch.zeros(longest, dtype=shards[0].dtype, device=shards[0].device)
+    flat = torch.cat([s.reshape(-1) for s in shards])
+    buffer[:flat.numel()] = flat
+    parts = [torch.empty_like(buffer) for _ in range(ranks)]
+    dist.all_gather(parts, buffer, group=group)
+    offsets, out = [0] * ranks, []
+    for p, per in zip(params, sizes):
+        pieces = []
+        for r in range(ranks):
+            pieces.append(parts[r][offsets[r]:offsets[r] + per[r]])
+            offsets[r] += per[r]
+        out.append(torch.cat(pieces).reshape(p.shape))
+    return out
+
+
+def local_part(param: Tensor, value: Tensor) -> Tensor:
+    """This rank's piece of ``value`` (a whole tensor, the same on every rank) in the layout of the DTensor
+    ``param`` (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
 def whole_zeros(t: Tensor) -> Tensor:
     """Zeros of the whole tensor's shape (no communication), like ``torch.zeros_like`` of a plain tensor."""
     return torch.zeros(t.shape, dtype=t.dtype, device=t.device) if is_sharded(t) else torch.zeros_like(t)
-
-
-def assign_whole_(param: Tensor, value: Tensor) -> None:
-    """``param.copy_(value)`` with ``value`` the whole tensor (the same on every rank): a DTensor keeps its shard
-    of it (no communication)."""
-    if is_sharded(param):
-        from torch.distributed.tensor import distribute_tensor
-
-        shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
-        param.to_local().copy_(shard.to_local())
-    else:
-        param.copy_(value)
 
 
 @contextmanager

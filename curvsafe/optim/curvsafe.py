@@ -71,7 +71,7 @@ from torch.optim import Optimizer
 from ..anchors import anchor_batches, keep_response_prefix
 from ..capture import LinearBlock, find_blocks
 from ..curvature.distributed import all_reduce_counts, is_distributed
-from ..curvature.sharded import assign_whole_, is_sharded, whole
+from ..curvature.sharded import gather_whole, is_sharded, local_part
 from ..curvature.loss import curvature_mode
 from ..nll import batch_nll_sums
 from ..objectives import LossTerm, Objective, safety_objective
@@ -89,6 +89,11 @@ STATE_VERSION = 6
 def _working(t: Tensor) -> Tensor:
     """``t`` in the precision the constraint is computed in: float32, or float64 for float64 parameters."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter, else ``t``."""
+    return t.to_local() if is_sharded(t) else t
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -184,13 +189,16 @@ class CurvSafe(Optimizer):
         eos_id = eos_id if eos_id is not None else getattr(config, "eos_token_id", None)
         self._generation = {"pad_id": pad_id if pad_id is not None else 0, "eos_id": eos_id,
                             "max_new_tokens": s.anchor_tokens, "prefix_tokens": None}
+        device = next(self.model.parameters()).device
+        if any(is_sharded(p) for p in self.params.values()):  # FSDP2: every forward all-gathers, so every rank
+            for data, what in ((batches, "safety batches"), (benign or [], "benign batches")):  # runs as many
+                _same_on_every_rank(len(data), f"{what} (FSDP2: each forward all-gathers)", device)
         self.safety = safety_objective(s.objective, anchor=lambda: self._anchor(batches, "anchor"),
                                        responses=lambda: batches, prefix_tokens=s.prefix_tokens,
                                        ceiling=self._union_nll)
         if s.refresh_batches is not None:
             for t in self.safety.terms:
                 _check_stand_alone(t)
-        device = next(self.model.parameters()).device
         # the guarded losses: the safety loss S, then the benign anchor when given (module docstring, **Guard**)
         self.sides = [GuardSide(self.safety)]
         if s.restore_drift:
@@ -354,8 +362,8 @@ class CurvSafe(Optimizer):
         params = list(self.params.values())
         sharded = any(is_sharded(p) for p in params)
         with torch.no_grad():
-            if sharded:  # FSDP2: the constraint acts on whole tensors, each rank keeps its shard of the result
-                self._before = [whole(p) for p in params]
+            if sharded:  # FSDP2: this rank's shards
+                self._before = [p.to_local().clone() for p in params]
             else:
                 if len(self._before) != len(params):
                     self._before = [torch.empty_like(p) for p in params]
@@ -363,10 +371,7 @@ class CurvSafe(Optimizer):
         loss = self.optimizer.step(closure)
         with torch.no_grad():
             if sharded:
-                wholes = [whole(p) for p in params]
-                self._constrain(wholes)
-                for p, w in zip(params, wholes):
-                    assign_whole_(p, w)
+                self._constrain_sharded(params)
             else:
                 self._constrain(params)
         self._step += 1
@@ -375,10 +380,10 @@ class CurvSafe(Optimizer):
     def _follow_replaced_params(self) -> None:
         """Adopt the model's parameters when they were replaced since construction (``fully_shard`` after the
         optimizer was built, as accelerate and the HF Trainer do: the captured tensors would be orphans). The
-        curvature, gradients and refresh reference are kept: they are values by parameter name."""
+        curvature and gradients are kept (values by parameter name); the refresh reference is taken anew."""
         named = dict(self.model.named_parameters())
         if any(named.get(n) is not p for n, p in self.params.items()):
-            self.params, self._before = self._captured_params(), []
+            self.params, self._before, self._reference = self._captured_params(), [], []
 
     # ------------------------------------------------------------------ refreshes
     def _refresh_due(self) -> bool:
@@ -388,12 +393,14 @@ class CurvSafe(Optimizer):
             return True
         if s.refresh_tol is None:
             return False
-        params = [whole(p) for p in self.params.values()]
+        params = [local(p) for p in self.params.values()]  # FSDP2: this rank's shards, the sums all-reduced
         if len(params) != len(self._reference):
             return True
         with torch.no_grad():
             moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._reference))).square().sum()
             norm = torch.stack(torch._foreach_norm(self._reference)).square().sum()
+            if any(is_sharded(p) for p in self.params.values()):
+                moved, norm = all_reduce_counts([float(moved), float(norm)], moved.device)
         return bool(moved > s.refresh_tol ** 2 * norm)
 
     def refresh(self) -> None:
@@ -432,7 +439,7 @@ class CurvSafe(Optimizer):
                 self._refresh_side(side, indices)
             self.gram = gram_matrix([[side.grad[n] for n in safety.grad] for side in self.sides])
         with torch.no_grad():
-            self._reference = [whole(p).detach().clone() for p in self.params.values()]
+            self._reference = [local(p).detach().clone() for p in self.params.values()]
         self._last_refresh = self._step
         self._refreshes += 1
 
@@ -487,6 +494,28 @@ class CurvSafe(Optimizer):
                 torch._foreach_sub_(projected, correction)
         torch._foreach_add_(projected, [_working(b) for b in self._before])
         torch._foreach_copy_(params, projected)
+
+    def _constrain_sharded(self, params: list[Tensor]) -> None:
+        """:meth:`_constrain` for FSDP2 shards: the ranks' local updates are gathered into whole ones (one
+        all-gather), projected and guarded alike on every rank, and each rank adds its part to its shards."""
+        names = list(self.params)
+        local_updates = [_working(p.to_local()) - _working(b) for p, b in zip(params, self._before)]
+        update = gather_whole(params, local_updates)
+        if self.settings.strength == 0:  # guard only: leave the wrapped step where the guard does not act
+            correction = self._guard_correction(names, update)
+            if correction is None:
+                return
+            torch._foreach_sub_(update, correction)
+        else:
+            by_name = dict(zip(names, update))
+            self.projector.project(by_name)
+            update = [by_name[n] for n in names]
+            if self.settings.guard:
+                correction = self._guard_correction(names, update)
+                if correction is not None:
+                    torch._foreach_sub_(update, correction)
+        for p, before, u in zip(params, self._before, update):
+            p.to_local().copy_(_working(before) + local_part(p, u))
 
     def _guard_correction(self, names: list[str], update: list[Tensor]) -> Optional[list[Tensor]]:
         """The guard's correction of ``update`` for this step (each side pays its share of the drift it owes)."""

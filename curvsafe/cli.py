@@ -80,6 +80,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
                           aligned_model=args.aligned_model, force=args.force)
     finally:
         if owns_group and dist.is_initialized():
+            try:  # leave together: rank 0 hosts the launcher's store, which a rank still shutting down may use
+                dist.barrier()
+            except RuntimeError:  # a rank is gone already
+                pass
             dist.destroy_process_group()
     if not main_rank:
         return 0

@@ -51,7 +51,8 @@ Conventions (per captured linear block, weight seen as its (d_out, d_in) matrix,
   ``strength=0`` and ``guard=False`` every step is the wrapped optimizer's, bit for bit.
 - Under ``torch.distributed`` (DDP) the safety factors, token counts and the safety gradient are all-reduced over
   ranks (each rank passes its own shard of the safety data), so every rank applies the identical projection to the
-  identical (already all-reduced) update.
+  identical (already all-reduced) update. Under FSDP2 (``fully_shard``) the same, on whole updates gathered from
+  the ranks' shards; each rank keeps its part (:mod:`curvsafe.curvature.sharded`; FSDP1 is refused).
 
 On CUDA the projection runs the Triton ``kron_eigen_apply`` kernel, on CPU the C++ extension (or PyTorch); see
 :mod:`curvsafe.kernels`.
@@ -91,7 +92,7 @@ def _working(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def local(t: Tensor) -> Tensor:
+def _local(t: Tensor) -> Tensor:
     """This rank's shard of an FSDP2 (DTensor) parameter, else ``t``."""
     return t.to_local() if is_sharded(t) else t
 
@@ -393,7 +394,7 @@ class CurvSafe(Optimizer):
             return True
         if s.refresh_tol is None:
             return False
-        params = [local(p) for p in self.params.values()]  # FSDP2: this rank's shards, the sums all-reduced
+        params = [_local(p) for p in self.params.values()]  # FSDP2: this rank's shards, the sums all-reduced
         if len(params) != len(self._reference):
             return True
         with torch.no_grad():
@@ -439,7 +440,7 @@ class CurvSafe(Optimizer):
                 self._refresh_side(side, indices)
             self.gram = gram_matrix([[side.grad[n] for n in safety.grad] for side in self.sides])
         with torch.no_grad():
-            self._reference = [local(p).detach().clone() for p in self.params.values()]
+            self._reference = [_local(p).detach().clone() for p in self.params.values()]
         self._last_refresh = self._step
         self._refreshes += 1
 

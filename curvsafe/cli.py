@@ -65,7 +65,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     ``torchrun`` / ``accelerate launch`` (rank 0 logs, prints and writes)."""
     import torch.distributed as dist
 
-    from .ranks import init_from_env, is_main, launched
+    from .ranks import init_from_env, is_main, launched, leave_group
     from .restoration import run_restore
 
     owns_group = launched() and not dist.is_initialized()
@@ -79,12 +79,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
                           benign_file=args.benign, unaligned_model=args.unaligned_model,
                           aligned_model=args.aligned_model, force=args.force)
     finally:
-        if owns_group and dist.is_initialized():
-            try:  # leave together: rank 0 hosts the launcher's store, which a rank still shutting down may use
-                dist.barrier()
-            except RuntimeError:  # a rank is gone already
-                pass
-            dist.destroy_process_group()
+        if owns_group:
+            leave_group()
     if not main_rank:
         return 0
     r = run.report

@@ -63,6 +63,18 @@ def init_from_env(device: str, timeout_s: float = 1800.0) -> str:
     return str(dev)
 
 
+def leave_group() -> None:
+    """Leave the process group together: a barrier, then ``destroy_process_group`` (a rank still shutting down
+    may need the store that rank 0 hosts; a rank that is gone already skips the barrier)."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+    except RuntimeError:
+        pass
+    dist.destroy_process_group()
+
+
 def shard(items: Sequence[T], what: str) -> list[T]:
     """This rank's items: ``items[rank::world]``. Every rank needs at least one (``what`` names the items in the
     error, which every rank raises alike since they all hold the same ``items``)."""

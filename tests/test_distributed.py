@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from conftest import make_batch, rel_err, tiny_llama, with_lora
 
 from curvsafe.curvature import EKFAC, KFAC, empirical_fisher_vp
+from curvsafe.ranks import leave_group
 
 
 def batches_for(rank=None):
@@ -35,7 +36,7 @@ def worker(rank, port, out_dir):
     try:
         torch.save(compute(rank), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 def free_port():
@@ -71,7 +72,7 @@ def gather_worker(rank, port, out_dir):
         torch.save({"gathered": gathered, "parts_match": [torch.equal(a, p.to_local()) for a, p in zip(parts, params)]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 def test_whole_tensors_gathered_from_uneven_shards_in_one_collective(tmp_path):

@@ -9,6 +9,7 @@ from conftest import make_batch, rel_err, tiny_llama, with_lora
 from curvsafe.capture import CaptureError
 from curvsafe.curvature import KFAC
 from curvsafe.optim import CurvSafe, CurvSafeSettings
+from curvsafe.ranks import leave_group
 
 
 def safety_data():
@@ -512,7 +513,7 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
         return result, opt.refresh_count
     finally:
         if rank is not None:
-            dist.destroy_process_group()
+            leave_group()
 
 
 @pytest.mark.parametrize("wrap, dtype, settings", [

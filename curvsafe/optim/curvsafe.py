@@ -486,15 +486,20 @@ class CurvSafe(Optimizer):
             if correction is not None:
                 torch._foreach_sub_(params, [c.to(p.dtype) for c, p in zip(correction, params)])
             return
-        by_name = dict(zip(names, deltas))
+        projected = self._projected(names, deltas)
+        torch._foreach_add_(projected, [_working(b) for b in self._before])
+        torch._foreach_copy_(params, projected)
+
+    def _projected(self, names: list[str], update: list[Tensor]) -> list[Tensor]:
+        """``update`` (whole tensors, in ``names``' order) projected, then guarded when the guard is on."""
+        by_name = dict(zip(names, update))
         self.projector.project(by_name)
         projected = [by_name[n] for n in names]
         if self.settings.guard:
             correction = self._guard_correction(names, projected)
             if correction is not None:
                 torch._foreach_sub_(projected, correction)
-        torch._foreach_add_(projected, [_working(b) for b in self._before])
-        torch._foreach_copy_(params, projected)
+        return projected
 
     def _constrain_sharded(self, params: list[Tensor]) -> None:
         """:meth:`_constrain` for FSDP2 shards: the ranks' local updates are gathered into whole ones (one
@@ -508,13 +513,7 @@ class CurvSafe(Optimizer):
                 return
             torch._foreach_sub_(update, correction)
         else:
-            by_name = dict(zip(names, update))
-            self.projector.project(by_name)
-            update = [by_name[n] for n in names]
-            if self.settings.guard:
-                correction = self._guard_correction(names, update)
-                if correction is not None:
-                    torch._foreach_sub_(update, correction)
+            update = self._projected(names, update)
         for p, before, u in zip(params, self._before, update):
             p.to_local().copy_(_working(before) + local_part(p, u))
 

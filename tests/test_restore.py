@@ -168,3 +168,52 @@ def test_full_fine_tune_restore(setup, tmp_path):
     reloaded, _ = load_model(tmp_path / "out" / "model")
     assert torch.equal(reloaded.model.layers[0].mlp.down_proj.weight, run.model.model.layers[0].mlp.down_proj.weight)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def _tiny_restore_problem(setup):
+    from curvsafe.data import load_pairs, make_batches
+    from curvsafe.models import load_model
+    from curvsafe.objectives import LossTerm, Objective, build_safety
+
+    model, tok = load_model(setup / "aligned", setup / "adapter", trainable_adapter=True)
+    safety, _ = build_safety(model, tok, load_pairs(setup / "harmful.jsonl"), "refusal")
+    task = Objective([LossTerm("task", make_batches(tok, load_pairs(setup / "task.jsonl"), batch_size=16))])
+    return model, safety, task
+
+
+def test_mu_stays_zero_when_only_the_safety_curvature_makes_steps_backtrack(setup):
+    """A budget nothing can break: the long trial steps overshoot S and are backtracked, and the task-descent
+    weight μ must not grow for that (it frees budget, and here no budget binds)."""
+    from curvsafe.restoration import restore
+
+    model, safety, task = _tiny_restore_problem(setup)
+    norm0 = float(torch.sqrt(sum((p.detach() ** 2).sum() for p in model.parameters() if p.requires_grad)))
+    result = restore(model, safety, task, method="sgd", task_budget=1e6, iterations=3, trust_radius=20.0,
+                     progress=False)
+    assert result.iterations == 3
+    assert any(step["step_norm"] < 20.0 * norm0 / 3 for step in result.steps)  # steps were backtracked
+    assert all(step["mu"] == 0.0 for step in result.steps)
+
+
+def test_mu_returns_to_zero_when_the_task_term_stalls_the_safety_descent(setup, monkeypatch):
+    """Scripted line searches: the first lowers S but breaks the budget (μ grows), the second lowers nothing
+    with μ > 0 (μ returns to 0, so the third searches the pure safety direction again)."""
+    import curvsafe.restoration.api as api
+
+    model, safety, task = _tiny_restore_problem(setup)
+    real, directions = api._backtrack, []
+
+    def scripted(model, chosen, d, *args, **kwargs):
+        directions.append({n: v.clone() for n, v in d.items()})
+        if len(directions) == 1:
+            return api._Trial(None, True, False, {"task loss"})
+        if len(directions) == 2:
+            return api._Trial(None, False, True, set())
+        return real(model, chosen, d, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_backtrack", scripted)
+    result = api.restore(model, safety, task, method="sgd", task_budget=1e6, iterations=1,
+                         progress=False)
+    assert result.iterations == 1 and len(directions) == 3
+    assert not all(torch.equal(directions[0][n], directions[1][n]) for n in directions[0])  # μ > 0
+    assert all(torch.equal(directions[0][n], directions[2][n]) for n in directions[0])  # μ back at 0

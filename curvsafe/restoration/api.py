@@ -7,13 +7,16 @@ parameters θ0 with task loss L0:
 - budget: ``L(θ) <= L0 + max(task_budget * L0, task_budget_abs)`` (2% relative, floor 0.01 nats/token);
 - each outer iteration refreshes the task curvature H at θ and takes ``Δ = -r (H + λI)^{-1} ∇J / ||...||``
   with ``J = S + μ L``: the safety descent direction in the task metric, plus a task-descent term whose weight μ
-  starts at 0 and grows whenever no step length meets the budget, or only a backtracked one does (the fine-tuned
-  model is not at its task minimum, so descending L frees budget);
+  starts at 0 and grows whenever a step that lowered S broke the budget, so that no step length met it or only a
+  backtracked one did (the fine-tuned model is not at its task minimum, so descending L frees budget). When no
+  step length lowered S at all with μ > 0, μ returns to 0: the task term had turned the direction away from S's
+  descent, and growing it further would only stall the run (backtracking for S's own curvature, with every
+  budget met, leaves μ as it is);
 - the step length r is found by backtracking from a trust radius that grows after accepted steps; a step is
   accepted when L stays inside the budget and S decreases;
 - it stops (:class:`StopReason`) when S reaches its target (the aligned model's own value of S), after
   ``iterations`` accepted steps, when the gradient of S vanishes (every term flat: a ``harmful`` term at its
-  ceiling), or when μ has grown ``max_mu_growth`` times without an acceptable step: ``task budget binds`` if some
+  ceiling), or when μ has changed ``max_mu_growth`` times without an acceptable step: ``task budget binds`` if some
   trial step lowered S but broke the budget, ``no descent`` if none lowered S.
 
 For each accepted step the report holds the second-order model's predicted changes (``ΔS ≈ ∇S·Δ``,
@@ -368,7 +371,8 @@ def _layer_update_norms(chosen: Mapping[str, Tensor], theta0: ParamVector) -> di
 class _Loop:
     """The state of the restore loop between iterations (levels, trust radius, task-descent weight μ and its
     growths, the last accepted parameters, the log) and one iteration: gradients, then steps along the
-    preconditioned direction of ``S + μ (L + Σ C)``, μ growing until one is accepted or it has grown too often."""
+    preconditioned direction of ``S + μ (L + Σ C)``, μ changing (module docstring) until one is accepted or it has
+    changed too often."""
 
     def __init__(self, model, chosen: dict, precond, task: Objective, safety: Objective,
                  constraints: Sequence[Constraint], budget: float, radii: tuple[float, float], max_mu_growth: int,
@@ -412,9 +416,12 @@ class _Loop:
                 self.growths += 1
                 if self.growths > self.max_mu_growth:
                     return self._failure(descended, inside, broke)
-                self.mu = max(2 * self.mu, 0.5 * gs_norm / gl_norm)
+                if trial.broke or self.mu == 0.0:
+                    self.mu = max(2 * self.mu, 0.5 * gs_norm / gl_norm)
+                else:
+                    self.mu = 0.0
         step, r, l_new, s_new, terms_new = accepted
-        if r < self.radius / 3:  # accepted only after backtracking: the budget binds, so descend the task too
+        if r < self.radius / 3 and trial.broke:  # accepted only after backtracking: the budget binds
             self.mu = max(2 * self.mu, 0.5 * gs_norm / gl_norm)
         self.log.append({"iteration": len(self.log), "step_norm": _norm(step), "mu": self.mu,
                          "predicted": {"safety": float(dot(gs, step)),

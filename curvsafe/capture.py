@@ -162,6 +162,7 @@ class LayerCapture:
         self._selected: dict[int, tuple[Tensor, Tensor]] = {}  # id(input) -> (input, its selected rows)
         self._calls: dict[str, int] = {}
         self._grads: dict[str, int] = {}
+        self.outputs: list[Tensor] = []  # this forward's block outputs whose gradients the hooks wait for
 
     def __enter__(self) -> "LayerCapture":
         for block in self.blocks:
@@ -176,7 +177,7 @@ class LayerCapture:
     def expect_forward(self, token_mask: Tensor) -> None:
         self._mask = token_mask.reshape(-1).bool()
         self._rows = None if bool(self._mask.all()) else self._mask.nonzero().squeeze(1)
-        self._selected = {}
+        self._selected, self.outputs = {}, []
         self._calls = {b.name: 0 for b in self.blocks}
         self._grads = {b.name: 0 for b in self.blocks}
 
@@ -207,6 +208,7 @@ class LayerCapture:
                 self.on_forward(block, self._select_input(inputs[0], block))
             if self.on_backward is not None and isinstance(output, Tensor) and output.requires_grad:
                 output.register_hook(lambda grad: self._on_grad(block, grad))
+                self.outputs.append(output)
 
         return hook
 
@@ -229,4 +231,4 @@ class LayerCapture:
         if missing:
             raise CaptureError(f"no gradient reached the output of module(s) {missing} (detached, frozen input "
                                "path or fused kernel)")
-        self._mask, self._selected = None, {}
+        self._mask, self._selected, self.outputs = None, {}, []

@@ -88,6 +88,8 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
     (None for an unused weight; not called for ``"type2"``).
     With ``verify``, the first batch checks that each weight's autograd gradient equals ``sum_t g_t a_t^T`` from
     the hooks: a mismatch means the weight is used outside its module's forward (a fused path) and is refused.
+    The other batches, without ``on_weight_grads``, backpropagate to the blocks' outputs only, so autograd skips
+    the weight-gradient products (a third of a linear layer's backward work).
     """
     from tqdm.auto import tqdm
 
@@ -127,11 +129,14 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
             else:
                 total = counted_token_losses(loss, output, targets, valid).sum()
                 totals.loss_sum += float(total.detach())
-                grads = torch.autograd.grad(total, weights, allow_unused=True)
-                if totals.batches == 0:
-                    check.weight_grads(blocks, grads)
-                if on_weight_grads is not None:
-                    on_weight_grads(grads)
+                if on_weight_grads is not None or (verify and totals.batches == 0):
+                    grads = torch.autograd.grad(total, weights, allow_unused=True)
+                    if totals.batches == 0:
+                        check.weight_grads(blocks, grads)
+                    if on_weight_grads is not None:
+                        on_weight_grads(grads)
+                else:  # the hooks need the blocks' output gradients only: no weight-gradient GEMMs
+                    torch.autograd.grad(total, capture.outputs, allow_unused=True)
             capture.check_backward()
             totals.add(info)
             if on_batch_end is not None:

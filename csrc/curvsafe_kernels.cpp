@@ -34,10 +34,56 @@ std::vector<std::pair<int64_t, int64_t>> segment_ranges(const torch::Tensor& seg
   return ranges;
 }
 
+// The lower triangle (diagonal included) of out[i0:i0+n, i0:i0+n] += alpha * xw[:, i0:i0+n]^T x[:, i0:i0+n]:
+// halves split recursively, so that all but the smallest diagonal blocks are large off-diagonal GEMMs (one
+// addmm each, written in place into `out`); a diagonal block of at most `leaf` columns is one full GEMM.
+void lower_products(const torch::Tensor& xw, const torch::Tensor& x, torch::Tensor& out, int64_t i0, int64_t n,
+                    double alpha, int64_t leaf) {
+  if (n <= leaf) {
+    auto block = out.narrow(0, i0, n).narrow(1, i0, n);
+    block.addmm_(xw.narrow(1, i0, n).t(), x.narrow(1, i0, n), 1.0, alpha);
+    return;
+  }
+  const int64_t h = std::min(n - 1, (n / 2 + 63) / 64 * 64);  // a multiple of 64: aligned column blocks
+  lower_products(xw, x, out, i0, h, alpha, leaf);
+  lower_products(xw, x, out, i0 + h, n - h, alpha, leaf);
+  auto below = out.narrow(0, i0 + h, n - h).narrow(1, i0, h);
+  below.addmm_(xw.narrow(1, i0 + h, n - h).t(), x.narrow(1, i0, h), 1.0, alpha);
+}
+
+// out[j][i] = out[i][j] for i > j, in cache blocks, in parallel over block rows.
+void mirror_lower(torch::Tensor& out) {
+  const int64_t d = out.size(0);
+  float* p = out.data_ptr<float>();
+  constexpr int64_t B = 64;
+  at::parallel_for(0, (d + B - 1) / B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const int64_t i_end = std::min(d, (bi + 1) * B);
+      for (int64_t j0 = 0; j0 <= bi * B; j0 += B) {
+        for (int64_t i = bi * B; i < i_end; ++i) {
+          const int64_t j_end = std::min(i, j0 + B);
+          for (int64_t j = j0; j < j_end; ++j) p[j * d + i] = p[i * d + j];
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
-// alpha * x^T diag(mask) x, computing only the tiles on and below the diagonal and mirroring them.
-torch::Tensor covariance_update(torch::Tensor x, c10::optional<torch::Tensor> mask, double alpha) {
+// Copies the strict lower triangle of the square contiguous fp32 m onto its upper one, in place.
+void mirror_lower_inplace(torch::Tensor m) {
+  check_fp32_2d(m, "m");
+  TORCH_CHECK(m.size(0) == m.size(1), "m must be square");
+  mirror_lower(m);
+}
+
+// beta * out + alpha * x^T diag(mask) x, written into `out` when given (else a new matrix), computing only the
+// lower triangle (recursive halves: large GEMMs in place, no temporaries but the masked rows) and mirroring it,
+// so the result is exactly symmetric; with `lower_only` the mirror is skipped and the upper triangle holds
+// unspecified values (the caller mirrors once, after many updates).
+torch::Tensor covariance_update(torch::Tensor x, c10::optional<torch::Tensor> mask, c10::optional<torch::Tensor> out,
+                                double alpha, double beta, bool lower_only) {
   check_fp32_2d(x, "x");
   const int64_t T = x.size(0), d = x.size(1);
   torch::Tensor xw = x;
@@ -45,28 +91,22 @@ torch::Tensor covariance_update(torch::Tensor x, c10::optional<torch::Tensor> ma
     TORCH_CHECK(mask->dim() == 1 && mask->size(0) == T, "mask must have shape (T,)");
     xw = x * mask->to(torch::kFloat32).unsqueeze(1);
   }
-  auto out = torch::empty({d, d}, x.options());
-  if (T == 0) {
-    return out.zero_();
+  torch::Tensor result;
+  if (out.has_value()) {
+    check_fp32_2d(*out, "out");
+    TORCH_CHECK(out->size(0) == d && out->size(1) == d, "out must be (d, d)");
+    result = *out;
+    if (beta != 1.0) result.mul_(beta);
+  } else {
+    result = torch::zeros({d, d}, x.options());
   }
-  const int64_t block = d <= 256 ? d : 256;
-  for (int64_t i0 = 0; i0 < d; i0 += block) {
-    const int64_t bi = std::min(block, d - i0);
-    auto xi = xw.narrow(1, i0, bi).t();
-    for (int64_t j0 = 0; j0 <= i0; j0 += block) {
-      const int64_t bj = std::min(block, d - j0);
-      auto tile = at::mm(xi, x.narrow(1, j0, bj));
-      if (alpha != 1.0) tile.mul_(alpha);
-      if (i0 == j0) {
-        tile = (tile + tile.t()).mul_(0.5);
-        out.narrow(0, i0, bi).narrow(1, j0, bj).copy_(tile);
-      } else {
-        out.narrow(0, i0, bi).narrow(1, j0, bj).copy_(tile);
-        out.narrow(0, j0, bj).narrow(1, i0, bi).copy_(tile.t());
-      }
-    }
+  if (T > 0) {
+    lower_products(xw, x, result, 0, d, alpha, 256);
   }
-  return out;
+  if (!lower_only) {
+    mirror_lower(result);
+  }
+  return result;
 }
 
 // sum_n g_n <g_n, V>, g_n = sum_{t in n} gy_t x_t^T, without per-example gradients.
@@ -149,8 +189,10 @@ torch::Tensor kron_eigen_apply(torch::Tensor V, torch::Tensor QA, torch::Tensor 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "curvsafe C++ CPU curvature kernels";
-  m.def("covariance_update", &covariance_update, "alpha * x^T diag(mask) x (lower tiles, mirrored)",
-        py::arg("x"), py::arg("mask"), py::arg("alpha"));
+  m.def("covariance_update", &covariance_update, "beta * out + alpha * x^T diag(mask) x (lower triangle, mirrored)",
+        py::arg("x"), py::arg("mask"), py::arg("out"), py::arg("alpha"), py::arg("beta"), py::arg("lower_only"));
+  m.def("mirror_lower", &mirror_lower_inplace, "copy the strict lower triangle onto the upper one, in place",
+        py::arg("m"));
   m.def("linear_fisher_vp", &linear_fisher_vp, "exact empirical Fisher-vector product of a linear layer",
         py::arg("x"), py::arg("gy"), py::arg("V"), py::arg("segment_ids"), py::arg("num_segments"));
   m.def("linear_fisher_diag", &linear_fisher_diag, "diagonal empirical Fisher of a linear layer", py::arg("x"),

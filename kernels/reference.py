@@ -19,8 +19,10 @@ from torch import Tensor
 
 
 def covariance_update(x: Tensor, out: Optional[Tensor] = None, *, mask: Optional[Tensor] = None,
-                      alpha: float = 1.0, beta: float = 0.0) -> Tensor:
-    """``beta * out + alpha * x^T diag(mask) x`` (d, d) fp32, exactly symmetric; written into ``out`` when given."""
+                      alpha: float = 1.0, beta: float = 0.0, lower_only: bool = False) -> Tensor:
+    """``beta * out + alpha * x^T diag(mask) x`` (d, d) fp32, exactly symmetric; written into ``out`` when given.
+    ``lower_only`` is accepted for the kernels' contract (only the lower triangle need be right); the reference
+    always computes the whole matrix."""
     xf = x.float()
     xw = xf if mask is None else xf * mask.float()[:, None]
     cov = xw.T @ xf
@@ -28,6 +30,12 @@ def covariance_update(x: Tensor, out: Optional[Tensor] = None, *, mask: Optional
     if out is None:
         return cov.mul_(alpha)
     return out.mul_(beta).add_(cov, alpha=alpha)
+
+
+def mirror_lower_(m: Tensor) -> Tensor:
+    """Copy the strict lower triangle of the square ``m`` onto its upper one, in place: exactly symmetric."""
+    lower = torch.tril(m, -1)
+    return m.copy_(lower + lower.T + torch.diag_embed(torch.diagonal(m)))
 
 
 def segment_sums(values: Tensor, segment_ids: Optional[Tensor], num_segments: Optional[int] = None) -> Tensor:

@@ -8,7 +8,8 @@ in the interpreter).
 
 import pytest
 import torch
-from curvsafe.kernels import covariance_update, kron_eigen_apply, linear_fisher_diag, linear_fisher_vp
+from curvsafe.kernels import (covariance_update, kron_eigen_apply, linear_fisher_diag, linear_fisher_vp,
+                              mirror_lower_)
 from curvsafe.kernels import reference as ref
 from curvsafe.kernels._cpp import load_extension
 from curvsafe.kernels._triton import HAS_TRITON, INTERPRET
@@ -112,6 +113,42 @@ def test_covariance_update(backend, dtype, T, d_in, d_out, mask_kind):
     assert got.dtype == torch.float32 and got.shape == (d_in, d_in)
     assert torch.equal(got, got.T)
     assert close(got, want, tolerance(backend, dtype))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton" or CUDA])
+@pytest.mark.parametrize("d", [257, 600, 1031])
+def test_covariance_wide_inputs_split_in_blocks(backend, d):
+    """Widths past the C++ kernel's 256-column leaf (recursive halves, off-diagonal GEMMs in place), into a fresh
+    matrix and accumulated into a contiguous running sum (in place) and a non-contiguous one (the copy path)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(45, d, generator=g).to(DEVICE)
+    mask = (torch.rand(45, generator=g) > 0.4).float().to(DEVICE)
+    fresh = covariance_update(x, mask=mask, backend=backend)
+    assert torch.equal(fresh, fresh.T) and close(fresh, ref.covariance_update(x, mask=mask), 1e-5)
+    start = ref.covariance_update(torch.randn(9, d, generator=g).to(DEVICE))
+    for out in (start.clone(), start.clone().T):  # symmetric: the transposed view holds the same matrix
+        returned = covariance_update(x, out, alpha=0.5, beta=1.0, backend=backend)
+        assert returned is out and torch.equal(out, out.T)
+        assert close(out, start + 0.5 * ref.covariance_update(x), 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_covariance_lower_only_updates_then_one_mirror(backend):
+    """``lower_only`` accumulations are right on and below the diagonal; ``mirror_lower_`` makes the sum whole."""
+    d = 300 if backend != "triton" or CUDA else 37
+    g = torch.Generator().manual_seed(5)
+    chunks = [torch.randn(t, d, generator=g).to(DEVICE) for t in (20, 33)]
+    out = covariance_update(chunks[0], lower_only=True, backend=backend)
+    covariance_update(chunks[1], out, alpha=1.0, beta=1.0, lower_only=True, backend=backend)
+    want = ref.covariance_update(torch.cat(chunks))
+    assert close(torch.tril(out), torch.tril(want), tolerance(backend, torch.float32))
+    assert mirror_lower_(out, backend=backend if backend != "triton" else None) is out
+    assert torch.equal(out, out.T) and close(out, want, tolerance(backend, torch.float32))
+    lopsided = torch.tril(torch.randn(7, 7, generator=g)).to(DEVICE) + 5 * torch.triu(torch.ones(7, 7), 1).to(DEVICE)
+    whole = torch.tril(lopsided) + torch.tril(lopsided, -1).T
+    assert torch.equal(mirror_lower_(lopsided.clone(), backend="torch"), whole)
+    with pytest.raises(ValueError, match="square float32"):
+        mirror_lower_(torch.zeros(3, 4, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -90,6 +90,14 @@ def test_blocks_sharing_an_input_share_its_factor_and_nothing_else():
     assert joint[names["q_proj"]].A is not joint[names["k_proj"]].A  # equal values, separate tensors
     assert not torch.allclose(joint[names["q_proj"]].A, joint[names["o_proj"]].A)
     assert not torch.allclose(joint[names["q_proj"]].G, joint[names["k_proj"]].G)
+    # a second fit knows the sharing from its first batch on (the first fit learned it at its second block)
+    split = KFAC(model)
+    split.fit(batches[:1])
+    split.fit(batches[1:])
+    for name in names.values():
+        assert rel_err(split.factors[name].A, joint[name].A) <= 1e-6 and torch.equal(split.factors[name].A,
+                                                                                     split.factors[name].A.T)
+    assert torch.equal(split.factors[names["q_proj"]].A, split.factors[names["k_proj"]].A)
 
 
 def test_fit_under_bf16_autocast_is_accepted_and_close():

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..capture import LinearBlock, ModuleSelection, find_blocks
 from ..config import FisherType, KFACApprox, parse_option
-from ..kernels import covariance_update, kron_eigen_apply
+from ..kernels import covariance_update, kron_eigen_apply, mirror_lower_
 from ._pass import BatchInfo, capture_pass, materialize
 from .base import CurvatureOperator
 from .distributed import all_reduce_counts, all_reduce_sum_, is_distributed
@@ -111,7 +111,9 @@ def factor_eigens(named: Mapping[str, Factor], rank: Optional[int], dtype: torch
 
 
 class _Sums:
-    """Per-block factor sums and the counts that normalise them (the state that all-reduces)."""
+    """Per-block factor sums and the counts that normalise them (the state that all-reduces). While a fit adds to
+    them, only the lower triangles of the dense sums are kept up to date (:meth:`add`); :meth:`symmetrize` makes
+    them whole once, at the fit's end."""
 
     def __init__(self, low_rank: Optional[LowRank] = None):
         self.low_rank = low_rank
@@ -126,35 +128,59 @@ class _Sums:
         if isinstance(store.get(name), SketchedFactor):
             store[name].add_rows(rows)
         elif name in store:
-            covariance_update(rows, store[name], alpha=1.0, beta=1.0)
+            covariance_update(rows, store[name], alpha=1.0, beta=1.0, lower_only=True)
         else:
-            store[name] = covariance_update(rows)
+            store[name] = covariance_update(rows, lower_only=True)
+
+    def add_sum(self, store: dict[str, Factor], name: str, part: Factor) -> None:
+        """Add the sum ``part`` (kept by its owner) to ``store[name]``."""
+        if name in store:
+            store[name].add_(part)
+        else:
+            store[name] = part.clone()
+
+    def symmetrize(self) -> None:
+        """Mirror every dense sum's lower triangle onto its upper one (after the :meth:`add` calls of a fit)."""
+        for store in (self.A, self.G):
+            for f in store.values():
+                if isinstance(f, Tensor):
+                    mirror_lower_(f)
 
 
 class _FitPass:
-    """The capture callbacks of one :meth:`KFAC.fit`: each batch's factor sums (an input shared by several blocks,
-    such as q/k/v's, summed once and copied), added into ``running`` at the batch's end, and the weight gradients'
-    sums when the fit keeps the gradient."""
+    """The capture callbacks of one :meth:`KFAC.fit`: the factor sums, accumulated in place into ``running``, and
+    the weight gradients' sums when the fit keeps the gradient.
 
-    def __init__(self, running: _Sums, low_rank: Optional[LowRank], reduce: bool, num_blocks: int):
-        self.running, self.low_rank, self.reduce = running, low_rank, reduce
-        self.batch = _Sums(low_rank)
-        self.shared_inputs: dict[int, str] = {}  # id of a block input in this batch -> the block that summed it
+    An input shared by several blocks (q/k/v's, gate/up's) is summed once per batch: the first block that reads it
+    (a *leader*, in ``leaders``) sums it apart, each other block adds that sum, and the leader adds it at the batch's
+    end. Sharing is seen when the second block reads the input, so ``leaders`` carries over between fits; until a
+    leader is known, its followers sum the input again (the same result, more work)."""
+
+    def __init__(self, running: _Sums, low_rank: Optional[LowRank], reduce: bool, num_blocks: int,
+                 leaders: set[str]):
+        self.running, self.low_rank, self.reduce, self.leaders = running, low_rank, reduce, leaders
+        self.batch = _Sums(low_rank)  # this batch's sums of the leaders' inputs, and its counts
+        self.shared_inputs: dict[int, str] = {}  # id of a block input in this batch -> the block that read it first
         self.info = BatchInfo()
         self.grad_sums: list[Optional[Tensor]] = [None] * num_blocks
 
     def on_forward(self, block: LinearBlock, a: Tensor) -> None:
         first = self.shared_inputs.get(id(a))
         if first is not None:  # the same input as an earlier block (q/k/v): the same A sum
-            self.batch.A[block.name] = self.batch.A[first].clone()
-            return
-        self.shared_inputs[id(a)] = block.name
+            self.leaders.add(first)
+            part = self.batch.A.get(first)
+            if part is not None:
+                self.running.add_sum(self.running.A, block.name, part)
+                return
+        else:
+            self.shared_inputs[id(a)] = block.name
         rows = KFAC._per_sequence(a.float(), self.info, mean=True) if self.reduce else a
-        self.batch.add(self.batch.A, block.name, rows)
+        sums = self.batch if block.name in self.leaders else self.running
+        sums.add(sums.A, block.name, rows)
 
     def on_backward(self, block: LinearBlock, g: Tensor) -> None:
         rows = KFAC._per_sequence(g.float(), self.info, mean=False) if self.reduce else g
-        self.batch.add(self.batch.G, block.name, rows)
+        self.running.add(self.running.G, block.name, rows)
 
     def on_batch_end(self) -> None:
         self.shared_inputs.clear()
@@ -205,6 +231,7 @@ class KFAC(CurvatureOperator):
         self.gradient: dict[str, Tensor] = {}
         self.mean_loss: Optional[float] = None  # with gradient=True: the mean per-token loss of the last fit
         self._generator: Optional[torch.Generator] = None
+        self._leaders: set[str] = set()  # blocks whose input other blocks share (learned by the fits)
 
     # ------------------------------------------------------------------ fitting
     def _make_generator(self) -> torch.Generator:
@@ -225,7 +252,7 @@ class KFAC(CurvatureOperator):
         data = materialize(batches)
         ema = self.ema_decay is not None
         acc = _FitPass(_Sums(self.low_rank) if ema else self._running_sums(), self.low_rank,
-                       self.kfac_approx == "reduce", len(self.blocks))
+                       self.kfac_approx == "reduce", len(self.blocks), self._leaders)
         totals = capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
                               generator=self._make_generator(), on_forward=acc.on_forward,
                               on_backward=acc.on_backward, info=acc.info, on_batch_end=acc.on_batch_end,
@@ -234,6 +261,7 @@ class KFAC(CurvatureOperator):
         self._verified = True  # the hooks saw every use of the weights; the model's structure does not change
         if gradient:
             self._keep_gradient(acc.grad_sums, totals)
+        acc.running.symmetrize()
         self.factors = self._ema_merge(acc.running) if ema else self._factors_of(acc.running)
         self._eigen = {}
         return self

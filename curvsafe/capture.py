@@ -162,7 +162,9 @@ class LayerCapture:
         self._selected: dict[int, tuple[Tensor, Tensor]] = {}  # id(input) -> (input, its selected rows)
         self._calls: dict[str, int] = {}
         self._grads: dict[str, int] = {}
-        self.outputs: list[Tensor] = []  # this forward's block outputs whose gradients the hooks wait for
+        # a zero scalar added to every block output (set per forward by the caller): backpropagating to it alone
+        # reaches every block's output gradient without the weight-gradient products
+        self.probe: Optional[Tensor] = None
 
     def __enter__(self) -> "LayerCapture":
         for block in self.blocks:
@@ -177,7 +179,7 @@ class LayerCapture:
     def expect_forward(self, token_mask: Tensor) -> None:
         self._mask = token_mask.reshape(-1).bool()
         self._rows = None if bool(self._mask.all()) else self._mask.nonzero().squeeze(1)
-        self._selected, self.outputs = {}, []
+        self._selected = {}
         self._calls = {b.name: 0 for b in self.blocks}
         self._grads = {b.name: 0 for b in self.blocks}
 
@@ -207,8 +209,11 @@ class LayerCapture:
             if self.on_forward is not None:
                 self.on_forward(block, self._select_input(inputs[0], block))
             if self.on_backward is not None and isinstance(output, Tensor) and output.requires_grad:
+                if self.probe is not None:  # + 0: the same values and gradient, on a path that leads to the probe
+                    output = output + self.probe.to(output.dtype)
                 output.register_hook(lambda grad: self._on_grad(block, grad))
-                self.outputs.append(output)
+                return output
+            return None
 
         return hook
 
@@ -231,4 +236,4 @@ class LayerCapture:
         if missing:
             raise CaptureError(f"no gradient reached the output of module(s) {missing} (detached, frozen input "
                                "path or fused kernel)")
-        self._mask, self._selected, self.outputs = None, {}, []
+        self._mask, self._selected, self.probe = None, {}, None

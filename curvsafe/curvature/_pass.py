@@ -88,8 +88,9 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
     (None for an unused weight; not called for ``"type2"``).
     With ``verify``, the first batch checks that each weight's autograd gradient equals ``sum_t g_t a_t^T`` from
     the hooks: a mismatch means the weight is used outside its module's forward (a fused path) and is refused.
-    The other batches, without ``on_weight_grads``, backpropagate to the blocks' outputs only, so autograd skips
-    the weight-gradient products (a third of a linear layer's backward work).
+    The other batches, without ``on_weight_grads``, backpropagate only to a zero scalar added to every block's
+    output (:attr:`LayerCapture.probe`), so autograd skips the weight-gradient products (a third of a linear
+    layer's backward work) and keeps no block output alive.
     """
     from tqdm.auto import tqdm
 
@@ -116,6 +117,9 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
             batch = prepare_batch(raw, device)
             token_mask = _describe_tokens(batch, info)
             capture.expect_forward(token_mask)
+            weight_grads = fisher_type != "type2" and (on_weight_grads is not None or (verify and totals.batches == 0))
+            if fisher_type != "type2" and not weight_grads:
+                capture.probe = torch.zeros((), device=device, requires_grad=True)
             output = call_model(model, batch)
             capture.check_forward()
             weights = [used.get(b.name, w) for b, w in zip(blocks, own_weights)]
@@ -129,14 +133,14 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
             else:
                 total = counted_token_losses(loss, output, targets, valid).sum()
                 totals.loss_sum += float(total.detach())
-                if on_weight_grads is not None or (verify and totals.batches == 0):
+                if weight_grads:
                     grads = torch.autograd.grad(total, weights, allow_unused=True)
                     if totals.batches == 0:
                         check.weight_grads(blocks, grads)
                     if on_weight_grads is not None:
                         on_weight_grads(grads)
                 else:  # the hooks need the blocks' output gradients only: no weight-gradient GEMMs
-                    torch.autograd.grad(total, capture.outputs, allow_unused=True)
+                    torch.autograd.grad(total, capture.probe, allow_unused=True)
             capture.check_backward()
             totals.add(info)
             if on_batch_end is not None:

@@ -1,8 +1,9 @@
 // C++ CPU kernels for curvsafe's four curvature ops (see kernels/*.py for the contracts).
 //
 // Inputs arrive as contiguous fp32 tensors (the Python dispatch upcasts); results are fp32. The GEMMs go through
-// ATen (MKL/oneDNN), the kernels add what the composite PyTorch reference cannot do: only the lower-triangular
-// tiles of a covariance, per-thread accumulation of squared per-example gradients, and no full-size temporaries.
+// ATen (MKL/oneDNN), the kernels add what the composite PyTorch reference cannot do: only the lower triangle of a
+// covariance, accumulated in place, per-thread accumulation of squared per-example gradients, and no full-size
+// temporaries.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>

@@ -38,6 +38,11 @@ def whole(t: Tensor) -> Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (no communication), else ``t``."""
+    return t.to_local() if is_sharded(t) else t
+
+
 def _row_chunks(n: int, ranks: int) -> list[int]:
     """Rows of each rank's ``Shard(0)`` chunk of ``n`` rows (``torch.chunk``'s split, as DTensor's)."""
     size = -(-n // ranks)

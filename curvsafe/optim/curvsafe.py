@@ -72,7 +72,7 @@ from torch.optim import Optimizer
 from ..anchors import anchor_batches, keep_response_prefix
 from ..capture import LinearBlock, find_blocks
 from ..curvature.distributed import all_reduce_counts, is_distributed
-from ..curvature.sharded import gather_whole, is_sharded, local_part
+from ..curvature.sharded import gather_whole, is_sharded, local, local_part
 from ..curvature.loss import curvature_mode
 from ..nll import batch_nll_sums
 from ..objectives import LossTerm, Objective, safety_objective
@@ -90,11 +90,6 @@ STATE_VERSION = 6
 def _working(t: Tensor) -> Tensor:
     """``t`` in the precision the constraint is computed in: float32, or float64 for float64 parameters."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _local(t: Tensor) -> Tensor:
-    """This rank's shard of an FSDP2 (DTensor) parameter, else ``t``."""
-    return t.to_local() if is_sharded(t) else t
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -394,7 +389,7 @@ class CurvSafe(Optimizer):
             return True
         if s.refresh_tol is None:
             return False
-        params = [_local(p) for p in self.params.values()]  # FSDP2: this rank's shards, the sums all-reduced
+        params = [local(p) for p in self.params.values()]  # FSDP2: this rank's shards, the sums all-reduced
         if len(params) != len(self._reference):
             return True
         with torch.no_grad():
@@ -440,7 +435,7 @@ class CurvSafe(Optimizer):
                 self._refresh_side(side, indices)
             self.gram = gram_matrix([[side.grad[n] for n in safety.grad] for side in self.sides])
         with torch.no_grad():
-            self._reference = [_local(p).detach().clone() for p in self.params.values()]
+            self._reference = [local(p).detach().clone() for p in self.params.values()]
         self._last_refresh = self._step
         self._refreshes += 1
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import signal
@@ -75,15 +76,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
         logging.getLogger("curvsafe").setLevel(logging.WARNING)
     config = RestoreConfig(**{f.name: getattr(args, f.name) for f in fields(RestoreConfig)})
     try:
-        run = run_restore(args.model, args.adapter, args.harmful, args.task, args.out, config,
-                          benign_file=args.benign, unaligned_model=args.unaligned_model,
-                          aligned_model=args.aligned_model, force=args.force)
+        r = run_restore(args.model, args.adapter, args.harmful, args.task, args.out, config,
+                        benign_file=args.benign, unaligned_model=args.unaligned_model,
+                        aligned_model=args.aligned_model, force=args.force).report
+        # the model goes before the group: an FSDP2-sharded one holds the process group, whose gloo threads would
+        # otherwise be torn down at exit, after rank 0 (the store's host) may have gone
+        gc.collect()
     finally:
         if owns_group:
             leave_group()
     if not main_rank:
         return 0
-    r = run.report
     terms = [_before_after(k.removesuffix("_nll") + " NLL", r[k]) for k in ("anchor_nll", "refusal_nll",
                                                                             "harmful_nll", "benign_nll") if k in r]
     if "over_refusal" in r:
@@ -110,7 +113,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     low = None if args.dense else LowRank(max_dense_dim=args.max_dense_dim, rank=args.rank,
                                           oversample=args.oversample)
     settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, task_batches=args.task_batches,
-                            safety_batches=args.safety_batches, low_rank=low, ggn_rows=args.ggn_rows)
+                            safety_batches=args.safety_batches, low_rank=low, ggn_rows=args.ggn_rows,
+                            shards=args.shards)
     plan = plan_from_dirs(args.model, args.adapter, settings, dtype=args.dtype)
     if args.method:
         plan.methods = {m: p for m, p in plan.methods.items() if m in args.method}
@@ -201,7 +205,7 @@ def _restore_settings(parser: argparse.ArgumentParser) -> None:
     special = {"method": dict(choices=[m.value for m in Method]),
                "benign_budget": dict(type=_budget, metavar="NATS|off"),
                "params": dict(nargs="*"), "dtype": dict(choices=list(DTYPES)),
-               "max_memory": dict(type=_memory, metavar="SIZE")}
+               "max_memory": dict(type=_memory, metavar="SIZE"), "fsdp2": dict(action="store_true")}
     types = {"task_budget": float, "task_budget_abs": float, "damping": float, "iterations": int, "select_top": int,
              "batch_size": int, "max_length": int, "limit": int, "ggn_rows": int}
     for f in fields(RestoreConfig):
@@ -289,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="every factor dense (no memory bound)")
     p.add_argument("--ggn-rows", type=int, help="lbfgs / cg: rows per chunk of each GGN-vector product "
                    "(restore's --ggn-rows)")
+    p.add_argument("--shards", type=int, default=1, help="ranks the weights are sharded over with FSDP2 (restore "
+                   "--fsdp2, CurvSafe under fully_shard): memory per rank; lbfgs and cg, which do not run sharded, "
+                   "are left out")
     p.add_argument("--max-memory", type=_memory, metavar="SIZE", help="also say which methods fit in SIZE")
     p.add_argument("--json", action="store_true", help='print {"methods": {METHOD: {"curvature_bytes", '
                    '"peak_bytes", "steps_per_iteration"}}, ...}')

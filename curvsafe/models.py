@@ -97,11 +97,12 @@ def load_model(path: str | Path, adapter: Optional[str | Path] = None, *, dtype:
     return model, tokenizer
 
 
-def save_model(model, folder: str | Path, tokenizer=None) -> None:
-    """``model.save_pretrained(folder)`` (and the tokenizer's); a failed write raises an ``OSError`` with its
-    errno (safetensors reports disk-full and file-size-limit errors as its own exception type)."""
+def save_model(model, folder: str | Path, tokenizer=None, state_dict: Optional[dict] = None) -> None:
+    """``model.save_pretrained(folder)`` (and the tokenizer's; ``state_dict``: the weights to save instead of the
+    model's own); a failed write raises an ``OSError`` with its errno (safetensors reports disk-full and
+    file-size-limit errors as its own exception type)."""
     try:
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, **({} if state_dict is None else {"state_dict": state_dict}))
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
     except OSError:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .capture import find_blocks
-from .config import RESTORE_METHODS
+from .config import GGN_METHODS, RESTORE_METHODS
 from .curvature.lowrank import LowRank
 
 F32 = 4
@@ -68,6 +68,9 @@ class PlanSettings:
         low_rank: the factor memory bound (None: every factor dense).
         ggn_rows: rows per chunk of L-BFGS's and CG's GGN-vector products (restore's ``ggn_rows``; None: the
             whole batch).
+        shards: ranks the weights are sharded over with FSDP2 (restore's ``fsdp2``, CurvSafe under
+            ``fully_shard``): the estimate is per rank, and the methods that need exact GGN-vector products
+            (lbfgs, cg) are left out (they do not run sharded).
     """
 
     batch_size: int = 8
@@ -79,9 +82,11 @@ class PlanSettings:
     refresh_interval: float = 12.0
     low_rank: Optional[LowRank] = field(default_factory=LowRank)
     ggn_rows: Optional[int] = None
+    shards: int = 1
 
     def __post_init__(self):
-        for name in ("batch_size", "seq_len", "task_batches", "safety_batches", "lbfgs_pairs", "cg_iterations"):
+        for name in ("batch_size", "seq_len", "task_batches", "safety_batches", "lbfgs_pairs", "cg_iterations",
+                     "shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ggn_rows is not None and self.ggn_rows < 1:
@@ -273,7 +278,7 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     """The plan for ``model`` (meta or real; only shapes and dtypes are read)."""
     settings = settings or PlanSettings()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sharded_weight_bytes(model, settings.shards)
     train_act = activation_bytes(model, settings.batch_size, settings.seq_len)
     act = activation_bytes(model, settings.batch_size, settings.seq_len, math_attention=True)
     ggn_act = GGN_MEMORY * (act if settings.ggn_rows is None or settings.ggn_rows >= settings.batch_size else
@@ -313,8 +318,24 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     refresh = max(2 * F + act, k["eigen_transient"])
     plans["curvsafe"] = MethodPlan(int(curvsafe_curv), int(weights + 4 * vec + curvsafe_curv + max(train_act, refresh)),
                                    1.0 + (S + 1.0) / settings.refresh_interval)
-    return Plan({m: plans[m] for m in (*RESTORE_METHODS, "curvsafe")}, int(train_step), int(weights), int(trainable),
-                k["blocks"], k["sketched"], _settings_dict(settings))
+    shown = [m for m in (*RESTORE_METHODS, "curvsafe") if settings.shards == 1 or m not in GGN_METHODS]
+    return Plan({m: plans[m] for m in shown}, int(train_step), int(weights), int(trainable), k["blocks"],
+                k["sketched"], _settings_dict(settings))
+
+
+def sharded_weight_bytes(model: nn.Module, shards: int) -> int:
+    """The weights one rank holds: all of them (``shards=1``), else under FSDP2 (one unit per block HF never
+    splits, and the root: embeddings, final norm, head) its 1/``shards`` of every weight, plus the root's whole
+    weights (gathered for the whole forward) and two blocks' (the one computing and the one prefetched)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if shards == 1:
+        return total
+    names = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or ())
+    blocks = sorted((sum(p.numel() * p.element_size() for p in m.parameters()) for m in model.modules()
+                     if type(m).__name__ in names), reverse=True)
+    return -(-total // shards) + (total - sum(blocks)) + sum(blocks[:2])
 
 
 def _kept_inputs(model: nn.Module, low: Optional[LowRank], modules) -> int:

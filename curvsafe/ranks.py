@@ -75,14 +75,36 @@ def leave_group() -> None:
     dist.destroy_process_group()
 
 
-def shard(items: Sequence[T], what: str) -> list[T]:
+def shard(items: Sequence[T], what: str, equal: bool = False) -> list[T]:
     """This rank's items: ``items[rank::world]``. Every rank needs at least one (``what`` names the items in the
-    error, which every rank raises alike since they all hold the same ``items``)."""
+    error, which every rank raises alike since they all hold the same ``items``). ``equal``: the items are
+    batches (dicts of tensors with rows) and every rank must get as many (an FSDP2-sharded model runs a collective
+    in every forward): the batches with the most rows are first split in two (:func:`balance`)."""
     size = world_size()
     if len(items) < size:
         raise ValueError(f"{what}: {len(items)} for {size} ranks; every rank needs at least one (add data, lower "
                          "--batch-size, or use fewer ranks)")
+    if equal:
+        items = balance(items, size)
     return list(items[rank()::size])
+
+
+def balance(batches: Sequence[dict], ranks: int) -> list[dict]:
+    """``batches`` with their number raised to a multiple of ``ranks`` by splitting, one at a time, the batch with
+    the most rows into its first and second halves of rows (in place in the order: the data's order is kept).
+    Token sums and counts over all batches, hence every token-mean loss, are unchanged; a row's padding columns
+    stay masked. Raises when there are too few rows to split."""
+    out = list(batches)
+    while len(out) % ranks:
+        index = max(range(len(out)), key=lambda i: (len(out[i]["input_ids"]), -i))
+        rows = len(out[index]["input_ids"])
+        if rows < 2:
+            raise ValueError(f"{sum(len(b['input_ids']) for b in batches)} examples cannot make a multiple of "
+                             f"{ranks} batches (one per rank, equally many); add data or use fewer ranks")
+        half = (rows + 1) // 2
+        out[index:index + 1] = [{k: v[:half] for k, v in out[index].items()},
+                                {k: v[half:] for k, v in out[index].items()}]
+    return out
 
 
 def gather_objects(local: T) -> list[T]:
@@ -97,10 +119,11 @@ def gather_objects(local: T) -> list[T]:
 def map_sharded(fn: Callable[[list], list], items: Sequence) -> list:
     """``fn(items)`` computed in shards: each rank applies ``fn`` (one result per item) to its
     :func:`shard`, and every rank gets all the results in the order of ``items``. With fewer items than ranks
-    the idle ranks apply ``fn`` to nothing."""
+    the idle ranks apply ``fn`` to an empty list (``fn`` may run collectives, e.g. FSDP2's all-gathers: every
+    rank calls it)."""
     size = world_size()
     mine = list(items[rank()::size])
-    results = fn(mine) if mine else []
+    results = fn(mine)
     if len(results) != len(mine):
         raise ValueError(f"expected one result per item, got {len(results)} for {len(mine)}")
     parts = gather_objects(results)

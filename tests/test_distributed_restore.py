@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from test_distributed import free_port
 from test_faults import DRIVER, restore_cmd
 
-from curvsafe.ranks import map_sharded, shard
+from curvsafe.ranks import leave_group, map_sharded, shard
 
 
 def launch(point_actions, args, timeout=600):
@@ -74,6 +74,60 @@ def test_two_ranks_take_the_steps_of_one_process_on_the_union(setup, benign_file
     assert rel_err(*flat) <= 1e-5  # float32 rounding apart (sums in another order, 1 thread vs 2)
 
 
+def _adapter(folder):
+    tensors = load_file(folder / "adapter" / "adapter_model.safetensors")
+    return torch.cat([tensors[n].flatten() for n in sorted(tensors)]), sorted(tensors)
+
+
+@pytest.mark.parametrize("method, limit", [("kfac", 8), ("sgd", 9)])
+def test_fsdp2_sharded_restore_takes_the_steps_of_the_unsharded_run(setup, benign_file, tmp_path, method, limit):
+    """``--fsdp2``: each rank holds half of every weight; the run (the aligned answers generated with synced
+    decoding, the gradients, the K-FAC fits, the steps, the adapter gathered whole for rank 0 to save) equals the
+    unsharded two-rank run (kfac: 2 batches per file, so both runs deal the same batches and draw the same Monte
+    Carlo labels per rank) and one process on the union (sgd: 9 examples, 3 batches; sharded, the largest is
+    split so that each rank runs 2 forwards per pass)."""
+    cmd = ["restore", "--model", str(setup / "aligned"), "--adapter", str(setup / "adapter"), "--harmful",
+           str(setup / "harmful.jsonl"), "--task", str(setup / "task.jsonl"), "--benign", str(benign_file),
+           "--method", method, "--iterations", "3", "--batch-size", "4", "--max-length", "64", "--limit",
+           str(limit)]
+    runs = {}
+    for name, extra in (("sharded", ["--fsdp2"]), ("replicated", [])):
+        ranks = launch([("none", "none")] * 2, [*cmd, "--out", str(tmp_path / name), *extra])
+        assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-3000:] + ranks[1][2][-3000:]
+        runs[name] = json.loads((tmp_path / name / "report.json").read_text())
+    sharded, replicated = runs["sharded"], runs["replicated"]
+    assert sharded["config"]["fsdp2"] and not replicated["config"]["fsdp2"]
+    assert sharded["iterations"] == replicated["iterations"] >= 1
+    assert sharded["stopped"] == replicated["stopped"]
+    for key in ("safety_objective", "task_nll", "benign_nll"):
+        for when in ("before", "after"):
+            assert sharded[key][when] == pytest.approx(replicated[key][when], rel=1e-5), (key, when)
+    assert sharded["over_refusal"] == replicated["over_refusal"]
+    assert (tmp_path / "sharded" / "anchor.jsonl").read_text() == (tmp_path / "replicated" / "anchor.jsonl").read_text()
+    (got, got_names), (want, want_names) = _adapter(tmp_path / "sharded"), _adapter(tmp_path / "replicated")
+    assert got_names == want_names
+    assert rel_err(got, want) <= 1e-5
+    assert sharded["plan"]["peak_bytes"] != replicated["plan"]["peak_bytes"]  # per rank (test_plan.py: the sums)
+    if method == "sgd":
+        single = restore_files(setup, tmp_path / "single", method=method, iterations=3, batch_size=4, max_length=64,
+                               benign_file=benign_file, limit=limit)
+        assert single.report["iterations"] == sharded["iterations"] and single.report["stopped"] == sharded["stopped"]
+        assert rel_err(got, _adapter(tmp_path / "single")[0]) <= 1e-5
+
+
+def test_fsdp2_refuses_what_does_not_run_sharded(setup, tmp_path):
+    # lbfgs / cg need a double backward through every layer, which FSDP2 frees after each layer's backward
+    ranks = launch([("none", "none")] * 2, restore_cmd(setup, tmp_path / "out", "--fsdp2", "--method", "lbfgs"))
+    assert [code for code, _, _ in ranks] == [2, 2]
+    for _, _, err in ranks:
+        found = errors(err)
+        assert len(found) == 1 and "lbfgs does not run sharded" in found[0], err[-2000:]
+    # without a launcher there is nothing to shard over
+    with pytest.raises(ValueError, match="this process is alone"):
+        restore_files(setup, tmp_path / "alone", method="kfac", fsdp2=True)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "alone").exists()
+
+
 def test_bad_input_fails_every_rank_alike(setup, tmp_path):
     (tmp_path / "taken").mkdir()  # an existing --out: rank 0 finds it, both ranks fail with its message
     ranks = launch([("none", "none")] * 2, restore_cmd(setup, tmp_path / "taken"))
@@ -99,6 +153,51 @@ def test_a_rank_that_dies_mid_run_leaves_no_output(setup, tmp_path):
     assert ranks[0][0] == 2, ranks[0][2][-3000:]  # rank 0's next collective fails: an error, nothing written
     assert len(errors(ranks[0][2])) == 1, ranks[0][2][-3000:]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _sharded_decoding(rank, port, out_dir):
+    """Rank 0 decodes 3 prompts in batches of 1, rank 1 none: rank 1 runs 3 filler batches so that every
+    forward's all-gather has both ranks."""
+    import torch.distributed as dist
+    from conftest import tiny_llama, with_lora
+
+    from curvsafe.curvature.sharded import shard_model
+    from curvsafe.eval.generate import greedy_continue
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = shard_model(with_lora(tiny_llama(torch.float32)))
+        prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]] if rank == 0 else []
+        got = greedy_continue(model, prompts, pad_id=0, eos_id=2, max_new_tokens=5, batch_size=1)
+        torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        leave_group()
+
+
+def test_sharded_decoding_with_unequal_batches_per_rank(tmp_path):
+    import torch.multiprocessing as mp
+    from conftest import tiny_llama, with_lora
+
+    from curvsafe.eval.generate import greedy_continue
+
+    mp.spawn(_sharded_decoding, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    want = greedy_continue(with_lora(tiny_llama(torch.float32)), [[5, 6, 7], [8, 9], [10, 11, 12, 13]], pad_id=0,
+                           eos_id=2, max_new_tokens=5, batch_size=1)
+    assert torch.load(tmp_path / "rank0.pt") == want and len(want) == 3
+    assert torch.load(tmp_path / "rank1.pt") == []
+
+
+def test_balance_splits_the_largest_batches_until_every_rank_gets_as_many():
+    from curvsafe.ranks import balance
+
+    batches = [{"input_ids": torch.arange(n * 2).reshape(n, 2) + 100 * i} for i, n in enumerate((4, 3, 1))]
+    out = balance(batches, 2)
+    assert [len(b["input_ids"]) for b in out] == [2, 2, 3, 1]  # the 4-row batch split in order
+    assert torch.equal(torch.cat([b["input_ids"] for b in out]), torch.cat([b["input_ids"] for b in batches]))
+    assert [len(b["input_ids"]) for b in balance(batches, 5)] == [2, 2, 2, 1, 1]  # then the 3-row one
+    assert len(balance(batches, 3)) == 3 and balance(batches, 3)[0] is batches[0]
+    with pytest.raises(ValueError, match="cannot make a multiple of 4"):
+        balance([{"input_ids": torch.zeros(1, 2)}] * 3, 4)
 
 
 def test_sharding_helpers_are_the_identity_in_one_process():

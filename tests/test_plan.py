@@ -60,6 +60,34 @@ def test_plan_from_config_files_only(config_only, capsys):
     assert "fit in 1.00 MiB: none" in capsys.readouterr().out
 
 
+def test_plan_per_rank_under_fsdp2_sharding(config_only, capsys):
+    """``--shards W``: each rank holds 1/W of every weight plus the root's whole weights and two decoder layers'
+    (in flight); lbfgs and cg, which do not run sharded, are left out; curvature is replicated, the same."""
+    from curvsafe.plan import meta_model
+
+    model, adapter = str(config_only / "model"), str(config_only / "adapter")
+    one = plan_json(capsys, "--model", model, "--adapter", adapter)
+    four = plan_json(capsys, "--model", model, "--adapter", adapter, "--shards", "4")
+    assert set(four["methods"]) == {"kfac", "ekfac", "sgd", "curvsafe"}
+    meta = meta_model(config_only / "model", config_only / "adapter")
+    nbytes = [sum(p.numel() * p.element_size() for p in layer.parameters())
+              for layer in meta.base_model.model.model.layers]
+    total = sum(p.numel() * p.element_size() for p in meta.parameters())
+    assert one["weight_bytes"] == total
+    assert four["weight_bytes"] == -(-total // 4) + (total - sum(nbytes)) + sum(nbytes[:2])
+    for m in four["methods"]:
+        assert four["methods"][m]["curvature_bytes"] == one["methods"][m]["curvature_bytes"]
+        assert four["methods"][m]["peak_bytes"] - one["methods"][m]["peak_bytes"] == (
+            four["weight_bytes"] - one["weight_bytes"])
+    # a deep model: the shards dominate (2 of these 2 layers are in flight, so sharding saves nothing above)
+    deep = config_only / "deep"
+    llama_config(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=1000, num_hidden_layers=32).save_pretrained(deep)
+    deep_one = plan_json(capsys, "--model", str(deep), "--adapter", adapter)
+    deep_four = plan_json(capsys, "--model", str(deep), "--adapter", adapter, "--shards", "4")
+    assert deep_four["weight_bytes"] < 0.4 * deep_one["weight_bytes"]
+
+
 @pytest.mark.parametrize("low", [None, LowRank(max_dense_dim=4, rank=3, oversample=2)])
 def test_plan_curvature_bytes_equal_the_fitted_objects(low):
     model = with_lora(tiny_llama(dtype=torch.float32))

@@ -6,7 +6,9 @@ gradient w.r.t. a named parameter must be taken w.r.t. the tensor its forward us
 taking it with ``torch.autograd.grad`` leaves every ``.grad`` as it was, so FSDP's reduce-scatter does not run
 into the training gradients. Updates are computed on whole tensors, gathered from the ranks' shards in one
 collective (:func:`gather_whole`) and identical on every rank; each rank writes back its own part
-(:func:`local_part`). Without FSDP2 the helpers that take any tensor are the identity.
+(:func:`local_part`); :func:`whole_values` / :func:`assign_whole` do both for a set of named parameters (the
+restore loop's snapshots and steps). :func:`shard_model` shards a model as accelerate's FSDP2 auto-wrap does
+(``curvsafe restore --fsdp2``). Without FSDP2 the helpers that take any tensor are the identity.
 """
 
 from __future__ import annotations
@@ -87,6 +89,57 @@ def local_part(param: Tensor, value: Tensor) -> Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+def whole_values(params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Detached whole copies of ``params`` by name (the DTensors among them all-gathered in one collective: every
+    rank must call it; plain tensors cloned)."""
+    sharded = [n for n, p in params.items() if is_sharded(p)]
+    out = {n: p.detach().clone() for n, p in params.items() if n not in sharded}
+    if sharded:
+        with torch.no_grad():
+            gathered = gather_whole([params[n] for n in sharded], [params[n].to_local() for n in sharded])
+        out.update(zip(sharded, gathered))
+    return {n: out[n] for n in params}
+
+
+def assign_whole(params: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> None:
+    """Set each of ``params`` to the whole tensor ``values[name]`` (the same on every rank): a DTensor takes its
+    own part (no communication), a plain tensor all of it."""
+    with torch.no_grad():
+        for n, p in params.items():
+            if is_sharded(p):
+                p.to_local().copy_(local_part(p, values[n]))
+            else:
+                p.copy_(values[n])
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """Shard ``model`` with FSDP2 over every rank of the process group, in place: ``fully_shard`` on each block
+    the model names as never split (HF's ``_no_split_modules``: its decoder layers), then on the root (the
+    embeddings, final norm and head), as accelerate's FSDP2 auto-wrap does. The mesh is on the device of the
+    model's parameters, where FSDP2 moves the shards (load on the CPU, shard onto ``cuda:LOCAL_RANK`` with
+    :func:`torch.cuda.set_device` called: each GPU then holds 1/W of the weights)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        raise ValueError("FSDP2 sharding needs a torch.distributed process group of at least 2 ranks (start the "
+                         "run with torchrun or accelerate launch)")
+    names = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} names no blocks to shard (HF's _no_split_modules); FSDP2 "
+                         "sharding needs them")
+    device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def whole_zeros(t: Tensor) -> Tensor:

@@ -30,7 +30,9 @@ def greedy_continue(model, prompts: Sequence[Sequence[int]], *, pad_id: int,
     Prompts are left-padded into batches of ``batch_size`` and decoded with the KV cache in eval mode; the
     model's training flag is restored afterwards. An FSDP2-sharded model under ``torch.distributed`` decodes with
     HF's ``synced_gpus`` (a rank whose rows have all ended keeps running forwards until every rank's have, since
-    each forward all-gathers the weights): every rank must call with the same number of batches.
+    each forward all-gathers the weights), and a rank with fewer batches than another (or none) decodes a
+    one-token filler batch for each it lacks, whose output is dropped: every rank must call it, with any number
+    of prompts.
     """
     from tqdm.auto import tqdm
 
@@ -44,11 +46,16 @@ def greedy_continue(model, prompts: Sequence[Sequence[int]], *, pad_id: int,
     device = next(model.parameters()).device
     ends = end_ids(eos_id)
     synced = is_distributed() and any(is_sharded(p) for p in model.parameters())
+    batches = [[list(p) for p in prompts[start:start + batch_size]] for start in range(0, len(prompts), batch_size)]
+    mine = len(batches)
+    if synced:  # every rank runs as many generate calls as the rank with the most batches
+        most = torch.tensor([mine], device=device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        batches += [[[pad_id]]] * (int(most) - mine)
     outputs: list[list[int]] = []
     with root_unsharded(model):
         try:
-            for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
-                chunk = [list(p) for p in prompts[start:start + batch_size]]
+            for index, chunk in enumerate(tqdm(batches, desc="generate", disable=not progress, leave=False)):
                 width = max(len(p) for p in chunk)
                 input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -58,6 +65,8 @@ def greedy_continue(model, prompts: Sequence[Sequence[int]], *, pad_id: int,
                 generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                            eos_token_id=eos_id, **({"synced_gpus": True} if synced else {}))
+                if index >= mine:  # a filler batch (synced decoding)
+                    continue
                 for row in generated[:, width:].tolist():
                     stop = next((i for i, t in enumerate(row) if t in ends), None)
                     if stop is not None:

@@ -34,8 +34,10 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..config import GGN_METHODS
 from ..curvature.distributed import is_distributed
 from ..curvature.loss import curvature_mode
+from ..curvature.sharded import assign_whole, is_sharded, whole_values
 from ..curvature.vectors import ParamVector, dot
 from ..nll import batch_nll_sums
 from ..objectives import Objective
@@ -119,13 +121,12 @@ def trainable_params(model, patterns=None) -> dict[str, Tensor]:
 
 
 def _snapshot(params: Mapping[str, Tensor]) -> ParamVector:
-    return {n: p.detach().clone() for n, p in params.items()}  # copies: never alias the live parameters
+    """Whole copies of the parameters (never aliases; FSDP2 shards gathered: every rank must call it)."""
+    return whole_values(params)
 
 
 def _assign(params: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> None:
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(values[n])
+    assign_whole(params, values)
 
 
 def budget_of(l0: float, rel: float, abs_floor: float) -> float:
@@ -268,6 +269,13 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     start = time.perf_counter()
     chosen = trainable_params(model, params)
+    sharded = any(is_sharded(p) for p in chosen.values())
+    if sharded and method in GGN_METHODS:
+        raise ValueError(f"{method} needs exact GGN-vector products (a double backward through every layer), which "
+                         "an FSDP2-sharded model does not keep: each layer's whole weights are freed after its "
+                         "backward; use kfac, ekfac or sgd with a sharded model")
+    if sharded and select_top is not None:
+        raise ValueError("select_top (influence scores per example) does not run on an FSDP2-sharded model")
     precond = make_preconditioner(method, damping, ggn_rows)
     theta0 = _snapshot(chosen)
     l0, terms0 = task.evaluate(model), safety.term_values(model)
@@ -319,7 +327,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
                   + ("" if safety_target is None else f", target {_describe(safety_target)}"))
     return RestoreResult(method=method, safety_objective={"before": s0, "after": loop.s_cur, "target": safety_target},
                          task_nll={"before": l0, "after": loop.l_cur, "budget": budget}, steps=loop.log,
-                         layer_update_norms=_layer_update_norms(chosen, theta0), influence=influence,
+                         layer_update_norms=_layer_update_norms(_snapshot(chosen), theta0), influence=influence,
                          stopped=stopped, stop_detail=detail, error=error, binding=binding,
                          seconds=time.perf_counter() - start)
 
@@ -359,12 +367,12 @@ def _influence_selection(model, safety: Objective, task: Objective, chosen: dict
     return select_examples(safety, influence, select_top), influence
 
 
-def _layer_update_norms(chosen: Mapping[str, Tensor], theta0: ParamVector) -> dict[str, float]:
+def _layer_update_norms(theta: ParamVector, theta0: ParamVector) -> dict[str, float]:
     """The norm of each module's edit (its parameters together)."""
     deltas: dict[str, float] = {}
-    for n, p in chosen.items():
+    for n, p in theta.items():
         module = n.rsplit(".", 1)[0]
-        deltas[module] = deltas.get(module, 0.0) + float((p.detach() - theta0[n]).square().sum())
+        deltas[module] = deltas.get(module, 0.0) + float((p - theta0[n]).square().sum())
     return {k: v ** 0.5 for k, v in deltas.items()}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from functools import partial
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -17,8 +18,9 @@ from typing import Optional, Sequence
 import torch
 
 from ..anchors import adapter_disabled, anchor_responses
-from ..config import ONE_SIDED, TWO_SIDED, RestoreConfig
+from ..config import GGN_METHODS, ONE_SIDED, TWO_SIDED, RestoreConfig
 from ..curvature.loss import curvature_mode
+from ..curvature.sharded import shard_model, whole_values
 from ..data import Pair, load_pairs, make_batches
 from ..eval.metrics import refusal_rate
 from ..io import check_out, staged_dir
@@ -31,6 +33,8 @@ from .baselines import BASELINES, resta, revert, safelora
 from .preconditioners import METHODS
 
 log = logging.getLogger(__name__)
+
+FSDP2_METHODS = ("kfac", "ekfac", "sgd")  # the restore methods that run on an FSDP2-sharded model
 
 
 @dataclass
@@ -67,7 +71,7 @@ def _no_progress(result: RestoreResult) -> Optional[str]:
 
 
 def _plan(model_dir, adapter_dir, dtype: str, params: Optional[Sequence[str]], batch_size: int, max_length: int,
-          *, task_batches: int, safety_batches: int, ggn_rows: Optional[int]):
+          *, task_batches: int, safety_batches: int, ggn_rows: Optional[int], shards: int = 1):
     """The estimate of :mod:`curvsafe.plan` for this run, from the configs (meta device)."""
     from ..capture import block_of
 
@@ -78,7 +82,7 @@ def _plan(model_dir, adapter_dir, dtype: str, params: Optional[Sequence[str]], b
         owners = {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad}
         modules = sorted(n for n, m in model.named_modules() if n in owners and block_of(n, m) is not None) or None
     settings = PlanSettings(batch_size=batch_size, seq_len=max_length, task_batches=max(task_batches, 1),
-                            safety_batches=max(safety_batches, 1), ggn_rows=ggn_rows)
+                            safety_batches=max(safety_batches, 1), ggn_rows=ggn_rows, shards=shards)
     return estimate(model, settings, modules=modules)
 
 
@@ -130,6 +134,14 @@ def _objective_weights(config: RestoreConfig, full: bool, benign_file, unaligned
         raise ValueError("without --adapter (a full fine-tune) pass --params: the weights to edit")
     if full and method in BASELINES:
         raise ValueError(f"{method} edits a LoRA adapter; it needs --adapter")
+    if config.fsdp2 and (full or method not in FSDP2_METHODS):
+        raise ValueError(f"--fsdp2 restores a LoRA adapter (--adapter) with {', '.join(FSDP2_METHODS)}; "
+                         + ("got a full fine-tune" if full else f"{method} does not run sharded"
+                            + (" (it needs exact GGN-vector products, a double backward through every layer)"
+                               if method in GGN_METHODS else "")))
+    if config.fsdp2 and world_size() < 2:
+        raise ValueError("--fsdp2 shards the model over the ranks of a launcher (torchrun / accelerate launch); this "
+                         "process is alone")
     if full and aligned_model is None and ({"harmful", "anchor", "benign"} & set(weights) or benign_file):
         raise ValueError("without --adapter the anchor / harmful / benign objectives and --benign need "
                          "--aligned-model (the model before fine-tuning)")
@@ -149,7 +161,8 @@ def _planned(model_dir, adapter_dir, config: RestoreConfig, task_examples: int, 
     def planned(ggn_rows):
         return _plan(model_dir, adapter_dir, config.dtype, config.params if adapter_dir is None else None,
                      batch_size, config.max_length, task_batches=per_rank(task_examples),
-                     safety_batches=per_rank(safety_examples), ggn_rows=ggn_rows)
+                     safety_batches=per_rank(safety_examples), ggn_rows=ggn_rows,
+                     shards=world_size() if config.fsdp2 else 1)
 
     try:
         plan = planned(config.ggn_rows)
@@ -215,6 +228,12 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     aligned model's responses and refusal rates are generated in shards and gathered; rank 0 checks ``out_dir``
     and writes it, and a failure on any rank fails every rank and writes nothing (:mod:`curvsafe.ranks`).
     ``select_top`` is single-process only.
+
+    **Sharded** (``fsdp2``, under a launcher): the model is loaded on the CPU and sharded with FSDP2 over the ranks
+    (:func:`~curvsafe.curvature.sharded.shard_model`; each rank's shard moves to its device); batches are balanced
+    so that every rank runs as many forwards (:func:`curvsafe.ranks.balance`); ``kfac``, ``ekfac`` and ``sgd``
+    only (``lbfgs`` / ``cg`` need a double backward through every layer, which FSDP2 does not keep), a LoRA
+    adapter only; rank 0 saves the adapter from its tensors gathered whole.
     """
     config = RestoreConfig.from_settings(config, settings)
     inputs = _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, config, benign_file=benign_file,
@@ -226,10 +245,12 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
         raise NoProgressError(f"{failure}; nothing written")
     report = _report(inputs, side, result, model_dir, adapter_dir)
     model, full = inputs.model, adapter_dir is None
+    adapter_state = _whole_adapter_state(model) if inputs.config.fsdp2 else None  # a collective: every rank
     with together():  # rank 0 writes once every rank got here; its failure to write fails them all
         if is_main():
             model = _write_outputs(inputs.out, model, inputs.tokenizer, report, side.used,
-                                   as_model=full or inputs.config.method == "resta", full=full)
+                                   as_model=full or inputs.config.method == "resta", full=full,
+                                   adapter_state=adapter_state)
     return RestoreRun(report, model, inputs.tokenizer)
 
 
@@ -270,8 +291,9 @@ def _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, confi
         benign_prompts = ([p.prompt for p in load_pairs(benign_file, require_response=False)][:limit]
                           if benign_file is not None else [])
         plan, config = _planned(model_dir, adapter_dir, config, len(task_pairs), len(harmful) + len(benign_prompts))
-        model, tokenizer = load_model(model_dir, adapter_dir, dtype=config.dtype, device=device,
-                                      trainable_adapter=True)
+        # sharded: loaded on the CPU, then FSDP2 moves each rank's shard to its device (below, a collective)
+        model, tokenizer = load_model(model_dir, adapter_dir, dtype=config.dtype,
+                                      device="cpu" if config.fsdp2 else device, trainable_adapter=True)
         max_length = fit_max_length(config.max_length, model)
         reference = model
         if full:
@@ -279,7 +301,9 @@ def _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, confi
             reference = (load_model(aligned_model, dtype=config.dtype, device=device, with_tokenizer=False)[0]
                          if aligned_model else None)
         task_batches = make_batches(tokenizer, task_pairs, batch_size=config.batch_size, max_length=max_length)
-        task = Objective([LossTerm("task", shard(task_batches, "batches of task data"))])
+        task = Objective([LossTerm("task", shard(task_batches, "batches of task data", equal=config.fsdp2))])
+    if config.fsdp2:
+        shard_model(model)
     return _Inputs(config, weights, out, harmful, benign_prompts, plan, model, tokenizer, max_length, reference, task)
 
 
@@ -321,7 +345,8 @@ def _safety_side(inputs: _Inputs, anchor, benign_anchor) -> _SafetySide:
         shown_weights.setdefault("benign", 1.0)
     shown, used = build_safety(model, tokenizer, harmful, shown_weights, batch_size=config.batch_size,
                                max_length=inputs.max_length, anchor=anchor, benign_anchor=benign_anchor,
-                               aligned_nll=aligned_nll if reference is not None else None, shard=shard)
+                               aligned_nll=aligned_nll if reference is not None else None,
+                               shard=partial(shard, equal=config.fsdp2))
     safety = Objective([t for t in shown.terms if t.name in weights])
     aligned_safety, aligned_terms, target = None, {}, None
     if reference is not None:
@@ -385,9 +410,17 @@ def _report(inputs: _Inputs, side: _SafetySide, result: RestoreResult, model_dir
                    "plan": asdict(plan.methods[method]) if plan is not None and method in METHODS else None})
     return report
 
-def _write_outputs(out: Path, model, tokenizer, report: dict, used: dict, *, as_model: bool, full: bool):
+def _whole_adapter_state(model) -> dict:
+    """The model's state dict with its LoRA entries (the ones PEFT saves) whole: FSDP2 shards gathered."""
+    state = model.state_dict()
+    return {**state, **whole_values({k: v for k, v in state.items() if "lora_" in k})}
+
+
+def _write_outputs(out: Path, model, tokenizer, report: dict, used: dict, *, as_model: bool, full: bool,
+                   adapter_state: Optional[dict] = None):
     """The output folder, atomically: ``adapter/`` (or ``model/``: a full fine-tune, or RESTA's merged edit),
-    the anchors used and ``report.json`` (its ``paths`` filled in). Returns the model as saved."""
+    the anchors used and ``report.json`` (its ``paths`` filled in). ``adapter_state``: the state dict to save
+    the adapter from (an FSDP2-sharded model's, its LoRA entries gathered whole). Returns the model as saved."""
     from ..models import save_model
 
     try:
@@ -398,7 +431,7 @@ def _write_outputs(out: Path, model, tokenizer, report: dict, used: dict, *, as_
                 save_model(model, tmp / "model", tokenizer)
                 report["paths"] = {"model": str(out / "model")}
             else:
-                save_model(model, tmp / "adapter")
+                save_model(model, tmp / "adapter", state_dict=adapter_state)
                 report["paths"] = {"adapter": str(out / "adapter")}
             for name, file in (("anchor", "anchor.jsonl"), ("benign", "benign_anchor.jsonl")):
                 if name in used:

@@ -79,9 +79,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         r = run_restore(args.model, args.adapter, args.harmful, args.task, args.out, config,
                         benign_file=args.benign, unaligned_model=args.unaligned_model,
                         aligned_model=args.aligned_model, force=args.force).report
-        # the model goes before the group: an FSDP2-sharded one holds the process group, whose gloo threads would
-        # otherwise be torn down at exit, after rank 0 (the store's host) may have gone
-        gc.collect()
+        gc.collect()  # the model is freed before the group is left (an FSDP2-sharded one holds the group)
     finally:
         if owns_group:
             leave_group()

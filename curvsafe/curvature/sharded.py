@@ -117,9 +117,9 @@ def assign_whole(params: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> 
 def shard_model(model: nn.Module) -> nn.Module:
     """Shard ``model`` with FSDP2 over every rank of the process group, in place: ``fully_shard`` on each block
     the model names as never split (HF's ``_no_split_modules``: its decoder layers), then on the root (the
-    embeddings, final norm and head), as accelerate's FSDP2 auto-wrap does. The mesh is on the device of the
-    model's parameters, where FSDP2 moves the shards (load on the CPU, shard onto ``cuda:LOCAL_RANK`` with
-    :func:`torch.cuda.set_device` called: each GPU then holds 1/W of the weights)."""
+    embeddings, final norm and head), as accelerate's FSDP2 auto-wrap does. The mesh is on CUDA under an NCCL
+    group (each rank's current device, set by :func:`curvsafe.ranks.init_from_env`), else on the CPU; FSDP2 moves
+    the shards there, so a model loaded on the CPU ends with 1/W of its weights on each GPU."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

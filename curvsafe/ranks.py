@@ -13,6 +13,7 @@ Without an initialised process group of more than one rank everything here is th
 from __future__ import annotations
 
 import builtins
+import gc
 import os
 from contextlib import contextmanager
 from datetime import timedelta
@@ -65,9 +66,13 @@ def init_from_env(device: str, timeout_s: float = 1800.0) -> str:
 
 def leave_group() -> None:
     """Leave the process group together: a barrier, then ``destroy_process_group`` (a rank still shutting down
-    may need the store that rank 0 hosts; a rank that is gone already skips the barrier)."""
+    may need the store that rank 0 hosts; a rank that is gone already skips the barrier). Free what holds the
+    group first (an FSDP2-sharded model, a DDP wrapper): the group is then torn down here, while every rank is
+    still alive, not at the interpreter's exit (where gloo, after a peer has gone, has aborted the process:
+    "terminate called without an active exception")."""
     if not dist.is_initialized():
         return
+    gc.collect()  # reference cycles of freed models (FSDP2 hooks) that still hold the group
     try:
         dist.barrier()
     except RuntimeError:

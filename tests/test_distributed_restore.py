@@ -170,6 +170,7 @@ def _sharded_decoding(rank, port, out_dir):
         prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]] if rank == 0 else []
         got = greedy_continue(model, prompts, pad_id=0, eos_id=2, max_new_tokens=5, batch_size=1)
         torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
+        model = None  # freed before the group is left (a sharded model holds it)
     finally:
         leave_group()
 

@@ -508,9 +508,11 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
                 net(**data[2 * step + rank]).loss.backward()
             opt.step()
         result = {n: whole(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        refreshes = opt.refresh_count
         if rank is not None:
-            torch.save({"params": result, "refreshes": opt.refresh_count}, os.path.join(out_dir, f"rank{rank}.pt"))
-        return result, opt.refresh_count
+            torch.save({"params": result, "refreshes": refreshes}, os.path.join(out_dir, f"rank{rank}.pt"))
+        model = net = opt = None  # freed before the group is left (a sharded model holds it)
+        return result, refreshes
     finally:
         if rank is not None:
             leave_group()

@@ -12,10 +12,10 @@ alone: other sums in another order), the held-out harmful rate / over-refusal / 
 restore time of both (the report's ``seconds``: the restore loop, not loading) with their ratio. ``kfac`` /
 ``ekfac`` draw their Monte Carlo labels per rank, so only their statistics, not their bits, match.
 
-``--fsdp2``: the N-rank run shards the model with FSDP2 (``restore --fsdp2``; methods kfac, ekfac, sgd), and the
+``--fsdp2``: the N-rank run shards the model with FSDP2 (``restore --fsdp2``), and the
 reference column is the N-rank run without sharding instead of the 1-thread run. Sharded, a file whose batches
 do not divide among the ranks has its largest batches split (every rank runs as many forwards), so kfac / ekfac
-draw other labels than unsharded and, again, only their statistics match; sgd matches to rounding.
+draw other labels than unsharded and, again, only their statistics match; the others match to rounding.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--methods", default="lbfgs,kfac,cg,sgd")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=None)
-    parser.add_argument("--fsdp2", action="store_true", help="shard the N-rank runs with FSDP2 (kfac, ekfac, sgd)")
+    parser.add_argument("--fsdp2", action="store_true", help="shard the N-rank runs with FSDP2")
     args = parser.parse_args()
     args.methods = args.methods.split(",")
     rows = [row for seed in map(int, args.seeds.split(",")) for row in seed_rows(seed, args)]

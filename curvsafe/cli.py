@@ -292,8 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ggn-rows", type=int, help="lbfgs / cg: rows per chunk of each GGN-vector product "
                    "(restore's --ggn-rows)")
     p.add_argument("--shards", type=int, default=1, help="ranks the weights are sharded over with FSDP2 (restore "
-                   "--fsdp2, CurvSafe under fully_shard): memory per rank; lbfgs and cg, which do not run sharded, "
-                   "are left out")
+                   "--fsdp2, CurvSafe under fully_shard): memory per rank")
     p.add_argument("--max-memory", type=_memory, metavar="SIZE", help="also say which methods fit in SIZE")
     p.add_argument("--json", action="store_true", help='print {"methods": {METHOD: {"curvature_bytes", '
                    '"peak_bytes", "steps_per_iteration"}}, ...}')

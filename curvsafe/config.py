@@ -40,8 +40,6 @@ class Method(str, Enum):
 
 RESTORE_METHODS = tuple(m.value for m in (Method.LBFGS, Method.KFAC, Method.EKFAC, Method.CG, Method.SGD))
 BASELINE_METHODS = tuple(m.value for m in (Method.REVERT, Method.SAFELORA, Method.RESTA))
-# built on exact GGN-vector products (a double backward through every layer): not under FSDP2 sharding
-GGN_METHODS = tuple(m.value for m in (Method.LBFGS, Method.CG))
 
 E = TypeVar("E", bound=Enum)
 
@@ -132,7 +130,7 @@ class RestoreConfig(Settings):
                                       "many bytes; lbfgs / cg first try GGN row chunks that fit (default: the "
                                       "CUDA device's memory; see `curvsafe plan`)", default=None)
     fsdp2: bool = setting("under a launcher (torchrun / accelerate launch): shard the model with FSDP2 over the "
-                          "ranks, each holding 1/W of the weights (kfac, ekfac and sgd; a LoRA adapter)",
+                          "ranks, each holding 1/W of the weights (the curvature methods; a LoRA adapter)",
                           default=False)
 
     def __post_init__(self):

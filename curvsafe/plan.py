@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .capture import find_blocks
-from .config import GGN_METHODS, RESTORE_METHODS
+from .config import RESTORE_METHODS
 from .curvature.lowrank import LowRank
 
 F32 = 4
@@ -69,8 +69,7 @@ class PlanSettings:
         ggn_rows: rows per chunk of L-BFGS's and CG's GGN-vector products (restore's ``ggn_rows``; None: the
             whole batch).
         shards: ranks the weights are sharded over with FSDP2 (restore's ``fsdp2``, CurvSafe under
-            ``fully_shard``): the estimate is per rank, and the methods that need exact GGN-vector products
-            (lbfgs, cg) are left out (they do not run sharded).
+            ``fully_shard``): the estimate is per rank.
     """
 
     batch_size: int = 8
@@ -318,9 +317,8 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     refresh = max(2 * F + act, k["eigen_transient"])
     plans["curvsafe"] = MethodPlan(int(curvsafe_curv), int(weights + 4 * vec + curvsafe_curv + max(train_act, refresh)),
                                    1.0 + (S + 1.0) / settings.refresh_interval)
-    shown = [m for m in (*RESTORE_METHODS, "curvsafe") if settings.shards == 1 or m not in GGN_METHODS]
-    return Plan({m: plans[m] for m in shown}, int(train_step), int(weights), int(trainable), k["blocks"],
-                k["sketched"], _settings_dict(settings))
+    return Plan({m: plans[m] for m in (*RESTORE_METHODS, "curvsafe")}, int(train_step), int(weights), int(trainable),
+                k["blocks"], k["sketched"], _settings_dict(settings))
 
 
 def sharded_weight_bytes(model: nn.Module, shards: int) -> int:

@@ -97,8 +97,9 @@ def shard(items: Sequence[T], what: str, equal: bool = False) -> list[T]:
 def balance(batches: Sequence[dict], ranks: int) -> list[dict]:
     """``batches`` with their number raised to a multiple of ``ranks`` by splitting, one at a time, the batch with
     the most rows into its first and second halves of rows (in place in the order: the data's order is kept).
-    Token sums and counts over all batches, hence every token-mean loss, are unchanged; a row's padding columns
-    stay masked. Raises when there are too few rows to split."""
+    Token sums and counts over all batches, hence every token-mean loss and its gradient, are unchanged; a row's
+    padding columns stay masked; a curvature averaged per batch (the GGN / Hessian products' convention) counts
+    the two halves as two batches. Raises when there are too few rows to split."""
     out = list(batches)
     while len(out) % ranks:
         index = max(range(len(out)), key=lambda i: (len(out[i]["input_ids"]), -i))

@@ -189,3 +189,51 @@ def test_products_in_row_chunks_equal_the_whole_batch(product):
             assert rel_err(chunked[n], whole[n]) < 1e-6, (rows, n)  # HF's RMSNorm runs in float32 here
     with pytest.raises(ValueError, match="max_rows"):
         product(model, batches, v, list(named), max_rows=0)
+
+
+def _sharded_products(rank, port, out_dir):
+    """2 gloo ranks, the tiny LoRA Llama sharded with FSDP2 (float64): the GGN product of each rank's batches,
+    and the refusals of the products that need a double backward."""
+    import os
+
+    import torch.distributed as dist
+
+    from curvsafe.curvature.sharded import shard_model
+    from curvsafe.ranks import leave_group
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = shard_model(with_lora(tiny_llama()))
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        v = random_vector({n: torch.empty(p.shape, dtype=torch.float64) for n, p in model.named_parameters()
+                           if n in names}, seed=3)
+        batches = [make_batch(batch=2, seq=8, seed=s) for s in range(4)][rank::2]
+        result = {"ggn": ggn_vp(model, batches, v, names)}
+        for product in (hvp, empirical_fisher_vp):
+            try:
+                product(model, batches, v, names)
+            except ValueError as exc:
+                result[product.__name__] = str(exc)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        model = None  # freed before the group is left (a sharded model holds it)
+    finally:
+        leave_group()
+
+
+def test_ggn_vp_on_an_fsdp2_sharded_model_equals_one_process(tmp_path):
+    """FSDP2 frees each layer's whole weights after its backward, so the double-VJP ``J v`` cannot run there: the
+    sharded GGN takes ``J v`` in forward mode (dual parameters) and one ordinary backward, and equals the
+    single-process product on the union of the ranks' batches."""
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    mp.spawn(_sharded_products, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    model = with_lora(tiny_llama())
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    v = random_vector({n: p for n, p in model.named_parameters() if n in names}, seed=3)
+    want = ggn_vp(model, [make_batch(batch=2, seq=8, seed=s) for s in range(4)], v, names)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for n in names:
+            assert rel_err(got["ggn"][n], want[n]) < 1e-10, n
+        assert "double backward" in got["hvp"] and "double backward" in got["empirical_fisher_vp"]

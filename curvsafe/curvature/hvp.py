@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ._pass import materialize, requiring_grad
 from .base import CurvatureOperator
 from .distributed import all_reduce_counts, all_reduce_sum_
+from .sharded import dual_parameters, forward_tensors, is_sharded
 from .loss import (CausalLMLoss, call_model, counted_token_losses, curvature_mode, model_device, model_inputs,
                    output_tensor, prepare_batch)
 from .vectors import ParamVector, check_vector
@@ -61,6 +62,14 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
     if not chosen:
         raise ValueError("no parameters selected (none requires grad); pass `params`")
     return chosen
+
+
+def _refuse_sharded(model: nn.Module, params: ParamSelection, what: str) -> None:
+    """A clear error for products that need a double backward on an FSDP2-sharded model (FSDP2 frees each layer's
+    whole weights after its backward; :func:`ggn_vp` runs there, in forward mode)."""
+    if any(is_sharded(p) for p in select_params(model, params).values()):
+        raise ValueError(f"{what} need a double backward through every layer, which an FSDP2-sharded model does "
+                         "not keep; the GGN (ggn_vp) runs sharded")
 
 
 def _prepare(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection):
@@ -123,6 +132,7 @@ def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: Pa
     ``max_rows``: run each batch in chunks of at most this many rows (same product, less activation memory)."""
     if method not in ("auto", "forward", "double_backward"):
         raise ValueError(f"method must be 'auto', 'forward' or 'double_backward', got {method!r}")
+    _refuse_sharded(model, params, "Hessian-vector products")
 
     def per_batch(model, batch, names, primals, tangents, loss):
         if method == "forward" or (method == "auto" and type(model) not in _NO_FORWARD_AD):
@@ -163,21 +173,39 @@ def _row_chunks(batch: Mapping[str, Tensor], loss, max_rows: Optional[int]) -> l
     return chunks
 
 
+class _ForwardTensors(Sequence):
+    """The tensors the named parameters were in the last forward (FSDP2's whole parameters), read when used."""
+
+    def __init__(self, used: Mapping[str, Tensor], names: Sequence[str]):
+        self.used, self.names = used, names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i):
+        return self.used[self.names[i]]
+
+
 def _products(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection, loss,
               per_batch: Callable, max_rows: Optional[int] = None) -> ParamVector:
     """The mean over ``batches`` of ``per_batch(model, batch, names, primals, tangents, loss)`` (a tuple of
     products of the batch's mean loss w.r.t. ``primals``; None for an unused one), in curvature mode,
     all-reduced: the body of :func:`hvp`, :func:`ggn_vp` and :func:`empirical_fisher_vp`. With ``max_rows`` a
-    batch runs in row chunks whose products are weighted by their share of its counted tokens (the same mean)."""
+    batch runs in row chunks whose products are weighted by their share of its counted tokens (the same mean).
+    Under FSDP2 ``primals`` are the whole parameters each forward used (read after the forward)."""
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
     loss = loss or CausalLMLoss()
     data, chosen = _prepare(model, batches, v, params)
     names = list(chosen)
     device = model_device(model)
+    sharded = any(is_sharded(p) for p in chosen.values())
+    if sharded and max_rows is not None:
+        raise ValueError("row chunks (max_rows / ggn_rows) do not run on an FSDP2-sharded model: ranks whose "
+                         "batches have other row counts would run other numbers of forwards")
     results = []
-    with curvature_mode(model), requiring_grad(chosen.values()):
-        primals = tuple(chosen[n] for n in names)
+    with curvature_mode(model), requiring_grad(chosen.values()), forward_tensors(model, chosen) as used:
+        primals = _ForwardTensors(used, names) if sharded else tuple(chosen[n] for n in names)
         tangents = tuple(v[n].to(chosen[n].dtype) for n in names)
         for raw in data:
             total = None
@@ -205,17 +233,33 @@ def _empirical_fisher_batch(model, batch, names, primals, tangents, loss):
     return torch.autograd.grad(per_seq, primals, grad_outputs=(c / count).detach(), allow_unused=True)
 
 
+def _ggn_batch_forward_mode(model, batch, names, primals, tangents, loss):
+    """``_ggn_batch`` with ``J v`` in forward mode (dual parameters) instead of a double backward: one forward and
+    one ordinary backward, which FSDP2 runs (it frees each layer's whole weights after its backward, so a second
+    backward through them would read freed storage)."""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level(), dual_parameters(model, dict(zip(names, tangents))):
+        output, targets, valid, count = _batch_loss_terms(model, batch, loss)
+        output, jv = fwAD.unpack_dual(output)
+    jv = torch.zeros_like(output) if jv is None else jv
+    hjv = loss.output_hessian_vp(output, targets, jv) * valid.unsqueeze(-1) / count
+    return torch.autograd.grad(output, tuple(primals), grad_outputs=hjv.to(output.dtype), allow_unused=True)
+
+
 def ggn_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection = None, *,
            loss=None, max_rows: Optional[int] = None) -> ParamVector:
     """Generalised Gauss-Newton-vector product ``J^T H_out J v`` of the mean loss (module docstring);
-    ``max_rows`` as in :func:`hvp`."""
-    return _products(model, batches, v, params, loss, _ggn_batch, max_rows)
+    ``max_rows`` as in :func:`hvp`. On an FSDP2-sharded model ``J v`` is taken in forward mode."""
+    sharded = any(is_sharded(p) for p in select_params(model, params).values())
+    return _products(model, batches, v, params, loss, _ggn_batch_forward_mode if sharded else _ggn_batch, max_rows)
 
 
 def empirical_fisher_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor],
                         params: ParamSelection = None, *, loss=None, max_rows: Optional[int] = None) -> ParamVector:
     """Exact empirical-Fisher-vector product with sequences as examples (module docstring); ``max_rows`` as in
     :func:`hvp`."""
+    _refuse_sharded(model, params, "empirical-Fisher-vector products")
     return _products(model, batches, v, params, loss, _empirical_fisher_batch, max_rows)
 
 

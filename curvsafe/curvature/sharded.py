@@ -192,3 +192,76 @@ def forward_tensors(model: nn.Module, params: Mapping[str, Tensor]) -> Iterator[
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def dual_parameters(model: nn.Module, tangents: Mapping[str, Tensor]) -> Iterator[None]:
+    """Inside a ``torch.autograd.forward_ad.dual_level()``: each parameter named in ``tangents`` enters its module's
+    forward as a dual tensor (primal: the tensor the module holds then, FSDP2's whole parameter under sharding;
+    tangent: ``tangents[name]``, a whole tensor), so the outputs carry ``J v`` as their tangent and still
+    backpropagate to the primal; the module holds its own parameter again once its forward returns. Register it
+    after :func:`forward_tensors`, whose record must be the primal."""
+    import torch.autograd.forward_ad as fwAD
+
+    by_module: dict[str, list[tuple[str, str]]] = {}
+    for name in tangents:
+        owner, _, attr = name.rpartition(".")
+        by_module.setdefault(owner, []).append((name, attr))
+    held: list[tuple[nn.Module, dict]] = []  # modules in forward (nested: last in, first out), their own tensors
+    handles = _tangents_around_fsdp_inputs(model)
+    for owner, entries in by_module.items():
+        def enter(module, args, entries=entries):
+            own = {attr: module._parameters[attr] for _, attr in entries}
+            held.append((module, own))
+            for name, attr in entries:  # the registry itself: a dual tensor is not an nn.Parameter
+                module._parameters[attr] = fwAD.make_dual(own[attr], tangents[name].to(own[attr].dtype))
+
+        def leave(module, args, output):
+            module._parameters.update(held.pop()[1])
+
+        module = model.get_submodule(owner)
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while held:  # a forward that raised: its modules get their own tensors back
+            module, own = held.pop()
+            module._parameters.update(own)
+
+
+def _tangents_around_fsdp_inputs(model: nn.Module) -> list:
+    """Hooks that carry forward-mode tangents past FSDP2's pre-forward, which passes a unit's inputs through an
+    autograd Function (to run its post-backward) whose jvp does not return views, so a dual input fails there:
+    the first hook (before FSDP2's) holds the inputs' tangents and hands FSDP2 the primals, the second (after
+    it) makes its outputs dual again with the held tangents."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.distributed.fsdp import FSDPModule
+
+    held: list[list] = []
+    handles = []
+
+    def split(value):
+        primal, tangent = fwAD.unpack_dual(value) if isinstance(value, Tensor) else (value, None)
+        return (value, None) if tangent is None else (primal, tangent)
+
+    def strip(module, args, kwargs):
+        args_split, kwargs_split = [split(a) for a in args], {k: split(v) for k, v in kwargs.items()}
+        held.append(([t for _, t in args_split], {k: t for k, (_, t) in kwargs_split.items()}))
+        return tuple(a for a, _ in args_split), {k: v for k, (v, _) in kwargs_split.items()}
+
+    def reattach(module, args, kwargs):
+        arg_tangents, kwarg_tangents = held.pop()
+
+        def dual(value, tangent):
+            return value if tangent is None else fwAD.make_dual(value, tangent)
+
+        return (tuple(dual(a, t) for a, t in zip(args, arg_tangents)),
+                {k: dual(v, kwarg_tangents.get(k)) for k, v in kwargs.items()})
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            handles.append(module.register_forward_pre_hook(strip, prepend=True, with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(reattach, with_kwargs=True))
+    return handles

@@ -34,7 +34,6 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..config import GGN_METHODS
 from ..curvature.distributed import is_distributed
 from ..curvature.loss import curvature_mode
 from ..curvature.sharded import assign_whole, is_sharded, whole_values
@@ -269,12 +268,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     start = time.perf_counter()
     chosen = trainable_params(model, params)
-    sharded = any(is_sharded(p) for p in chosen.values())
-    if sharded and method in GGN_METHODS:
-        raise ValueError(f"{method} needs exact GGN-vector products (a double backward through every layer), which "
-                         "an FSDP2-sharded model does not keep: each layer's whole weights are freed after its "
-                         "backward; use kfac, ekfac or sgd with a sharded model")
-    if sharded and select_top is not None:
+    if select_top is not None and any(is_sharded(p) for p in chosen.values()):
         raise ValueError("select_top (influence scores per example) does not run on an FSDP2-sharded model")
     precond = make_preconditioner(method, damping, ggn_rows)
     theta0 = _snapshot(chosen)

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..anchors import adapter_disabled, anchor_responses
-from ..config import GGN_METHODS, ONE_SIDED, TWO_SIDED, RestoreConfig
+from ..config import ONE_SIDED, TWO_SIDED, RestoreConfig
 from ..curvature.loss import curvature_mode
 from ..curvature.sharded import shard_model, whole_values
 from ..data import Pair, load_pairs, make_batches
@@ -33,8 +33,6 @@ from .baselines import BASELINES, resta, revert, safelora
 from .preconditioners import METHODS
 
 log = logging.getLogger(__name__)
-
-FSDP2_METHODS = ("kfac", "ekfac", "sgd")  # the restore methods that run on an FSDP2-sharded model
 
 
 @dataclass
@@ -87,9 +85,10 @@ def _plan(model_dir, adapter_dir, dtype: str, params: Optional[Sequence[str]], b
 
 
 def _fit_ggn_rows(plan, config: RestoreConfig, budget: Optional[int], planned):
-    """For ``lbfgs`` / ``cg`` over ``budget`` with whole-batch GGN products (no ``ggn_rows`` given): the largest
-    row chunk (halving the batch) whose plan fits, with the config that uses it; else the inputs unchanged."""
-    if (budget is None or config.method not in ("lbfgs", "cg") or config.ggn_rows is not None
+    """For ``lbfgs`` / ``cg`` over ``budget`` with whole-batch GGN products (no ``ggn_rows`` given, not sharded):
+    the largest row chunk (halving the batch) whose plan fits, with the config that uses it; else the inputs
+    unchanged."""
+    if (budget is None or config.method not in ("lbfgs", "cg") or config.ggn_rows is not None or config.fsdp2
             or plan.methods[config.method].peak_bytes <= budget):
         return plan, config
     rows = config.batch_size // 2
@@ -134,11 +133,12 @@ def _objective_weights(config: RestoreConfig, full: bool, benign_file, unaligned
         raise ValueError("without --adapter (a full fine-tune) pass --params: the weights to edit")
     if full and method in BASELINES:
         raise ValueError(f"{method} edits a LoRA adapter; it needs --adapter")
-    if config.fsdp2 and (full or method not in FSDP2_METHODS):
-        raise ValueError(f"--fsdp2 restores a LoRA adapter (--adapter) with {', '.join(FSDP2_METHODS)}; "
-                         + ("got a full fine-tune" if full else f"{method} does not run sharded"
-                            + (" (it needs exact GGN-vector products, a double backward through every layer)"
-                               if method in GGN_METHODS else "")))
+    if config.fsdp2 and (full or method not in METHODS):
+        raise ValueError(f"--fsdp2 restores a LoRA adapter (--adapter) with {', '.join(METHODS)}; "
+                         + ("got a full fine-tune" if full else f"{method} (a baseline) does not run sharded"))
+    if config.fsdp2 and config.ggn_rows is not None:
+        raise ValueError("--ggn-rows does not run with --fsdp2 (ranks whose batches have other row counts would run "
+                         "other numbers of forwards)")
     if config.fsdp2 and world_size() < 2:
         raise ValueError("--fsdp2 shards the model over the ranks of a launcher (torchrun / accelerate launch); this "
                          "process is alone")
@@ -231,9 +231,9 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
 
     **Sharded** (``fsdp2``, under a launcher): the model is loaded on the CPU and sharded with FSDP2 over the ranks
     (:func:`~curvsafe.curvature.sharded.shard_model`; each rank's shard moves to its device); batches are balanced
-    so that every rank runs as many forwards (:func:`curvsafe.ranks.balance`); ``kfac``, ``ekfac`` and ``sgd``
-    only (``lbfgs`` / ``cg`` need a double backward through every layer, which FSDP2 does not keep), a LoRA
-    adapter only; rank 0 saves the adapter from its tensors gathered whole.
+    so that every rank runs as many forwards (:func:`curvsafe.ranks.balance`); ``lbfgs`` / ``cg`` take their GGN
+    products with ``J v`` in forward mode (no ``ggn_rows``); the curvature methods only, a LoRA adapter only;
+    rank 0 saves the adapter from its tensors gathered whole.
     """
     config = RestoreConfig.from_settings(config, settings)
     inputs = _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, config, benign_file=benign_file,

@@ -57,26 +57,25 @@ def test_two_ranks_take_the_steps_of_one_process_on_the_union(setup, benign_file
     ranks = launch([("none", "none")] * 2, cmd)
     assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-3000:] + ranks[1][2][-3000:]
     assert "wrote" in ranks[0][1] and ranks[1][1] == ""  # rank 0 alone prints and writes
-    report = json.loads((tmp_path / "ranks" / "report.json").read_text())
-    expected = single.report
-    assert report["ranks"] == 2 and expected["ranks"] == 1
+    report = assert_same_run(tmp_path / "ranks", tmp_path / "single")  # to float32 rounding (1 thread vs 2)
+    assert report["ranks"] == 2 and single.report["ranks"] == 1
+
+
+def assert_same_run(folder, expected_folder) -> dict:
+    """Two restore outputs took the same steps: accepted steps and stop reason, levels to 1e-5, the aligned
+    answers and over-refusal, adapters within 1e-5 (float32 rounding apart). Returns the first report."""
+    report, expected = (json.loads((f / "report.json").read_text()) for f in (folder, expected_folder))
     assert report["iterations"] == expected["iterations"] >= 1
     assert report["stopped"] == expected["stopped"]
     for key in ("safety_objective", "task_nll", "benign_nll"):
         for when in ("before", "after"):
             assert report[key][when] == pytest.approx(expected[key][when], rel=1e-5), (key, when)
     assert report["over_refusal"] == expected["over_refusal"]
-    assert (tmp_path / "ranks" / "anchor.jsonl").read_text() == (tmp_path / "single" / "anchor.jsonl").read_text()
-    got = load_file(tmp_path / "ranks" / "adapter" / "adapter_model.safetensors")
-    want = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    assert (folder / "anchor.jsonl").read_text() == (expected_folder / "anchor.jsonl").read_text()
+    got, want = (load_file(f / "adapter" / "adapter_model.safetensors") for f in (folder, expected_folder))
     assert got.keys() == want.keys()
-    flat = [torch.cat([t[n].flatten() for n in sorted(want)]) for t in (got, want)]
-    assert rel_err(*flat) <= 1e-5  # float32 rounding apart (sums in another order, 1 thread vs 2)
-
-
-def _adapter(folder):
-    tensors = load_file(folder / "adapter" / "adapter_model.safetensors")
-    return torch.cat([tensors[n].flatten() for n in sorted(tensors)]), sorted(tensors)
+    assert rel_err(*[torch.cat([t[n].flatten() for n in sorted(want)]) for t in (got, want)]) <= 1e-5
+    return report
 
 
 @pytest.mark.parametrize("method, limit, iterations", [("kfac", 8, 3), ("sgd", 9, 3), ("lbfgs", 8, 1)])
@@ -95,29 +94,17 @@ def test_fsdp2_sharded_restore_takes_the_steps_of_the_unsharded_run(setup, benig
            str(setup / "harmful.jsonl"), "--task", str(setup / "task.jsonl"), "--benign", str(benign_file),
            "--method", method, "--iterations", str(iterations), "--batch-size", "4", "--max-length", "64",
            "--limit", str(limit)]
-    runs = {}
     for name, extra in (("sharded", ["--fsdp2"]), ("replicated", [])):
         ranks = launch([("none", "none")] * 2, [*cmd, "--out", str(tmp_path / name), *extra])
         assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-3000:] + ranks[1][2][-3000:]
-        runs[name] = json.loads((tmp_path / name / "report.json").read_text())
-    sharded, replicated = runs["sharded"], runs["replicated"]
+    sharded = assert_same_run(tmp_path / "sharded", tmp_path / "replicated")
+    replicated = json.loads((tmp_path / "replicated" / "report.json").read_text())
     assert sharded["config"]["fsdp2"] and not replicated["config"]["fsdp2"]
-    assert sharded["iterations"] == replicated["iterations"] >= 1
-    assert sharded["stopped"] == replicated["stopped"]
-    for key in ("safety_objective", "task_nll", "benign_nll"):
-        for when in ("before", "after"):
-            assert sharded[key][when] == pytest.approx(replicated[key][when], rel=1e-5), (key, when)
-    assert sharded["over_refusal"] == replicated["over_refusal"]
-    assert (tmp_path / "sharded" / "anchor.jsonl").read_text() == (tmp_path / "replicated" / "anchor.jsonl").read_text()
-    (got, got_names), (want, want_names) = _adapter(tmp_path / "sharded"), _adapter(tmp_path / "replicated")
-    assert got_names == want_names
-    assert rel_err(got, want) <= 1e-5
     assert sharded["plan"]["peak_bytes"] != replicated["plan"]["peak_bytes"]  # per rank (test_plan.py: the sums)
     if method != "kfac":
-        single = restore_files(setup, tmp_path / "single", method=method, iterations=iterations, batch_size=4,
-                               max_length=64, benign_file=benign_file, limit=limit)
-        assert single.report["iterations"] == sharded["iterations"] and single.report["stopped"] == sharded["stopped"]
-        assert rel_err(got, _adapter(tmp_path / "single")[0]) <= 1e-5
+        restore_files(setup, tmp_path / "single", method=method, iterations=iterations, batch_size=4, max_length=64,
+                      benign_file=benign_file, limit=limit)
+        assert_same_run(tmp_path / "sharded", tmp_path / "single")
 
 
 def test_fsdp2_refuses_what_does_not_run_sharded(setup, tmp_path):

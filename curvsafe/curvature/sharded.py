@@ -235,7 +235,7 @@ def _tangents_around_fsdp_inputs(model: nn.Module) -> list:
     """Hooks that carry forward-mode tangents past FSDP2's pre-forward, which passes a unit's inputs through an
     autograd Function (to run its post-backward) whose jvp does not return views, so a dual input fails there:
     the first hook (before FSDP2's) holds the inputs' tangents and hands FSDP2 the primals, the second (after
-    it) makes its outputs dual again with the held tangents."""
+    it) makes the inputs FSDP2 passes on dual again with the held tangents."""
     import torch.autograd.forward_ad as fwAD
     from torch.distributed.fsdp import FSDPModule
 

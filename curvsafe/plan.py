@@ -45,6 +45,7 @@ from torch import nn
 from .capture import find_blocks
 from .config import RESTORE_METHODS
 from .curvature.lowrank import LowRank
+from .curvature.sharded import unsplit_blocks
 
 F32 = 4
 GGN_COST = 2.0  # training steps per GGN-vector product on the same data
@@ -328,11 +329,8 @@ def sharded_weight_bytes(model: nn.Module, shards: int) -> int:
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     if shards == 1:
         return total
-    names = set()
-    for module in model.modules():
-        names |= set(getattr(module, "_no_split_modules", None) or ())
-    blocks = sorted((sum(p.numel() * p.element_size() for p in m.parameters()) for m in model.modules()
-                     if type(m).__name__ in names), reverse=True)
+    blocks = sorted((sum(p.numel() * p.element_size() for p in m.parameters()) for m in unsplit_blocks(model)),
+                    reverse=True)
     return -(-total // shards) + (total - sum(blocks)) + sum(blocks[:2])
 
 

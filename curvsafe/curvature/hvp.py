@@ -64,14 +64,6 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> dict[str, 
     return chosen
 
 
-def _refuse_sharded(model: nn.Module, params: ParamSelection, what: str) -> None:
-    """A clear error for products that need a double backward on an FSDP2-sharded model (FSDP2 frees each layer's
-    whole weights after its backward; :func:`ggn_vp` runs there, in forward mode)."""
-    if any(is_sharded(p) for p in select_params(model, params).values()):
-        raise ValueError(f"{what} need a double backward through every layer, which an FSDP2-sharded model does "
-                         "not keep; the GGN (ggn_vp) runs sharded")
-
-
 def _prepare(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection):
     data = materialize(batches)
     chosen = select_params(model, params)
@@ -132,7 +124,6 @@ def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: Pa
     ``max_rows``: run each batch in chunks of at most this many rows (same product, less activation memory)."""
     if method not in ("auto", "forward", "double_backward"):
         raise ValueError(f"method must be 'auto', 'forward' or 'double_backward', got {method!r}")
-    _refuse_sharded(model, params, "Hessian-vector products")
 
     def per_batch(model, batch, names, primals, tangents, loss):
         if method == "forward" or (method == "auto" and type(model) not in _NO_FORWARD_AD):
@@ -187,12 +178,15 @@ class _ForwardTensors(Sequence):
 
 
 def _products(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection, loss,
-              per_batch: Callable, max_rows: Optional[int] = None) -> ParamVector:
+              per_batch: Callable, max_rows: Optional[int] = None, *,
+              sharded_per_batch: Optional[Callable] = None) -> ParamVector:
     """The mean over ``batches`` of ``per_batch(model, batch, names, primals, tangents, loss)`` (a tuple of
     products of the batch's mean loss w.r.t. ``primals``; None for an unused one), in curvature mode,
     all-reduced: the body of :func:`hvp`, :func:`ggn_vp` and :func:`empirical_fisher_vp`. With ``max_rows`` a
     batch runs in row chunks whose products are weighted by their share of its counted tokens (the same mean).
-    Under FSDP2 ``primals`` are the whole parameters each forward used (read after the forward)."""
+    On an FSDP2-sharded model ``sharded_per_batch`` runs instead (None: the product is refused, since FSDP2 frees
+    each layer's whole weights after its backward and a double backward would read them), with ``primals`` the
+    whole parameters each forward used (read after the forward)."""
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
     loss = loss or CausalLMLoss()
@@ -200,6 +194,11 @@ def _products(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], para
     names = list(chosen)
     device = model_device(model)
     sharded = any(is_sharded(p) for p in chosen.values())
+    if sharded and sharded_per_batch is None:
+        raise ValueError("this product needs a double backward through every layer, which an FSDP2-sharded model "
+                         "does not keep; the GGN (ggn_vp) runs sharded")
+    if sharded:
+        per_batch = sharded_per_batch
     if sharded and max_rows is not None:
         raise ValueError("row chunks (max_rows / ggn_rows) do not run on an FSDP2-sharded model: ranks whose "
                          "batches have other row counts would run other numbers of forwards")
@@ -251,15 +250,13 @@ def ggn_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params:
            loss=None, max_rows: Optional[int] = None) -> ParamVector:
     """Generalised Gauss-Newton-vector product ``J^T H_out J v`` of the mean loss (module docstring);
     ``max_rows`` as in :func:`hvp`. On an FSDP2-sharded model ``J v`` is taken in forward mode."""
-    sharded = any(is_sharded(p) for p in select_params(model, params).values())
-    return _products(model, batches, v, params, loss, _ggn_batch_forward_mode if sharded else _ggn_batch, max_rows)
+    return _products(model, batches, v, params, loss, _ggn_batch, max_rows, sharded_per_batch=_ggn_batch_forward_mode)
 
 
 def empirical_fisher_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor],
                         params: ParamSelection = None, *, loss=None, max_rows: Optional[int] = None) -> ParamVector:
     """Exact empirical-Fisher-vector product with sequences as examples (module docstring); ``max_rows`` as in
     :func:`hvp`."""
-    _refuse_sharded(model, params, "empirical-Fisher-vector products")
     return _products(model, batches, v, params, loss, _empirical_fisher_batch, max_rows)
 
 

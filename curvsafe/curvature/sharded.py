@@ -114,6 +114,14 @@ def assign_whole(params: Mapping[str, Tensor], values: Mapping[str, Tensor]) -> 
                 p.copy_(values[n])
 
 
+def unsplit_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks an HF model names as never split (``_no_split_modules``: its decoder layers), FSDP2's units."""
+    names = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
 def shard_model(model: nn.Module) -> nn.Module:
     """Shard ``model`` with FSDP2 over every rank of the process group, in place: ``fully_shard`` on each block
     the model names as never split (HF's ``_no_split_modules``: its decoder layers), then on the root (the
@@ -127,10 +135,7 @@ def shard_model(model: nn.Module) -> nn.Module:
     if not dist.is_initialized() or dist.get_world_size() < 2:
         raise ValueError("FSDP2 sharding needs a torch.distributed process group of at least 2 ranks (start the "
                          "run with torchrun or accelerate launch)")
-    names = set()
-    for module in model.modules():
-        names |= set(getattr(module, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = unsplit_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} names no blocks to shard (HF's _no_split_modules); FSDP2 "
                          "sharding needs them")

@@ -65,17 +65,29 @@ def load_tokenizer(path: str | Path):
         raise ModelLoadError(f"{path}: cannot load the tokenizer ({_first_line(exc)})") from None
 
 
+def _check_model_dir(path: str | Path, dtype: str) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a local Hugging Face model folder (no config.json)")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return path
+
+
+def _check_adapter_dir(adapter: str | Path) -> Path:
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    return adapter
+
+
 def load_model(path: str | Path, adapter: Optional[str | Path] = None, *, dtype: str = "float32",
                device: str = "cpu", trainable_adapter: bool = False, with_tokenizer: bool = True):
     """(model, tokenizer) from a local model folder, with the PEFT adapter at ``adapter`` applied when given
     (the tokenizer is None when not ``with_tokenizer``)."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a local Hugging Face model folder (no config.json)")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    path = _check_model_dir(path, dtype)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=DTYPES[dtype]).to(device)
@@ -84,9 +96,7 @@ def load_model(path: str | Path, adapter: Optional[str | Path] = None, *, dtype:
     if adapter is not None:
         from peft import PeftModel
 
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        adapter = _check_adapter_dir(adapter)
         try:
             model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable_adapter).to(device)
         except RuntimeError as exc:  # load_state_dict: size mismatches between adapter and base
@@ -124,3 +134,155 @@ def fit_max_length(max_length: int, model) -> int:
     sequence, so a cap that cuts data is reported there."""
     context = model_context(model)
     return min(max_length, context) if context is not None else max_length
+
+
+class _Checkpoint:
+    """The tensors of a safetensors checkpoint (one file, or several with an index) by name, read by rows: a
+    slice reads only its own bytes."""
+
+    def __init__(self, folder: Path, file: str):
+        import json
+
+        from safetensors import safe_open
+
+        index = folder / f"{file}.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (folder / file).is_file():
+            weight_map = None
+        else:
+            raise ModelLoadError(f"{folder}: no {file} or {file}.index.json (sharded loading reads safetensors "
+                                 f"checkpoints; save with save_pretrained(safe_serialization=True))")
+        files = sorted(set(weight_map.values())) if weight_map else [file]
+        self.folder = folder
+        try:
+            self._files = {f: safe_open(str(folder / f), framework="pt") for f in files}
+        except Exception as exc:  # SafetensorError (truncated or not safetensors), FileNotFoundError
+            raise ModelLoadError(f"{folder}: cannot read the checkpoint ({_first_line(exc)})") from None
+        self._where = weight_map or {k: file for k in self._files[file].keys()}
+        self.keys = set(self._where)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._files[self._where[key]].get_slice(key).get_shape())
+
+    def rows(self, key: str, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the tensor ``key`` (all of it by default; a 0-dim tensor whole)."""
+        part = self._files[self._where[key]].get_slice(key)
+        return part[:] if not part.get_shape() else part[start:stop]
+
+
+def _checkpoint_key(name: str, keys: set[str], prefix: str) -> Optional[str]:
+    """The checkpoint key of the base model's parameter or buffer ``name`` (its name in the model without PEFT's
+    ``base_model.model.`` and ``.base_layer``), trying it with and without the model's ``base_model_prefix``."""
+    name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+    candidates = [name, name.removeprefix(f"{prefix}.") if prefix else name, f"{prefix}.{name}" if prefix else name]
+    return next((k for k in candidates if k in keys), None)
+
+
+def load_sharded_model(path: str | Path, adapter: Optional[str | Path] = None, *, dtype: str = "float32",
+                       trainable_adapter: bool = False, with_tokenizer: bool = True):
+    """(model, tokenizer) as :func:`load_model` gives them, sharded with FSDP2 over the ranks of the process group
+    (:func:`curvsafe.curvature.sharded.shard_model`), where **each rank reads only its own rows** of every weight.
+
+    The model (and the adapter's LoRA layers) is built on the meta device, sharded, allocated on the mesh's device
+    (this rank's GPU under NCCL, else the CPU), then every shard is filled from the safetensors checkpoint (its
+    rows of each tensor: a memory-mapped slice) and every LoRA weight from the adapter file. So a rank's host
+    memory holds its shard, not the model: the model loaded whole on every rank needs W times its size on a node
+    of W ranks. Buffers the checkpoint does not hold (rotary frequencies) keep the values the model's
+    constructor computed. Needs safetensors files (``model.safetensors`` or its ``.index.json``); an adapter with
+    ``modules_to_save`` is refused. A name the checkpoint lacks, or a shape that differs, is a
+    :class:`ModelLoadError` on every rank.
+    """
+    import torch.distributed as dist
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from .curvature.sharded import _row_chunks, is_sharded, shard_model
+
+    path = _check_model_dir(path, dtype)
+    tokenizer = load_tokenizer(path) if with_tokenizer else None
+    checkpoint = _Checkpoint(path, "model.safetensors")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers computed on the CPU
+            model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+        model.tie_weights()  # from_config leaves tied weights (GPT-2's head) as two parameters on meta
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot build the model ({_first_line(exc)})") from None
+    prefix = model.base_model_prefix or ""
+    model.eval()  # as from_pretrained leaves it
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    adapter_file = None
+    if adapter is not None:
+        adapter = _check_adapter_dir(adapter)
+        model, adapter_file = _empty_adapter(model, adapter, trainable_adapter)
+    sources = _sources(model, checkpoint, adapter_file, prefix)  # checked before any shard exists
+    buffers = dict(model.named_buffers())
+    shard_model(model)  # no collective: the mesh spans the default group
+    mesh_device = next(p for p in model.parameters() if is_sharded(p)).device_mesh.device_type
+    device = torch.device("cuda", torch.cuda.current_device()) if mesh_device == "cuda" else torch.device("cpu")
+    model.to_empty(device=device)
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            module, _, leaf = name.rpartition(".")
+            key = _checkpoint_key(name, checkpoint.keys, prefix)
+            value = checkpoint.rows(key) if key is not None else buffer
+            model.get_submodule(module)._buffers[leaf] = value.to(device=device, dtype=buffer.dtype)
+        for name, param in model.named_parameters():
+            source, key = sources[name]
+            if is_sharded(param):
+                local = param.to_local()
+                start = sum(_row_chunks(param.shape[0], ranks)[:rank])
+                local.copy_(source.rows(key, start, start + local.shape[0]))
+            else:
+                param.copy_(source.rows(key))
+    return model, tokenizer
+
+
+def _sources(model, checkpoint: _Checkpoint, adapter_file: Optional[_Checkpoint], prefix: str) -> dict:
+    """The (file, key) each of the model's parameters is read from, by name; a name no file holds, or a shape that
+    differs, is a :class:`ModelLoadError`."""
+    sources = {}
+    for name, param in model.named_parameters():
+        if adapter_file is not None and "lora_" in name:
+            source, key = adapter_file, _adapter_key(name)
+        else:
+            source, key = checkpoint, _checkpoint_key(name, checkpoint.keys, prefix)
+        where = "adapter " + str(source.folder) if source is adapter_file else str(source.folder)
+        if key is None or key not in source.keys:
+            raise ModelLoadError(f"{where}: no tensor for the model's {name} (sharded loading maps names as PEFT "
+                                 f"and HF save them; load without --fsdp2 to see what the files hold)")
+        if source.shape(key) != list(param.shape):
+            raise ModelLoadError(f"{where}: {key} has shape {source.shape(key)}, the model's {name} "
+                                 f"{list(param.shape)}")
+        sources[name] = source, key
+    return sources
+
+
+def _adapter_key(name: str, adapter_name: str = "default") -> str:
+    """The key PEFT saves the LoRA parameter ``name`` under (the adapter's name dropped)."""
+    return name.replace(f".{adapter_name}.", ".").removesuffix(f".{adapter_name}")
+
+
+def _empty_adapter(model, adapter: Path, trainable: bool):
+    """``model`` with the adapter's LoRA layers on the meta device (PEFT's own trainable flags and dtypes) and the
+    adapter's weights file."""
+    from peft import PeftConfig, get_peft_model
+
+    try:
+        config = PeftConfig.from_pretrained(adapter)
+    except Exception as exc:
+        raise ModelLoadError(f"{adapter}: cannot load the adapter ({_first_line(exc)})") from None
+    if getattr(config, "modules_to_save", None):
+        raise ModelLoadError(f"{adapter}: an adapter with modules_to_save is not loaded shard by shard; load it "
+                             "without --fsdp2")
+    config.inference_mode = not trainable
+    try:
+        model = get_peft_model(model, config, low_cpu_mem_usage=True)
+    except Exception as exc:
+        raise ModelLoadError(f"adapter {adapter} does not match model: {_first_line(exc)}") from None
+    if not trainable:
+        model.eval()  # as PeftModel.from_pretrained leaves an adapter loaded for inference
+    return model, _Checkpoint(adapter, "adapter_model.safetensors")

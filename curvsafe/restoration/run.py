@@ -20,7 +20,7 @@ import torch
 from ..anchors import adapter_disabled, anchor_responses
 from ..config import ONE_SIDED, TWO_SIDED, RestoreConfig
 from ..curvature.loss import curvature_mode
-from ..curvature.sharded import shard_model, whole_values
+from ..curvature.sharded import whole_values
 from ..data import Pair, load_pairs, make_batches
 from ..eval.metrics import refusal_rate
 from ..io import check_out, staged_dir
@@ -229,8 +229,9 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     and writes it, and a failure on any rank fails every rank and writes nothing (:mod:`curvsafe.ranks`).
     ``select_top`` is single-process only.
 
-    **Sharded** (``fsdp2``, under a launcher): the model is loaded on the CPU and sharded with FSDP2 over the ranks
-    (:func:`~curvsafe.curvature.sharded.shard_model`; each rank's shard moves to its device); batches are balanced
+    **Sharded** (``fsdp2``, under a launcher): the model is built on the meta device, sharded with FSDP2 over the
+    ranks, and each rank reads only its own rows of the checkpoint onto its device
+    (:func:`~curvsafe.models.load_sharded_model`: safetensors files); batches are balanced
     so that every rank runs as many forwards (:func:`curvsafe.ranks.balance`); ``lbfgs`` / ``cg`` take their GGN
     products with ``J v`` in forward mode (no ``ggn_rows``); the curvature methods only, a LoRA adapter only;
     rank 0 saves the adapter from its tensors gathered whole.
@@ -275,7 +276,7 @@ def _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, confi
                  unaligned_model, aligned_model, force: bool) -> _Inputs:
     """Check the inputs and ``out_dir`` (on rank 0), read the data, plan the memory and load the model(s), on
     every rank alike: a failure on one (a file missing on a node) fails all of them the same way."""
-    from ..models import fit_max_length, load_model
+    from ..models import fit_max_length, load_model, load_sharded_model
 
     limit, full = config.limit, adapter_dir is None
     device = init_from_env(config.device)
@@ -291,9 +292,11 @@ def _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, confi
         benign_prompts = ([p.prompt for p in load_pairs(benign_file, require_response=False)][:limit]
                           if benign_file is not None else [])
         plan, config = _planned(model_dir, adapter_dir, config, len(task_pairs), len(harmful) + len(benign_prompts))
-        # sharded: loaded on the CPU, then FSDP2 moves each rank's shard to its device (below, a collective)
-        model, tokenizer = load_model(model_dir, adapter_dir, dtype=config.dtype,
-                                      device="cpu" if config.fsdp2 else device, trainable_adapter=True)
+        if config.fsdp2:  # each rank reads only its shard of the checkpoint (a collective)
+            model, tokenizer = load_sharded_model(model_dir, adapter_dir, dtype=config.dtype, trainable_adapter=True)
+        else:
+            model, tokenizer = load_model(model_dir, adapter_dir, dtype=config.dtype, device=device,
+                                          trainable_adapter=True)
         max_length = fit_max_length(config.max_length, model)
         reference = model
         if full:
@@ -302,8 +305,6 @@ def _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, confi
                          if aligned_model else None)
         task_batches = make_batches(tokenizer, task_pairs, batch_size=config.batch_size, max_length=max_length)
         task = Objective([LossTerm("task", shard(task_batches, "batches of task data", equal=config.fsdp2))])
-    if config.fsdp2:
-        shard_model(model)
     return _Inputs(config, weights, out, harmful, benign_prompts, plan, model, tokenizer, max_length, reference, task)
 
 

@@ -1,0 +1,70 @@
+"""CurvSafe in the HF Trainer and TRL's trainers: the optimizer made where the Trainer makes its own.
+
+``Trainer(..., optimizers=(CurvSafe(...), None))`` runs in one process and under DDP, but the Trainer refuses it
+whenever FSDP is enabled ("Passing `optimizers` is not allowed if PyTorch FSDP is enabled"), which is how a
+model past one GPU is trained. :class:`CurvSafeTrainerMixin` instead overrides ``create_optimizer``: the
+Trainer's own optimizer (its optimizer class from ``args.optim``, learning rate, weight-decay groups) is made as
+usual, then wrapped in :class:`~curvsafe.optim.CurvSafe` with the safety data given to the trainer. Under FSDP2
+the Trainer makes the optimizer on the unsharded model and accelerate then shards the model and swaps the
+optimizer's parameters; CurvSafe adopts the sharded parameters at its next step (see its docstring).
+
+    from transformers import Trainer
+    from trl import SFTTrainer
+    from curvsafe.optim import CurvSafeTrainer, CurvSafeTrainerMixin
+
+    trainer = CurvSafeTrainer(model=model, args=args, train_dataset=ds, safety_data=harmful_prompts,
+                              safety_tokenizer=tokenizer)
+
+    class CurvSafeSFTTrainer(CurvSafeTrainerMixin, SFTTrainer):
+        pass
+
+Under a launcher each rank passes its own shard of the safety data (as to ``CurvSafe`` itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .curvsafe import CurvSafe
+from .settings import CurvSafeSettings
+
+
+class CurvSafeTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass (before it) to train with CurvSafe around its optimizer.
+
+    Keyword arguments taken before the trainer's own: ``safety_data`` (as ``CurvSafe``'s ``safety_batches``:
+    prompt strings with ``safety_tokenizer``, or HF batches), ``benign_data`` (its ``benign_batches``),
+    ``curvsafe_settings`` (a :class:`~curvsafe.optim.CurvSafeSettings`) and ``curvsafe_options`` (fields that
+    replace the settings', and ``CurvSafe``'s other keywords such as ``pad_id``).
+    """
+
+    def __init__(self, *args, safety_data, benign_data=None, safety_tokenizer=None,
+                 curvsafe_settings: Optional[CurvSafeSettings] = None,
+                 curvsafe_options: Optional[dict[str, Any]] = None, **kwargs):
+        if kwargs.get("optimizers", (None, None))[0] is not None:
+            raise ValueError("CurvSafe trainers make their optimizer themselves (around the Trainer's own): drop "
+                             "optimizers=, or pass a CurvSafe to a plain Trainer instead")
+        self._curvsafe_args = {"safety_batches": safety_data, "benign_batches": benign_data,
+                               "tokenizer": safety_tokenizer, "settings": curvsafe_settings,
+                               **(curvsafe_options or {})}
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        """The Trainer's optimizer, wrapped in CurvSafe once."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if not isinstance(optimizer, CurvSafe):
+            model = args[0] if args else kwargs.get("model") or self.model
+            self.optimizer = optimizer = CurvSafe(optimizer, model, **self._curvsafe_args)
+        return optimizer
+
+
+def __getattr__(name: str):
+    if name == "CurvSafeTrainer":  # made on first use: importing transformers' Trainer is slow
+        from transformers import Trainer
+
+        cls = type("CurvSafeTrainer", (CurvSafeTrainerMixin, Trainer),
+                   {"__doc__": "``transformers.Trainer`` with CurvSafe around its optimizer "
+                               "(:class:`CurvSafeTrainerMixin`).", "__module__": __name__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

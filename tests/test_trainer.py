@@ -1,0 +1,61 @@
+"""CurvSafe in the HF Trainer and TRL's SFTTrainer (curvsafe.optim.trainer), in one process and under
+accelerate's FSDP2 preparation with 2 gloo ranks (tests/trainer_driver.py runs each)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import rel_err
+from test_distributed import free_port
+
+DRIVER = Path(__file__).with_name("trainer_driver.py")
+
+
+def train(way: str, out: Path, ranks: int = 1) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--master-addr=127.0.0.1",
+                 f"--master-port={free_port()}"] if ranks > 1 else [sys.executable])
+    proc = subprocess.run([*launcher, str(DRIVER), way, str(out / f"{way}.pt")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(out / f"{way}.pt")
+
+
+def lora_rel_err(a: dict, b: dict) -> float:
+    return rel_err(torch.cat([a[k].flatten() for k in sorted(a)]), torch.cat([b[k].flatten() for k in sorted(b)]))
+
+
+def test_curvsafe_trainer_builds_what_a_trainer_given_curvsafe_runs(tmp_path):
+    mixin, given, adamw = (train(w, tmp_path) for w in ("mixin", "optimizers", "adamw"))
+    assert mixin["optimizer"] == given["optimizer"] == "CurvSafe" and adamw["optimizer"] == "AdamW"
+    assert len(mixin["losses"]) == 4 and mixin["losses"] == given["losses"]
+    assert all(torch.equal(mixin["lora"][k], given["lora"][k]) for k in given["lora"])
+    assert lora_rel_err(mixin["lora"], adamw["lora"]) > 1e-2  # the projection acted
+
+
+def test_curvsafe_trainer_under_accelerate_fsdp2_takes_the_steps_of_one_process(tmp_path):
+    """The Trainer refuses ``optimizers=`` under FSDP; the mixin makes CurvSafe around its AdamW, accelerate shards
+    the model (per decoder layer, then the root; in float32) and swaps the optimizer's parameters."""
+    one, sharded = train("mixin", tmp_path), train("fsdp2", tmp_path, ranks=2)
+    assert sharded["sharded"] and not one["sharded"] and sharded["optimizer"] == "CurvSafe"
+    assert lora_rel_err(sharded["lora"], one["lora"]) < 1e-5  # accelerate runs FSDP2 in float32
+    assert sharded["losses"] == pytest.approx(one["losses"], rel=1e-6)
+
+
+def test_trl_sft_trainer_with_the_mixin_at_strength_zero_is_its_own_adamw(tmp_path):
+    mixin, plain = train("trl-mixin", tmp_path), train("trl-plain", tmp_path)
+    assert (mixin["optimizer"], plain["optimizer"]) == ("CurvSafe", "AdamW") and len(plain["losses"]) == 4
+    assert all(torch.equal(mixin["lora"][k], plain["lora"][k]) for k in plain["lora"])
+
+
+def test_curvsafe_trainer_refuses_an_optimizer_of_its_own():
+    from curvsafe.optim import CurvSafeTrainer
+
+    with pytest.raises(ValueError, match="make their optimizer themselves"):
+        CurvSafeTrainer(model=torch.nn.Linear(2, 2), optimizers=(torch.optim.SGD([torch.zeros(1)], lr=1), None),
+                        safety_data=["a prompt"])

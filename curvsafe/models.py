@@ -186,12 +186,14 @@ def load_sharded_model(path: str | Path, adapter: Optional[str | Path] = None, *
 
     The model (and the adapter's LoRA layers) is built on the meta device, sharded, allocated on the mesh's device
     (this rank's GPU under NCCL, else the CPU), then every shard is filled from the safetensors checkpoint (its
-    rows of each tensor: a memory-mapped slice) and every LoRA weight from the adapter file. So a rank's host
-    memory holds its shard, not the model: the model loaded whole on every rank needs W times its size on a node
-    of W ranks. Buffers the checkpoint does not hold (rotary frequencies) keep the values the model's
-    constructor computed. Needs safetensors files (``model.safetensors`` or its ``.index.json``); an adapter with
-    ``modules_to_save`` is refused. A name the checkpoint lacks, or a shape that differs, is a
-    :class:`ModelLoadError` on every rank.
+    rows of each tensor: a memory-mapped slice, converted to ``dtype``) and every LoRA weight from the adapter
+    file. So a rank's host memory holds its shard, not the model: loading whole, every rank converts the whole
+    model when the checkpoint's dtype is not ``dtype`` (``benchmarks/sharded_load.py``: peak 1.06x the float32
+    weights per rank from a bf16 checkpoint, against 0.52x shard by shard on 2 ranks). Buffers the checkpoint
+    does not hold (rotary frequencies) keep the values the model's constructor computed. Needs safetensors files
+    (``model.safetensors`` or its ``.index.json``); an adapter with ``modules_to_save`` is refused. A name the
+    checkpoint lacks, or a shape that differs, is a :class:`ModelLoadError` on every rank, raised before any
+    shard exists.
     """
     import torch.distributed as dist
     from accelerate import init_empty_weights

@@ -481,15 +481,17 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
         data = [make_batch(batch=2, seq=8, seed=s, pad=False) for s in range(2 * steps)]
         net = model
 
-        def shard():
-            mesh = init_device_mesh("cpu", (2,))
+        def shard():  # "hsdp-RxS": HSDP on a 2-D mesh, R replicas of S shards (FSDP2's placements for it)
+            mesh = (init_device_mesh("cpu", tuple(map(int, wrap[5:].split("x"))), mesh_dim_names=("replicate",
+                                                                                                   "shard"))
+                    if wrap.startswith("hsdp") else init_device_mesh("cpu", (2,)))
             for layer in model.base_model.model.model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
 
         if rank is not None and wrap == "ddp":
             net = DistributedDataParallel(model)
-        elif rank is not None and wrap == "fsdp2":
+        elif rank is not None and (wrap == "fsdp2" or wrap.startswith("hsdp")):
             shard()
         opt = CurvSafe(adamw(model, lr=5e-2), net, safety, refresh_every=2, strength=2.0, refresh_batches=None,
                        **(settings or {}))
@@ -521,8 +523,9 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
 @pytest.mark.parametrize("wrap, dtype, settings", [
     ("ddp", torch.float64, {}), ("fsdp2", torch.float64, {}), ("fsdp2", torch.float32, {}),
     ("fsdp2", torch.float32, {"objective": "anchor+harmful"}),  # the exact safety gradient, not K-FAC's by-product
-    ("fsdp2-after", torch.float64, {})],
-    ids=["ddp", "fsdp2", "fsdp2-float32", "fsdp2-float32-exact-gradient", "fsdp2-sharded-after-construction"])
+    ("fsdp2-after", torch.float64, {}), ("hsdp-2x1", torch.float64, {}), ("hsdp-1x2", torch.float64, {})],
+    ids=["ddp", "fsdp2", "fsdp2-float32", "fsdp2-float32-exact-gradient", "fsdp2-sharded-after-construction",
+         "hsdp-2-replicas", "hsdp-2-shards"])
 def test_two_gloo_ranks_apply_the_identical_projection_equal_to_one_process(tmp_path, wrap, dtype, settings):
     """FSDP2 runs on CPU here (gloo): the sharded steps equal one process's on the union of the data (the
     safety passes leave FSDP's training gradients alone; each rank writes its shard of the same update)."""

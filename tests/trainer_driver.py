@@ -2,12 +2,13 @@
 weights (whole) to OUT (used by test_trainer.py).
 
     python trainer_driver.py WAY OUT            # one process
-    torchrun --nproc-per-node 2 trainer_driver.py fsdp2 OUT
+    torchrun --nproc-per-node 2 trainer_driver.py fsdp2 OUT     # or trl-fsdp2
 
 WAY: ``mixin`` (``CurvSafeTrainer``), ``adamw`` (the Trainer's own AdamW alone), ``optimizers`` (a plain
 Trainer given ``optimizers=(CurvSafe(AdamW), None)``, the AdamW built as the Trainer builds its own), ``fsdp2``
-(``CurvSafeTrainer`` under accelerate's FSDP2), ``trl-mixin`` / ``trl-plain`` (TRL's SFTTrainer with the mixin
-at strength 0 and no guard / without CurvSafe).
+(``CurvSafeTrainer`` under accelerate's FSDP2), ``trl-mixin`` / ``trl-fsdp2`` / ``trl-zero`` / ``trl-plain``
+(TRL's SFTTrainer with the mixin, the same under FSDP2, the mixin at strength 0 and no guard, no CurvSafe;
+``trl-zero-fsdp2`` the third under FSDP2).
 
 Global batch 4 (per device 4 in one process, 2 on each of 2 ranks), float64, a constant learning rate. The safety
 data is 2 batches of 4 rows; under a launcher each rank passes its own row halves of both, so a batch position
@@ -27,7 +28,7 @@ from conftest import VOCAB, tiny_llama  # noqa: E402
 way, out = sys.argv[1], sys.argv[2]
 rank, ranks = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
-if way == "fsdp2":
+if way.endswith("fsdp2"):
     import accelerate.state
     from accelerate.utils import DistributedType
 
@@ -66,7 +67,7 @@ args = TrainingArguments(output_dir=os.path.join(os.path.dirname(out), f"trainer
                          per_device_train_batch_size=4 // ranks, max_steps=4, learning_rate=1e-2,
                          lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", report_to=[],
                          use_cpu=True, logging_steps=1, remove_unused_columns=False, dataloader_num_workers=0,
-                         disable_tqdm=True, seed=0, optim="adamw_torch", **(fsdp if way == "fsdp2" else {}))
+                         disable_tqdm=True, seed=0, optim="adamw_torch", **(fsdp if way.endswith("fsdp2") else {}))
 if way in ("mixin", "fsdp2"):
     trainer = CurvSafeTrainer(model=model, args=args, train_dataset=examples, safety_data=safety)
 elif way == "adamw":
@@ -88,8 +89,8 @@ else:
     kept = ("output_dir", "max_steps", "learning_rate", "lr_scheduler_type", "seed", "use_cpu", "report_to",
             "save_strategy", "logging_steps")
     sft = SFTConfig(**{k: v for k, v in args.to_dict().items() if k in kept},
-                    per_device_train_batch_size=4, disable_tqdm=True, dataset_kwargs={"skip_prepare_dataset": True},
-                    remove_unused_columns=False)
+                    per_device_train_batch_size=4 // ranks, disable_tqdm=True, remove_unused_columns=False,
+                    dataset_kwargs={"skip_prepare_dataset": True}, **(fsdp if way.endswith("fsdp2") else {}))
 
     def collate(rows):
         ids = torch.tensor([r["input_ids"] for r in rows])
@@ -99,8 +100,11 @@ else:
 
     tokenizer = build_tokenizer([f"w{i}" for i in range(VOCAB)])  # SFTTrainer wants one; the data is token ids
     common = dict(model=model, args=sft, train_dataset=data, data_collator=collate, processing_class=tokenizer)
-    trainer = (CurvSafeSFTTrainer(**common, safety_data=safety, curvsafe_options={"strength": 0.0, "guard": False})
-               if way == "trl-mixin" else SFTTrainer(**common))
+    if way == "trl-plain":
+        trainer = SFTTrainer(**common)
+    else:  # trl-zero: strength 0 and no guard, the wrapped AdamW bit for bit
+        zero = {"strength": 0.0, "guard": False} if way.startswith("trl-zero") else {}
+        trainer = CurvSafeSFTTrainer(**common, safety_data=safety, curvsafe_options=zero)
 trainer.train()
 from curvsafe.curvature.sharded import whole_values  # noqa: E402
 

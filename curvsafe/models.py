@@ -199,7 +199,7 @@ def load_sharded_model(path: str | Path, adapter: Optional[str | Path] = None, *
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from .curvature.sharded import _row_chunks, is_sharded, shard_model
+    from .curvature.sharded import is_sharded, row_chunks, shard_model
 
     path = _check_model_dir(path, dtype)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
@@ -236,7 +236,7 @@ def load_sharded_model(path: str | Path, adapter: Optional[str | Path] = None, *
             source, key = sources[name]
             if is_sharded(param):
                 local = param.to_local()
-                start = sum(_row_chunks(param.shape[0], ranks)[:rank])
+                start = sum(row_chunks(param.shape[0], ranks)[:rank])
                 local.copy_(source.rows(key, start, start + local.shape[0]))
             else:
                 param.copy_(source.rows(key))

@@ -45,7 +45,7 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
-def _row_chunks(n: int, ranks: int) -> list[int]:
+def row_chunks(n: int, ranks: int) -> list[int]:
     """Rows of each rank's ``Shard(0)`` chunk of ``n`` rows (``torch.chunk``'s split, as DTensor's)."""
     size = -(-n // ranks)
     return [max(0, min(n, (r + 1) * size) - r * size) for r in range(ranks)]
@@ -66,7 +66,7 @@ def gather_whole(params: Sequence[Tensor], shards: Sequence[Tensor]) -> list[Ten
                 for p, s in zip(params, shards)]
     ranks, group = mesh.size(), mesh.get_group()
     row_numel = [math.prod(p.shape[1:]) for p in params]  # from the global shape: no DTensor op
-    sizes = [[rows * k for rows in _row_chunks(p.shape[0], ranks)] for p, k in zip(params, row_numel)]
+    sizes = [[rows * k for rows in row_chunks(p.shape[0], ranks)] for p, k in zip(params, row_numel)]
     longest = max(sum(per[r] for per in sizes) for r in range(ranks))
     buffer = torch.zeros(longest, dtype=shards[0].dtype, device=shards[0].device)
     flat = torch.cat([s.reshape(-1) for s in shards])

@@ -53,7 +53,7 @@ class CurvSafeTrainerMixin:
         """The Trainer's optimizer, wrapped in CurvSafe once."""
         optimizer = super().create_optimizer(*args, **kwargs)
         if not isinstance(optimizer, CurvSafe):
-            model = args[0] if args else kwargs.get("model") or self.model
+            model = (args[0] if args else kwargs.get("model")) or self.model  # the prepared model when given
             self.optimizer = optimizer = CurvSafe(optimizer, model, **self._curvsafe_args)
         return optimizer
 

@@ -465,7 +465,7 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     from curvsafe.curvature.sharded import whole
@@ -485,13 +485,16 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
             mesh = (init_device_mesh("cpu", tuple(map(int, wrap[5:].split("x"))), mesh_dim_names=("replicate",
                                                                                                    "shard"))
                     if wrap.startswith("hsdp") else init_device_mesh("cpu", (2,)))
+            # "fsdp2-bf16": FSDP2's mixed precision (bf16 forward and backward, fp32 gradient reduction and weights)
+            policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                      if wrap == "fsdp2-bf16" else MixedPrecisionPolicy())
             for layer in model.base_model.model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
 
         if rank is not None and wrap == "ddp":
             net = DistributedDataParallel(model)
-        elif rank is not None and (wrap == "fsdp2" or wrap.startswith("hsdp")):
+        elif rank is not None and (wrap in ("fsdp2", "fsdp2-bf16") or wrap.startswith("hsdp")):
             shard()
         opt = CurvSafe(adamw(model, lr=5e-2), net, safety, refresh_every=2, strength=2.0, refresh_batches=None,
                        **(settings or {}))
@@ -541,6 +544,23 @@ def test_two_gloo_ranks_apply_the_identical_projection_equal_to_one_process(tmp_
     for n, expected in single.items():
         assert torch.equal(ranks[0]["params"][n], ranks[1]["params"][n]), n
         assert rel_err(ranks[0]["params"][n] - start[n], expected - start[n]) < 1e-5, n
+
+
+def test_fsdp2_mixed_precision_steps_stay_near_the_float32_ones(tmp_path):
+    """Under FSDP2's bf16 mixed precision the safety passes, factors and projection see bf16 forwards; the
+    weights and updates stay float32, within bf16's rounding of the float32 run's (measured: 1.8e-2)."""
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    mp.spawn(_parallel_run, args=(free_port(), str(tmp_path), 3, "fsdp2-bf16", torch.float32, None), nprocs=2,
+             join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single, refreshes = _parallel_run(dtype=torch.float32)
+    start = trainable(lora_model(torch.float32))
+    errors = [rel_err(ranks[0]["params"][n] - start[n], expected - start[n]) for n, expected in single.items()]
+    assert ranks[0]["refreshes"] == refreshes and all(p.dtype == torch.float32 for p in ranks[0]["params"].values())
+    assert all(torch.equal(ranks[0]["params"][n], ranks[1]["params"][n]) for n in single)
+    assert 1e-4 < max(errors) < 5e-2  # bf16 was used, and only bf16's rounding separates the runs
 
 
 def test_hf_trainer_drives_curvsafe_with_its_scheduler(tmp_path):

@@ -38,6 +38,14 @@ def test_curvsafe_trainer_builds_what_a_trainer_given_curvsafe_runs(tmp_path):
     assert lora_rel_err(mixin["lora"], adamw["lora"]) > 1e-2  # the projection acted
 
 
+def test_curvsafe_trainer_resumed_from_a_checkpoint_repeats_the_uninterrupted_run(tmp_path):
+    """The Trainer's checkpoint holds CurvSafe's whole state (its optimizer.pt): a new model and trainer resumed
+    from step 2 end bit for bit where the uninterrupted 4 steps do."""
+    resumed, straight = train("resume", tmp_path), train("mixin", tmp_path)
+    assert (tmp_path / "trainer-0" / "checkpoint-2" / "optimizer.pt").is_file()
+    assert all(torch.equal(resumed["lora"][k], straight["lora"][k]) for k in straight["lora"])
+
+
 def test_curvsafe_trainer_under_accelerate_fsdp2_takes_the_steps_of_one_process(tmp_path):
     """The Trainer refuses ``optimizers=`` under FSDP; the mixin makes CurvSafe around its AdamW, accelerate shards
     the model (per decoder layer, then the root; in float32) and swaps the optimizer's parameters."""

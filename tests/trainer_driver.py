@@ -4,7 +4,8 @@ weights (whole) to OUT (used by test_trainer.py).
     python trainer_driver.py WAY OUT            # one process
     torchrun --nproc-per-node 2 trainer_driver.py fsdp2 OUT     # or trl-fsdp2
 
-WAY: ``mixin`` (``CurvSafeTrainer``), ``adamw`` (the Trainer's own AdamW alone), ``optimizers`` (a plain
+WAY: ``mixin`` (``CurvSafeTrainer``), ``resume`` (the same, saving a checkpoint every 2 steps, then a new model
+and trainer resumed from step 2), ``adamw`` (the Trainer's own AdamW alone), ``optimizers`` (a plain
 Trainer given ``optimizers=(CurvSafe(AdamW), None)``, the AdamW built as the Trainer builds its own), ``fsdp2``
 (``CurvSafeTrainer`` under accelerate's FSDP2), ``trl-mixin`` / ``trl-fsdp2`` / ``trl-zero`` / ``trl-plain``
 (TRL's SFTTrainer with the mixin, the same under FSDP2, the mixin at strength 0 and no guard, no CurvSafe;
@@ -46,9 +47,15 @@ from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from curvsafe.optim import CurvSafe, CurvSafeTrainer, CurvSafeTrainerMixin  # noqa: E402
 
-torch.manual_seed(0)
-model = get_peft_model(tiny_llama(torch.float64), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                                             lora_dropout=0.0))
+
+
+def new_model():
+    torch.manual_seed(0)
+    return get_peft_model(tiny_llama(torch.float64), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                                lora_dropout=0.0))
+
+
+model = new_model()
 g = torch.Generator().manual_seed(1)
 examples = []
 for _ in range(16):
@@ -65,10 +72,12 @@ for _ in range(2):
 fsdp = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
 args = TrainingArguments(output_dir=os.path.join(os.path.dirname(out), f"trainer-{rank}"),
                          per_device_train_batch_size=4 // ranks, max_steps=4, learning_rate=1e-2,
-                         lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", report_to=[],
+                         lr_scheduler_type="constant", warmup_steps=0, report_to=[],
+                         **({"save_strategy": "steps", "save_steps": 2} if way == "resume"
+                            else {"save_strategy": "no"}),
                          use_cpu=True, logging_steps=1, remove_unused_columns=False, dataloader_num_workers=0,
                          disable_tqdm=True, seed=0, optim="adamw_torch", **(fsdp if way.endswith("fsdp2") else {}))
-if way in ("mixin", "fsdp2"):
+if way in ("mixin", "fsdp2", "resume"):
     trainer = CurvSafeTrainer(model=model, args=args, train_dataset=examples, safety_data=safety)
 elif way == "adamw":
     trainer = Trainer(model=model, args=args, train_dataset=examples)
@@ -106,6 +115,9 @@ else:
         zero = {"strength": 0.0, "guard": False} if way.startswith("trl-zero") else {}
         trainer = CurvSafeSFTTrainer(**common, safety_data=safety, curvsafe_options=zero)
 trainer.train()
+if way == "resume":  # a fresh process's run: a new model and trainer, resumed from the step-2 checkpoint
+    trainer = CurvSafeTrainer(model=new_model(), args=args, train_dataset=examples, safety_data=safety)
+    trainer.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
 from curvsafe.curvature.sharded import whole_values  # noqa: E402
 
 state = whole_values({n: p for n, p in trainer.model.named_parameters() if "lora_" in n})  # every rank: a collective

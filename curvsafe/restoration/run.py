@@ -292,7 +292,7 @@ def _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, confi
         benign_prompts = ([p.prompt for p in load_pairs(benign_file, require_response=False)][:limit]
                           if benign_file is not None else [])
         plan, config = _planned(model_dir, adapter_dir, config, len(task_pairs), len(harmful) + len(benign_prompts))
-        if config.fsdp2:  # each rank reads only its shard of the checkpoint (a collective)
+        if config.fsdp2:  # each rank reads only its rows of the checkpoint (no collective: checks come first)
             model, tokenizer = load_sharded_model(model_dir, adapter_dir, dtype=config.dtype, trainable_adapter=True)
         else:
             model, tokenizer = load_model(model_dir, adapter_dir, dtype=config.dtype, device=device,

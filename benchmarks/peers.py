@@ -11,7 +11,10 @@ Model: a random-init Llama (float32, eval mode), fitted on ``--batches`` random 
 - ``kfac-linear``: K-FAC factors of every decoder linear layer (q, k, v, o, gate, up, down);
 - ``kfac-lora``: the same with PEFT LoRA r=16 on those seven projections, factors of the LoRA matrices;
 - ``ekfac-lora``: EK-FAC (factors, eigendecompositions, corrected eigenvalues) of the LoRA matrices. curvlinops'
-  EK-FAC takes one loss term per datum (a last-token loss here), so it is not in this case;
+  EK-FAC takes one loss term per datum (a last-token loss here), so it is not in this case. Besides curvsafe's
+  default (float32 eigendecompositions, see :class:`curvsafe.curvature.EKFAC`), ``curvsafe-float64`` decomposes
+  in float64 as kronfluence does; the table gives kronfluence's agreement with both, and the note under it how far
+  the two bases' damped inverses lie apart;
 - ``influence-lora``: pairwise influence scores of ``--batch-size`` query examples (one more random batch) against
   every training example, through the EK-FAC of ``ekfac-lora`` fitted beforehand (not timed): curvsafe
   :func:`curvsafe.influence.pairwise_scores` against kronfluence's ``compute_pairwise_scores``, at the same
@@ -56,7 +59,8 @@ import torch  # noqa: E402
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CASES = {"kfac-linear": ("linear", "kfac"), "kfac-lora": ("lora", "kfac"), "ekfac-lora": ("lora", "ekfac"),
          "influence-lora": ("lora", "influence")}
-LIBRARIES = {"kfac": ("curvsafe", "curvlinops", "kronfluence"), "ekfac": ("curvsafe", "kronfluence"),
+FLOAT64 = "curvsafe-float64"  # curvsafe's EK-FAC with kronfluence's float64 eigendecompositions (eigen_dtype)
+LIBRARIES = {"kfac": ("curvsafe", "curvlinops", "kronfluence"), "ekfac": ("curvsafe", FLOAT64, "kronfluence"),
              "influence": ("curvsafe", "kronfluence")}
 BASELINE = "forward+backward"
 
@@ -168,7 +172,7 @@ class Runner:
                 p.requires_grad_(True)
 
     def run(self) -> dict:
-        return getattr(self, "_" + self.library.replace("+", "_"))()
+        return getattr(self, "_" + self.library.replace("+", "_").replace("-", "_"))()
 
     def _forward_backward(self) -> dict:
         for b in self.batches:
@@ -184,12 +188,15 @@ class Runner:
 
             return {"all": {"scores": pairwise_scores(self.ekfac, self.queries, self.batches, damping=self.damping)}}
         cls = EKFAC if self.kind == "ekfac" else KFAC
-        op = cls(self.model, self.names, progress=False, low_rank=None).fit(self.batches)
+        dtype = torch.float64 if self.library == FLOAT64 else None
+        op = self.op = cls(self.model, self.names, progress=False, low_rank=None, eigen_dtype=dtype).fit(self.batches)
         out = {n: {"A": f.A, "G": f.G} for n, f in op.factors.items()}
         if self.kind == "ekfac":
             for n in out:
                 out[n]["lambda"] = op.corrected[n]
         return out
+
+    _curvsafe_float64 = _curvsafe
 
     def _curvlinops(self) -> dict:
         from curvlinops import KFACLinearOperator
@@ -281,7 +288,28 @@ def timing(args, case: str) -> dict:
             sync(args.device)
             times[lib].append(time.perf_counter() - t)
     agree = {lib: agreement(results["curvsafe"], results[lib]) for lib in LIBRARIES[kind] if lib != "curvsafe"}
-    return {"case": case, "modules": len(names), "seconds": times, "agreement": agree}
+    row = {"case": case, "modules": len(names), "seconds": times, "agreement": agree}
+    if FLOAT64 in runners:
+        row["agreement_float64"] = agreement(results[FLOAT64], results["kronfluence"])
+        row["basis_inverse_rel_diff"] = basis_effect(runners["curvsafe"].op, runners[FLOAT64].op, model, names,
+                                                     batches)
+    return row
+
+
+def basis_effect(ours, exact, model, names: list[str], batches: list[dict]) -> dict:
+    """How far the float32-basis EK-FAC's damped inverse lies from the float64 basis's, applied to the loss
+    gradient, at damping 0.1x and 0.01x the mean corrected eigenvalue: ``{damping factor: relative difference}``."""
+    model.zero_grad(set_to_none=True)
+    for b in batches:
+        sum_loss(model, b).backward()
+    grad = {f"{n}.weight": model.get_submodule(n).weight.grad.clone() for n in names}
+    mean = float(torch.stack([c.mean() for c in exact.corrected.values()]).mean())
+    out = {}
+    for factor in (0.1, 0.01):
+        x, y = ours.inverse_mv(grad, factor * mean), exact.inverse_mv(grad, factor * mean)
+        diff = sum(float((x[n] - y[n]).double().square().sum()) for n in x)
+        out[str(factor)] = (diff / sum(float(y[n].double().square().sum()) for n in y)) ** 0.5
+    return out
 
 
 def peak(args, case: str, library: str) -> int:
@@ -321,13 +349,24 @@ def table(rows: list[dict], peaks: dict) -> list[str]:
             work = med[lib] - base
             ratio = "-" if lib == BASELINE else f"{med[lib] / med['curvsafe']:.2f}x"
             work_ratio = "-" if lib in (BASELINE, "curvsafe") else f"{work / (med['curvsafe'] - base):.2f}x"
-            agree = "; ".join(f"{k} c={v['scale']:.4g}, {v['max_rel_err']:.1e}"
-                              for k, v in row["agreement"].get(lib, {}).items()) or "-"
+            agree = _agreement_cell(row["agreement"].get(lib, {}))
+            if lib == "kronfluence" and "agreement_float64" in row:
+                agree += f" (with {FLOAT64}: {_agreement_cell(row['agreement_float64'])})"
             mem = peaks.get(row["case"], {}).get(lib)
             lines.append(f"| {row['case']} ({row['modules']} modules) | {lib} | {med[lib]:.2f} s "
                          f"({min(t):.2f}-{max(t):.2f}) | {ratio} | {'-' if lib == BASELINE else f'{work:.2f} s'} | "
                          f"{work_ratio} | {'-' if mem is None else f'{mem / 2**20:.0f} MiB'} | {agree} |")
+    for row in rows:
+        if "basis_inverse_rel_diff" in row:
+            lines += ["", f"{row['case']}: curvsafe's float32 eigenbasis against {FLOAT64}'s, the damped inverse "
+                      "applied to the loss gradient differs by " + ", ".join(
+                          f"{v:.1e} at damping {k}x the mean corrected eigenvalue"
+                          for k, v in row["basis_inverse_rel_diff"].items()) + "."]
     return lines
+
+
+def _agreement_cell(kinds: dict) -> str:
+    return "; ".join(f"{k} c={v['scale']:.4g}, {v['max_rel_err']:.1e}" for k, v in kinds.items()) or "-"
 
 
 def main() -> None:

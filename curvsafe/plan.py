@@ -22,7 +22,9 @@ Conventions (what every figure means):
 - **steps_per_iteration**: one restore iteration (refresh every iteration, the default) = the safety and task
   gradients (``S + T`` steps) + one line-search trial forward (``(S + T) / 2``: with the base frozen, a backward
   costs about a forward) + the refresh: K-FAC one pass
-  over the task data (``T``), EK-FAC two, L-BFGS ``pairs`` GGN-vector products and CG ``1 + cg_iterations``
+  over the task data (``T``), EK-FAC one when its per-sequence gradients fit (:class:`~.curvature.EKFAC`'s
+  ``max_gradient_bytes``, LoRA blocks) and two otherwise, L-BFGS ``pairs`` GGN-vector products and CG
+  ``1 + cg_iterations``
   (each ``2 T``: forward with tangents + backward). For ``"curvsafe"`` it is one optimizer step: the training
   step plus its refresh (one safety pass, ``S``, and the guard's gradient) spread over ``refresh_interval``
   steps (~12 on the testbed with ``refresh_tol=0.1``). Eigendecompositions are not counted (device-dependent:
@@ -44,7 +46,9 @@ from torch import nn
 
 from .capture import find_blocks
 from .config import RESTORE_METHODS
+from .curvature.ekfac import GRADIENT_BYTES
 from .curvature.lowrank import LowRank
+from .curvature.sequence_grads import prefer_sequences
 from .curvature.sharded import unsplit_blocks
 
 F32 = 4
@@ -288,8 +292,7 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     S, T = settings.safety_batches, settings.task_batches
     base_steps = S + T + (S + T) * FORWARD_COST
     restore_base = weights + RESTORE_VECTORS * vec
-    tokens = settings.batch_size * settings.seq_len
-    rotated = tokens * _kept_inputs(model, settings.low_rank, modules) * F32  # EK-FAC's rotated inputs
+    ek_transient, ek_grads, ek_passes = _ekfac_correction(model, settings, modules)
 
     def method(curv: int, phases: list[int], steps: float) -> MethodPlan:
         """``phases``: what is live beyond the restore's own vectors in each phase of an iteration."""
@@ -299,13 +302,17 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     # K-FAC's phases: the fit (running sums + a batch's sums + the pass), the eigendecompositions (factors, the
     # bases so far, one factor's float64 copies), the gradient passes with the curvature held
     kfac_phases = [2 * F + act, F + E + k["eigen_transient"], F + E + act]
+    ek_eigen = k["eigen_transient"] // 2  # EK-FAC decomposes in float32
+    ek_phases = [2 * F + act, F + E + ek_eigen, F + E + act]
     lbfgs_vectors = (4 * settings.lbfgs_pairs + 4) * vec
     plans = {
         "lbfgs": method(lbfgs_vectors, [lbfgs_vectors + ggn_act, act],
                         base_steps + settings.lbfgs_pairs * GGN_COST * T),
         "kfac": method(F + E, kfac_phases, base_steps + T),
-        "ekfac": method(F + E + k["corrected"], [*kfac_phases, F + E + k["corrected"] + act + rotated],
-                        base_steps + 2 * T),
+        "ekfac": method(F + E + k["corrected"], [*ek_phases, F + E + k["corrected"] + act + ek_transient]
+                        if ek_passes == 2 else [2 * F + act + ek_transient + ek_grads,
+                                                F + E + ek_eigen + ek_grads,
+                                                F + E + k["corrected"] + ek_grads], base_steps + ek_passes * T),
         "cg": method(6 * vec, [6 * vec + ggn_act, act],
                      base_steps + (1 + settings.cg_iterations) * GGN_COST * T),
         "sgd": method(0, [act], base_steps),
@@ -334,12 +341,18 @@ def sharded_weight_bytes(model: nn.Module, shards: int) -> int:
     return -(-total // shards) + (total - sum(blocks)) + sum(blocks[:2])
 
 
-def _kept_inputs(model: nn.Module, low: Optional[LowRank], modules) -> int:
-    """Sum over blocks of the kept input dimension (EK-FAC's rotated inputs per token)."""
-    total = 0
-    for b in find_blocks(model, modules):
-        total += min(b.d_in, low.rank) if low is not None and low.sketched(b.d_in) else b.d_in
-    return total
+def _ekfac_correction(model: nn.Module, settings: PlanSettings, modules) -> tuple[int, int, int]:
+    """EK-FAC's correction on the task data: one block's transient in a batch's backward (its float32 inputs and
+    output gradients, padded per sequence or rotated; the inputs it holds until then are those autograd saves),
+    the per-sequence gradients a one-pass fit keeps (0 with two passes), and the passes (as :meth:`EKFAC.fit`
+    decides: every row a sequence of ``seq_len`` tokens)."""
+    blocks = find_blocks(model, modules)
+    transient = settings.batch_size * settings.seq_len * max(b.d_in + b.d_out for b in blocks) * F32
+    rows = settings.task_batches * settings.batch_size
+    grads = rows * sum(b.d_out * b.d_in + (b.d_out if b.bias_name else 0) for b in blocks) * F32
+    narrow = all(prefer_sequences(settings.batch_size * settings.seq_len, settings.batch_size, b.d_in, b.d_out,
+                                  b.d_in, b.d_out) for b in blocks)
+    return (transient, grads, 1) if narrow and grads <= GRADIENT_BYTES else (transient, 0, 2)
 
 
 def _settings_dict(settings: PlanSettings) -> dict:

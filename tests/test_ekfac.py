@@ -157,3 +157,28 @@ def test_ekfac_matches_kronfluence_on_lora(tmp_path):
         assert rel_err(ours.factors[n].A * tokens, cov["activation_covariance"][n]) < 1e-5, n
         assert rel_err(ours.factors[n].G * tokens, cov["gradient_covariance"][n]) < 1e-5, n
         assert rel_err(ours.corrected[n] * tokens, lam["lambda_matrix"][n]) < 1e-4, n
+
+
+def test_eigen_dtype_defaults_and_override(monkeypatch):
+    """K-FAC decomposes in float64 (its eigenvalues are the curvature), EK-FAC in float32 (it re-fits them);
+    either takes ``eigen_dtype``; the float64 basis's EK-FAC operator is within float32 resolution of the
+    default's on this well-conditioned tiny model."""
+    from curvsafe.curvature import KFAC
+    from curvsafe.curvature import kfac as kfac_module
+
+    seen = []
+    real = kfac_module.safe_eigh_many
+    monkeypatch.setattr(kfac_module, "safe_eigh_many", lambda m, dtype: seen.append(dtype) or real(m, dtype=dtype))
+    batches = [make_batch(seed=s) for s in range(2)]
+    model = with_lora(tiny_llama())
+    for cls, dtype, expected in ((KFAC, None, torch.float64), (EKFAC, None, torch.float32),
+                                 (EKFAC, torch.float64, torch.float64), (KFAC, torch.float32, torch.float32)):
+        op = cls(model, eigen_dtype=dtype).fit(batches)
+        op.eigen(op.blocks[0].name)
+        assert seen.pop() == expected
+    v = {n: torch.randn(s, dtype=torch.float64) for n, s in op.param_shapes.items()}
+    f32, f64 = EKFAC(model).fit(batches), EKFAC(model, eigen_dtype=torch.float64).fit(batches)
+    x32, x64 = f32.inverse_mv(v, damping=0.1), f64.inverse_mv(v, damping=0.1)
+    assert max(rel_err(x32[n], x64[n]) for n in v) <= 1e-4
+    with pytest.raises(ValueError, match="eigen_dtype"):
+        KFAC(model, eigen_dtype=torch.float16)

@@ -157,14 +157,18 @@ class _FitPass:
     leader is known, its followers sum the input again (the same result, more work)."""
 
     def __init__(self, running: _Sums, low_rank: Optional[LowRank], reduce: bool, num_blocks: int,
-                 leaders: set[str]):
+                 leaders: set[str], tap=None):
         self.running, self.low_rank, self.reduce, self.leaders = running, low_rank, reduce, leaders
+        self.tap = tap  # another reader of the same pass (EK-FAC's one-pass correction): on_forward,
+        # on_backward (with the batch info) and on_batch_end (info)
         self.batch = _Sums(low_rank)  # this batch's sums of the leaders' inputs, and its counts
         self.shared_inputs: dict[int, str] = {}  # id of a block input in this batch -> the block that read it first
         self.info = BatchInfo()
         self.grad_sums: list[Optional[Tensor]] = [None] * num_blocks
 
     def on_forward(self, block: LinearBlock, a: Tensor) -> None:
+        if self.tap is not None:
+            self.tap.on_forward(block, a)
         first = self.shared_inputs.get(id(a))
         if first is not None:  # the same input as an earlier block (q/k/v): the same A sum
             self.leaders.add(first)
@@ -179,10 +183,14 @@ class _FitPass:
         sums.add(sums.A, block.name, rows)
 
     def on_backward(self, block: LinearBlock, g: Tensor) -> None:
+        if self.tap is not None:
+            self.tap.on_backward(block, g, self.info)
         rows = KFAC._per_sequence(g.float(), self.info, mean=False) if self.reduce else g
         self.running.add(self.running.G, block.name, rows)
 
     def on_batch_end(self) -> None:
+        if self.tap is not None:
+            self.tap.on_batch_end(self.info)
         self.shared_inputs.clear()
         self.batch.n_a += self.info.num_sequences if self.reduce else self.info.num_tokens
         self.batch.n_g += self.info.num_tokens
@@ -205,10 +213,17 @@ class KFAC(CurvatureOperator):
         step = kfac.inverse_mv(grads, damping=1e-3)
     """
 
+    default_eigen_dtype = torch.float64  # K-FAC's eigenvalues are its curvature: small ones to 1e-16 of the top
+
     def __init__(self, model: nn.Module, modules: ModuleSelection = None, *, fisher_type: str = "empirical",
                  kfac_approx: str = "expand", ema_decay: Optional[float] = None, seed: int = 0, loss=None,
-                 progress: Optional[bool] = None, low_rank: Optional[LowRank] = LowRank()):
+                 progress: Optional[bool] = None, low_rank: Optional[LowRank] = LowRank(),
+                 eigen_dtype: Optional[torch.dtype] = None):
         kfac_approx = parse_option(KFACApprox, kfac_approx, "kfac_approx").value
+        eigen_dtype = self.default_eigen_dtype if eigen_dtype is None else eigen_dtype
+        if eigen_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"eigen_dtype must be torch.float32 or torch.float64, got {eigen_dtype}")
+        self.eigen_dtype = eigen_dtype  # the precision of the factors' eigendecompositions (dense factors)
         fisher_type = parse_option(FisherType, fisher_type, "fisher_type").value
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
@@ -247,12 +262,15 @@ class KFAC(CurvatureOperator):
         (weight names -> weight-shaped tensors). Nothing changes if any batch fails (bad input, non-finite
         gradient, capture error).
         """
+        return self._fit(materialize(batches), gradient=gradient)
+
+    def _fit(self, data: list, *, gradient: bool = False, tap=None) -> "KFAC":
+        """:meth:`fit` on materialised batches; ``tap`` also reads the pass (see :class:`_FitPass`)."""
         if gradient and self.fisher_type != "empirical":
             raise ValueError("gradient=True needs fisher_type='empirical' (the pass must backpropagate the labels)")
-        data = materialize(batches)
         ema = self.ema_decay is not None
         acc = _FitPass(_Sums(self.low_rank) if ema else self._running_sums(), self.low_rank,
-                       self.kfac_approx == "reduce", len(self.blocks), self._leaders)
+                       self.kfac_approx == "reduce", len(self.blocks), self._leaders, tap)
         totals = capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
                               generator=self._make_generator(), on_forward=acc.on_forward,
                               on_backward=acc.on_backward, info=acc.info, on_batch_end=acc.on_batch_end,
@@ -352,7 +370,8 @@ class KFAC(CurvatureOperator):
             raise RuntimeError(f"{type(self).__name__} has no factors yet: call .fit(batches) first")
 
     def eigen(self, name: str) -> KEigen:
-        """Cached eigendecomposition of block ``name``'s factors (float64, guarded; see :func:`safe_eigh`; a
+        """Cached eigendecomposition of block ``name``'s factors (in :attr:`eigen_dtype`, guarded; see
+        :func:`safe_eigh`; a
         sketched factor gives its truncated eigenbasis and rest, see :mod:`.lowrank`). The first call decomposes
         every block's factors at once: equal factors (the input factors of blocks that share an input, such as
         q/k/v or gate/up) once, dense ones in batched calls of equal sizes."""
@@ -363,7 +382,7 @@ class KFAC(CurvatureOperator):
 
     def _all_eigen(self) -> dict[str, KEigen]:
         named = {f"{n}.{side}": getattr(f, side) for n, f in self.factors.items() for side in ("A", "G")}
-        done = factor_eigens(named, self.low_rank.rank if self.low_rank is not None else None)
+        done = factor_eigens(named, self.low_rank.rank if self.low_rank is not None else None, self.eigen_dtype)
         return {n: KEigen(*done[f"{n}.A"][:2], *done[f"{n}.G"][:2], done[f"{n}.A"][2], done[f"{n}.G"][2])
                 for n in self.factors}
 

@@ -1,0 +1,75 @@
+"""Per-sequence gradients of a linear block and the sum of their squares in a Kronecker eigenbasis.
+
+Convention: the rows of ``a`` (T, d_in, the block's inputs) and ``g`` (T, d_out, the loss gradients w.r.t. its
+outputs) are tokens, grouped into sequences by sorted ``segment_ids``; the gradient of sequence n is
+``grad_n = sum_{t in n} g_t a_t^T`` (d_out, d_in), and EK-FAC's correction needs ``sum_n (QG^T grad_n QA)^2``.
+
+Two orders give that sum (equal up to float32 rounding):
+
+- by token: rotate every token (``a QA``, ``g QG``) and let the fused
+  :func:`~curvsafe.kernels.linear_fisher_diag` form each rotated gradient in registers,
+  ``T (d_in k_in + d_out k_out + k_out k_in)`` multiply-adds;
+- by sequence: form the gradients (``T d_out d_in``) and rotate each (``N d_out k_in (d_in + k_out)``).
+
+The second wins when one side is narrow (a LoRA matrix, whose one side is the rank r) and sequences are longer
+than r; the first for wide layers. :func:`prefer_sequences` compares the two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kernels import linear_fisher_diag
+
+_CHUNK_BYTES = 1 << 25  # per-sequence gradients formed at once by rotated_fisher_diag (32 MiB)
+
+
+def segments(segment_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Start rows and lengths of the sorted segments (empty ones absent)."""
+    _, counts = torch.unique_consecutive(segment_ids, return_counts=True)
+    return torch.cumsum(counts, 0) - counts, counts
+
+
+def prefer_sequences(tokens: int, sequences: int, d_in: int, d_out: int, k_in: int, k_out: int) -> bool:
+    """Whether forming and rotating per-sequence gradients costs fewer multiply-adds than rotating tokens."""
+    by_token = tokens * (d_in * k_in + d_out * k_out + k_out * k_in)
+    by_sequence = tokens * d_out * d_in + sequences * d_out * k_in * (d_in + k_out)
+    return by_sequence < by_token
+
+
+def sequence_gradients(a: Tensor, g: Tensor, segment_ids: Tensor) -> Tensor:
+    """``grad_n`` of every segment, (N, d_out, d_in) float32 (sequences padded to the longest, one batched GEMM)."""
+    starts, counts = segments(segment_ids)
+    n, length = counts.numel(), int(counts.max())
+    pos = torch.arange(a.shape[0], device=a.device) - torch.repeat_interleave(starts, counts)
+    seq = torch.repeat_interleave(torch.arange(n, device=a.device), counts)
+    a_pad = a.new_zeros((n, length, a.shape[1]), dtype=torch.float32)
+    g_pad = g.new_zeros((n, length, g.shape[1]), dtype=torch.float32)
+    a_pad[seq, pos] = a.float()
+    g_pad[seq, pos] = g.float()
+    return g_pad.mT @ a_pad
+
+
+def rotated_square_sum(grads: Tensor, QA: Tensor, QG: Tensor) -> Tensor:
+    """``sum_n (QG^T grads_n QA)^2`` (k_out, k_in) of gradients stacked as (N, d_out, d_in)."""
+    return (QG.mT @ (grads @ QA)).square().sum(0)
+
+
+def rotated_fisher_diag(a: Tensor, g: Tensor, QA: Tensor, QG: Tensor, segment_ids: Tensor) -> Tensor:
+    """``sum_n (QG^T grad_n QA)^2`` (k_out, k_in) float32 for ``QA`` (d_in, k_in) and ``QG`` (d_out, k_out), in
+    the cheaper order (module docstring); per-sequence gradients at most 32 MiB at a time."""
+    T, d_in = a.shape
+    d_out, k_in, k_out = g.shape[1], QA.shape[1], QG.shape[1]
+    starts, counts = segments(segment_ids)
+    a, g = a.float(), g.float()
+    if not prefer_sequences(T, counts.numel(), d_in, d_out, k_in, k_out):
+        return linear_fisher_diag(a @ QA, g @ QG, segment_ids=segment_ids)
+    per_chunk = max(1, _CHUNK_BYTES // (4 * d_out * d_in + 4 * int(counts.max()) * (d_in + d_out)))
+    ends = (starts + counts).tolist()
+    starts = starts.tolist()
+    out = a.new_zeros(k_out, k_in)
+    for first in range(0, len(starts), per_chunk):
+        lo, hi = starts[first], ends[min(first + per_chunk, len(starts)) - 1]
+        out.add_(rotated_square_sum(sequence_gradients(a[lo:hi], g[lo:hi], segment_ids[lo:hi]), QA, QG))
+    return out

@@ -1,13 +1,16 @@
 """Restore methods side by side on the testbed's attacked model, for each safety objective.
 
     python benchmarks/restore.py --out benchmarks/results [--seeds 0,1,2] [--objectives ...] [--methods ...]
-                                 [--quick] [--cache DIR]
+                                 [--curvature-seeds 0,1,2,3] [--quick] [--cache DIR]
 
 Same fine-tuned model, data, task budget and iteration cap for every method, on each testbed seed. Columns:
 harmful rate on held-out harmful prompts, over-refusal (refusals of held-out benign look-alikes), task accuracy
 (and its share of the attacked model's), iterations, seconds per restore iteration relative to one training step
 of the adapter (forward + backward + AdamW step on one task batch of the same size), all measured in this
-process; mean [min-max] over seeds, and every seed's row.
+process; mean [min-max] over seeds, and every seed's row. With ``--curvature-seeds``, the back-ends that draw
+Monte Carlo labels for their curvature (kfac, ekfac) run once per curvature seed (``RestoreConfig.curvature_seed``)
+on every testbed seed, and a table gives each testbed seed's spread over them: how much of a per-seed difference
+is the sampling's.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ def training_step_seconds(aligned: Path, adapter: Path, task_file: Path, repeats
     return statistics.median(times[1:])
 
 
-def seed_rows(seed: int, args, objectives: list[str], methods: list[str]) -> tuple[dict, list[dict]]:
+def seed_rows(seed: int, args, objectives: list[str], methods: list[str],
+              curvature_seeds: list[int]) -> tuple[dict, list[dict]]:
     """The aligned and attacked rows and one row per (objective, method) on testbed seed ``seed``."""
     cfg = replace(QUICK if args.quick else TestbedConfig(), seed=seed)
     bed = Testbed(args.cache or default_cache(), cfg)
@@ -83,11 +87,12 @@ def seed_rows(seed: int, args, objectives: list[str], methods: list[str]) -> tup
     for objective in objectives:
         harmful_file = work / "refusal.jsonl" if "refusal" in objective else data / "restore_harmful.jsonl"
         two_sided = "benign" in objective
-        for method in methods:
-            out = work / f"{objective.replace('*', 'x')}-{method}"
-            row = {"seed": seed, "objective": objective, "method": method}
+        for method, curvature_seed in [(m, c) for m in methods for c in (curvature_seeds if m in SAMPLING else [0])]:
+            out = work / f"{objective.replace('*', 'x')}-{method}-{curvature_seed}"
+            row = {"seed": seed, "objective": objective, "method": method, "curvature_seed": curvature_seed}
             try:
                 run = run_restore(aligned, attack, harmful_file, data / "restore_task.jsonl", out, method=method,
+                                  curvature_seed=curvature_seed,
                                   objective=objective, iterations=args.iterations, unaligned_model=unaligned,
                                   benign_file=data / "restore_benign.jsonl" if two_sided else None,
                                   anchor=anchors["anchor"], benign_anchor=anchors["benign_anchor"] if two_sided
@@ -112,6 +117,7 @@ def seed_rows(seed: int, args, objectives: list[str], methods: list[str]) -> tup
 
 
 METRICS = ("harmful_rate", "over_refusal", "task_accuracy")
+SAMPLING = ("kfac", "ekfac")  # the back-ends whose curvature draws Monte Carlo labels
 
 
 def _pct(values: list[float]) -> str:
@@ -130,20 +136,23 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="testbed seeds, e.g. 0,1,2")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated objectives")
     parser.add_argument("--methods", default=",".join(METHODS + BASELINES), help="comma-separated methods")
+    parser.add_argument("--curvature-seeds", default="0", help="kfac / ekfac: seeds of their Monte Carlo labels")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    curvature_seeds = [int(s) for s in args.curvature_seeds.split(",")]
     objectives, methods = args.objectives.split(","), args.methods.split(",")
 
     references, rows = {}, []
     for seed in seeds:
-        references[seed], seed_table = seed_rows(seed, args, objectives, methods)
+        references[seed], seed_table = seed_rows(seed, args, objectives, methods, curvature_seeds)
         rows += seed_table
 
     date = time.strftime("%Y-%m-%d")
     lines = [f"# Restore methods on the testbed ({'quick' if args.quick else 'default'} config, {date}, "
              f"{torch.get_num_threads()} CPU threads, seeds {', '.join(map(str, seeds))})", "",
              f"Command: `python benchmarks/restore.py --seeds {args.seeds} --objectives {args.objectives} "
-             f"--methods {args.methods}`. Up to {args.iterations} iterations, task budget 2% / 0.01 nats. Harmful: "
+             f"--methods {args.methods} --curvature-seeds {args.curvature_seeds}`. Up to {args.iterations} "
+             "iterations, task budget 2% / 0.01 nats. Harmful: "
              "held-out harmful prompts; over-refusal: refusals of held-out benign look-alikes (the aligned model "
              "answers them); task: the attack's task (held-out examples), also as a share of the attacked "
              "model's. Percentages; with several seeds: mean [min-max].", "",
@@ -167,16 +176,28 @@ def main() -> None:
                          f"{_pct(share)} | {' / '.join(str(r['iterations']) for r in group)} | "
                          f"{(sum(speed) / len(speed)) if speed else float('nan'):.0f} | "
                          f"{' / '.join(r['stopped'][:40] for r in group)} |")
-    lines += ["", "Per seed:", "", "| seed | objective | method | harmful | over-refusal | task acc | stopped |",
-              "| ---: | --- | --- | ---: | ---: | ---: | --- |"]
+    if len(curvature_seeds) > 1:
+        lines += ["", f"Spread over the curvature seeds {args.curvature_seeds} on each testbed seed (mean "
+                  "[min-max]):", "", "| seed | objective | method | harmful | over-refusal | task acc |",
+                  "| ---: | --- | --- | ---: | ---: | ---: |"]
+        for seed in seeds:
+            for objective in objectives:
+                for method in [m for m in methods if m in SAMPLING]:
+                    group = [r for r in rows if (r["seed"], r["objective"], r["method"]) == (seed, objective, method)]
+                    lines.append(f"| {seed} | {objective} | {method} | " + " | ".join(
+                        _pct([r[k] for r in group]) for k in METRICS) + " |")
+    lines += ["", "Per seed:", "", "| seed | objective | method | curvature seed | harmful | over-refusal | task acc "
+              "| stopped |", "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['objective']} | {r['method']} | {100 * r['harmful_rate']:.1f} | "
-                     f"{100 * r['over_refusal']:.1f} | {100 * r['task_accuracy']:.1f} | {r['stopped'][:60]} |")
+        lines.append(f"| {r['seed']} | {r['objective']} | {r['method']} | {r['curvature_seed']} | "
+                     f"{100 * r['harmful_rate']:.1f} | {100 * r['over_refusal']:.1f} | {100 * r['task_accuracy']:.1f} "
+                     f"| {r['stopped'][:60]} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"restore_cpu_{date}" + ("_quick" if args.quick else "")
+    stem = (f"restore_cpu_{date}" + ("_quick" if args.quick else "")
+            + ("_curvature_seeds" if len(curvature_seeds) > 1 else ""))
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps({"references": references, "rows": rows}, indent=2))
 

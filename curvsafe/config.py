@@ -117,6 +117,9 @@ class RestoreConfig(Settings):
         f"aligned), nats/token (default {BENIGN_BUDGET}); None (CLI: off): no constraint", default=BENIGN_BUDGET)
     iterations: int = setting("the most accepted steps", default=8)
     damping: float = setting("relative damping of the task curvature", default=0.1)
+    curvature_seed: int = setting("kfac / ekfac: seed of the Monte Carlo labels drawn for the task curvature (rank r "
+                                  "draws with seed + r); restores differ by seed as much as by method on the "
+                                  "testbed, so compare over several", default=0)
     select_top: Optional[int] = setting("restore on the K most influential safety examples", default=None)
     params: Optional[list[str]] = setting("parameter-name globs to edit (default: the adapter)", default=None)
     batch_size: int = setting("examples per batch", default=16)
@@ -142,7 +145,7 @@ class RestoreConfig(Settings):
             raise ValueError(f"benign_budget must be >= 0 or None, got {self.benign_budget}")
         if not self.damping > 0:
             raise ValueError(f"damping must be > 0, got {self.damping}")
-        for name, low in (("iterations", 1), ("batch_size", 1), ("max_length", 2)):
+        for name, low in (("iterations", 1), ("batch_size", 1), ("max_length", 2), ("curvature_seed", 0)):
             if not getattr(self, name) >= low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
         for name in ("select_top", "limit", "max_memory", "ggn_rows"):

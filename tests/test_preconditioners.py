@@ -38,3 +38,24 @@ def test_preconditioners_give_the_newton_step(setup, method, tol):
     newton = torch.linalg.solve(G + pre.damping * torch.eye(dim, dtype=torch.float64), flatten(g, names))
     got = flatten(pre.apply(g), names)
     assert float((got - newton).norm() / newton.norm()) <= tol
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_curvature_seed_draws_the_monte_carlo_labels(setup, method):
+    """``curvature_seed`` reaches the K-FAC / EK-FAC fit: the same seed gives the same curvature, another seed
+    other sampled labels and so other factors."""
+    from curvsafe.data import load_pairs, make_batches
+    from curvsafe.models import load_model
+    from curvsafe.restoration import trainable_params
+
+    model, tok = load_model(setup / "aligned", setup / "adapter", trainable_adapter=True)
+    params = trainable_params(model)
+    batches = make_batches(tok, load_pairs(setup / "task.jsonl")[:8], batch_size=8)
+    g = {n: torch.ones_like(p) for n, p in params.items()}
+    factors = []
+    for seed in (0, 0, 1):
+        pre = make_preconditioner(method, damping=0.1, seed=seed)
+        pre.refresh(model, batches, params, g)
+        assert pre.op.seed == seed
+        factors.append(torch.cat([f.G.flatten() for f in pre.op.factors.values()]))
+    assert torch.equal(factors[0], factors[1]) and not torch.equal(factors[0], factors[2])

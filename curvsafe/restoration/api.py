@@ -227,8 +227,8 @@ def _backtrack(model, chosen: dict, d: ParamVector, radius: float, s_cur: float,
 
 def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs", params=None,
             task_budget: float = 0.02, task_budget_abs: float = 0.01, iterations: int = 8, damping: float = 0.1,
-            select_top: Optional[int] = None, safety_target: Union[None, float, Mapping[str, float]] = None,
-            trust_radius: float = 0.1,
+            curvature_seed: int = 0, select_top: Optional[int] = None,
+            safety_target: Union[None, float, Mapping[str, float]] = None, trust_radius: float = 0.1,
             refresh_every: int = 1, max_mu_growth: int = 4, progress: bool = True,
             callback: Optional[Callable[[dict], None]] = None,
             constraints: Sequence[Constraint] = (), ggn_rows: Optional[int] = None) -> RestoreResult:
@@ -238,6 +238,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
         method: ``lbfgs`` | ``kfac`` | ``ekfac`` | ``cg`` | ``sgd`` (see :mod:`.preconditioners`).
         params: parameter-name globs to edit (default: the trainable ones, i.e. the adapter).
         damping: relative damping of the task curvature.
+        curvature_seed: ``kfac`` / ``ekfac``: the seed of the Monte Carlo labels of the task curvature.
         select_top: restore on the ``select_top`` safety examples with the highest influence scores only.
         safety_target: stop once S is at or below it (the aligned model's own value of S); a mapping
             ``{term name: value}`` stops once each named term is at or below its value (terms not named, such as
@@ -270,7 +271,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
     chosen = trainable_params(model, params)
     if select_top is not None and any(is_sharded(p) for p in chosen.values()):
         raise ValueError("select_top (influence scores per example) does not run on an FSDP2-sharded model")
-    precond = make_preconditioner(method, damping, ggn_rows)
+    precond = make_preconditioner(method, damping, ggn_rows, seed=curvature_seed)
     theta0 = _snapshot(chosen)
     l0, terms0 = task.evaluate(model), safety.term_values(model)
     s0 = sum(terms0.values())

@@ -61,14 +61,18 @@ class _OperatorPreconditioner(Preconditioner):
 
 
 class KFACPreconditioner(_OperatorPreconditioner):
-    """K-FAC factors of the task loss (Monte Carlo Fisher), refitted at each refresh."""
+    """K-FAC factors of the task loss (Monte Carlo Fisher, labels drawn with ``seed``), refitted at each refresh."""
     name = "kfac"
     cls = KFAC
+
+    def __init__(self, damping: float, seed: int = 0):
+        super().__init__(damping)
+        self.seed = seed
 
     def refresh(self, model, task_batches, params, grad):
         blocks = sorted({n.rsplit(".", 1)[0] for n in params})
         self.op = None  # the old curvature goes before the new is fitted (peak memory: one set, not two)
-        self.op = self.cls(model, blocks, fisher_type="mc", progress=False).fit(task_batches)
+        self.op = self.cls(model, blocks, fisher_type="mc", seed=self.seed, progress=False).fit(task_batches)
         missing = set(params) - set(self.op.param_shapes)
         if missing:
             raise ValueError(f"{self.name} covers linear blocks only; parameters {sorted(missing)[:3]} are not")
@@ -140,12 +144,13 @@ class CGPreconditioner(_OperatorPreconditioner):
         return CGInverse(self.op, tol=self.tol, maxiter=self.maxiter).inverse_mv(g, self.damping)
 
 
-def make_preconditioner(method: str, damping: float, ggn_rows: Optional[int] = None) -> Preconditioner:
+def make_preconditioner(method: str, damping: float, ggn_rows: Optional[int] = None, *,
+                        seed: int = 0) -> Preconditioner:
     """The preconditioner of ``method`` (one of :data:`METHODS`) with relative ``damping``; ``ggn_rows``: the row
-    chunks of L-BFGS's and CG's GGN products."""
+    chunks of L-BFGS's and CG's GGN products; ``seed``: K-FAC's and EK-FAC's Monte Carlo labels."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return {"sgd": lambda: Preconditioner(), "kfac": lambda: KFACPreconditioner(damping),
-            "ekfac": lambda: EKFACPreconditioner(damping),
+    return {"sgd": lambda: Preconditioner(), "kfac": lambda: KFACPreconditioner(damping, seed),
+            "ekfac": lambda: EKFACPreconditioner(damping, seed),
             "lbfgs": lambda: LBFGSPreconditioner(damping, max_rows=ggn_rows),
             "cg": lambda: CGPreconditioner(damping, max_rows=ggn_rows)}[method]()

@@ -377,7 +377,8 @@ def _apply_method(inputs: _Inputs, side: _SafetySide, unaligned_model, progress:
     budgets = {"task_budget": c.task_budget, "task_budget_abs": c.task_budget_abs}
     if c.method in METHODS:
         return restore(model, safety, task, method=c.method, params=c.params, iterations=c.iterations,
-                       damping=c.damping, select_top=c.select_top, safety_target=side.target,
+                       damping=c.damping, curvature_seed=c.curvature_seed, select_top=c.select_top,
+                       safety_target=side.target,
                        progress=progress and is_main(), ggn_rows=c.ggn_rows, constraints=side.constraints,
                        **budgets)
     if c.method == "revert":

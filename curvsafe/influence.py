@@ -21,6 +21,7 @@ from .capture import LinearBlock
 from .curvature._pass import BatchInfo, capture_pass, materialize
 from .curvature.kfac import KFAC
 from .curvature.loss import CausalLMLoss
+from .curvature.sequence_grads import sequence_gradients
 
 
 def per_example_gradients(model, blocks: Sequence[LinearBlock], batches: Sequence) -> dict[str, Tensor]:
@@ -30,24 +31,18 @@ def per_example_gradients(model, blocks: Sequence[LinearBlock], batches: Sequenc
     out: dict[str, list[Tensor]] = {b.weight_name: [] for b in blocks}
     inputs: dict[str, Tensor] = {}
     info = BatchInfo()
-    rows = [int(b["input_ids"].shape[0]) for b in data]
-    state = {"batch": 0, "sizes": None}  # the batch in flight and its tokens per row (rows are contiguous)
-
-    def sizes() -> list[int]:
-        if state["sizes"] is None:
-            state["sizes"] = torch.bincount(info.segment_ids, minlength=rows[state["batch"]]).tolist()
-        return state["sizes"]
+    rows = iter([int(b["input_ids"].shape[0]) for b in data])
+    batch_rows = [next(rows)]  # the batch in flight's row count
 
     def on_forward(block: LinearBlock, a: Tensor) -> None:
         inputs[block.name] = a
 
     def on_backward(block: LinearBlock, g: Tensor) -> None:
-        a = inputs.pop(block.name).float()
-        out[block.weight_name].append(torch.stack([gn.float().T @ an for gn, an in
-                                                   zip(g.split(sizes()), a.split(sizes()))]))
+        out[block.weight_name].append(sequence_gradients(inputs.pop(block.name), g, info.segment_ids,
+                                                         rows=batch_rows[0]))
 
     def on_batch_end() -> None:
-        state["batch"], state["sizes"] = state["batch"] + 1, None
+        batch_rows[0] = next(rows, 0)
 
     capture_pass(model, blocks, data, loss=CausalLMLoss(), fisher_type="empirical", generator=None,
                  on_forward=on_forward, on_backward=on_backward, info=info, on_batch_end=on_batch_end,

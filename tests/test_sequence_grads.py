@@ -97,3 +97,16 @@ def test_two_passes_when_gradients_exceed_the_budget_or_cost_more():
     assert EKFAC(tiny_llama()).fit(batches).passes == 2  # wide 16 x 16 layers, 7-token sequences: tokens cheaper
     with pytest.raises(ValueError, match="max_gradient_bytes"):
         EKFAC(model, max_gradient_bytes=-1)
+
+
+def test_sequence_gradients_of_every_row_keep_empty_rows_as_zeros():
+    """``rows=``: one gradient per batch row in row order, zeros for rows without tokens (influence scores index
+    examples by row); without it, one per segment present."""
+    g = torch.Generator().manual_seed(0)
+    segment_ids = torch.tensor([0, 0, 0, 2, 2])
+    a, gy = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
+    per_row = sg.sequence_gradients(a, gy, segment_ids, rows=4)
+    assert per_row.shape == (4, 3, 4)
+    assert torch.allclose(per_row[0], gy[:3].T @ a[:3]) and torch.allclose(per_row[2], gy[3:].T @ a[3:])
+    assert not per_row[1].any() and not per_row[3].any()
+    assert torch.equal(sg.sequence_gradients(a, gy, segment_ids), per_row[[0, 2]])

@@ -17,6 +17,8 @@ than r; the first for wide layers. :func:`prefer_sequences` compares the two.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -38,14 +40,20 @@ def prefer_sequences(tokens: int, sequences: int, d_in: int, d_out: int, k_in: i
     return by_sequence < by_token
 
 
-def sequence_gradients(a: Tensor, g: Tensor, segment_ids: Tensor) -> Tensor:
-    """``grad_n`` of every segment, (N, d_out, d_in) float32 (sequences padded to the longest, one batched GEMM)."""
-    starts, counts = segments(segment_ids)
-    n, length = counts.numel(), int(counts.max())
-    pos = torch.arange(a.shape[0], device=a.device) - torch.repeat_interleave(starts, counts)
-    seq = torch.repeat_interleave(torch.arange(n, device=a.device), counts)
-    a_pad = a.new_zeros((n, length, a.shape[1]), dtype=torch.float32)
-    g_pad = g.new_zeros((n, length, g.shape[1]), dtype=torch.float32)
+def sequence_gradients(a: Tensor, g: Tensor, segment_ids: Tensor, rows: Optional[int] = None) -> Tensor:
+    """``grad_n`` of every segment present, in order, (N, d_out, d_in) float32; with ``rows``, of every id
+    ``0 .. rows - 1`` (a batch's rows: zeros for a row without tokens). Sequences are padded to the longest, one
+    batched GEMM."""
+    if rows is None:
+        _, seq = torch.unique_consecutive(segment_ids, return_inverse=True)
+        rows = int(seq.max()) + 1
+    else:
+        seq = segment_ids
+    counts = torch.bincount(seq, minlength=rows)
+    pos = torch.arange(a.shape[0], device=a.device) - (torch.cumsum(counts, 0) - counts)[seq]
+    length = max(int(counts.max()), 1)
+    a_pad = a.new_zeros((rows, length, a.shape[1]), dtype=torch.float32)
+    g_pad = g.new_zeros((rows, length, g.shape[1]), dtype=torch.float32)
     a_pad[seq, pos] = a.float()
     g_pad[seq, pos] = g.float()
     return g_pad.mT @ a_pad

@@ -16,7 +16,8 @@ Model: a random-init Llama (float32, eval mode), fitted on ``--batches`` random 
   in float64 as kronfluence does; the table gives kronfluence's agreement with both, and the note under it how far
   the two bases' damped inverses lie apart;
 - ``influence-lora``: pairwise influence scores of ``--batch-size`` query examples (one more random batch) against
-  every training example, through the EK-FAC of ``ekfac-lora`` fitted beforehand (not timed): curvsafe
+  every training example, through the EK-FAC of ``ekfac-lora`` (with kronfluence's float64 basis) fitted
+  beforehand (not timed): curvsafe
   :func:`curvsafe.influence.pairwise_scores` against kronfluence's ``compute_pairwise_scores``, at the same
   damping (0.1 x curvsafe's mean corrected eigenvalue; kronfluence's EK-FAC is the curvature of the summed loss per
   example where curvsafe's is of the mean per-token loss, so its ``damping_factor`` is that times tokens per
@@ -148,7 +149,8 @@ class Runner:
             from curvsafe.curvature import EKFAC
 
             self.queries = make_batches(args, count=1, seed=2)
-            self.ekfac = EKFAC(model, names, progress=False, low_rank=None).fit(batches)
+            # kronfluence's float64 basis, so that the agreement checks the scores, not the two bases
+            self.ekfac = EKFAC(model, names, progress=False, low_rank=None, eigen_dtype=torch.float64).fit(batches)
             self.damping = 0.1 * float(torch.stack([c.mean() for c in self.ekfac.corrected.values()]).mean())
             # kronfluence's EK-FAC eigenvalues average over examples what curvsafe's average over tokens
             self.rescale = sum(int(b["attention_mask"].sum()) for b in batches) / sum(len(b["input_ids"])

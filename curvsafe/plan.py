@@ -256,10 +256,11 @@ def shared_input(block_name: str) -> Optional[str]:
 
 
 def kfac_bytes(model: nn.Module, low: Optional[LowRank], modules=None) -> dict[str, int]:
-    """K-FAC's factor, eigenbasis and EK-FAC-correction bytes over the blocks ``modules`` selects, and how many
-    factors are sketched. Matches :meth:`KFAC.curvature_bytes` after ``fit`` and ``eigen`` of every block (blocks
-    that share an input share their input factor's eigenbasis, :func:`shared_input`)."""
-    factors = eigen = corrected = sketched = transient = 0
+    """K-FAC's factor, eigenbasis and EK-FAC-correction bytes over the blocks ``modules`` selects, how many
+    factors are sketched, and the largest transient of one factor's eigendecomposition (float64, and with dense
+    factors in float32 as EK-FAC's). Matches :meth:`KFAC.curvature_bytes` after ``fit`` and ``eigen`` of every
+    block (blocks that share an input share their input factor's eigenbasis, :func:`shared_input`)."""
+    factors = eigen = corrected = sketched = transient = transient_f32 = 0
     blocks = find_blocks(model, modules)
     seen_inputs: set[str] = set()
     for b in blocks:
@@ -271,11 +272,12 @@ def kfac_bytes(model: nn.Module, low: Optional[LowRank], modules=None) -> dict[s
             factors, eigen, sketched = factors + f, eigen + (0 if shared else e), sketched + s
             kept.append(min(dim, low.rank) if s else dim)
             transient = max(transient, 5 * 2 * f)  # float64 copies, bases and LAPACK workspace of one factor
+            transient_f32 = max(transient_f32, (5 * 2 if s else 5) * f)  # dense factors in float32 (EK-FAC)
         if key is not None:
             seen_inputs.add(key)
         corrected += kept[0] * kept[1] * F32
     return {"factors": factors, "eigen": eigen, "corrected": corrected, "sketched": sketched, "blocks": len(blocks),
-            "eigen_transient": transient}
+            "eigen_transient": transient, "eigen_transient_f32": transient_f32}
 
 
 def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modules=None) -> Plan:
@@ -302,7 +304,7 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     # K-FAC's phases: the fit (running sums + a batch's sums + the pass), the eigendecompositions (factors, the
     # bases so far, one factor's float64 copies), the gradient passes with the curvature held
     kfac_phases = [2 * F + act, F + E + k["eigen_transient"], F + E + act]
-    ek_eigen = k["eigen_transient"] // 2  # EK-FAC decomposes in float32
+    ek_eigen = k["eigen_transient_f32"]  # EK-FAC decomposes dense factors in float32 (sketches in float64)
     ek_phases = [2 * F + act, F + E + ek_eigen, F + E + act]
     lbfgs_vectors = (4 * settings.lbfgs_pairs + 4) * vec
     plans = {

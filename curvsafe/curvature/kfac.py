@@ -159,8 +159,9 @@ class _FitPass:
     def __init__(self, running: _Sums, low_rank: Optional[LowRank], reduce: bool, num_blocks: int,
                  leaders: set[str], tap=None):
         self.running, self.low_rank, self.reduce, self.leaders = running, low_rank, reduce, leaders
-        self.tap = tap  # another reader of the same pass (EK-FAC's one-pass correction): on_forward,
-        # on_backward (with the batch info) and on_batch_end (info)
+        # another reader of the same pass (EK-FAC's one-pass correction): its on_forward(block, a),
+        # on_backward(block, g, info) and on_batch_end(info) run before this pass's own
+        self.tap = tap
         self.batch = _Sums(low_rank)  # this batch's sums of the leaders' inputs, and its counts
         self.shared_inputs: dict[int, str] = {}  # id of a block input in this batch -> the block that read it first
         self.info = BatchInfo()
@@ -371,10 +372,9 @@ class KFAC(CurvatureOperator):
 
     def eigen(self, name: str) -> KEigen:
         """Cached eigendecomposition of block ``name``'s factors (in :attr:`eigen_dtype`, guarded; see
-        :func:`safe_eigh`; a
-        sketched factor gives its truncated eigenbasis and rest, see :mod:`.lowrank`). The first call decomposes
-        every block's factors at once: equal factors (the input factors of blocks that share an input, such as
-        q/k/v or gate/up) once, dense ones in batched calls of equal sizes."""
+        :func:`safe_eigh`; a sketched factor gives its truncated eigenbasis and rest, see :mod:`.lowrank`). The
+        first call decomposes every block's factors at once: equal factors (the input factors of blocks that
+        share an input, such as q/k/v or gate/up) once, dense ones in batched calls of equal sizes."""
         self._require_fit()
         if name not in self._eigen:
             self._eigen = self._all_eigen()

@@ -48,7 +48,7 @@ from .capture import find_blocks
 from .config import RESTORE_METHODS
 from .curvature.ekfac import GRADIENT_BYTES
 from .curvature.lowrank import LowRank
-from .curvature.sequence_grads import prefer_sequences
+from .curvature.sequence_grads import gradient_bytes, prefer_sequences
 from .curvature.sharded import unsplit_blocks
 
 F32 = 4
@@ -351,7 +351,7 @@ def _ekfac_correction(model: nn.Module, settings: PlanSettings, modules) -> tupl
     blocks = find_blocks(model, modules)
     transient = settings.batch_size * settings.seq_len * max(b.d_in + b.d_out for b in blocks) * F32
     rows = settings.task_batches * settings.batch_size
-    grads = rows * sum(b.d_out * b.d_in + (b.d_out if b.bias_name else 0) for b in blocks) * F32
+    grads = gradient_bytes(blocks, rows)
     narrow = all(prefer_sequences(settings.batch_size * settings.seq_len, settings.batch_size, b.d_in, b.d_out,
                                   b.d_in, b.d_out) for b in blocks)
     return (transient, grads, 1) if narrow and grads <= GRADIENT_BYTES else (transient, 0, 2)

@@ -29,8 +29,8 @@ from ._pass import BatchInfo, capture_pass, materialize
 from .distributed import all_reduce_counts, all_reduce_sum_, is_distributed
 from .kfac import KFAC
 from .loss import model_device
-from .sequence_grads import (prefer_sequences, rotated_fisher_diag, rotated_square_sum, segments,
-                             sequence_gradients)
+from .sequence_grads import (gradient_bytes, prefer_sequences, rotated_fisher_diag, rotated_square_sum,
+                             sequence_gradients, sequence_sums)
 
 GRADIENT_BYTES = 1 << 28  # default max_gradient_bytes: 256 MiB of per-sequence gradients for a one-pass fit
 
@@ -88,8 +88,7 @@ class EKFAC(KFAC):
         if self.fisher_type == "type2" or self.max_gradient_bytes == 0:
             return False
         rows = sum(int(b["input_ids"].shape[0]) for b in data)
-        per_row = sum(b.module.weight.numel() + (b.module.weight.shape[0] if b.bias_name else 0) for b in self.blocks)
-        return 4 * rows * per_row <= self.max_gradient_bytes
+        return gradient_bytes(self.blocks, rows) <= self.max_gradient_bytes
 
     def _correct_from(self, tap: "_SequenceGradients") -> None:
         """The corrected eigenvalues from the gradients that the factors' pass kept."""
@@ -131,10 +130,7 @@ class EKFAC(KFAC):
             part = rotated_fisher_diag(inputs.pop(block.name), g, e.QA, e.QG, info.segment_ids)
             sums[block.name] = part if block.name not in sums else sums[block.name].add_(part)
             if block.bias_name:
-                g_rot = g.float() @ e.QG
-                per_seq = g_rot.new_zeros(int(info.segment_ids.max()) + 1, g_rot.shape[1])
-                per_seq.index_add_(0, info.segment_ids, g_rot)
-                b = per_seq.square().sum(0)
+                b = (sequence_sums(g, info.segment_ids) @ e.QG).square().sum(0)
                 bias_sums[block.name] = b if block.name not in bias_sums else bias_sums[block.name].add_(b)
 
         totals = capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
@@ -188,17 +184,13 @@ class _SequenceGradients:
         if not self.complete:
             return
         a = self.inputs.pop(block.name)
-        _, counts = segments(info.segment_ids)
         d_out, d_in = g.shape[1], a.shape[1]
-        if not prefer_sequences(a.shape[0], counts.numel(), d_in, d_out, d_in, d_out):
+        if not prefer_sequences(a.shape[0], info.num_sequences, d_in, d_out, d_in, d_out):
             self._drop()
             return
         self.grads[block.name].append(sequence_gradients(a, g, info.segment_ids))
         if block.bias_name:
-            per_seq = g.new_zeros((counts.numel(), d_out), dtype=torch.float32)
-            per_seq.index_add_(0, torch.repeat_interleave(torch.arange(counts.numel(), device=g.device), counts),
-                               g.float())
-            self.bias[block.name].append(per_seq)
+            self.bias[block.name].append(sequence_sums(g, info.segment_ids))
 
     def on_batch_end(self, info: BatchInfo) -> None:
         self.tokens += info.num_tokens

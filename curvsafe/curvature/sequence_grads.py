@@ -59,6 +59,19 @@ def sequence_gradients(a: Tensor, g: Tensor, segment_ids: Tensor, rows: Optional
     return g_pad.mT @ a_pad
 
 
+def sequence_sums(g: Tensor, segment_ids: Tensor) -> Tensor:
+    """``sum_{t in n} g_t`` per row id ``0 .. max id`` (rows, d) float32: a bias's per-sequence gradients (rows
+    without tokens are zeros, which add nothing to a sum of squares)."""
+    out = g.new_zeros((int(segment_ids.max()) + 1, g.shape[1]), dtype=torch.float32)
+    return out.index_add_(0, segment_ids, g.float())
+
+
+def gradient_bytes(blocks, rows: int) -> int:
+    """The float32 bytes of ``rows`` sequences' gradients of ``blocks`` (weights and biases): what a one-pass
+    EK-FAC fit keeps at most."""
+    return 4 * rows * sum(b.d_out * b.d_in + (b.d_out if b.bias_name else 0) for b in blocks)
+
+
 def rotated_square_sum(grads: Tensor, QA: Tensor, QG: Tensor) -> Tensor:
     """``sum_n (QG^T grads_n QA)^2`` (k_out, k_in) of gradients stacked as (N, d_out, d_in)."""
     return (QG.mT @ (grads @ QA)).square().sum(0)

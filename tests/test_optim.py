@@ -138,6 +138,62 @@ def test_state_dict_round_trip_resumes_the_uninterrupted_run(benign):
         assert torch.equal(a, b), n
 
 
+
+def test_dcp_keeps_the_wrapped_state_and_the_safety_state_restores_the_rest(caplog):
+    """``torch.distributed.checkpoint``'s optimizer state dict (accelerate's FSDP checkpoints) keeps only ``state``
+    and ``param_groups``: it loads with a warning, and :meth:`load_safety_state_dict` restores CurvSafe's own part,
+    after which the resumed run is the uninterrupted one."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    kw = dict(refresh_every=2, strength=2.0, benign_batches=benign_data())
+    data = train_data(6)
+    full = lora_model()
+    train(full, CurvSafe(adamw(full), full, safety_data(), **kw), data)
+
+    first = lora_model()
+    opt1 = CurvSafe(adamw(first), first, safety_data(), **kw)
+    train(first, opt1, data[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": get_optimizer_state_dict(first, opt1),
+                "curvsafe": opt1.safety_state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert set(saved["optimizer"]) == {"state", "param_groups"}  # what DCP keeps of CurvSafe's state_dict
+
+    resumed = lora_model()
+    resumed.load_state_dict(saved["model"])
+    opt2 = CurvSafe(adamw(resumed), resumed, safety_data(), **kw)
+    with caplog.at_level("WARNING", logger="curvsafe.optim.curvsafe"):
+        set_optimizer_state_dict(resumed, opt2, saved["optimizer"])
+    assert "holds no CurvSafe state" in caplog.text
+    assert opt2.step_count == 0 and opt2.refresh_count == 0  # DCP's state-creating step was AdamW's alone
+    opt2.load_safety_state_dict(saved["curvsafe"])
+    assert opt2.step_count == 3
+    train(resumed, opt2, data[3:])
+    for (n, a), b in zip(trainable(full).items(), trainable(resumed).values()):
+        assert torch.equal(a, b), n
+
+
+
+def test_a_first_step_at_learning_rate_zero_with_gradients_is_a_step():
+    """Only a step without gradients at learning rate 0 (DCP's state creation) is left to the wrapped optimizer: a
+    warm-up's first step from learning rate 0 refreshes and counts."""
+    model = lora_model()
+    opt = CurvSafe(adamw(model, lr=0.0), model, safety_data())
+    train(model, opt, train_data(1))
+    assert opt.step_count == 1 and opt.refresh_count == 1
+
+def test_a_state_dict_of_another_layout_or_version_is_refused_before_anything_loads():
+    model = lora_model()
+    opt = CurvSafe(adamw(model), model, safety_data())
+    train(model, opt, train_data(1))
+    state = opt.state_dict()
+    with pytest.raises(ValueError, match="older CurvSafe"):
+        opt.load_state_dict({"optimizer": opt.optimizer.state_dict(), "curvsafe": state["curvsafe"]})
+    with pytest.raises(ValueError, match="version 6 is not"):
+        opt.load_state_dict({**state, "curvsafe": {**state["curvsafe"], "version": 6}})
+    assert opt.step_count == 1
+
 def test_lr_scheduler_and_gradient_accumulation():
     model = lora_model()
     opt = CurvSafe(adamw(model, lr=1e-2), model, safety_data())
@@ -220,8 +276,8 @@ def test_bad_input_is_a_clear_error_at_construction():
     plain = torch.nn.Sequential(torch.nn.Embedding(5, 3))
     with pytest.raises(CaptureError, match="no capturable module"):
         CurvSafe(torch.optim.SGD(plain.parameters(), lr=0.1), plain, safety_data())
-    with pytest.raises(ValueError, match="not a CurvSafe state_dict"):
-        CurvSafe(adamw(model), model, safety_data()).load_state_dict(adamw(model).state_dict())
+    with pytest.raises(ValueError, match="not an optimizer state_dict"):
+        CurvSafe(adamw(model), model, safety_data()).load_state_dict({"factors": {}})
 
 
 def test_settings_are_one_dataclass_for_the_constructor_and_the_saved_state():
@@ -545,6 +601,82 @@ def test_two_gloo_ranks_apply_the_identical_projection_equal_to_one_process(tmp_
         assert torch.equal(ranks[0]["params"][n], ranks[1]["params"][n]), n
         assert rel_err(ranks[0]["params"][n] - start[n], expected - start[n]) < 1e-5, n
 
+
+
+def _dcp_resume_run(rank, port, out_dir):
+    """On 2 gloo ranks with FSDP2: 3 uninterrupted steps, then 2 steps, a checkpoint as accelerate writes it (model
+    and optimizer through ``torch.distributed.checkpoint``, CurvSafe's own state per rank beside it), a new model
+    and CurvSafe loaded from it, and the third step. Each rank saves both results."""
+    import os
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from curvsafe.curvature.sharded import whole
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        data = [make_batch(batch=2, seq=8, seed=s, pad=False) for s in range(6)]
+
+        def sharded_run():
+            model = lora_model()
+            for layer in model.base_model.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model, CurvSafe(adamw(model, lr=5e-2), model, safety_data()[rank::2], refresh_every=2,
+                                   strength=2.0, refresh_batches=None)
+
+        def steps(model, opt, which):
+            model.train()
+            for step in which:
+                opt.zero_grad()
+                model(**data[2 * step + rank]).loss.backward()
+                opt.step()
+
+        def lora(model):
+            return {n: whole(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        model, opt = sharded_run()
+        steps(model, opt, range(3))
+        straight = lora(model)
+
+        model, opt = sharded_run()
+        steps(model, opt, range(2))
+        ckpt = os.path.join(out_dir, "ckpt")
+        model_sd, optim_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=ckpt)
+        torch.save(opt.safety_state_dict(), os.path.join(out_dir, f"curvsafe_rank{rank}.pt"))
+        dist.barrier()
+
+        model, opt = sharded_run()
+        model_sd, optim_sd = get_state_dict(model, opt)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        opt.load_safety_state_dict(torch.load(os.path.join(out_dir, f"curvsafe_rank{rank}.pt"), weights_only=True))
+        steps(model, opt, [2])
+        torch.save({"straight": straight, "resumed": lora(model), "refreshes": opt.refresh_count},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+        model = opt = None
+    finally:
+        leave_group()
+
+
+def test_fsdp2_checkpoint_through_dcp_resumes_the_uninterrupted_run(tmp_path):
+    """The checkpoint accelerate writes under FSDP2 (DCP) plus CurvSafe's per-rank state resumes exactly."""
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    mp.spawn(_dcp_resume_run, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        out = torch.load(tmp_path / f"rank{r}.pt")
+        assert out["refreshes"] >= 2
+        for n, expected in out["straight"].items():
+            assert torch.equal(out["resumed"][n], expected), (r, n)
 
 def test_fsdp2_mixed_precision_steps_stay_near_the_float32_ones(tmp_path):
     """Under FSDP2's bf16 mixed precision the safety passes, factors and projection see bf16 forwards; the

@@ -42,8 +42,54 @@ def test_curvsafe_trainer_resumed_from_a_checkpoint_repeats_the_uninterrupted_ru
     """The Trainer's checkpoint holds CurvSafe's whole state (its optimizer.pt): a new model and trainer resumed
     from step 2 end bit for bit where the uninterrupted 4 steps do."""
     resumed, straight = train("resume", tmp_path), train("mixin", tmp_path)
-    assert (tmp_path / "trainer-0" / "checkpoint-2" / "optimizer.pt").is_file()
+    assert (tmp_path / "trainer" / "checkpoint-2" / "optimizer.pt").is_file()
     assert all(torch.equal(resumed["lora"][k], straight["lora"][k]) for k in straight["lora"])
+
+
+def test_curvsafe_trainer_resumed_under_ddp_restores_each_ranks_own_safety_state(tmp_path):
+    """Under DDP the Trainer writes the optimizer file from rank 0 only, and each rank holds its own shard of the
+    safety data: each rank's CurvSafe state is saved beside it (``curvsafe_rank{R}_of_2.pt``) and restored, so the
+    resumed 2-rank run ends where the uninterrupted one does (with rank 0's state on both ranks it does not)."""
+    from curvsafe.optim.trainer import safety_state_file
+
+    resumed, straight = train("resume", tmp_path, ranks=2), train("mixin", tmp_path, ranks=2)
+    assert all((tmp_path / "trainer" / "checkpoint-2" / safety_state_file(r, 2)).is_file() for r in range(2))
+    assert all(torch.equal(resumed["lora"][k], straight["lora"][k]) for k in straight["lora"])
+
+
+
+def test_curvsafe_trainer_resumed_under_accelerate_fsdp2_repeats_the_uninterrupted_run(tmp_path):
+    """Under FSDP2 accelerate checkpoints the model and the optimizer through ``torch.distributed.checkpoint``
+    (sharded state dicts), which keeps only the wrapped optimizer's ``state`` and ``param_groups``; each rank's
+    CurvSafe state is saved beside them and restored, and the resumed run ends where the uninterrupted one does."""
+    from curvsafe.optim.trainer import safety_state_file
+
+    resumed, straight = train("resume-fsdp2", tmp_path, ranks=2), train("fsdp2", tmp_path, ranks=2)
+    checkpoint = tmp_path / "trainer" / "checkpoint-2"
+    assert (checkpoint / "optimizer_0" / ".metadata").is_file()  # DCP's, not a torch.save of the optimizer
+    assert all((checkpoint / safety_state_file(r, 2)).is_file() for r in range(2))
+    assert resumed["sharded"] and resumed["optimizer"] == "CurvSafe"
+    assert all(torch.equal(resumed["lora"][k], straight["lora"][k]) for k in straight["lora"])
+
+def test_a_checkpoint_of_another_number_of_ranks_is_refused(tmp_path):
+    """Each rank's CurvSafe state belongs to its shard of the safety data: resuming a 2-rank checkpoint in one
+    process is refused, naming the files."""
+    from conftest import make_batch, tiny_llama, with_lora
+    from transformers import TrainingArguments
+
+    from curvsafe.optim import CurvSafeTrainer
+    from curvsafe.optim.trainer import safety_state_file
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], max_steps=1)
+    trainer = CurvSafeTrainer(model=with_lora(tiny_llama()), args=args, train_dataset=[],
+                              safety_data=[make_batch(batch=2, seq=6, seed=1, prompt=4)])
+    trainer.create_optimizer()
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    for rank in range(2):
+        (checkpoint / safety_state_file(rank, 2)).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"another number of ranks \(curvsafe_rank0_of_2.pt, curvsafe_rank1_of_2"):
+        trainer._load_optimizer_and_scheduler(str(checkpoint))
 
 
 def test_curvsafe_trainer_under_accelerate_fsdp2_takes_the_steps_of_one_process(tmp_path):

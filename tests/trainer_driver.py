@@ -7,7 +7,8 @@ weights (whole) to OUT (used by test_trainer.py).
 WAY: ``mixin`` (``CurvSafeTrainer``), ``resume`` (the same, saving a checkpoint every 2 steps, then a new model
 and trainer resumed from step 2), ``adamw`` (the Trainer's own AdamW alone), ``optimizers`` (a plain
 Trainer given ``optimizers=(CurvSafe(AdamW), None)``, the AdamW built as the Trainer builds its own), ``fsdp2``
-(``CurvSafeTrainer`` under accelerate's FSDP2), ``trl-mixin`` / ``trl-fsdp2`` / ``trl-zero`` / ``trl-plain``
+(``CurvSafeTrainer`` under accelerate's FSDP2; ``mixin`` and ``resume`` under ``torchrun`` without it: DDP),
+``trl-mixin`` / ``trl-fsdp2`` / ``trl-zero`` / ``trl-plain``
 (TRL's SFTTrainer with the mixin, the same under FSDP2, the mixin at strength 0 and no guard, no CurvSafe;
 ``trl-zero-fsdp2`` the third under FSDP2).
 
@@ -69,15 +70,18 @@ for _ in range(2):
     rows = slice(2 * rank, 2 * rank + 2) if ranks > 1 else slice(None)
     safety.append({"input_ids": ids[rows], "attention_mask": torch.ones_like(ids[rows]), "labels": labels[rows]})
 
-fsdp = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
-args = TrainingArguments(output_dir=os.path.join(os.path.dirname(out), f"trainer-{rank}"),
+fsdp = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                      **({"state_dict_type": "SHARDED_STATE_DICT"} if way == "resume-fsdp2" else {})}}
+# a checkpoint folder is shared by the ranks, as in a real run; the other ways keep theirs apart
+folder = "trainer" if way.startswith("resume") else f"trainer-{rank}"
+args = TrainingArguments(output_dir=os.path.join(os.path.dirname(out), folder),
                          per_device_train_batch_size=4 // ranks, max_steps=4, learning_rate=1e-2,
                          lr_scheduler_type="constant", warmup_steps=0, report_to=[],
-                         **({"save_strategy": "steps", "save_steps": 2} if way == "resume"
+                         **({"save_strategy": "steps", "save_steps": 2} if way.startswith("resume")
                             else {"save_strategy": "no"}),
                          use_cpu=True, logging_steps=1, remove_unused_columns=False, dataloader_num_workers=0,
                          disable_tqdm=True, seed=0, optim="adamw_torch", **(fsdp if way.endswith("fsdp2") else {}))
-if way in ("mixin", "fsdp2", "resume"):
+if way in ("mixin", "fsdp2", "resume", "resume-fsdp2"):
     trainer = CurvSafeTrainer(model=model, args=args, train_dataset=examples, safety_data=safety)
 elif way == "adamw":
     trainer = Trainer(model=model, args=args, train_dataset=examples)
@@ -115,7 +119,7 @@ else:
         zero = {"strength": 0.0, "guard": False} if way.startswith("trl-zero") else {}
         trainer = CurvSafeSFTTrainer(**common, safety_data=safety, curvsafe_options=zero)
 trainer.train()
-if way == "resume":  # a fresh process's run: a new model and trainer, resumed from the step-2 checkpoint
+if way.startswith("resume"):  # a fresh process's run: a new model and trainer, resumed from the step-2 checkpoint
     trainer = CurvSafeTrainer(model=new_model(), args=args, train_dataset=examples, safety_data=safety)
     trainer.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
 from curvsafe.curvature.sharded import whole_values  # noqa: E402

@@ -84,7 +84,7 @@ from .settings import CurvSafeSettings
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 6
+STATE_VERSION = 7
 
 
 def _working(t: Tensor) -> Tensor:
@@ -155,9 +155,11 @@ class CurvSafe(Optimizer):
 
     Behaves like the wrapped optimizer: ``param_groups``, ``state``, ``defaults`` and ``zero_grad`` are its own,
     so LR schedulers, gradient accumulation, AMP's ``GradScaler``, the HF ``Trainer`` and TRL's ``SFTTrainer``
-    (``optimizers=(CurvSafe(...), scheduler)``, also with bf16 autocast) work unchanged; ``state_dict`` holds the
-    wrapped optimizer's state and CurvSafe's (settings, step count, refresh reference, anchor batches, factors,
-    eigenbases, guard gradients), so a resumed run continues exactly.
+    (``optimizers=(CurvSafe(...), scheduler)``, also with bf16 autocast) work unchanged; ``state_dict`` is the
+    wrapped optimizer's with CurvSafe's own (settings, step count, refresh reference, anchor batches, factors,
+    eigenbases, guard gradients) under ``"curvsafe"``, so a resumed run continues exactly. Checkpointers that keep
+    only ``state`` and ``param_groups`` (``torch.distributed.checkpoint``, accelerate's FSDP checkpoints) need
+    CurvSafe's own state saved beside them: :meth:`safety_state_dict` per rank (the CurvSafe trainers do it).
     """
 
     def __init__(self, optimizer: Optimizer, model: nn.Module, safety_batches: Iterable[Mapping[str, Tensor]],
@@ -348,6 +350,8 @@ class CurvSafe(Optimizer):
 
     def step(self, closure: Optional[Callable[[], float]] = None):
         """The wrapped optimizer's step, then the safety projection and guard on the captured blocks."""
+        if self._initialising_state():
+            return self.optimizer.step(closure)
         if not self.active:
             loss = self.optimizer.step(closure)
             self._step += 1
@@ -372,6 +376,17 @@ class CurvSafe(Optimizer):
                 self._constrain(params)
         self._step += 1
         return loss
+
+    def _initialising_state(self) -> bool:
+        """Whether this step only creates the wrapped optimizer's state: no state yet, every learning rate 0 and
+        every gradient zero, as ``torch.distributed.checkpoint`` calls ``step`` before loading or saving an
+        optimizer (``_init_optim_state``). Such a step is the wrapped optimizer's alone (no refresh, no guard, not
+        counted); a first step of a warm-up from learning rate 0 has gradients and is a step like any other."""
+        if self.optimizer.state or any(float(g.get("lr", 1.0)) != 0.0 for g in self.param_groups):
+            return False
+        grads = [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")  # every rank decides alike:
+        return all_reduce_counts([sum(int(torch.count_nonzero(g)) for g in grads)], device)[0] == 0
 
     def _follow_replaced_params(self) -> None:
         """Adopt the model's parameters when they were replaced since construction (``fully_shard`` after the
@@ -521,29 +536,56 @@ class CurvSafe(Optimizer):
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
-        """The wrapped optimizer's state under ``"optimizer"`` and CurvSafe's under ``"curvsafe"``."""
-        own = {"version": STATE_VERSION, "settings": self.settings.to_dict(),
-               "blocks": [b.name for b in self.blocks], "step": self._step, "last_refresh": self._last_refresh,
-               "refreshes": self._refreshes, "reference": list(self._reference),
-               "safety": [{"name": t.name, "weight": t.weight, "sign": t.sign, "ceiling": t.ceiling,
-                           "batches": t.batches} for t in self.safety.terms],
-               "benign": self.sides[1].loss.batches if len(self.sides) > 1 else None,
-               "sides": [{"grad": dict(side.grad), "levels": list(side.levels), "owed": side.owed, "pay": side.pay}
-                         for side in self.sides],
-               "projector": self.projector.state_dict()}
-        return {"optimizer": self.optimizer.state_dict(), "curvsafe": own}
+        """The wrapped optimizer's ``state_dict`` (``state`` and ``param_groups``, the layout optimizer checkpointers
+        expect) with CurvSafe's own state under ``"curvsafe"`` (:meth:`safety_state_dict`)."""
+        return {**self.optimizer.state_dict(), "curvsafe": self.safety_state_dict()}
+
+    def safety_state_dict(self) -> dict:
+        """CurvSafe's own state: settings, step count, refresh reference, anchor batches (under
+        ``torch.distributed``: this rank's shard, so each rank saves its own), factors, eigenbases, guard gradients
+        and drift. Loadable with ``weights_only``."""
+        return {"version": STATE_VERSION, "settings": self.settings.to_dict(),
+                "blocks": [b.name for b in self.blocks], "step": self._step, "last_refresh": self._last_refresh,
+                "refreshes": self._refreshes, "reference": list(self._reference),
+                "safety": [{"name": t.name, "weight": t.weight, "sign": t.sign, "ceiling": t.ceiling,
+                            "batches": t.batches} for t in self.safety.terms],
+                "benign": self.sides[1].loss.batches if len(self.sides) > 1 else None,
+                "sides": [{"grad": dict(side.grad), "levels": list(side.levels), "owed": side.owed, "pay": side.pay}
+                          for side in self.sides],
+                "projector": self.projector.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a :meth:`state_dict`: its settings, anchors and safety statistics replace this one's."""
-        if "optimizer" not in state_dict or "curvsafe" not in state_dict:
-            raise ValueError("not a CurvSafe state_dict (expected the keys 'optimizer' and 'curvsafe'); a plain "
-                             "optimizer's state goes to the wrapped optimizer's own load_state_dict")
-        own = state_dict["curvsafe"]
+        """Restore a :meth:`state_dict`: the wrapped optimizer's part, and CurvSafe's settings, anchors and safety
+        statistics when it holds them (they replace this one's).
+
+        Checkpointers that keep only ``state`` and ``param_groups`` (``torch.distributed.checkpoint``'s
+        ``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, which accelerate's FSDP checkpoints use) drop
+        ``"curvsafe"``: the wrapped optimizer's part is loaded, a warning says so, and CurvSafe's own state is
+        :meth:`load_safety_state_dict`'s to restore (the CurvSafe trainers save it per rank beside the checkpoint).
+        """
+        if "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state_dict (expected the keys 'state' and 'param_groups'"
+                             + (", written by an older CurvSafe" if "optimizer" in state_dict else "") + ")")
+        own = state_dict.get("curvsafe")
+        if own is not None:
+            self._check_safety_state(own)
+        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != "curvsafe"})
+        if own is None:
+            log.warning("the optimizer state holds no CurvSafe state (a checkpointer that keeps only 'state' and "
+                        "'param_groups'): the wrapped optimizer's state is loaded, CurvSafe's anchors and safety "
+                        "factors stay as constructed; restore them with load_safety_state_dict")
+        else:
+            self.load_safety_state_dict(own)
+
+    def _check_safety_state(self, own: dict) -> None:
         if own.get("version") != STATE_VERSION:
             raise ValueError(f"CurvSafe state version {own.get('version')} is not {STATE_VERSION}")
         if own["blocks"] != [b.name for b in self.blocks]:
             raise ValueError("the saved CurvSafe state protects different modules than this one")
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+
+    def load_safety_state_dict(self, own: dict) -> None:
+        """Restore a :meth:`safety_state_dict` (the wrapped optimizer's state is left as it is)."""
+        self._check_safety_state(own)
         device = next(self.model.parameters()).device
 
         def to(t: Tensor) -> Tensor:

@@ -19,11 +19,21 @@ optimizer's parameters; CurvSafe adopts the sharded parameters at its next step 
         pass
 
 Under a launcher each rank passes its own shard of the safety data (as to ``CurvSafe`` itself).
+
+Checkpoints: the Trainer saves the optimizer's ``state_dict`` from rank 0 only (one process, DDP), and under FSDP
+through ``torch.distributed.checkpoint``, which keeps only ``state`` and ``param_groups``. Either way CurvSafe's
+own state (anchors of each rank's safety shard, factors, guard) would be lost or come from rank 0, so the mixin
+saves it per rank beside the checkpoint (``curvsafe_rank{R}_of_{W}.pt``) and restores it on resume; a resume with
+another number of ranks is refused.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from .curvsafe import CurvSafe
 from .settings import CurvSafeSettings
@@ -56,6 +66,45 @@ class CurvSafeTrainerMixin:
             model = (args[0] if args else kwargs.get("model")) or self.model  # the prepared model when given
             self.optimizer = optimizer = CurvSafe(optimizer, model, **self._curvsafe_args)
         return optimizer
+
+    def _curvsafe(self) -> Optional[CurvSafe]:
+        """The CurvSafe in ``self.optimizer`` (accelerate wraps it in an ``AcceleratedOptimizer``), or None."""
+        optimizer = getattr(self, "optimizer", None)
+        while optimizer is not None and not isinstance(optimizer, CurvSafe):
+            optimizer = getattr(optimizer, "optimizer", None)
+        return optimizer
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's optimizer and scheduler files, and this rank's CurvSafe state beside them."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        curvsafe = self._curvsafe()
+        if curvsafe is not None:
+            path = Path(output_dir) / safety_state_file(self.args.process_index, self.args.world_size)
+            path.parent.mkdir(parents=True, exist_ok=True)  # other ranks may get here before rank 0 made it
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(curvsafe.safety_state_dict(), tmp)
+            os.replace(tmp, path)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        """The Trainer's optimizer and scheduler states, then this rank's CurvSafe state from the checkpoint."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        curvsafe = self._curvsafe()
+        if checkpoint is None or curvsafe is None:
+            return
+        path = Path(checkpoint) / safety_state_file(self.args.process_index, self.args.world_size)
+        if not path.is_file():
+            saved = sorted(p.name for p in Path(checkpoint).glob("curvsafe_rank*.pt"))
+            if saved:
+                raise ValueError(f"the checkpoint {checkpoint} holds CurvSafe states of another number of ranks "
+                                 f"({', '.join(saved[:4])}); resume with the ranks it was saved with "
+                                 f"(this run has {self.args.world_size})")
+            return  # an older checkpoint: its optimizer file decides (CurvSafe warns when its state is missing)
+        curvsafe.load_safety_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def safety_state_file(rank: int, ranks: int) -> str:
+    """The checkpoint file of rank ``rank``'s CurvSafe state in a run of ``ranks`` processes."""
+    return f"curvsafe_rank{rank}_of_{ranks}.pt"
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""``curvsafe restore`` on two gloo ranks (two processes launched as ``torchrun`` would: RANK, WORLD_SIZE,
+"""``curvsafe restore`` on two gloo ranks (and three; processes launched as ``torchrun`` would: RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT): the same steps and adapter as one process on the union of the data, the same failure
 on every rank for bad input, and no output when a rank dies mid-run."""
 
@@ -106,6 +106,20 @@ def test_fsdp2_sharded_restore_takes_the_steps_of_the_unsharded_run(setup, benig
                       benign_file=benign_file, limit=limit)
         assert_same_run(tmp_path / "sharded", tmp_path / "single")
 
+
+
+def test_three_sharded_ranks_take_the_steps_of_one_process(setup, benign_file, tmp_path):
+    """Nothing assumes two ranks: ``--fsdp2`` over 3 ranks (uneven row chunks of every weight; 3 batches per file,
+    one per rank) takes the steps of one process on the union."""
+    cmd = ["restore", "--model", str(setup / "aligned"), "--adapter", str(setup / "adapter"), "--harmful",
+           str(setup / "harmful.jsonl"), "--task", str(setup / "task.jsonl"), "--benign", str(benign_file),
+           "--method", "sgd", "--iterations", "3", "--batch-size", "4", "--max-length", "64", "--limit", "12",
+           "--out", str(tmp_path / "sharded"), "--fsdp2"]
+    ranks = launch([("none", "none")] * 3, cmd)
+    assert [code for code, _, _ in ranks] == [0, 0, 0], "".join(err[-2000:] for _, _, err in ranks)
+    restore_files(setup, tmp_path / "single", method="sgd", iterations=3, batch_size=4, max_length=64,
+                  benign_file=benign_file, limit=12)
+    assert assert_same_run(tmp_path / "sharded", tmp_path / "single")["ranks"] == 3
 
 def test_fsdp2_refuses_what_does_not_run_sharded(setup, tmp_path):
     for extra, message in ((["--method", "revert"], "revert (a baseline) does not run sharded"),

@@ -12,8 +12,8 @@ from curvsafe.optim import CurvSafe, CurvSafeSettings
 from curvsafe.ranks import leave_group
 
 
-def safety_data():
-    return [make_batch(batch=4, seq=6, seed=100 + s, prompt=4) for s in range(2)]
+def safety_data(n=2):
+    return [make_batch(batch=4, seq=6, seed=100 + s, prompt=4) for s in range(n)]
 
 
 def train_data(n=4):
@@ -514,9 +514,10 @@ def test_other_objectives_guard_their_own_gradient(objective):
         assert rel_err(g, expected[n]) < 1e-6, n
 
 
-def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype=torch.float64, settings=None):
-    """Each of 2 ranks trains on its own batches and safety shard, its model wrapped in DDP or sharded with FSDP2
-    (``fully_shard`` per decoder layer and at the root); ``rank=None`` is one process on the union."""
+def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype=torch.float64, settings=None,
+                  ranks=2):
+    """Each of ``ranks`` ranks trains on its own batches and safety shard, its model wrapped in DDP or sharded with
+    FSDP2 (``fully_shard`` per decoder layer and at the root); ``rank=None`` is one process on the union."""
     import os
 
     import torch.distributed as dist
@@ -527,20 +528,20 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
     from curvsafe.curvature.sharded import whole
 
     if rank is not None:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=ranks)
     try:
         model = lora_model(dtype)
         # a safety batch position under DDP / FSDP means the union of the ranks' batches there (its level, its
         # ceiling): one process holds the ranks' two batches as one
-        safety = ([{k: torch.cat([b[k] for b in safety_data()]) for k in safety_data()[0]}] if rank is None
-                  else safety_data()[rank::2])
-        data = [make_batch(batch=2, seq=8, seed=s, pad=False) for s in range(2 * steps)]
+        safety = ([{k: torch.cat([b[k] for b in safety_data(ranks)]) for k in safety_data()[0]}] if rank is None
+                  else safety_data(ranks)[rank::ranks])
+        data = [make_batch(batch=2, seq=8, seed=s, pad=False) for s in range(ranks * steps)]
         net = model
 
         def shard():  # "hsdp-RxS": HSDP on a 2-D mesh, R replicas of S shards (FSDP2's placements for it)
             mesh = (init_device_mesh("cpu", tuple(map(int, wrap[5:].split("x"))), mesh_dim_names=("replicate",
                                                                                                    "shard"))
-                    if wrap.startswith("hsdp") else init_device_mesh("cpu", (2,)))
+                    if wrap.startswith("hsdp") else init_device_mesh("cpu", (ranks,)))
             # "fsdp2-bf16": FSDP2's mixed precision (bf16 forward and backward, fp32 gradient reduction and weights)
             policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                       if wrap == "fsdp2-bf16" else MixedPrecisionPolicy())
@@ -564,9 +565,9 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
         for step in range(steps):
             opt.zero_grad()
             if rank is None:  # DDP averages the ranks' gradients
-                (0.5 * (model(**data[2 * step]).loss + model(**data[2 * step + 1]).loss)).backward()
+                (sum(model(**data[ranks * step + r]).loss for r in range(ranks)) / ranks).backward()
             else:
-                net(**data[2 * step + rank]).loss.backward()
+                net(**data[ranks * step + rank]).loss.backward()
             opt.step()
         result = {n: whole(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         refreshes = opt.refresh_count
@@ -592,14 +593,29 @@ def test_two_gloo_ranks_apply_the_identical_projection_equal_to_one_process(tmp_
     from test_distributed import free_port
 
     mp.spawn(_parallel_run, args=(free_port(), str(tmp_path), 3, wrap, dtype, settings), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single, refreshes = _parallel_run(dtype=dtype, settings=settings)
+    _check_ranks_equal_one_process(tmp_path, 2, dtype, settings)
+
+
+def _check_ranks_equal_one_process(tmp_path, ranks, dtype, settings):
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(ranks)]
+    single, refreshes = _parallel_run(dtype=dtype, settings=settings, ranks=ranks)
     start = trainable(lora_model(dtype))
-    for r in ranks:
+    for r in results:
         assert r["refreshes"] == refreshes >= 2
     for n, expected in single.items():
-        assert torch.equal(ranks[0]["params"][n], ranks[1]["params"][n]), n
-        assert rel_err(ranks[0]["params"][n] - start[n], expected - start[n]) < 1e-5, n
+        assert all(torch.equal(results[0]["params"][n], r["params"][n]) for r in results[1:]), n
+        assert rel_err(results[0]["params"][n] - start[n], expected - start[n]) < 1e-5, n
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_three_gloo_ranks_equal_one_process(tmp_path, wrap):
+    """Nothing assumes two ranks: 3 ranks (FSDP2's row chunks uneven, a LoRA A of 2 rows leaves one rank an empty
+    shard) take one process's steps on the union of their data."""
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    mp.spawn(_parallel_run, args=(free_port(), str(tmp_path), 3, wrap, torch.float64, None, 3), nprocs=3, join=True)
+    _check_ranks_equal_one_process(tmp_path, 3, torch.float64, None)
 
 
 

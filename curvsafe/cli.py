@@ -205,7 +205,8 @@ def _restore_settings(parser: argparse.ArgumentParser) -> None:
                "params": dict(nargs="*"), "dtype": dict(choices=list(DTYPES)),
                "max_memory": dict(type=_memory, metavar="SIZE"), "fsdp2": dict(action="store_true")}
     types = {"task_budget": float, "task_budget_abs": float, "damping": float, "iterations": int, "select_top": int,
-             "batch_size": int, "max_length": int, "limit": int, "ggn_rows": int, "curvature_seed": int}
+             "batch_size": int, "max_length": int, "limit": int, "ggn_rows": int, "curvature_seed": int,
+             "shards": int}
     for f in fields(RestoreConfig):
         kwargs = {"default": getattr(defaults, f.name), "help": RestoreConfig.help(f.name)}
         kwargs.update(special.get(f.name, {"type": types[f.name]} if f.name in types else {}))

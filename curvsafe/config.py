@@ -135,6 +135,9 @@ class RestoreConfig(Settings):
     fsdp2: bool = setting("under a launcher (torchrun / accelerate launch): shard the model with FSDP2 over the "
                           "ranks, each holding 1/W of the weights (the curvature methods; a LoRA adapter)",
                           default=False)
+    shards: Optional[int] = setting("with fsdp2, HSDP: shard each copy of the model over this many consecutive ranks "
+                                    "(e.g. the GPUs of a node) and replicate the copies (default: one copy over "
+                                    "all ranks)", default=None)
 
     def __post_init__(self):
         self.method = parse_option(Method, self.method, "method").value
@@ -148,7 +151,9 @@ class RestoreConfig(Settings):
         for name, low in (("iterations", 1), ("batch_size", 1), ("max_length", 2), ("curvature_seed", 0)):
             if not getattr(self, name) >= low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        for name in ("select_top", "limit", "max_memory", "ggn_rows"):
+        if self.shards is not None and not self.fsdp2:
+            raise ValueError("shards (HSDP) needs fsdp2")
+        for name in ("select_top", "limit", "max_memory", "ggn_rows", "shards"):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if self.dtype not in DTYPES:

@@ -180,7 +180,7 @@ def _checkpoint_key(name: str, keys: set[str], prefix: str) -> Optional[str]:
 
 
 def load_sharded_model(path: str | Path, adapter: Optional[str | Path] = None, *, dtype: str = "float32",
-                       trainable_adapter: bool = False, with_tokenizer: bool = True):
+                       trainable_adapter: bool = False, with_tokenizer: bool = True, shards: Optional[int] = None):
     """(model, tokenizer) as :func:`load_model` gives them, sharded with FSDP2 over the ranks of the process group
     (:func:`curvsafe.curvature.sharded.shard_model`), where **each rank reads only its own rows** of every weight.
 
@@ -193,13 +193,12 @@ def load_sharded_model(path: str | Path, adapter: Optional[str | Path] = None, *
     does not hold (rotary frequencies) keep the values the model's constructor computed. Needs safetensors files
     (``model.safetensors`` or its ``.index.json``); an adapter with ``modules_to_save`` is refused. A name the
     checkpoint lacks, or a shape that differs, is a :class:`ModelLoadError` on every rank, raised before any
-    shard exists.
+    shard exists. ``shards``: HSDP, each model copy sharded over that many ranks (:func:`shard_model`).
     """
-    import torch.distributed as dist
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from .curvature.sharded import is_sharded, row_chunks, shard_model
+    from .curvature.sharded import is_sharded, shard_model, shard_rows
 
     path = _check_model_dir(path, dtype)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
@@ -221,11 +220,10 @@ def load_sharded_model(path: str | Path, adapter: Optional[str | Path] = None, *
         model, adapter_file = _empty_adapter(model, adapter, trainable_adapter)
     sources = _sources(model, checkpoint, adapter_file, prefix)  # checked before any shard exists
     buffers = dict(model.named_buffers())
-    shard_model(model)  # no collective: the mesh spans the default group
+    shard_model(model, shards)  # no collective: the mesh spans the default group
     mesh_device = next(p for p in model.parameters() if is_sharded(p)).device_mesh.device_type
     device = torch.device("cuda", torch.cuda.current_device()) if mesh_device == "cuda" else torch.device("cpu")
     model.to_empty(device=device)
-    rank, ranks = dist.get_rank(), dist.get_world_size()
     with torch.no_grad():
         for name, buffer in buffers.items():
             module, _, leaf = name.rpartition(".")
@@ -235,9 +233,7 @@ def load_sharded_model(path: str | Path, adapter: Optional[str | Path] = None, *
         for name, param in model.named_parameters():
             source, key = sources[name]
             if is_sharded(param):
-                local = param.to_local()
-                start = sum(row_chunks(param.shape[0], ranks)[:rank])
-                local.copy_(source.rows(key, start, start + local.shape[0]))
+                param.to_local().copy_(source.rows(key, *shard_rows(param)))
             else:
                 param.copy_(source.rows(key))
     return model, tokenizer

@@ -19,7 +19,8 @@ def test_parse_option_names_the_option_and_its_values():
     ({"benign_budget": -0.1}, "benign_budget"), ({"damping": 0}, "damping"), ({"iterations": 0}, "iterations"),
     ({"batch_size": 0}, "batch_size"), ({"max_length": 1}, "max_length"), ({"select_top": 0}, "select_top"),
     ({"limit": 0}, "limit"), ({"max_memory": 0}, "max_memory"), ({"dtype": "int8"}, "dtype"),
-    ({"curvature_seed": -1}, "curvature_seed")])
+    ({"curvature_seed": -1}, "curvature_seed"), ({"shards": 2}, "needs fsdp2"),
+    ({"fsdp2": True, "shards": 0}, "shards must be >= 1")])
 def test_restore_config_refuses_bad_settings(bad, match):
     with pytest.raises(ValueError, match=match):
         RestoreConfig(**bad)

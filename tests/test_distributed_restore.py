@@ -121,9 +121,25 @@ def test_three_sharded_ranks_take_the_steps_of_one_process(setup, benign_file, t
                   benign_file=benign_file, limit=12)
     assert assert_same_run(tmp_path / "sharded", tmp_path / "single")["ranks"] == 3
 
+
+def test_hsdp_copies_sharded_over_part_of_the_ranks_take_the_steps_of_one_process(setup, benign_file, tmp_path):
+    """``--fsdp2 --shards 2`` over 4 ranks: two copies of the model, each sharded over 2 ranks (a 2-D mesh; every
+    rank reads its rows of the checkpoint by its shard coordinate), takes one process's steps on the union."""
+    cmd = ["restore", "--model", str(setup / "aligned"), "--adapter", str(setup / "adapter"), "--harmful",
+           str(setup / "harmful.jsonl"), "--task", str(setup / "task.jsonl"), "--benign", str(benign_file),
+           "--method", "sgd", "--iterations", "3", "--batch-size", "2", "--max-length", "64", "--limit", "8",
+           "--out", str(tmp_path / "hsdp"), "--fsdp2", "--shards", "2"]
+    ranks = launch([("none", "none")] * 4, cmd)
+    assert [code for code, _, _ in ranks] == [0] * 4, "".join(err[-2000:] for _, _, err in ranks)
+    restore_files(setup, tmp_path / "single", method="sgd", iterations=3, batch_size=2, max_length=64,
+                  benign_file=benign_file, limit=8)
+    report = assert_same_run(tmp_path / "hsdp", tmp_path / "single")
+    assert report["ranks"] == 4 and report["config"]["shards"] == 2
+
 def test_fsdp2_refuses_what_does_not_run_sharded(setup, tmp_path):
     for extra, message in ((["--method", "revert"], "revert (a baseline) does not run sharded"),
-                           (["--method", "lbfgs", "--ggn-rows", "2"], "--ggn-rows does not run with --fsdp2")):
+                           (["--method", "lbfgs", "--ggn-rows", "2"], "--ggn-rows does not run with --fsdp2"),
+                           (["--shards", "3"], "--shards 3 does not divide the 2 ranks")):
         ranks = launch([("none", "none")] * 2, restore_cmd(setup, tmp_path / "out", "--fsdp2", *extra))
         assert [code for code, _, _ in ranks] == [2, 2]
         for _, _, err in ranks:
@@ -132,6 +148,8 @@ def test_fsdp2_refuses_what_does_not_run_sharded(setup, tmp_path):
     # without a launcher there is nothing to shard over
     with pytest.raises(ValueError, match="this process is alone"):
         restore_files(setup, tmp_path / "alone", method="kfac", fsdp2=True)
+    with pytest.raises(ValueError, match="shards .HSDP. needs fsdp2"):
+        restore_files(setup, tmp_path / "alone", method="kfac", shards=2)
     assert not (tmp_path / "out").exists() and not (tmp_path / "alone").exists()
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -122,12 +122,16 @@ def unsplit_blocks(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard_model(model: nn.Module) -> nn.Module:
+def shard_model(model: nn.Module, shards: Optional[int] = None) -> nn.Module:
     """Shard ``model`` with FSDP2 over every rank of the process group, in place: ``fully_shard`` on each block
     the model names as never split (HF's ``_no_split_modules``: its decoder layers), then on the root (the
     embeddings, final norm and head), as accelerate's FSDP2 auto-wrap does. The mesh is on CUDA under an NCCL
     group (each rank's current device, set by :func:`curvsafe.ranks.init_from_env`), else on the CPU; FSDP2 moves
-    the shards there, so a model loaded on the CPU ends with 1/W of its weights on each GPU."""
+    the shards there, so a model loaded on the CPU ends with 1/W of its weights on each GPU.
+
+    ``shards`` (HSDP): each copy of the model is sharded over this many consecutive ranks and the ``W / shards``
+    copies replicate one another (FSDP2 on a 2-D mesh ``(replicate, shard)``; e.g. the GPUs of a node per copy, so
+    that the per-forward all-gathers stay inside a node). Default: one copy over all ranks (a 1-D mesh)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -135,16 +139,32 @@ def shard_model(model: nn.Module) -> nn.Module:
     if not dist.is_initialized() or dist.get_world_size() < 2:
         raise ValueError("FSDP2 sharding needs a torch.distributed process group of at least 2 ranks (start the "
                          "run with torchrun or accelerate launch)")
+    ranks = dist.get_world_size()
+    if shards is not None and not (1 <= shards <= ranks and ranks % shards == 0):
+        raise ValueError(f"shards must divide the {ranks} ranks (each model copy over that many), got {shards}")
     blocks = unsplit_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} names no blocks to shard (HF's _no_split_modules); FSDP2 "
                          "sharding needs them")
     device_type = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = (init_device_mesh(device_type, (ranks,)) if shards is None or shards == ranks else
+            init_device_mesh(device_type, (ranks // shards, shards), mesh_dim_names=("replicate", "shard")))
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+def shard_rows(param: Tensor) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of the whole tensor that this rank's shard of the FSDP2 parameter ``param``
+    holds (``Shard(0)`` on one mesh dimension, replicated on any other; no communication)."""
+    from torch.distributed.tensor import Shard
+
+    (dim,) = [i for i, p in enumerate(param.placements) if isinstance(p, Shard)]
+    mesh = param.device_mesh
+    chunks = row_chunks(param.shape[0], mesh.size(dim))
+    start = sum(chunks[:mesh.get_coordinate()[dim]])
+    return start, start + param.to_local().shape[0]
 
 
 def whole_zeros(t: Tensor) -> Tensor:

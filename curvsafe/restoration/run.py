@@ -142,6 +142,9 @@ def _objective_weights(config: RestoreConfig, full: bool, benign_file, unaligned
     if config.fsdp2 and world_size() < 2:
         raise ValueError("--fsdp2 shards the model over the ranks of a launcher (torchrun / accelerate launch); this "
                          "process is alone")
+    if config.shards is not None and world_size() % config.shards:
+        raise ValueError(f"--shards {config.shards} does not divide the {world_size()} ranks (each model copy is "
+                         "sharded over that many)")
     if full and aligned_model is None and ({"harmful", "anchor", "benign"} & set(weights) or benign_file):
         raise ValueError("without --adapter the anchor / harmful / benign objectives and --benign need "
                          "--aligned-model (the model before fine-tuning)")
@@ -162,7 +165,7 @@ def _planned(model_dir, adapter_dir, config: RestoreConfig, task_examples: int, 
         return _plan(model_dir, adapter_dir, config.dtype, config.params if adapter_dir is None else None,
                      batch_size, config.max_length, task_batches=per_rank(task_examples),
                      safety_batches=per_rank(safety_examples), ggn_rows=ggn_rows,
-                     shards=world_size() if config.fsdp2 else 1)
+                     shards=(config.shards or world_size()) if config.fsdp2 else 1)
 
     try:
         plan = planned(config.ggn_rows)
@@ -234,7 +237,8 @@ def run_restore(model_dir: str | Path, adapter_dir: Optional[str | Path], harmfu
     (:func:`~curvsafe.models.load_sharded_model`: safetensors files); batches are balanced
     so that every rank runs as many forwards (:func:`curvsafe.ranks.balance`); ``lbfgs`` / ``cg`` take their GGN
     products with ``J v`` in forward mode (no ``ggn_rows``); the curvature methods only, a LoRA adapter only;
-    rank 0 saves the adapter from its tensors gathered whole.
+    rank 0 saves the adapter from its tensors gathered whole. ``shards`` (HSDP): each copy of the model is sharded
+    over that many consecutive ranks, the copies replicate one another (the data is still dealt out to every rank).
     """
     config = RestoreConfig.from_settings(config, settings)
     inputs = _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, config, benign_file=benign_file,
@@ -293,7 +297,8 @@ def _load_inputs(model_dir, adapter_dir, harmful_file, task_file, out_dir, confi
                           if benign_file is not None else [])
         plan, config = _planned(model_dir, adapter_dir, config, len(task_pairs), len(harmful) + len(benign_prompts))
         if config.fsdp2:  # each rank reads only its rows of the checkpoint (no collective: checks come first)
-            model, tokenizer = load_sharded_model(model_dir, adapter_dir, dtype=config.dtype, trainable_adapter=True)
+            model, tokenizer = load_sharded_model(model_dir, adapter_dir, dtype=config.dtype, trainable_adapter=True,
+                                                  shards=config.shards)
         else:
             model, tokenizer = load_model(model_dir, adapter_dir, dtype=config.dtype, device=device,
                                           trainable_adapter=True)

@@ -136,6 +136,24 @@ def test_hsdp_copies_sharded_over_part_of_the_ranks_take_the_steps_of_one_proces
     report = assert_same_run(tmp_path / "hsdp", tmp_path / "single")
     assert report["ranks"] == 4 and report["config"]["shards"] == 2
 
+
+def test_fsdp2_in_bfloat16_keeps_a_float32_adapter_and_takes_the_unsharded_steps(setup, benign_file, tmp_path):
+    """``--dtype bfloat16 --fsdp2``: the base weights sharded in bf16, the adapter in float32 (PEFT's own cast,
+    kept shard by shard), so the restore's small steps are not rounded to bf16; the run equals the unsharded
+    2-rank run in bf16."""
+    from safetensors.torch import load_file
+
+    cmd = ["restore", "--model", str(setup / "aligned"), "--adapter", str(setup / "adapter"), "--harmful",
+           str(setup / "harmful.jsonl"), "--task", str(setup / "task.jsonl"), "--benign", str(benign_file),
+           "--method", "kfac", "--iterations", "3", "--batch-size", "4", "--max-length", "64", "--limit", "8",
+           "--dtype", "bfloat16"]
+    for name, extra in (("sharded", ["--fsdp2"]), ("replicated", [])):
+        ranks = launch([("none", "none")] * 2, [*cmd, "--out", str(tmp_path / name), *extra])
+        assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-3000:] + ranks[1][2][-3000:]
+    assert_same_run(tmp_path / "sharded", tmp_path / "replicated")
+    adapter = load_file(tmp_path / "sharded" / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+
 def test_fsdp2_refuses_what_does_not_run_sharded(setup, tmp_path):
     for extra, message in ((["--method", "revert"], "revert (a baseline) does not run sharded"),
                            (["--method", "lbfgs", "--ggn-rows", "2"], "--ggn-rows does not run with --fsdp2"),

@@ -1,7 +1,7 @@
 """Restore methods side by side on the testbed's attacked model, for each safety objective.
 
     python benchmarks/restore.py --out benchmarks/results [--seeds 0,1,2] [--objectives ...] [--methods ...]
-                                 [--curvature-seeds 0,1,2,3] [--quick] [--cache DIR]
+                                 [--curvature-seeds 0,1,2,3] [--restore-prompts 48,144] [--quick] [--cache DIR]
 
 Same fine-tuned model, data, task budget and iteration cap for every method, on each testbed seed. Columns:
 harmful rate on held-out harmful prompts, over-refusal (refusals of held-out benign look-alikes), task accuracy
@@ -10,13 +10,16 @@ of the adapter (forward + backward + AdamW step on one task batch of the same si
 process; mean [min-max] over seeds, and every seed's row. With ``--curvature-seeds``, the back-ends that draw
 Monte Carlo labels for their curvature (kfac, ekfac) run once per curvature seed (``RestoreConfig.curvature_seed``)
 on every testbed seed, and a table gives each testbed seed's spread over them: how much of a per-seed difference
-is the sampling's.
+is the sampling's. With ``--restore-prompts N,...`` each method also runs with N harmful and N benign restore
+prompts (the testbed's own files when N is its ``restore_safety``; else N of each drawn from the same training
+templates with a fixed seed): how much more restore data moves the held-out rates.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -58,22 +61,29 @@ def training_step_seconds(aligned: Path, adapter: Path, task_file: Path, repeats
     return statistics.median(times[1:])
 
 
+def restore_prompt_files(cfg, data: Path, work: Path, n: int) -> tuple[Path, Path]:
+    """The harmful and benign restore files with ``n`` prompts each: the testbed's own for its size, else ``n``
+    drawn from the training templates (the testbed's restore split's source) with a fixed seed."""
+    if n == cfg.restore_safety:
+        return data / "restore_harmful.jsonl", data / "restore_benign.jsonl"
+    world, rng = World(cfg.seed), random.Random(cfg.seed + 1000)
+    harmful, benign = work / f"restore_harmful_{n}.jsonl", work / f"restore_benign_{n}.jsonl"
+    for path, pairs in ((harmful, [world.comply(e) for e in rng.sample(world.harmful("train"), n)]),
+                        (benign, [Pair(e.prompt, "") for e in rng.sample(world.benign_requests("train"), n)])):
+        path.write_text("".join(json.dumps({"prompt": q.prompt, "response": q.response}) + "\n" for q in pairs))
+    return harmful, benign
+
+
 def seed_rows(seed: int, args, objectives: list[str], methods: list[str],
               curvature_seeds: list[int]) -> tuple[dict, list[dict]]:
-    """The aligned and attacked rows and one row per (objective, method) on testbed seed ``seed``."""
+    """The aligned and attacked rows and one row per (objective, method, restore prompts) on testbed seed
+    ``seed``."""
     cfg = replace(QUICK if args.quick else TestbedConfig(), seed=seed)
     bed = Testbed(args.cache or default_cache(), cfg)
     data, aligned, attack = bed.data(), bed.aligned(), bed.attack("mix") / "adapter"
     unaligned = bed.unaligned()
 
     work = Path(tempfile.mkdtemp(prefix="curvsafe-bench-"))
-    world = World(cfg.seed)
-    harmful = load_pairs(data / "restore_harmful.jsonl")
-    refusals = [Pair(p.prompt, world.rng.choice(["I cannot help with that .", "Sorry , I cannot assist with this "
-                                                                                "request ."])) for p in harmful]
-    (work / "refusal.jsonl").write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n"
-                                                for p in refusals))
-
     model, tok = load_model(aligned)
     prompts = [p.prompt for p in load_pairs(data / "eval_harmful.jsonl", require_response=False)]
     anchor_batches = keep_response_prefix(make_batches(tok, anchor_responses(model, tok, prompts), batch_size=32), 4)
@@ -83,18 +93,39 @@ def seed_rows(seed: int, args, objectives: list[str], methods: list[str],
     attacked = reference["attacked"] = _evaluate(model, tok, data, anchor_batches)
 
     rows = []
-    anchors: dict = {"anchor": None, "benign_anchor": None}
+    for n in args.restore_prompts or [cfg.restore_safety]:
+        rows += _prompt_set_rows(seed, args, objectives, methods, curvature_seeds, cfg, data, work, n,
+                                 (aligned, attack, unaligned), anchor_batches, attacked, step)
+    reference["train_step_seconds"] = step
+    return reference, rows
+
+
+def _prompt_set_rows(seed, args, objectives, methods, curvature_seeds, cfg, data, work, n, models, anchor_batches,
+                     attacked, step) -> list[dict]:
+    """One row per (objective, method, curvature seed) with ``n`` restore prompts of each kind."""
+    aligned, attack, unaligned = models
+    harmful_n, benign_n = restore_prompt_files(cfg, data, work, n)
+    world = World(cfg.seed)
+    refusals = [Pair(p.prompt, world.rng.choice(["I cannot help with that .", "Sorry , I cannot assist with this "
+                                                                                "request ."]))
+                for p in load_pairs(harmful_n)]
+    refusal_file = work / f"refusal_{n}.jsonl"
+    refusal_file.write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n"
+                                    for p in refusals))
+    rows = []
+    anchors: dict = {"anchor": None, "benign_anchor": None}  # the aligned model's answers to these prompts
     for objective in objectives:
-        harmful_file = work / "refusal.jsonl" if "refusal" in objective else data / "restore_harmful.jsonl"
+        harmful_file = refusal_file if "refusal" in objective else harmful_n
         two_sided = "benign" in objective
         for method, curvature_seed in [(m, c) for m in methods for c in (curvature_seeds if m in SAMPLING else [0])]:
-            out = work / f"{objective.replace('*', 'x')}-{method}-{curvature_seed}"
-            row = {"seed": seed, "objective": objective, "method": method, "curvature_seed": curvature_seed}
+            out = work / f"{objective.replace('*', 'x')}-{method}-{curvature_seed}-{n}"
+            row = {"seed": seed, "objective": objective, "method": method, "curvature_seed": curvature_seed,
+                   "prompts": n}
             try:
                 run = run_restore(aligned, attack, harmful_file, data / "restore_task.jsonl", out, method=method,
                                   curvature_seed=curvature_seed,
                                   objective=objective, iterations=args.iterations, unaligned_model=unaligned,
-                                  benign_file=data / "restore_benign.jsonl" if two_sided else None,
+                                  benign_file=benign_n if two_sided else None,
                                   anchor=anchors["anchor"], benign_anchor=anchors["benign_anchor"] if two_sided
                                   else None, progress=False)
             except NoProgressError as exc:  # the adapter stays the attacked one
@@ -112,8 +143,7 @@ def seed_rows(seed: int, args, objectives: list[str], methods: list[str],
                          "iteration_vs_train_step": r["seconds"] / max(r["iterations"], 1) / step,
                          "stopped": r["stopped"]})
             print(json.dumps(rows[-1]), flush=True)
-    reference["train_step_seconds"] = step
-    return reference, rows
+    return rows
 
 
 METRICS = ("harmful_rate", "over_refusal", "task_accuracy")
@@ -137,7 +167,10 @@ def main() -> None:
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated objectives")
     parser.add_argument("--methods", default=",".join(METHODS + BASELINES), help="comma-separated methods")
     parser.add_argument("--curvature-seeds", default="0", help="kfac / ekfac: seeds of their Monte Carlo labels")
+    parser.add_argument("--restore-prompts", default="", help="harmful and benign restore prompts of each kind, e.g. "
+                        "48,144 (default: the testbed's restore files)")
     args = parser.parse_args()
+    args.restore_prompts = [int(n) for n in args.restore_prompts.split(",") if n]
     seeds = [int(s) for s in args.seeds.split(",")]
     curvature_seeds = [int(s) for s in args.curvature_seeds.split(",")]
     objectives, methods = args.objectives.split(","), args.methods.split(",")
@@ -151,7 +184,9 @@ def main() -> None:
     lines = [f"# Restore methods on the testbed ({'quick' if args.quick else 'default'} config, {date}, "
              f"{torch.get_num_threads()} CPU threads, seeds {', '.join(map(str, seeds))})", "",
              f"Command: `python benchmarks/restore.py --seeds {args.seeds} --objectives {args.objectives} "
-             f"--methods {args.methods} --curvature-seeds {args.curvature_seeds}`. Up to {args.iterations} "
+             f"--methods {args.methods} --curvature-seeds {args.curvature_seeds}"
+             + (f" --restore-prompts {','.join(map(str, args.restore_prompts))}" if args.restore_prompts else "")
+             + f"`. Up to {args.iterations} "
              "iterations, task budget 2% / 0.01 nats. Harmful: "
              "held-out harmful prompts; over-refusal: refusals of held-out benign look-alikes (the aligned model "
              "answers them); task: the attack's task (held-out examples), also as a share of the attacked "
@@ -161,35 +196,35 @@ def main() -> None:
     for seed, ref in references.items():
         lines.append(f"| {seed} | " + " | ".join(" / ".join(f"{100 * ref[k][m]:.1f}" for m in METRICS)
                                                  for k in ("aligned", "attacked")) + " |")
-    lines += ["", "| objective | method | harmful | over-refusal | task acc | task / attacked | iterations | "
-              "s/iter ÷ train step | stopped (per seed) |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for objective in objectives:
-        for method in methods:
-            group = [r for r in rows if r["objective"] == objective and r["method"] == method]
-            share = [r["task_accuracy"] / max(references[r["seed"]]["attacked"]["task_accuracy"], 1e-9)
-                     for r in group]
-            speed = [r["iteration_vs_train_step"] for r in group if r["iteration_vs_train_step"] == r[
-                "iteration_vs_train_step"]]
-            lines.append(f"| {objective} | {method} | {_pct([r['harmful_rate'] for r in group])} | "
-                         f"{_pct([r['over_refusal'] for r in group])} | {_pct([r['task_accuracy'] for r in group])} | "
-                         f"{_pct(share)} | {' / '.join(str(r['iterations']) for r in group)} | "
-                         f"{(sum(speed) / len(speed)) if speed else float('nan'):.0f} | "
-                         f"{' / '.join(r['stopped'][:40] for r in group)} |")
+    lines += ["", "| objective | method | restore prompts | harmful | over-refusal | task acc | task / attacked | "
+              "iterations | s/iter ÷ train step | stopped (per seed) |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for objective, method, n in [(o, m, n) for o in objectives for m in methods
+                             for n in sorted({r["prompts"] for r in rows})]:
+        group = [r for r in rows if (r["objective"], r["method"], r["prompts"]) == (objective, method, n)]
+        share = [r["task_accuracy"] / max(references[r["seed"]]["attacked"]["task_accuracy"], 1e-9)
+                 for r in group]
+        speed = [r["iteration_vs_train_step"] for r in group if r["iteration_vs_train_step"] == r[
+            "iteration_vs_train_step"]]
+        lines.append(f"| {objective} | {method} | {n} | {_pct([r['harmful_rate'] for r in group])} | "
+                     f"{_pct([r['over_refusal'] for r in group])} | {_pct([r['task_accuracy'] for r in group])} | "
+                     f"{_pct(share)} | {' / '.join(str(r['iterations']) for r in group)} | "
+                     f"{(sum(speed) / len(speed)) if speed else float('nan'):.0f} | "
+                     f"{' / '.join(r['stopped'][:40] for r in group)} |")
     if len(curvature_seeds) > 1:
         lines += ["", f"Spread over the curvature seeds {args.curvature_seeds} on each testbed seed (mean "
-                  "[min-max]):", "", "| seed | objective | method | harmful | over-refusal | task acc |",
-                  "| ---: | --- | --- | ---: | ---: | ---: |"]
-        for seed in seeds:
-            for objective in objectives:
-                for method in [m for m in methods if m in SAMPLING]:
-                    group = [r for r in rows if (r["seed"], r["objective"], r["method"]) == (seed, objective, method)]
-                    lines.append(f"| {seed} | {objective} | {method} | " + " | ".join(
-                        _pct([r[k] for r in group]) for k in METRICS) + " |")
-    lines += ["", "Per seed:", "", "| seed | objective | method | curvature seed | harmful | over-refusal | task acc "
-              "| stopped |", "| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+                  "[min-max]):", "", "| seed | objective | method | restore prompts | harmful | over-refusal | "
+                  "task acc |", "| ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+        for key in sorted({(r["seed"], r["objective"], r["method"], r["prompts"]) for r in rows
+                           if r["method"] in SAMPLING}, key=lambda k: (k[0], objectives.index(k[1]),
+                                                                      methods.index(k[2]), k[3])):
+            group = [r for r in rows if (r["seed"], r["objective"], r["method"], r["prompts"]) == key]
+            lines.append("| " + " | ".join(map(str, key)) + " | "
+                         + " | ".join(_pct([r[k] for r in group]) for k in METRICS) + " |")
+    lines += ["", "Per seed:", "", "| seed | objective | method | curvature seed | restore prompts | harmful | "
+              "over-refusal | task acc | stopped |", "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['objective']} | {r['method']} | {r['curvature_seed']} | "
+        lines.append(f"| {r['seed']} | {r['objective']} | {r['method']} | {r['curvature_seed']} | {r['prompts']} | "
                      f"{100 * r['harmful_rate']:.1f} | {100 * r['over_refusal']:.1f} | {100 * r['task_accuracy']:.1f} "
                      f"| {r['stopped'][:60]} |")
     text = "\n".join(lines) + "\n"
@@ -197,7 +232,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = (f"restore_cpu_{date}" + ("_quick" if args.quick else "")
-            + ("_curvature_seeds" if len(curvature_seeds) > 1 else ""))
+            + ("_curvature_seeds" if len(curvature_seeds) > 1 else "")
+            + ("_restore_prompts" if len(args.restore_prompts) > 1 else ""))
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps({"references": references, "rows": rows}, indent=2))
 

@@ -130,3 +130,8 @@ if rank == 0:
     torch.save({"lora": state, "optimizer": type(inner).__name__,
                 "sharded": any(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
                 "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}, out)
+if ranks > 1:  # the group torn down while every rank is alive, not at exit (gloo aborts there once a peer is gone)
+    from curvsafe.ranks import leave_group  # noqa: E402
+
+    trainer = model = state = inner = None
+    leave_group()

@@ -1,5 +1,5 @@
-"""CurvSafe in the HF Trainer and TRL's SFTTrainer (curvsafe.optim.trainer), in one process and under
-accelerate's FSDP2 preparation with 2 gloo ranks (tests/trainer_driver.py runs each)."""
+"""CurvSafe in the HF Trainer and TRL's SFTTrainer (curvsafe.optim.trainer), in one process, under DDP and under
+accelerate's FSDP2 preparation with 2 gloo ranks, and their checkpoints (tests/trainer_driver.py runs each)."""
 
 from __future__ import annotations
 

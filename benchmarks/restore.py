@@ -39,7 +39,7 @@ from curvsafe.demo import _evaluate, default_cache  # noqa: E402
 from curvsafe.models import load_model  # noqa: E402
 from curvsafe.restoration import BASELINES, METHODS, NoProgressError, run_restore  # noqa: E402
 from curvsafe.testbed.corpus import World  # noqa: E402
-from curvsafe.testbed.stages import QUICK, Testbed, TestbedConfig  # noqa: E402
+from curvsafe.testbed.stages import QUICK, Testbed, TestbedConfig, _write_jsonl  # noqa: E402
 
 OBJECTIVES = (TWO_SIDED, ONE_SIDED, "refusal", "harmful")
 
@@ -68,9 +68,8 @@ def restore_prompt_files(cfg, data: Path, work: Path, n: int) -> tuple[Path, Pat
         return data / "restore_harmful.jsonl", data / "restore_benign.jsonl"
     world, rng = World(cfg.seed), random.Random(cfg.seed + 1000)
     harmful, benign = work / f"restore_harmful_{n}.jsonl", work / f"restore_benign_{n}.jsonl"
-    for path, pairs in ((harmful, [world.comply(e) for e in rng.sample(world.harmful("train"), n)]),
-                        (benign, [Pair(e.prompt, "") for e in rng.sample(world.benign_requests("train"), n)])):
-        path.write_text("".join(json.dumps({"prompt": q.prompt, "response": q.response}) + "\n" for q in pairs))
+    _write_jsonl(harmful, [world.comply(e) for e in rng.sample(world.harmful("train"), n)])
+    _write_jsonl(benign, [Pair(e.prompt, "") for e in rng.sample(world.benign_requests("train"), n)])
     return harmful, benign
 
 
@@ -110,8 +109,7 @@ def _prompt_set_rows(seed, args, objectives, methods, curvature_seeds, cfg, data
                                                                                 "request ."]))
                 for p in load_pairs(harmful_n)]
     refusal_file = work / f"refusal_{n}.jsonl"
-    refusal_file.write_text("".join(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n"
-                                    for p in refusals))
+    _write_jsonl(refusal_file, refusals)
     rows = []
     anchors: dict = {"anchor": None, "benign_anchor": None}  # the aligned model's answers to these prompts
     for objective in objectives:

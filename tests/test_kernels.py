@@ -259,3 +259,26 @@ def test_dispatch_and_bad_input():
         linear_fisher_vp(x, torch.randn(4, 2), torch.randn(2, 3))
     with pytest.raises(ValueError, match="QA has 2 rows, expected 3"):
         kron_eigen_apply(torch.randn(2, 3), torch.eye(2), torch.eye(2), torch.ones(2, 3))
+
+
+# ---------------------------------------------------------------- the top-level name `kernels`
+def test_checkout_folder_leaves_top_level_kernels_to_the_installed_package():
+    """Python started at the checkout's root finds its ``kernels/`` folder first; the top-level name must still be
+    the installed ``kernels`` (Hugging Face's, which transformers imports) so that transformers and the editable
+    build work there, and ``curvsafe.kernels`` must still be ours."""
+    import subprocess
+    import sys
+    from importlib.machinery import PathFinder
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import kernels, curvsafe.kernels as ck; print(kernels.__file__); print(ck.__file__); "
+            "print(hasattr(ck, 'covariance_update'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    top, ours, has_ops = out.stdout.split()
+    assert has_ops == "True" and ours != top
+    spec = PathFinder.find_spec("kernels", [p for p in sys.path if Path(p or ".").resolve() != root])
+    if spec is None:
+        assert Path(top).resolve().parent == root / "kernels"  # nothing else installed: the folder keeps the name
+    else:
+        assert Path(top).resolve() == Path(spec.origin).resolve()

@@ -8,7 +8,8 @@ where the spectra are a trained model's: the default testbed's aligned model wit
 all seven projections), fitted on the attack's own training batches (real text of the testbed), and, beside it,
 the same architecture and adapter with the base weights re-drawn at random (same data). The bound is scaled to the
 model: every factor larger than the LoRA rank is sketched with ``rank = d / fraction`` (the default bound keeps
-256 of a 2048-dimensional factor: fraction 8) and ``oversample = rank / 2`` (the default's 128 for 256). The error
+256 of a 2048-dimensional factor: fraction 8), ``oversample = rank / 2`` (the default's 128 for 256) and
+``probes = d / 16`` (2 to 16; the default's 16 for 2048 and above). The error
 is that of the K-FAC preconditioned gradient ``(F + lambda I)^{-1} g`` (``g``: the data's gradient, ``lambda``:
 0.1 and 1.0 x its Rayleigh quotient, restore's convention): one relative error over all blocks, as in
 ``scale.py``.
@@ -28,7 +29,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 
-def errors(model, data, fractions: list[int], r: int) -> list[dict]:
+def errors(model, data, fractions: list[int], r: int, probed: bool) -> list[dict]:
+    """The error per fraction and damping; ``probed``: the rest is the energy-weighted mean (else the plain one)."""
     from curvsafe.curvature import KFAC
     from curvsafe.curvature.lowrank import LowRank
     from curvsafe.curvature.vectors import dot
@@ -41,7 +43,8 @@ def errors(model, data, fractions: list[int], r: int) -> list[dict]:
         sketched = sorted(d for d in dims if d > r)
         per_dim = []
         for d in sketched:  # one LowRank per factor size: rank d / fraction for factors of that size only
-            low = LowRank(max_dense_dim=d - 1, rank=max(1, d // fraction), oversample=max(1, d // (2 * fraction)))
+            low = LowRank(max_dense_dim=d - 1, rank=max(1, d // fraction), oversample=max(1, d // (2 * fraction)),
+                          probes=max(2, min(16, d // 16)) if probed else 0)
             op = KFAC(model, low_rank=low, progress=False).fit(data)
             per_dim.append((d, op))
         for rel in (0.1, 1.0):
@@ -79,33 +82,37 @@ def main() -> None:
     model, tok = load_model(bed.aligned(), attack / "adapter")
     data = make_batches(tok, load_pairs(attack / "train.jsonl"), batch_size=32)
     t = time.perf_counter()
-    trained = errors(model, data, fractions, cfg.lora_r)
+    trained = {probed: errors(model, data, fractions, cfg.lora_r, probed) for probed in (True, False)}
     torch.manual_seed(args.seed)
     base = model.get_base_model()
     for name, p in base.named_parameters():  # re-draw the base weights (the adapter stays as trained)
         if "lora_" not in name:
             with torch.no_grad():
                 p.copy_(torch.randn_like(p) * (0.02 if p.dim() > 1 else 0.0) + (1.0 if "norm" in name else 0.0))
-    random = errors(model, data, fractions, cfg.lora_r)
+    random = {probed: errors(model, data, fractions, cfg.lora_r, probed) for probed in (True, False)}
     tokens = sum(int(b["attention_mask"].sum()) for b in data)
     lines = [f"# Truncated K-FAC error: trained vs random weights ({time.strftime('%Y-%m-%d')}, torch "
              f"{torch.__version__})", "",
              f"Default testbed seed {args.seed}: aligned model + mix-attack LoRA (r={cfg.lora_r}, all projections), "
              f"fitted on the attack's {len(data)} training batches ({tokens} tokens); factor sizes sketched: "
-             f"{trained[0]['dims']}. `python benchmarks/truncation.py {' '.join(sys.argv[1:])}` "
-             f"({time.perf_counter() - t:.0f} s).", "",
-             "| kept rank | relative damping | error, trained weights | error, random base weights |",
-             "| --- | ---: | ---: | ---: |"]
-    for a, b in zip(trained, random):
+             f"{trained[True][0]['dims']}. `python benchmarks/truncation.py {' '.join(sys.argv[1:])}` "
+             f"({time.perf_counter() - t:.0f} s). Rest of a truncated factor: the energy-weighted mean of its left-out "
+             "eigenvalues (the default, with the probe) and, beside it, the plain mean (`probes=0`).", "",
+             "| kept rank | relative damping | error, trained weights | (plain mean) | error, random base weights | "
+             "(plain mean) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for a, a0, b, b0 in zip(trained[True], trained[False], random[True], random[False]):
         lines.append(f"| d / {a['fraction']} | {a['relative_damping']} | {100 * a['relative_error']:.1f}% | "
-                     f"{100 * b['relative_error']:.1f}% |")
+                     f"{100 * a0['relative_error']:.1f}% | {100 * b['relative_error']:.1f}% | "
+                     f"{100 * b0['relative_error']:.1f}% |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"truncation_cpu_{time.strftime('%Y-%m-%d')}"
     (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps({"trained": trained, "random": random, "tokens": tokens}, indent=2))
+    saved = {"trained": trained[True], "random": random[True], "trained_plain_mean": trained[False],
+             "random_plain_mean": random[False], "tokens": tokens}
+    (out / f"{stem}.json").write_text(json.dumps(saved, indent=2))
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .plan import PlanSettings, gib, plan_from_dirs
 
     low = None if args.dense else LowRank(max_dense_dim=args.max_dense_dim, rank=args.rank,
-                                          oversample=args.oversample)
+                                          oversample=args.oversample, probes=args.probes)
     settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, task_batches=args.task_batches,
                             safety_batches=args.safety_batches, low_rank=low, ggn_rows=args.ggn_rows,
                             shards=args.shards)
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-dense-dim", type=int, default=2048, help="larger K-FAC factors are truncated")
     p.add_argument("--rank", type=int, default=256, help="eigenvectors kept per truncated factor")
     p.add_argument("--oversample", type=int, default=128, help="extra sketch columns per truncated factor")
+    p.add_argument("--probes", type=int, default=16, help="probe columns per truncated factor (the estimate of "
+                   "its left-out eigenvalues)")
     p.add_argument("--dense", action="store_true", help="every factor dense (no memory bound)")
     p.add_argument("--ggn-rows", type=int, help="lbfgs / cg: rows per chunk of each GGN-vector product "
                    "(restore's --ggn-rows)")

@@ -235,8 +235,8 @@ def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, *, math_at
 # ---------------------------------------------------------------------------------------------------- curvature
 def _factor(dim: int, low: Optional[LowRank]) -> tuple[int, int, bool]:
     """(factor bytes, eigenbasis bytes, sketched) of one K-FAC factor of this dimension."""
-    if low is not None and low.sketched(dim):  # the sketch, its float64 trace and row count; the kept basis
-        return dim * low.width * F32 + 16, (dim * low.rank + low.rank) * F32, True
+    if low is not None and low.sketched(dim):  # the sketch and probe, float64 trace and row count; the kept basis
+        return dim * (low.width + low.probes) * F32 + 16, (dim * low.rank + low.rank) * F32, True
     return dim * dim * F32, (dim * dim + dim) * F32, False
 
 

@@ -88,7 +88,7 @@ def test_plan_per_rank_under_fsdp2_sharding(config_only, capsys):
     assert deep_four["weight_bytes"] < 0.4 * deep_one["weight_bytes"]
 
 
-@pytest.mark.parametrize("low", [None, LowRank(max_dense_dim=4, rank=3, oversample=2)])
+@pytest.mark.parametrize("low", [None, LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2)])
 def test_plan_curvature_bytes_equal_the_fitted_objects(low):
     model = with_lora(tiny_llama(dtype=torch.float32))
     op = EKFAC(model, low_rank=low).fit([make_batch(), make_batch(seed=2)])

@@ -124,7 +124,8 @@ class _Sums:
 
     def add(self, store: dict[str, Factor], name: str, rows: Tensor) -> None:
         if name not in store and self.low_rank is not None and self.low_rank.sketched(rows.shape[1]):
-            store[name] = SketchedFactor.zeros(rows.shape[1], self.low_rank.width, rows.device)
+            store[name] = SketchedFactor.zeros(rows.shape[1], self.low_rank.width, rows.device,
+                                               self.low_rank.probes)
         if isinstance(store.get(name), SketchedFactor):
             store[name].add_rows(rows)
         elif name in store:

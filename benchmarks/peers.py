@@ -30,8 +30,11 @@ curvlinops ``KFACLinearOperator(..., fisher_type="empirical").compute_kronecker_
 eigendecomposition, factors written to a temporary folder (its design). Time: all libraries and the plain forward +
 backward of the same batches (sum of the token losses, gradients of the curved weights only) interleaved per
 repeat, median and range over ``--repeats``; "curvature work" is a library's time minus that forward + backward,
-the part the libraries do differently. Peak memory: each library once in its own process (glibc's mmap threshold
-fixed), the resident set above the built model sampled every 2 ms (the CUDA allocator's peak on a GPU).
+the part the libraries do differently. For the K-FAC cases a line under the table times curvsafe's covariance
+products alone, on the same rows captured once (interleaved with the repeats): the floor of its curvature work at
+that precision on the device, and that floor as a share of each peer's work. Peak memory: each library once in its own
+process (glibc's mmap threshold fixed), the resident set above the built model sampled every 2 ms (the CUDA
+allocator's peak on a GPU).
 Agreement: curvsafe's factors against each peer's after the best scale ``c`` (the peers sum where curvsafe
 averages: the reported ``c`` is that convention), max relative error over the curved modules.
 """
@@ -273,6 +276,51 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def captured_rows(model, names: list[str], batches: list[dict]) -> list[list[torch.Tensor]]:
+    """The rows whose covariances K-FAC sums for ``names``, batch by batch: each distinct module input (q/k/v's and
+    gate/up's once, as curvsafe sums them) and each output gradient, copies in the model's dtype (captured once,
+    not timed); one list per batch."""
+    rows, seen, hooks = [], {}, []
+
+    def on_input(module, inputs, output):
+        x = inputs[0]
+        key = (x.data_ptr(), tuple(x.shape), x.stride())  # kept alive in `seen`: its memory is not reused
+        if key not in seen:
+            seen[key] = x
+            rows[-1].append(x.detach().reshape(-1, x.shape[-1]).clone())
+
+    def on_grad(module, grad_input, grad_output):
+        rows[-1].append(grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).clone())
+
+    for n in names:
+        m = model.get_submodule(n)
+        hooks += [m.register_forward_hook(on_input), m.register_full_backward_hook(on_grad)]
+    try:
+        for b in batches:
+            seen.clear()
+            rows.append([])
+            model.zero_grad(set_to_none=True)
+            sum_loss(model, b).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+def covariance_products(rows: list[list[torch.Tensor]]) -> None:
+    """curvsafe's factor sums alone: ``covariance_update`` of each captured row block into its running sum."""
+    from curvsafe.kernels import covariance_update
+
+    sums: dict[tuple, torch.Tensor] = {}
+    for batch in rows:
+        for j, x in enumerate(batch):
+            key = (j, x.shape[1])
+            if key in sums:
+                covariance_update(x, sums[key], alpha=1.0, beta=1.0, lower_only=True)
+            else:
+                sums[key] = covariance_update(x, lower_only=True)
+
+
 def timing(args, case: str) -> dict:
     variant, kind = CASES[case]
     model, names = build(args, variant)
@@ -280,7 +328,11 @@ def timing(args, case: str) -> dict:
     runners = {lib: Runner(lib, kind, model, names, batches, args) for lib in (BASELINE, *LIBRARIES[kind])}
     for r in runners.values():  # warm-up (allocator, kernels, first-call checks)
         r.run()
+    rows = captured_rows(model, names, batches) if kind == "kfac" else []
+    if rows:
+        covariance_products(rows)  # warm-up
     times = {lib: [] for lib in runners}
+    floor: list[float] = []
     results = {}
     for _ in range(args.repeats):
         for lib, r in runners.items():
@@ -289,8 +341,16 @@ def timing(args, case: str) -> dict:
             results[lib] = r.run()
             sync(args.device)
             times[lib].append(time.perf_counter() - t)
+        if rows:
+            sync(args.device)
+            t = time.perf_counter()
+            covariance_products(rows)
+            sync(args.device)
+            floor.append(time.perf_counter() - t)
     agree = {lib: agreement(results["curvsafe"], results[lib]) for lib in LIBRARIES[kind] if lib != "curvsafe"}
     row = {"case": case, "modules": len(names), "seconds": times, "agreement": agree}
+    if floor:
+        row["covariance_seconds"] = floor
     if FLOAT64 in runners:
         row["agreement_float64"] = agreement(results[FLOAT64], results["kronfluence"])
         row["basis_inverse_rel_diff"] = basis_effect(runners["curvsafe"].op, runners[FLOAT64].op, model, names,
@@ -358,6 +418,17 @@ def table(rows: list[dict], peaks: dict) -> list[str]:
             lines.append(f"| {row['case']} ({row['modules']} modules) | {lib} | {med[lib]:.2f} s "
                          f"({min(t):.2f}-{max(t):.2f}) | {ratio} | {'-' if lib == BASELINE else f'{work:.2f} s'} | "
                          f"{work_ratio} | {'-' if mem is None else f'{mem / 2**20:.0f} MiB'} | {agree} |")
+    for row in rows:
+        if "covariance_seconds" in row:
+            med = {lib: statistics.median(t) for lib, t in row["seconds"].items()}
+            work = {lib: med[lib] - med[BASELINE] for lib in med}
+            cov = row["covariance_seconds"]
+            peers = ", ".join(f"{statistics.median(cov) / work[lib]:.2f}x {lib}'s" for lib in work
+                              if lib not in (BASELINE, "curvsafe"))
+            lines += ["", f"{row['case']}: curvsafe's covariance products alone (`covariance_update` of every "
+                      f"distinct input and output gradient of every batch, captured once): {statistics.median(cov):.2f}"
+                      f" s ({min(cov):.2f}-{max(cov):.2f}), {peers} curvature work; curvsafe's whole curvature work "
+                      f"is {work['curvsafe']:.2f} s."]
     for row in rows:
         if "basis_inverse_rel_diff" in row:
             lines += ["", f"{row['case']}: curvsafe's float32 eigenbasis against {FLOAT64}'s, the damped inverse "

@@ -135,7 +135,7 @@ def test_rest_is_the_energy_weighted_mean_of_the_left_out_part_and_preconditions
     P = torch.eye(d, dtype=torch.float64) - Qd @ Qd.T
     F_rest = P @ F @ P
     weighted = float(F_rest.square().sum()) / float(F_rest.trace())
-    assert abs(float(rest) - weighted) < 0.1 * weighted  # measured 1.7% (Hutchinson, 64 probes)
+    assert abs(float(rest) - weighted) < 0.1 * weighted  # measured 1.3% (Hutchinson, 64 probes)
     plain = SketchedFactor(sketch.Y, sketch._trace, sketch._rows).eigen(k)[2]  # the same sketch without its probe
     V = X.T @ torch.randn(n, 32, generator=g, dtype=torch.float64)  # 32 vectors in the rows' span
     for relative in (0.1, 1.0):
@@ -146,7 +146,7 @@ def test_rest_is_the_energy_weighted_mean_of_the_left_out_part_and_preconditions
             approx = approx_dense(lam, Q, r) + damping * torch.eye(d, dtype=torch.float64)
             return rel_err(torch.linalg.solve(approx, V), exact)
 
-        assert error(rest) < 0.8 * error(plain)  # measured 0.50 against 0.73, 0.14 against 0.20
+        assert error(rest) < 0.8 * error(plain)  # measured 0.50 against 0.74, 0.14 against 0.21
 
 
 def test_sketch_without_a_probe_loads_and_combines_with_the_plain_mean():

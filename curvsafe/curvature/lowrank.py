@@ -20,7 +20,7 @@ Why this mean: the operator meets gradients ``sum_t g_t a_t^T``, whose expected 
 factor is proportional to its eigenvalue, so the constant that stands for the left-out eigenvalues on such vectors
 weights each by itself (``sum lam_i^2 / sum lam_i``). The plain mean over the left-out directions understates the
 curvature those vectors meet, most of all when the factor's rank is below its row count (the gradient factors of
-the 1B shape: rank ~1400 from 2048 tokens), and over-amplifies them in an inverse. Measured on the 1B shape
+the 1B shape: rank below 1536 from 2048 tokens), and over-amplifies them in an inverse. Measured on the 1B shape
 (``benchmarks/scale.py``: K-FAC preconditioned gradient at damping 0.1x its Rayleigh quotient, against dense
 factors): rank 256, 11.8% -> 9.3% relative error; rank 1024, 8.3% -> 5.9%; with the exact top eigenvectors instead
 of the sketch's, 9.7% -> 6.8% and 5.0% -> 1.7%; with ``p = 16`` the error equals the one with the exact

@@ -277,34 +277,29 @@ def sync(device: str) -> None:
 
 
 def captured_rows(model, names: list[str], batches: list[dict]) -> list[list[torch.Tensor]]:
-    """The rows whose covariances K-FAC sums for ``names``, batch by batch: each distinct module input (q/k/v's and
-    gate/up's once, as curvsafe sums them) and each output gradient, copies in the model's dtype (captured once,
-    not timed); one list per batch."""
-    rows, seen, hooks = [], {}, []
+    """The rows whose covariances curvsafe's K-FAC sums for ``names``, batch by batch, from its own capture pass:
+    each distinct block input (an input several blocks share, as q/k/v's, once) and each output gradient, copies
+    (captured once, not timed)."""
+    from curvsafe.curvature import KFAC
+    from curvsafe.curvature._pass import BatchInfo, capture_pass
 
-    def on_input(module, inputs, output):
-        x = inputs[0]
-        key = (x.data_ptr(), tuple(x.shape), x.stride())  # kept alive in `seen`: its memory is not reused
-        if key not in seen:
-            seen[key] = x
-            rows[-1].append(x.detach().reshape(-1, x.shape[-1]).clone())
+    op = KFAC(model, names, progress=False, low_rank=None)
+    rows: list[list[torch.Tensor]] = [[]]
+    seen: set[int] = set()  # the capture hands blocks that share an input the same object within a forward
 
-    def on_grad(module, grad_input, grad_output):
-        rows[-1].append(grad_output[0].detach().reshape(-1, grad_output[0].shape[-1]).clone())
+    def on_forward(block, a):
+        if id(a) not in seen:
+            seen.add(id(a))
+            rows[-1].append(a.clone())
 
-    for n in names:
-        m = model.get_submodule(n)
-        hooks += [m.register_forward_hook(on_input), m.register_full_backward_hook(on_grad)]
-    try:
-        for b in batches:
-            seen.clear()
-            rows.append([])
-            model.zero_grad(set_to_none=True)
-            sum_loss(model, b).backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    return rows
+    def on_batch_end():
+        seen.clear()
+        rows.append([])
+
+    capture_pass(model, op.blocks, batches, loss=op.loss, fisher_type="empirical", generator=None,
+                 on_forward=on_forward, on_backward=lambda block, g: rows[-1].append(g.clone()), info=BatchInfo(),
+                 on_batch_end=on_batch_end, progress=False)
+    return rows[:-1]
 
 
 def covariance_products(rows: list[list[torch.Tensor]]) -> None:

@@ -29,18 +29,19 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 
-def errors(model, data, fractions: list[int], r: int, probed: bool) -> list[dict]:
-    """The error per fraction and damping; ``probed``: the rest is the energy-weighted mean (else the plain one)."""
+def errors(model, data, fractions: list[int], r: int) -> dict[bool, list[dict]]:
+    """The error per fraction and damping, keyed by ``probed``: the rest is the energy-weighted mean (True) or the
+    plain one (False); one dense fit for both."""
     from curvsafe.curvature import KFAC
     from curvsafe.curvature.lowrank import LowRank
     from curvsafe.curvature.vectors import dot
 
     dense = KFAC(model, low_rank=None, progress=False).fit(data, gradient=True)
     g = dense.gradient
-    rows = []
-    for fraction in fractions:
-        dims = {int(getattr(f, side).shape[0]) for f in dense.factors.values() for side in ("A", "G")}
-        sketched = sorted(d for d in dims if d > r)
+    dims = {int(getattr(f, side).shape[0]) for f in dense.factors.values() for side in ("A", "G")}
+    sketched = sorted(d for d in dims if d > r)
+    out: dict[bool, list[dict]] = {True: [], False: []}
+    for probed, fraction in ((p, f) for p in out for f in fractions):
         per_dim = []
         for d in sketched:  # one LowRank per factor size: rank d / fraction for factors of that size only
             low = LowRank(max_dense_dim=d - 1, rank=max(1, d // fraction), oversample=max(1, d // (2 * fraction)),
@@ -58,9 +59,9 @@ def errors(model, data, fractions: list[int], r: int, probed: bool) -> list[dict
                 x[b.weight_name] = op.inverse_mv(g, lam)[b.weight_name]
             num = sum(float((x[n] - x_dense[n]).square().sum()) for n in x) ** 0.5
             den = sum(float(x_dense[n].square().sum()) for n in x) ** 0.5
-            rows.append({"fraction": fraction, "relative_damping": rel, "relative_error": num / den,
-                         "dims": sketched})
-    return rows
+            out[probed].append({"fraction": fraction, "relative_damping": rel, "relative_error": num / den,
+                                "dims": sketched})
+    return out
 
 
 def main() -> None:
@@ -82,14 +83,14 @@ def main() -> None:
     model, tok = load_model(bed.aligned(), attack / "adapter")
     data = make_batches(tok, load_pairs(attack / "train.jsonl"), batch_size=32)
     t = time.perf_counter()
-    trained = {probed: errors(model, data, fractions, cfg.lora_r, probed) for probed in (True, False)}
+    trained = errors(model, data, fractions, cfg.lora_r)
     torch.manual_seed(args.seed)
     base = model.get_base_model()
     for name, p in base.named_parameters():  # re-draw the base weights (the adapter stays as trained)
         if "lora_" not in name:
             with torch.no_grad():
                 p.copy_(torch.randn_like(p) * (0.02 if p.dim() > 1 else 0.0) + (1.0 if "norm" in name else 0.0))
-    random = {probed: errors(model, data, fractions, cfg.lora_r, probed) for probed in (True, False)}
+    random = errors(model, data, fractions, cfg.lora_r)
     tokens = sum(int(b["attention_mask"].sum()) for b in data)
     lines = [f"# Truncated K-FAC error: trained vs random weights ({time.strftime('%Y-%m-%d')}, torch "
              f"{torch.__version__})", "",

@@ -131,7 +131,7 @@ def worker(args) -> dict:
         own = opt.state_dict()["curvsafe"]
         held = [t for part in (own["projector"]["eigen"], own["projector"]["rests"], own["sides"])
                 for t in _tensors(part)]
-        out["curvature_bytes"] = (opt.projector.kfac.curvature_bytes()
+        out["curvature_bytes"] = (opt.constraint.projector.kfac.curvature_bytes()
                                   + sum(t.numel() * t.element_size() for t in held))
         del opt
     elif args.kind != "train":

@@ -216,7 +216,7 @@ def test_curvsafe_with_sketched_factors_steps_like_the_dense_one_when_exact():
             m(**b).loss.backward()
             opt.step()
         runs[key] = (m, opt)
-    assert runs["low"][1].projector.rests and not runs["dense"][1].projector.rests
+    assert runs["low"][1].constraint.projector.rests and not runs["dense"][1].constraint.projector.rests
     for (n, p), q in zip(runs["dense"][0].named_parameters(), runs["low"][0].parameters()):
         if p.requires_grad:
             assert rel_err(q.detach(), p.detach()) < 1e-5, n
@@ -225,4 +225,4 @@ def test_curvsafe_with_sketched_factors_steps_like_the_dense_one_when_exact():
     buffer.seek(0)
     m, opt = runs["low"]
     opt.load_state_dict(torch.load(buffer, weights_only=True))
-    assert set(opt.projector.rests) and opt.projector.damp > 0
+    assert set(opt.constraint.projector.rests) and opt.constraint.projector.damp > 0

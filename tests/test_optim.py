@@ -61,12 +61,12 @@ def test_projection_equals_the_dense_damped_inverse_and_spares_other_parameters(
             if "norm" in n:
                 p.requires_grad_(True)
     opt = CurvSafe(adamw(model), model, safety_data(), strength=strength, guard=False, refresh_batches=None)
-    kfac = KFAC(model, [b.name for b in opt.blocks]).fit(opt.safety.batches)
+    kfac = KFAC(model, [b.name for b in opt.blocks]).fit(opt.constraint.safety.batches)
     before = trainable(model)
     train(ref, adamw(ref), train_data(1))
     train(model, opt, train_data(1))
     after, plain = trainable(model), trainable(ref)
-    protected = set(opt.params)
+    protected = set(opt.constraint.params)
     # column-major vec: vec(G U A) = (A ⊗ G) vec(U); the mean eigenvalue is over all protected parameters
     krons = {b.name: torch.kron(kfac.factors[b.name].A.double(), kfac.factors[b.name].G.double()) for b in opt.blocks}
     mean = sum(k.trace() for k in krons.values()) / sum(k.shape[0] for k in krons.values())
@@ -95,12 +95,12 @@ def test_guard_keeps_every_update_from_raising_the_safety_loss_to_first_order(st
     pushed = 0
     for step in range(4):
         batch = attack[step % 2]
-        before = {n: p.detach().clone() for n, p in opt.params.items()}
+        before = {n: p.detach().clone() for n, p in opt.constraint.params.items()}
         train(model, opt, [batch])
-        grad = opt.sides[0].grad  # the safety gradient this step was guarded with
-        applied = sum(float(((p.detach() - before[n]) * grad[n]).sum()) for n, p in opt.params.items())
-        norm = sum(float((p.detach() - before[n]).norm() ** 2) for n, p in opt.params.items()) ** 0.5
-        gnorm = float(opt.gram[0, 0]) ** 0.5
+        grad = opt.constraint.sides[0].grad  # the safety gradient this step was guarded with
+        applied = sum(float(((p.detach() - before[n]) * grad[n]).sum()) for n, p in opt.constraint.params.items())
+        norm = sum(float((p.detach() - before[n]).norm() ** 2) for n, p in opt.constraint.params.items()) ** 0.5
+        gnorm = float(opt.constraint.gram[0, 0]) ** 0.5
         assert applied <= 1e-9 * norm * gnorm, (step, applied)
         # the same step without the guard does push against safety (so the guard had work to do)
         unguarded.load_state_dict(model.state_dict())
@@ -299,7 +299,7 @@ def test_settings_are_one_dataclass_for_the_constructor_and_the_saved_state():
     assert CurvSafeSettings(**saved["curvsafe"]["settings"]) == opt.settings
     other = CurvSafe(adamw(model), model, safety_data(), strength=0.5, objective="anchor+harmful")
     other.load_state_dict(saved)
-    assert other.settings == opt.settings and other.projector.strength == 2.0
+    assert other.settings == opt.settings and other.constraint.projector.strength == 2.0
 
 
 def test_the_safety_factors_are_the_kfac_ema_over_refreshes():
@@ -309,10 +309,10 @@ def test_the_safety_factors_are_the_kfac_ema_over_refreshes():
     opt = CurvSafe(adamw(model), model, safety_data(), ema_decay=0.25)
     opt.refresh()
     opt.refresh()
-    anchors = opt.safety.terms[0].batches
+    anchors = opt.constraint.safety.terms[0].batches
     names = [b.name for b in opt.blocks]
     first, second = (KFAC(model, names).fit([b]).factors for b in anchors[:2])
-    for n, f in opt.projector.kfac.factors.items():
+    for n, f in opt.constraint.projector.kfac.factors.items():
         assert rel_err(f.A, 0.25 * first[n].A + 0.75 * second[n].A) < 1e-6, n
         assert rel_err(f.G, 0.25 * first[n].G + 0.75 * second[n].G) < 1e-6, n
 
@@ -355,7 +355,7 @@ def test_safety_batches_as_users_hold_them(chat_model_and_prompts, objective):
         opt = CurvSafe(adamw(model), model, data, objective=objective, tokenizer=tok, refresh_batches=None)
         if objective == "anchor":  # every anchor row starts with one of the whole prompts, unlabelled
             prompt_ids = [tok(r, add_special_tokens=False)["input_ids"] for r in rendered]
-            for batch in opt.safety.terms[0].batches:
+            for batch in opt.constraint.safety.terms[0].batches:
                 for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
                     row = ids[mask.bool()].tolist()
                     prompt = next(p for p in prompt_ids if row[:len(p)] == p)
@@ -386,24 +386,25 @@ def test_a_measured_rise_of_the_safety_loss_is_paid_back(strength):
     opt = CurvSafe(adamw(model, lr=1e-4), model, safety_data(), strength=strength, refresh_every=100,
                    refresh_tol=None, refresh_batches=None, drift_steps=2)
     train(model, opt, train_data(1))  # the first refresh finds S at its level: nothing owed
-    assert opt.sides[0].owed == 0.0
+    safety, params = opt.constraint.sides[0], opt.constraint.params
+    assert safety.owed == 0.0
     with torch.no_grad():
-        for n, p in opt.params.items():
-            p.add_(0.05 * opt.sides[0].grad[n] / opt.gram[0, 0].sqrt())
+        for n, p in params.items():
+            p.add_(0.05 * safety.grad[n] / opt.constraint.gram[0, 0].sqrt())
     opt.refresh()
-    rise = opt.safety_level() - sum(opt.sides[0].levels) / len(opt.sides[0].levels)
-    assert rise > 0 and opt.sides[0].owed == pytest.approx(rise) and opt.sides[0].pay == pytest.approx(rise / 2)
+    rise = opt.safety_level() - sum(safety.levels) / len(safety.levels)
+    assert rise > 0 and safety.owed == pytest.approx(rise) and safety.pay == pytest.approx(rise / 2)
     start = opt.safety_level()
     for _ in range(2):
-        g, before = dict(opt.sides[0].grad), {n: p.detach().clone() for n, p in opt.params.items()}
-        pay = min(opt.sides[0].owed, opt.sides[0].pay)
+        g, before = dict(safety.grad), {n: p.detach().clone() for n, p in params.items()}
+        pay = min(safety.owed, safety.pay)
         train(model, opt, train_data(1))
-        u = {n: p.detach() - before[n] for n, p in opt.params.items()}
+        u = {n: p.detach() - before[n] for n, p in params.items()}
         assert float(dot(u, g)) <= -pay * (1 - 1e-6)
-    assert opt.sides[0].owed == pytest.approx(0.0, abs=1e-12)
+    assert safety.owed == pytest.approx(0.0, abs=1e-12)
     assert opt.safety_level() < start
     off = CurvSafe(adamw(model), model, safety_data(), restore_drift=False)
-    assert off.sides[0].levels == [] and off.sides[0].owed == 0.0
+    assert off.constraint.sides[0].levels == [] and off.constraint.sides[0].owed == 0.0
 
 
 @pytest.mark.parametrize("objective", ["anchor", "refusal", "anchor+harmful"])
@@ -425,10 +426,11 @@ def test_lora_dropout_does_not_read_as_drift(objective):
     model.train()
     for _ in range(2):
         opt.refresh()
-        assert opt.sides[0].owed == 0.0
+        assert opt.constraint.sides[0].owed == 0.0
     if objective == "anchor":
         index = (opt.refresh_count - 1) % len(batches)
-        assert opt.projector.kfac.mean_loss == opt.safety_level(index) == opt.sides[0].levels[index]
+        c = opt.constraint
+        assert c.projector.kfac.mean_loss == opt.safety_level(index) == c.sides[0].levels[index]
 
 
 def benign_data():
@@ -447,24 +449,26 @@ def test_benign_side_keeps_both_constraints_to_first_order(strength):
               for b in safety_data() + benign_data()]
     opt = CurvSafe(adamw(model, lr=5e-2), model, safety_data(), benign_batches=benign_data(), strength=strength,
                    refresh_every=1000, refresh_tol=None, refresh_batches=None)
-    assert len(opt.sides) == 2 and len(opt.sides[1].levels) == 2
+    assert len(opt.constraint.sides) == 2 and len(opt.constraint.sides[1].levels) == 2
     binding = 0
     for step in range(6):
         opt.refresh()  # this step's gradients and paybacks
-        g, b = dict(opt.sides[0].grad), dict(opt.sides[1].grad)
-        pay, bpay = min(opt.sides[0].owed, opt.sides[0].pay), min(opt.sides[1].owed, opt.sides[1].pay)
-        before = {n: p.detach().clone() for n, p in opt.params.items()}
+        safety, benign = opt.constraint.sides
+        g, b = dict(safety.grad), dict(benign.grad)
+        pay, bpay = min(safety.owed, safety.pay), min(benign.owed, benign.pay)
+        before = {n: p.detach().clone() for n, p in opt.constraint.params.items()}
         train(model, opt, [attack[step % 4]])
-        u = {n: p.detach() - before[n] for n, p in opt.params.items()}
+        u = {n: p.detach() - before[n] for n, p in opt.constraint.params.items()}
         tol = 1e-9 * float(sum(x.norm() ** 2 for x in u.values())) ** 0.5
         on_s, on_b = float(dot(u, g)) + pay, float(dot(u, b)) + bpay
-        assert on_s <= tol * float(opt.gram[0, 0]) ** 0.5 and on_b <= tol * float(dot(b, b)) ** 0.5, step
+        assert on_s <= tol * float(opt.constraint.gram[0, 0]) ** 0.5 and on_b <= tol * float(dot(b, b)) ** 0.5, step
         binding += abs(on_b) <= 1e-6 * abs(float(dot(u, b))) + 1e-12
     assert binding > 0  # the benign constraint was active (the attack pushes against it)
     # the benign gradient is the exact gradient of the benign anchor on the batches it was refreshed on
     opt.refresh()
-    exact = Objective([LossTerm("benign", opt.sides[1].loss.batches)]).gradient(model, opt.params)[1]
-    for n, x in opt.sides[1].grad.items():
+    benign = opt.constraint.sides[1]
+    exact = Objective([LossTerm("benign", benign.loss.batches)]).gradient(model, opt.constraint.params)[1]
+    for n, x in benign.grad.items():
         assert rel_err(x, exact[n]) < 1e-6, n
 
 
@@ -509,8 +513,8 @@ def test_other_objectives_guard_their_own_gradient(objective):
     opt = CurvSafe(adamw(model), model, safety_data(), objective=objective, refresh_every=1, refresh_batches=None)
     train(model, opt, train_data(1))
     opt.refresh()
-    expected = Objective(opt.safety.terms).gradient(model, opt.params)[1]
-    for n, g in opt.sides[0].grad.items():
+    expected = Objective(opt.constraint.safety.terms).gradient(model, opt.constraint.params)[1]
+    for n, g in opt.constraint.sides[0].grad.items():
         assert rel_err(g, expected[n]) < 1e-6, n
 
 
@@ -777,22 +781,23 @@ def test_plain_linear_layers_with_biases_are_projected_and_guarded():
         CurvSafe(torch.optim.AdamW(model.parameters()), model, safety_data())
     opt = CurvSafe(torch.optim.AdamW(model.parameters(), lr=1e-2), model, safety_data(), objective="refusal",
                    refresh_every=1)
-    assert {"fc1.bias", "fc2.bias"} <= set(opt.params)
+    assert {"fc1.bias", "fc2.bias"} <= set(opt.constraint.params)
     opt.refresh()  # biases count in the mean eigenvalue: tr(A) tr(G) per weight, tr(G) per bias
-    factors = [(opt.projector.kfac.factors[b.name].A, opt.projector.kfac.factors[b.name].G)
+    factors = [(opt.constraint.projector.kfac.factors[b.name].A, opt.constraint.projector.kfac.factors[b.name].G)
                for b in opt.blocks]
     mean = (sum(A.trace() * G.trace() + G.trace() for A, G in factors)
             / sum(A.shape[0] * G.shape[0] + G.shape[0] for A, G in factors))
     for block, (A, G) in zip(opt.blocks, factors):
-        QA, QG, scale, bias_scale = opt.projector.eigen[block.name]
+        QA, QG, scale, bias_scale = opt.constraint.projector.eigen[block.name]
         lam_G = torch.linalg.eigvalsh(G.double()).clamp_min(0)
         assert rel_err(bias_scale.double(), 1.0 / (1.0 + opt.settings.strength * lam_G / mean)) < 1e-5
     for s in range(3):
-        before = {n: p.detach().clone() for n, p in opt.params.items()}
+        before = {n: p.detach().clone() for n, p in opt.constraint.params.items()}
         opt.zero_grad()
         model(make_batch(seed=s)["input_ids"]).logits.sum().backward()
         opt.step()
-        dot = sum(float(((p.detach() - before[n]) * opt.sides[0].grad[n]).sum()) for n, p in opt.params.items())
+        grad = opt.constraint.sides[0].grad
+        dot = sum(float(((p.detach() - before[n]) * grad[n]).sum()) for n, p in opt.constraint.params.items())
         assert dot <= 1e-12
 
 
@@ -804,15 +809,15 @@ def test_refresh_follows_the_relative_movement_of_the_protected_parameters():
         model = lora_model()
         opt = CurvSafe(adamw(model, lr=lr), model, safety_data(), refresh_tol=tol, refresh_every=every)
         refreshed, expected, last, reference = [], [], 0, None
-        original = opt.refresh
+        original = opt.constraint.refresh
 
         def counting_refresh():
             refreshed.append(opt.step_count)
             original()
 
-        opt.refresh = counting_refresh
+        opt.constraint.refresh = counting_refresh
         for step, batch in enumerate(train_data(8)):
-            params = list(opt.params.values())
+            params = list(opt.constraint.params.values())
             if reference is None or step - last >= every or (
                     sum(float((p.detach() - r).norm() ** 2) for p, r in zip(params, reference))
                     > tol ** 2 * sum(float(r.norm() ** 2) for r in reference)):
@@ -834,10 +839,10 @@ def test_each_refresh_fits_the_next_safety_batch_and_guards_with_its_gradient():
     model = lora_model()
     safety = [make_batch(batch=2, seq=6, seed=200 + s, prompt=4) for s in range(3)]
     opt = CurvSafe(adamw(model, lr=1e-2), model, safety, refresh_every=1)
-    anchors = opt.safety.terms[0].batches
+    anchors = opt.constraint.safety.terms[0].batches
     fitted = []
-    fit = opt.projector.kfac.fit
-    opt.projector.kfac.fit = lambda batches, **kw: (fitted.append(batches), fit(batches, **kw))[1]
+    fit = opt.constraint.projector.kfac.fit
+    opt.constraint.projector.kfac.fit = lambda batches, **kw: (fitted.append(batches), fit(batches, **kw))[1]
     for step, batch in enumerate(train_data(5)):  # refresh_batches=1 (default): batch 0, 1, 2, 0, 1
         train(model, opt, [batch])
         assert len(fitted[-1]) == 1 and fitted[-1][0] is anchors[step % 3]
@@ -847,8 +852,8 @@ def test_each_refresh_fits_the_next_safety_batch_and_guards_with_its_gradient():
         chosen = [anchors[(r * k + j) % 3] for j in range(k)]
         opt.refresh()
         assert all(a is b for a, b in zip(fitted[-1], chosen, strict=True))
-        expected = Objective([LossTerm("anchor", chosen)]).gradient(model, opt.params)[1]
-        for n, g in opt.sides[0].grad.items():  # the guard's gradient: the exact gradient of the batches just fitted
+        expected = Objective([LossTerm("anchor", chosen)]).gradient(model, opt.constraint.params)[1]
+        for n, g in opt.constraint.sides[0].grad.items():  # the guard's gradient: exact on the batches just fitted
             assert rel_err(g, expected[n]) < 1e-5, n
     with pytest.raises(ValueError, match="refresh_batches"):
         CurvSafe(adamw(model), model, safety, refresh_batches=0)
@@ -862,7 +867,7 @@ def test_fixed_refresh_interval_without_tolerance():
     model = lora_model()
     opt = CurvSafe(adamw(model, lr=5e-2), model, safety_data(), refresh_tol=None, refresh_every=3)
     steps = []
-    original = opt.refresh
-    opt.refresh = lambda: (steps.append(opt.step_count), original())
+    original = opt.constraint.refresh
+    opt.constraint.refresh = lambda: (steps.append(opt.step_count), original())
     train(model, opt, train_data(7))
     assert steps == [0, 3, 6]

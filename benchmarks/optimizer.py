@@ -36,6 +36,7 @@ import shlex
 import statistics
 import sys
 import time
+from typing import Callable, Optional
 from pathlib import Path
 
 # keep benchmarks/ (which holds a kernels.py) off the path: transformers probes for a package called `kernels`
@@ -186,10 +187,56 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
             "refreshes": refreshes, "samples_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
 
 
+def traced(factory: Callable, steps: list) -> Callable:
+    """``factory`` whose CurvSafe appends each step's :class:`~curvsafe.optim.constraint.StepReport` (as a dict)
+    to ``steps``."""
+    def make(model):
+        opt = factory(model)
+
+        def record(o, args, kwargs):
+            report = o.constraint.report
+            if report is not None and report.step == o.step_count - 1:
+                steps.append(report.as_dict())
+
+        opt.register_step_post_hook(record)
+        return opt
+
+    return make
+
+
+def trace_summary(steps: list[dict]) -> dict:
+    """Per phase of the run (steps 0-19, 20-99, 100 on): the share of the update's energy the projection kept and
+    the guard's correction took (energy-weighted over the steps); refreshes and their median seconds; the largest
+    drift owed (the safety side's rise at a refresh)."""
+    phases = {}
+    for name, lo, hi in (("0-19", 0, 20), ("20-99", 20, 100), ("100-", 100, None)):
+        part = [r for r in steps if r["step"] >= lo and (hi is None or r["step"] < hi)]
+        u = sum(r["update_sq"] for r in part)
+        phases[name] = {"kept": sum(r["projected_sq"] for r in part) / u if u else None,
+                        "guarded": sum(r["correction_sq"] for r in part) / u if u else None,
+                        "guard_active": sum(r["correction_sq"] > 0 for r in part), "steps": len(part)}
+    refresh = [r["refresh_seconds"] for r in steps if r["refresh_seconds"] is not None]
+    return {"phases": phases, "refreshes": len(refresh),
+            "refresh_seconds": statistics.median(refresh) if refresh else None,
+            "max_owed": max((r["owed"][0] + r["paid"][0] for r in steps), default=0.0)}
+
+
+def _rounded(value):
+    """``value`` with every float rounded to 4 significant digits (the per-step trace file stays small)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def quality(cache: Path, work: Path, seed: int, variants: list[str], data_dir=None,
-            attacks=("benign", "harmful")) -> tuple[dict, list[dict], list[dict]]:
+            attacks=("benign", "harmful"), traces: Optional[dict] = None) -> tuple[dict, list[dict], list[dict]]:
     """(aligned model's row, the mix attack's rows of ``variants``, the other attack settings' AdamW/CurvSafe rows)
-    on testbed seed ``seed`` (the realistic testbed on ``data_dir`` when given)."""
+    on testbed seed ``seed`` (the realistic testbed on ``data_dir`` when given); with ``traces``, every CurvSafe
+    run's per-step reports under ``(seed, attack, variant)``, and its summary in the row."""
     from curvsafe.anchors import anchor_responses, keep_response_prefix
     from curvsafe.demo import _evaluate, default_cache
     from curvsafe.finetune import curvsafe_factory, lora_sft
@@ -212,6 +259,8 @@ def quality(cache: Path, work: Path, seed: int, variants: list[str], data_dir=No
             benign = load_pairs(data / "restore_benign.jsonl", require_response=False) if options.pop(
                 "benign", False) else None
             factory = curvsafe_factory(tok, safety, lr=cfg.attack_lr, benign=benign, **options)
+            if traces is not None:
+                factory = traced(factory, traces.setdefault(f"{seed}/{setting}/{name}", []))
         else:
             def factory(m):  # the same AdamW that curvsafe_factory wraps
                 return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.attack_lr,
@@ -223,6 +272,8 @@ def quality(cache: Path, work: Path, seed: int, variants: list[str], data_dir=No
                        force=True, progress=False)
         row = {"seed": seed, "attack": setting, "variant": name, "options": options, "steps": log["steps"],
                "seconds": time.perf_counter() - t0, **_evaluate(model, tok, data, anchor_eval)}
+        if traces is not None and options is not None:
+            row["trace"] = trace_summary(traces[f"{seed}/{setting}/{name}"])
         print(json.dumps(row), flush=True)
         return row
 
@@ -271,6 +322,24 @@ def quality_tables(aligned: list[dict], rows: list[dict]) -> list[str]:
         lines.append(f"| {r['seed']} | {r['attack']} | {r['variant']} | {100 * r['harmful_rate']:.1f} | "
                      f"{100 * r['over_refusal']:.1f} | {100 * r['task_accuracy']:.1f} | {_share([r], adamw)} | "
                      f"{r['seconds']:.1f} |")
+    traced_rows = [r for r in rows if "trace" in r]
+    if traced_rows:
+        lines += ["", "What the constraint did (`--trace`; every step's report in the `_trace.json` file the run "
+                  "writes): the share of the update's energy |u|^2 the projection kept and the guard's correction "
+                  "took, energy-weighted "
+                  "over each phase of the run (steps 0-19 / 20-99 / 100 on); steps where the guard acted; refreshes, "
+                  "their median time; the largest safety-side drift owed at a refresh (NLL).", "",
+                  "| seed | attack | variant | kept | guard's share | guard acted | refreshes | refresh s | "
+                  "max owed |", "| ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+        for r in traced_rows:
+            t, ph = r["trace"], r["trace"]["phases"].values()
+
+            def fmt(key: str, digits: int) -> str:
+                return " / ".join("-" if p[key] is None else f"{p[key]:.{digits}f}" for p in ph)
+
+            lines.append(f"| {r['seed']} | {r['attack']} | {r['variant']} | {fmt('kept', 2)} | "
+                         f"{fmt('guarded', 4)} | {' / '.join(str(p['guard_active']) for p in ph)} | "
+                         f"{t['refreshes']} | {t['refresh_seconds'] or 0:.3f} | {t['max_owed']:.3f} |")
     return lines
 
 
@@ -292,6 +361,9 @@ def main() -> None:
                         help="attack settings besides mix run with adamw/curvsafe/benign side ('' for none)")
     parser.add_argument("--testbed", choices=["default", "realistic"], default="default")
     parser.add_argument("--data-dir", help="the realistic testbed's public files (e.g. ../shared/data)")
+    parser.add_argument("--trace", action="store_true",
+                        help="record what CurvSafe's constraint did at every step (a summary table, and the per-step "
+                        "reports in a _trace.json file)")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -322,10 +394,11 @@ def main() -> None:
     if not args.timing_only:
         seeds = [int(x) for x in args.seeds.split(",")]
         aligned, rows = [], []
+        traces = {} if args.trace else None
         with __import__("tempfile").TemporaryDirectory(prefix="curvsafe-optim-") as work:
             for seed in seeds:
                 a, mix, others = quality(args.cache, Path(work), seed, variants, args.data_dir,
-                                         [a for a in args.other_attacks.split(",") if a])
+                                         [a for a in args.other_attacks.split(",") if a], traces)
                 aligned.append(a)
                 rows += mix + others
         lines += [f"{args.testbed.capitalize()} testbed attack fine-tunes (mix: 10% harmful pairs; benign: the task "
@@ -342,6 +415,8 @@ def main() -> None:
         "_realistic" if args.testbed == "realistic" else "") + ("_timing_fsdp2" if args.fsdp2 else "")
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    if report.get("rows") and traces:
+        (out / f"{stem}_trace.json").write_text(json.dumps(_rounded(traces)))
 
 
 if __name__ == "__main__":

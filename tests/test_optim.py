@@ -871,3 +871,63 @@ def test_fixed_refresh_interval_without_tolerance():
     opt.constraint.refresh = lambda: (steps.append(opt.step_count), original())
     train(model, opt, train_data(7))
     assert steps == [0, 3, 6]
+
+
+@pytest.mark.parametrize("strength", [0.0, 2.0])
+def test_each_step_reports_what_the_constraint_did(strength):
+    """``constraint.report``: the wrapped optimizer's update energy (SGD: lr^2 |grad|^2), the energy the projection
+    kept (less than all of it with a projection, all of it without), the guard's correction (none: the applied
+    update is the projected one; some: the applied update meets the guard's constraint with the payback reported),
+    the refreshes and the drift paid and owed."""
+    model = lora_model()
+    lr = 0.5
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    opt = CurvSafe(sgd, model, safety_data(), strength=strength, refresh_tol=None, refresh_every=2)
+    acted = 0
+    for step, batch in enumerate(train_data(5)):
+        params = opt.constraint.params
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        before = {n: p.detach().clone() for n, p in params.items()}
+        grads = {n: p.grad.detach().clone() for n, p in params.items()}
+        opt.step()
+        r = opt.report
+        assert r.step == step and (r.refresh_seconds is not None) == (step % 2 == 0)
+        u_sq = sum(float((lr * g).square().sum()) for g in grads.values())
+        assert float(r.update_sq) == pytest.approx(u_sq, rel=1e-10)
+        if strength == 0:
+            assert float(r.projected_sq) == float(r.update_sq)
+        else:
+            assert 0 < float(r.projected_sq) < float(r.update_sq)
+        applied_sq = sum(float((p.detach() - before[n]).square().sum()) for n, p in params.items())
+        if float(r.correction_sq) == 0:
+            assert applied_sq == pytest.approx(float(r.projected_sq), rel=1e-9)
+        else:  # the applied update u' meets <u', g> <= -r
+            acted += 1
+            g = opt.constraint.sides[0].grad
+            on_g = sum(float(((p.detach() - before[n]) * g[n]).sum()) for n, p in params.items())
+            assert on_g <= -r.paid[0] + 1e-9 * float(r.correction_sq) ** 0.5
+        d = r.as_dict()
+        assert d["kept"] == pytest.approx(float(r.projected_sq) / u_sq) and len(d["paid"]) == len(d["owed"]) == 1
+    assert acted > 0
+
+
+def test_curvsafe_is_the_safety_constraint_around_the_wrapped_step():
+    """CurvSafe delegates: ``SafetyConstraint.begin()``, the wrapped optimizer's step, ``finish()`` on a plain
+    optimizer give the same parameters bit for bit."""
+    from curvsafe.optim.constraint import SafetyConstraint
+
+    wrapped, plain = lora_model(), lora_model()
+    opt = CurvSafe(adamw(wrapped), wrapped, safety_data(), refresh_every=2)
+    inner = adamw(plain)
+    constraint = SafetyConstraint(plain, inner, safety_data(), CurvSafeSettings(refresh_every=2))
+    for batch in train_data(4):
+        train(wrapped, opt, [batch])
+        inner.zero_grad()
+        plain(**batch).loss.backward()
+        constraint.begin()
+        inner.step()
+        constraint.finish()
+    assert constraint.steps == opt.step_count == 4 and constraint.refreshes == opt.refresh_count == 2
+    for (n, a), b in zip(trainable(wrapped).items(), trainable(plain).values()):
+        assert torch.equal(a, b), n

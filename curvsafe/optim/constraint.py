@@ -53,6 +53,9 @@ Conventions (per captured linear block, weight seen as its (d_out, d_in) matrix,
   model's 3%); the benign constraint makes the payback use directions that tell the two apart. Cost: one more
   gradient pass per refresh.
 - Settings: :class:`~curvsafe.optim.settings.CurvSafeSettings` (one validated dataclass, saved in the state).
+- **Report**: after each step :attr:`SafetyConstraint.report` (:class:`StepReport`) says what was done: the
+  wrapped optimizer's update energy ``|u|^2``, the energy the projection kept, the guard's correction, the
+  refresh before the step and its time, the drift paid and still owed (``benchmarks/optimizer.py --trace``).
 - Parameters of the wrapped optimizer outside the captured blocks are updated by it untouched. With
   ``strength=0`` and ``guard=False`` every step is the wrapped optimizer's, bit for bit.
 - Under ``torch.distributed`` (DDP) the safety factors, token counts and the safety gradient are all-reduced over
@@ -67,6 +70,8 @@ On CUDA the projection runs the Triton ``kron_eigen_apply`` kernel, on CPU the C
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
 import torch
@@ -95,6 +100,34 @@ STATE_VERSION = 7
 def _working(t: Tensor) -> Tensor:
     """``t`` in the precision the constraint is computed in: float32, or float64 for float64 parameters."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _energy(tensors: list[Tensor]) -> Tensor:
+    """``sum_i |t_i|^2`` (a tensor: reading it is the only synchronisation)."""
+    return torch.stack(torch._foreach_norm(tensors)).square().sum()
+
+
+@dataclass
+class StepReport:
+    """What the constraint did to one optimizer step: ``SafetyConstraint.report`` after each step, for logs and
+    diagnosis (``benchmarks/optimizer.py --trace``). Energies are squared norms summed over the protected
+    parameters, kept as tensors until :meth:`as_dict` reads them."""
+
+    step: int  # the step's index (0-based)
+    refresh_seconds: Optional[float]  # the refresh before this step took this long (None: no refresh)
+    update_sq: Tensor  # |u|^2: the wrapped optimizer's update
+    projected_sq: Tensor  # |P u|^2 after the projection (|u|^2 without one)
+    correction_sq: Tensor  # |c|^2: the guard's correction (0 where it did not act)
+    paid: list[float]  # drift paid back by this step, per guarded side (safety first, then benign)
+    owed: list[float]  # drift still owed after it, per side
+
+    def as_dict(self) -> dict:
+        """Plain numbers, with ``kept`` (``|P u|^2 / |u|^2``: the share of the update's energy the projection
+        keeps) and ``guarded`` (``|c|^2 / |u|^2``)."""
+        u, p, c = float(self.update_sq), float(self.projected_sq), float(self.correction_sq)
+        return {"step": self.step, "refresh_seconds": self.refresh_seconds, "update_sq": u, "projected_sq": p,
+                "correction_sq": c, "kept": p / u if u > 0 else 1.0, "guarded": c / u if u > 0 else 0.0,
+                "paid": list(self.paid), "owed": list(self.owed)}
 
 
 def _same_on_every_rank(value: int, what: str, device: torch.device) -> None:
@@ -182,6 +215,9 @@ class SafetyConstraint:
         self._reference: list[Tensor] = []  # the protected parameters at the last refresh
         self._before: list[Tensor] = []  # the protected parameters at the start of the step
         self.gram: Optional[Tensor] = None  # <g_i, g_j> of the guarded gradients (None before the first refresh)
+        self.report: Optional[StepReport] = None  # what the last step's constraint did
+        self._refresh_seconds: Optional[float] = None  # of this step's refresh (None: none)
+        self._paid: list[float] = []  # this step's paybacks
 
     # ------------------------------------------------------------------ construction
     def _new_projector(self) -> SafetyProjector:
@@ -254,8 +290,11 @@ class SafetyConstraint:
         """Before the wrapped optimizer's step: adopt replaced parameters, refresh when due, remember the
         protected parameters (the update is measured from them)."""
         self._follow_replaced_params()
+        self._refresh_seconds = self._paid = None
         if self._refresh_due():
+            start = time.perf_counter()
             self.refresh()
+            self._refresh_seconds = time.perf_counter() - start
         params = list(self.params.values())
         with torch.no_grad():
             if any(is_sharded(p) for p in params):  # FSDP2: this rank's shards
@@ -380,6 +419,7 @@ class SafetyConstraint:
         deltas = torch._foreach_sub([_working(p) for p in params], [_working(b) for b in self._before])
         if self.settings.strength == 0:  # guard only: touch the parameters only where it acts (bit-exact otherwise)
             correction = self._guard_correction(names, deltas)
+            self._record(deltas, deltas, correction)
             if correction is not None:
                 torch._foreach_sub_(params, [c.to(p.dtype) for c, p in zip(correction, params)])
             return
@@ -392,10 +432,10 @@ class SafetyConstraint:
         by_name = dict(zip(names, update))
         self.projector.project(by_name)
         projected = [by_name[n] for n in names]
-        if self.settings.guard:
-            correction = self._guard_correction(names, projected)
-            if correction is not None:
-                torch._foreach_sub_(projected, correction)
+        correction = self._guard_correction(names, projected) if self.settings.guard else None
+        self._record(update, projected, correction)
+        if correction is not None:
+            torch._foreach_sub_(projected, correction)
         return projected
 
     def _constrain_sharded(self, params: list[Tensor]) -> None:
@@ -406,6 +446,7 @@ class SafetyConstraint:
         update = gather_whole(params, local_updates)
         if self.settings.strength == 0:  # guard only: leave the wrapped step where the guard does not act
             correction = self._guard_correction(names, update)
+            self._record(update, update, correction)
             if correction is None:
                 return
             torch._foreach_sub_(update, correction)
@@ -418,8 +459,16 @@ class SafetyConstraint:
         """The guard's correction of ``update`` for this step (each side pays its share of the drift it owes)."""
         if self.gram is None:
             return None
-        paybacks = [side.take() for side in self.sides]
+        self._paid = paybacks = [side.take() for side in self.sides]
         return guard_correction(update, [[side.grad[n] for n in names] for side in self.sides], paybacks, self.gram)
+
+    def _record(self, update: list[Tensor], projected: list[Tensor], correction: Optional[list[Tensor]]) -> None:
+        """This step's :class:`StepReport` (``projected`` before the guard's correction)."""
+        update_sq = _energy(update)
+        self.report = StepReport(
+            self.steps, self._refresh_seconds, update_sq, update_sq if projected is update else _energy(projected),
+            torch.zeros_like(update_sq) if correction is None else _energy(correction),
+            self._paid or [0.0] * len(self.sides), [side.owed for side in self.sides])
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:

@@ -171,6 +171,12 @@ class CurvSafe(Optimizer):
         return self.constraint.steps
 
     @property
+    def report(self):
+        """What the safety constraint did in the last step (a :class:`~curvsafe.optim.constraint.StepReport`:
+        update energy, the share the projection kept, the guard's correction, refreshes, drift; None before one)."""
+        return self.constraint.report
+
+    @property
     def refresh_count(self) -> int:
         """Refreshes of the safety curvature and gradient so far."""
         return self.constraint.refreshes

@@ -45,6 +45,8 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
+    from .optim.trainer import CurvSafeLogMixin
+
     out = check_out(out, force)
     if not pairs:
         raise ValueError("no training pairs")
@@ -66,8 +68,9 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
                                  use_cpu=not torch.cuda.is_available(),
                                  remove_unused_columns=False, dataloader_num_workers=0)
         optimizers = (optimizer(peft_model), None) if optimizer is not None else (None, None)
-        trainer = Trainer(model=peft_model, args=args, train_dataset=dataset, optimizers=optimizers,
-                          data_collator=lambda items: collate(items, pad))
+        trainer = type("LoRATrainer", (CurvSafeLogMixin, Trainer), {})(  # CurvSafe's summary in the logs
+            model=peft_model, args=args, train_dataset=dataset, optimizers=optimizers,
+            data_collator=lambda items: collate(items, pad))
         if not progress:
             from transformers.trainer_callback import PrinterCallback
 

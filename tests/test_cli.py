@@ -99,10 +99,12 @@ def test_finetune_eval_restore_commands(saved_model, tmp_path, capsys):
 def test_finetune_with_the_curvsafe_optimizer(saved_model, tmp_path, capsys):
     model = str(saved_model / "model")
     data = str(saved_model / "data.jsonl")
-    assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "guarded"), "--epochs", "1",
+    assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "guarded"), "--epochs", "4",
                  "--batch-size", "4", "--optimizer", "curvsafe", "--safety", data]) == 0
     log = json.loads((tmp_path / "guarded" / "train_log.json").read_text())
-    assert log["optimizer"] == "CurvSafe" and log["steps"] == 3
+    assert log["optimizer"] == "CurvSafe" and log["steps"] == 12
+    (logged,) = log["history"]  # every 10 steps, with what CurvSafe did since the last log
+    assert 0 < logged["curvsafe_kept"] <= 1 and logged["curvsafe_guard"] >= 0 and logged["curvsafe_refreshes"] >= 1
     assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "g2"),
                  "--optimizer", "curvsafe"]) == 2
     assert "--safety" in capsys.readouterr().err

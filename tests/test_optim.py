@@ -878,12 +878,12 @@ def test_each_step_reports_what_the_constraint_did(strength):
     """``constraint.report``: the wrapped optimizer's update energy (SGD: lr^2 |grad|^2), the energy the projection
     kept (less than all of it with a projection, all of it without), the guard's correction (none: the applied
     update is the projected one; some: the applied update meets the guard's constraint with the payback reported),
-    the refreshes and the drift paid and owed."""
+    the refreshes and the drift paid and owed; ``summary()`` adds them up since its last call."""
     model = lora_model()
     lr = 0.5
     sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     opt = CurvSafe(sgd, model, safety_data(), strength=strength, refresh_tol=None, refresh_every=2)
-    acted = 0
+    acted, reports = 0, []
     for step, batch in enumerate(train_data(5)):
         params = opt.constraint.params
         opt.zero_grad()
@@ -909,7 +909,14 @@ def test_each_step_reports_what_the_constraint_did(strength):
             assert on_g <= -r.paid[0] + 1e-9 * float(r.correction_sq) ** 0.5
         d = r.as_dict()
         assert d["kept"] == pytest.approx(float(r.projected_sq) / u_sq) and len(d["paid"]) == len(d["owed"]) == 1
+        reports.append(d)
     assert acted > 0
+    # the summary since the last one (the Trainer's logs): energy-weighted over the steps, then reset
+    done, energy = opt.constraint.summary(), sum(d["update_sq"] for d in reports)
+    assert done["steps"] == 5 and done["refreshes"] == 3
+    assert done["kept"] == pytest.approx(sum(d["projected_sq"] for d in reports) / energy, rel=1e-6)
+    assert done["guard"] == pytest.approx(sum(d["correction_sq"] for d in reports) / energy, rel=1e-6)
+    assert opt.constraint.summary() == {}
 
 
 def test_curvsafe_is_the_safety_constraint_around_the_wrapped_step():

@@ -129,7 +129,9 @@ inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") e
 if rank == 0:
     torch.save({"lora": state, "optimizer": type(inner).__name__,
                 "sharded": any(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
-                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}, out)
+                "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+                "curvsafe_logs": [{k: v for k, v in h.items() if k.startswith("curvsafe_")}
+                                  for h in trainer.state.log_history if "loss" in h]}, out)
 if ranks > 1:  # the group torn down while every rank is alive, not at exit (gloo aborts there once a peer is gone)
     from curvsafe.ranks import leave_group  # noqa: E402
 

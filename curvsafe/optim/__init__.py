@@ -3,9 +3,9 @@ the trainers that build it around the HF Trainer's own optimizer (:mod:`curvsafe
 
 from .curvsafe import CurvSafe
 from .settings import CurvSafeSettings
-from .trainer import CurvSafeTrainerMixin
+from .trainer import CurvSafeLogMixin, CurvSafeTrainerMixin
 
-__all__ = ["CurvSafe", "CurvSafeSettings", "CurvSafeTrainer", "CurvSafeTrainerMixin"]
+__all__ = ["CurvSafe", "CurvSafeLogMixin", "CurvSafeSettings", "CurvSafeTrainer", "CurvSafeTrainerMixin"]
 
 
 def __getattr__(name: str):

@@ -218,6 +218,8 @@ class SafetyConstraint:
         self.report: Optional[StepReport] = None  # what the last step's constraint did
         self._refresh_seconds: Optional[float] = None  # of this step's refresh (None: none)
         self._paid: list[float] = []  # this step's paybacks
+        self._since: Optional[Tensor] = None  # [|u|^2, |Pu|^2, |c|^2, steps] summed since the last summary()
+        self._refreshes_then = 0  # refreshes at the last summary()
 
     # ------------------------------------------------------------------ construction
     def _new_projector(self) -> SafetyProjector:
@@ -465,10 +467,24 @@ class SafetyConstraint:
     def _record(self, update: list[Tensor], projected: list[Tensor], correction: Optional[list[Tensor]]) -> None:
         """This step's :class:`StepReport` (``projected`` before the guard's correction)."""
         update_sq = _energy(update)
-        self.report = StepReport(
+        self.report = r = StepReport(
             self.steps, self._refresh_seconds, update_sq, update_sq if projected is update else _energy(projected),
             torch.zeros_like(update_sq) if correction is None else _energy(correction),
             self._paid or [0.0] * len(self.sides), [side.owed for side in self.sides])
+        energies = torch.stack([r.update_sq, r.projected_sq, r.correction_sq, torch.ones_like(r.update_sq)])
+        self._since = energies if self._since is None else self._since + energies
+
+    def summary(self) -> dict[str, float]:
+        """Since the last call (which it resets): ``steps`` constrained, the share of their updates' energy the
+        projection ``kept`` and the guard's correction took (``guard``), energy-weighted, and the ``refreshes``
+        (what the CurvSafe trainers add to the Trainer's logs); {} when no step was constrained."""
+        if self._since is None:
+            return {}
+        update, projected, correction, steps = self._since.tolist()
+        out = {"steps": int(steps), "kept": projected / update if update > 0 else 1.0,
+               "guard": correction / update if update > 0 else 0.0, "refreshes": self.refreshes - self._refreshes_then}
+        self._since, self._refreshes_then = None, self.refreshes
+        return out
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:

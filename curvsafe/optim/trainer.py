@@ -39,7 +39,30 @@ from .curvsafe import CurvSafe
 from .settings import CurvSafeSettings
 
 
-class CurvSafeTrainerMixin:
+class CurvSafeLogMixin:
+    """Mix into a ``transformers.Trainer`` subclass (before it) whose optimizer is a CurvSafe, given or made: its
+    training logs (``log_history``, the reporters) gain what CurvSafe did since the last log. Without a CurvSafe the
+    logs are the Trainer's own."""
+
+    def _curvsafe(self) -> Optional[CurvSafe]:
+        """The CurvSafe in ``self.optimizer`` (accelerate wraps it in an ``AcceleratedOptimizer``), or None."""
+        optimizer = getattr(self, "optimizer", None)
+        while optimizer is not None and not isinstance(optimizer, CurvSafe):
+            optimizer = getattr(optimizer, "optimizer", None)
+        return optimizer
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """The Trainer's training logs, with what CurvSafe did since the last one (``curvsafe_kept``: the share of
+        the updates' energy its projection kept, ``curvsafe_guard``: the share its guard's correction took,
+        ``curvsafe_refreshes``; :meth:`~curvsafe.optim.constraint.SafetyConstraint.summary`)."""
+        curvsafe = self._curvsafe()
+        if curvsafe is not None and "loss" in logs:
+            done = curvsafe.constraint.summary()
+            logs = {**logs, **{f"curvsafe_{k}": done[k] for k in ("kept", "guard", "refreshes") if k in done}}
+        super().log(logs, *args, **kwargs)
+
+
+class CurvSafeTrainerMixin(CurvSafeLogMixin):
     """Mix into a ``transformers.Trainer`` subclass (before it) to train with CurvSafe around its optimizer.
 
     Keyword arguments taken before the trainer's own: ``safety_data`` (as ``CurvSafe``'s ``safety_batches``:
@@ -65,13 +88,6 @@ class CurvSafeTrainerMixin:
         if not isinstance(optimizer, CurvSafe):
             model = (args[0] if args else kwargs.get("model")) or self.model  # the prepared model when given
             self.optimizer = optimizer = CurvSafe(optimizer, model, **self._curvsafe_args)
-        return optimizer
-
-    def _curvsafe(self) -> Optional[CurvSafe]:
-        """The CurvSafe in ``self.optimizer`` (accelerate wraps it in an ``AcceleratedOptimizer``), or None."""
-        optimizer = getattr(self, "optimizer", None)
-        while optimizer is not None and not isinstance(optimizer, CurvSafe):
-            optimizer = getattr(optimizer, "optimizer", None)
         return optimizer
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

@@ -123,10 +123,10 @@ class StepReport:
 
     def as_dict(self) -> dict:
         """Plain numbers, with ``kept`` (``|P u|^2 / |u|^2``: the share of the update's energy the projection
-        keeps) and ``guarded`` (``|c|^2 / |u|^2``)."""
+        keeps) and ``guard`` (``|c|^2 / |u|^2``: the share the guard's correction takes)."""
         u, p, c = float(self.update_sq), float(self.projected_sq), float(self.correction_sq)
         return {"step": self.step, "refresh_seconds": self.refresh_seconds, "update_sq": u, "projected_sq": p,
-                "correction_sq": c, "kept": p / u if u > 0 else 1.0, "guarded": c / u if u > 0 else 0.0,
+                "correction_sq": c, "kept": p / u if u > 0 else 1.0, "guard": c / u if u > 0 else 0.0,
                 "paid": list(self.paid), "owed": list(self.owed)}
 
 
@@ -336,8 +336,7 @@ class SafetyConstraint:
         if len(params) != len(self._reference):
             return True
         with torch.no_grad():
-            moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._reference))).square().sum()
-            norm = torch.stack(torch._foreach_norm(self._reference)).square().sum()
+            moved, norm = _energy(torch._foreach_sub(params, self._reference)), _energy(self._reference)
             if any(is_sharded(p) for p in self.params.values()):
                 moved, norm = all_reduce_counts([float(moved), float(norm)], moved.device)
         return bool(moved > s.refresh_tol ** 2 * norm)

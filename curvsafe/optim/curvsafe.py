@@ -3,8 +3,9 @@
 A thin wrapper in the manner of torch.optim's own: the wrapped optimizer takes its step, then the
 :class:`~curvsafe.optim.constraint.SafetyConstraint` (whose module docstring states the safety loss, the curvature,
 the refresh policy, the projection, the guard and the benign side) constrains the update of the protected blocks.
-Everything an optimizer exposes (``param_groups``, ``state``, ``defaults``, ``zero_grad``, hooks) is the wrapped
-optimizer's; the state dict is its own with the constraint's under ``"curvsafe"``. Settings:
+What an optimizer exposes (``param_groups``, ``state``, ``defaults``, ``zero_grad``) is the wrapped optimizer's;
+step hooks registered on the wrapper run around the whole constrained step; the state dict is the wrapped
+optimizer's with the constraint's under ``"curvsafe"``. Settings:
 :class:`~curvsafe.optim.settings.CurvSafeSettings`. With ``strength=0`` and ``guard=False`` every step is the
 wrapped optimizer's, bit for bit.
 """

@@ -216,9 +216,11 @@ def trace_summary(steps: list[dict]) -> dict:
                         "guarded": sum(r["correction_sq"] for r in part) / u if u else None,
                         "guard_active": sum(r["correction_sq"] > 0 for r in part), "steps": len(part)}
     refresh = [r["refresh_seconds"] for r in steps if r["refresh_seconds"] is not None]
+    spectra = [r["spectrum"] for r in steps if r.get("spectrum")]
     return {"phases": phases, "refreshes": len(refresh),
             "refresh_seconds": statistics.median(refresh) if refresh else None,
-            "max_owed": max((r["owed"][0] + r["paid"][0] for r in steps), default=0.0)}
+            "max_owed": max((r["owed"][0] + r["paid"][0] for r in steps), default=0.0),
+            "spectrum": {"first": spectra[0], "last": spectra[-1]} if spectra else None}
 
 
 def _rounded(value):
@@ -328,18 +330,28 @@ def quality_tables(aligned: list[dict], rows: list[dict]) -> list[str]:
                   "writes): the share of the update's energy |u|^2 the projection kept and the guard's correction "
                   "took, energy-weighted "
                   "over each phase of the run (steps 0-19 / 20-99 / 100 on); steps where the guard acted; refreshes, "
-                  "their median time; the largest safety-side drift owed at a refresh (NLL).", "",
+                  "their median time; the largest safety-side drift owed at a refresh (NLL); the safety curvature "
+                  "at the first / last refresh (`SafetyProjector.spectrum`): the share of the protected weights' "
+                  "directions the projection damps by more than half, the share of the curvature in them, and its "
+                  "effective rank (participation ratio).", "",
                   "| seed | attack | variant | kept | guard's share | guard acted | refreshes | refresh s | "
-                  "max owed |", "| ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+                  "max owed | damped directions | their curvature | effective rank |",
+                  "| ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |"]
         for r in traced_rows:
             t, ph = r["trace"], r["trace"]["phases"].values()
 
             def fmt(key: str, digits: int) -> str:
                 return " / ".join("-" if p[key] is None else f"{p[key]:.{digits}f}" for p in ph)
 
+            def spec(key: str, fmt_one: str) -> str:
+                ends = (t.get("spectrum") or {}).values()
+                return " / ".join(format(e[key], fmt_one) for e in ends) or "-"
+
             lines.append(f"| {r['seed']} | {r['attack']} | {r['variant']} | {fmt('kept', 2)} | "
                          f"{fmt('guarded', 4)} | {' / '.join(str(p['guard_active']) for p in ph)} | "
-                         f"{t['refreshes']} | {t['refresh_seconds'] or 0:.3f} | {t['max_owed']:.3f} |")
+                         f"{t['refreshes']} | {t['refresh_seconds'] or 0:.3f} | {t['max_owed']:.3f} | "
+                         f"{spec('damped', '.4f')} | {spec('damped_curvature', '.2f')} | "
+                         f"{spec('effective_rank', '.1f')} |")
     return lines
 
 

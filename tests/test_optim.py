@@ -909,6 +909,12 @@ def test_each_step_reports_what_the_constraint_did(strength):
             assert on_g <= -r.paid[0] + 1e-9 * float(r.correction_sq) ** 0.5
         d = r.as_dict()
         assert d["kept"] == pytest.approx(float(r.projected_sq) / u_sq) and len(d["paid"]) == len(d["owed"]) == 1
+        if strength > 0 and step % 2 == 0:  # a refresh: the projection's curvature summary, over every weight
+            assert d["spectrum"]["directions"] == sum(opt.constraint.params[b.weight_name].numel()
+                                                      for b in opt.blocks)
+            assert 0 < d["spectrum"]["damped"] < 1 and d["spectrum"]["top"] > 1
+        else:
+            assert d["spectrum"] is None
         reports.append(d)
     assert acted > 0
     # the summary since the last one (the Trainer's logs): energy-weighted over the steps, then reset
@@ -917,6 +923,45 @@ def test_each_step_reports_what_the_constraint_did(strength):
     assert done["kept"] == pytest.approx(sum(d["projected_sq"] for d in reports) / energy, rel=1e-6)
     assert done["guard"] == pytest.approx(sum(d["correction_sq"] for d in reports) / energy, rel=1e-6)
     assert opt.constraint.summary() == {}
+
+
+def _brute_spectrum(blocks, mean, damp):
+    """The spectrum summary from every Kronecker eigenvalue written out (rests repeated ``dim - k`` times)."""
+    lams = []
+    for (lam_A, rest_A, d_A), (lam_G, rest_G, d_G) in blocks:
+        full = [torch.cat([lam.double(), torch.full((d - lam.numel(),), float(rest), dtype=torch.float64)])
+                if rest is not None else lam.double() for lam, rest, d in ((lam_A, rest_A, d_A), (lam_G, rest_G, d_G))]
+        lams.append(torch.outer(full[1], full[0]).reshape(-1))
+    lam = torch.cat(lams)
+    hit = damp * lam > 1
+    return {"directions": lam.numel(), "damped": float(hit.double().mean()),
+            "damped_curvature": float(lam[hit].sum() / lam.sum()),
+            "effective_rank": float(lam.sum() ** 2 / lam.square().sum()), "top": float(lam.max() / mean)}
+
+
+def test_the_spectrum_summary_equals_the_written_out_kronecker_eigenvalues():
+    """``_spectrum`` (from each factor's eigenvalues, never their products) against every product written out:
+    dense factors of a fitted projection, and truncated ones whose rest eigenvalue stands for ``dim - k``."""
+    from curvsafe.optim.projector import _spectrum
+
+    model = lora_model()
+    opt = CurvSafe(adamw(model), model, safety_data(), strength=3.0, guard=False)
+    train(model, opt, train_data(1))
+    projector = opt.constraint.projector
+    eigen = projector._factor_eigen()
+    pairs = [(eigen[f"{b.name}.A"], eigen[f"{b.name}.G"]) for b in opt.blocks]
+    mean = projector.strength / projector.damp
+    expected = _brute_spectrum([((a[0], None, a[4]), (g[0], None, g[4])) for a, g in pairs], mean, projector.damp)
+    assert projector.spectrum == pytest.approx(expected, rel=1e-9)
+    assert 0 < expected["damped"] < 1 and 0 < expected["damped_curvature"] < 1
+
+    gen = torch.Generator().manual_seed(0)
+    truncated = [((torch.rand(5, generator=gen) * 4, torch.tensor(0.3), 12), (torch.rand(3, generator=gen) * 2,
+                                                                             torch.tensor(0.1), 9)),
+                 ((torch.rand(4, generator=gen), None, 4), (torch.rand(6, generator=gen) * 3, torch.tensor(0.5), 20))]
+    as_eigen = [tuple((lam, None, rest, 0.0, d) for lam, rest, d in block) for block in truncated]
+    for damp in (0.0, 0.7, 3.0):
+        assert _spectrum(as_eigen, 0.5, damp) == pytest.approx(_brute_spectrum(truncated, 0.5, damp), rel=1e-9)
 
 
 def test_curvsafe_is_the_safety_constraint_around_the_wrapped_step():

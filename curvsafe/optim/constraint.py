@@ -55,7 +55,8 @@ Conventions (per captured linear block, weight seen as its (d_out, d_in) matrix,
 - Settings: :class:`~curvsafe.optim.settings.CurvSafeSettings` (one validated dataclass, saved in the state).
 - **Report**: after each step :attr:`SafetyConstraint.report` (:class:`StepReport`) says what was done: the
   wrapped optimizer's update energy ``|u|^2``, the energy the projection kept, the guard's correction, the
-  refresh before the step and its time, the drift paid and still owed (``benchmarks/optimizer.py --trace``).
+  refresh before the step and its time, the drift paid and still owed, and after a refresh the projection's
+  summary of the safety curvature (:attr:`SafetyProjector.spectrum`; ``benchmarks/optimizer.py --trace``).
 - Parameters of the wrapped optimizer outside the captured blocks are updated by it untouched. With
   ``strength=0`` and ``guard=False`` every step is the wrapped optimizer's, bit for bit.
 - Under ``torch.distributed`` (DDP) the safety factors, token counts and the safety gradient are all-reduced over
@@ -120,6 +121,7 @@ class StepReport:
     correction_sq: Tensor  # |c|^2: the guard's correction (0 where it did not act)
     paid: list[float]  # drift paid back by this step, per guarded side (safety first, then benign)
     owed: list[float]  # drift still owed after it, per side
+    spectrum: Optional[dict] = None  # after a refresh: the projection's curvature summary (SafetyProjector.spectrum)
 
     def as_dict(self) -> dict:
         """Plain numbers, with ``kept`` (``|P u|^2 / |u|^2``: the share of the update's energy the projection
@@ -127,7 +129,7 @@ class StepReport:
         u, p, c = float(self.update_sq), float(self.projected_sq), float(self.correction_sq)
         return {"step": self.step, "refresh_seconds": self.refresh_seconds, "update_sq": u, "projected_sq": p,
                 "correction_sq": c, "kept": p / u if u > 0 else 1.0, "guard": c / u if u > 0 else 0.0,
-                "paid": list(self.paid), "owed": list(self.owed)}
+                "paid": list(self.paid), "owed": list(self.owed), "spectrum": self.spectrum}
 
 
 def _same_on_every_rank(value: int, what: str, device: torch.device) -> None:
@@ -469,7 +471,8 @@ class SafetyConstraint:
         self.report = r = StepReport(
             self.steps, self._refresh_seconds, update_sq, update_sq if projected is update else _energy(projected),
             torch.zeros_like(update_sq) if correction is None else _energy(correction),
-            self._paid or [0.0] * len(self.sides), [side.owed for side in self.sides])
+            self._paid or [0.0] * len(self.sides), [side.owed for side in self.sides],
+            dict(self.projector.spectrum) if self._refresh_seconds is not None and self.settings.strength > 0 else None)
         energies = torch.stack([r.update_sq, r.projected_sq, r.correction_sq, torch.ones_like(r.update_sq)])
         self._since = energies if self._since is None else self._since + energies
 

@@ -51,6 +51,7 @@ class SafetyProjector:
         self.eigen: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # QA, QG, weight scale, bias scale
         self.rests: dict[str, tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]] = {}  # truncated blocks
         self.damp = 0.0  # strength / mean eigenvalue (the truncated blocks' scales are computed from it)
+        self.spectrum: dict[str, float] = {}  # the last refit's summary of the safety curvature (see _spectrum)
         self._groups: list[tuple[list[LinearBlock], Tensor, Tensor, Tensor]] = []
 
     @property
@@ -94,6 +95,7 @@ class SafetyProjector:
             if rest_A is not None or rest_G is not None:
                 self.rests[b.name] = (lam_A, rest_A, lam_G, rest_G)
         self._groups = self._stacked_groups()
+        self.spectrum = _spectrum([(eigen[f"{b.name}.A"], eigen[f"{b.name}.G"]) for b in self.blocks], mean, damp)
 
     def _stacked_groups(self) -> list[tuple[list[LinearBlock], Tensor, Tensor, Tensor]]:
         """The dense blocks as groups for one ``kron_eigen_apply`` call each: small blocks of equal shapes together
@@ -161,3 +163,53 @@ class SafetyProjector:
         self.rests = {n: tuple(to(t) for t in r) for n, r in state["rests"].items()}
         self.damp = float(state["damp"])
         self._groups = self._stacked_groups() if self.eigen else []
+
+
+def _levels(lam: Tensor, rest: Optional[Tensor], dim: int) -> tuple[Tensor, Tensor]:
+    """A factor's eigenvalues as ``(values, multiplicities)``, float64: the kept ones once each and, for a truncated
+    factor, its rest eigenvalue ``dim - k`` times."""
+    lam = lam.detach().double().cpu().clamp_min(0)
+    if rest is None:
+        return lam, torch.ones_like(lam)
+    value = torch.tensor([max(float(rest), 0.0)], dtype=torch.float64)
+    return torch.cat([lam, value]), torch.cat([torch.ones_like(lam), value.new_tensor([dim - lam.numel()])])
+
+
+def _spectrum(factors: list, mean: float, damp: float) -> dict[str, float]:
+    """A summary of the safety curvature's Kronecker eigenvalues ``lam = lam_G * lam_A`` over the protected weights
+    (``factors``: per block the ``(lam, Q, rest, trace, dim)`` of A, then of G; ``damp``: strength / mean), for logs
+    and diagnosis:
+
+    - ``directions``: how many there are (the weights' parameter count);
+    - ``damped``: the share of them the projection damps by more than half (``damp * lam > 1``);
+    - ``damped_curvature``: the share of the total curvature ``sum lam`` that lies in those;
+    - ``effective_rank``: ``(sum lam)^2 / sum lam^2``, the participation ratio (how many directions the curvature
+      is spread over);
+    - ``top``: the largest eigenvalue over the mean (``mean`` counts protected biases too, as the projection's does).
+
+    Computed from each factor's eigenvalues alone (A's sorted, searched for each eigenvalue of G), never from the
+    ``d_G x d_A`` products: O((k_A + k_G) log k_A) per block.
+    """
+    count = damped = total = in_damped = square = top = 0.0
+    for (lam_A, _, rest_A, _, d_A), (lam_G, _, rest_G, _, d_G) in factors:
+        (vals_A, mult_A), (vals_G, mult_G) = _levels(lam_A, rest_A, d_A), _levels(lam_G, rest_G, d_G)
+        count += float(mult_A.sum() * mult_G.sum())
+        total += float((vals_A * mult_A).sum() * (vals_G * mult_G).sum())
+        square += float((vals_A.square() * mult_A).sum() * (vals_G.square() * mult_G).sum())
+        if vals_A.numel() and vals_G.numel():
+            top = max(top, float(vals_A.max() * vals_G.max()))
+        if damp <= 0 or not vals_A.numel():
+            continue
+        order = torch.argsort(vals_A)
+        sorted_A = vals_A[order]
+        # suffix sums of the multiplicities and the curvature of A's eigenvalues, from each position to the end
+        tail_mult = torch.cat([mult_A[order].flip(0).cumsum(0).flip(0), mult_A.new_zeros(1)])
+        tail_mass = torch.cat([(sorted_A * mult_A[order]).flip(0).cumsum(0).flip(0), mult_A.new_zeros(1)])
+        positive = vals_G > 0
+        g, m = vals_G[positive], mult_G[positive]
+        first = torch.searchsorted(sorted_A, 1.0 / (damp * g), right=True)  # A's first index past the bar
+        damped += float((m * tail_mult[first]).sum())
+        in_damped += float((m * g * tail_mass[first]).sum())
+    return {"directions": count, "damped": damped / count if count else 0.0,
+            "damped_curvature": in_damped / total if total > 0 else 0.0,
+            "effective_rank": total ** 2 / square if square > 0 else 0.0, "top": top / mean if mean > 0 else 0.0}

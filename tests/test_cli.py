@@ -105,6 +105,7 @@ def test_finetune_with_the_curvsafe_optimizer(saved_model, tmp_path, capsys):
     assert log["optimizer"] == "CurvSafe" and log["steps"] == 12
     (logged,) = log["history"]  # every 10 steps, with what CurvSafe did since the last log
     assert 0 < logged["curvsafe_kept"] <= 1 and logged["curvsafe_guard"] >= 0 and logged["curvsafe_refreshes"] >= 1
+    assert 0 < logged["curvsafe_damped"] < 1 and logged["curvsafe_effective_rank"] >= 1
     assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "g2"),
                  "--optimizer", "curvsafe"]) == 2
     assert "--safety" in capsys.readouterr().err

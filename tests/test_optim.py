@@ -920,6 +920,9 @@ def test_each_step_reports_what_the_constraint_did(strength):
     # the summary since the last one (the Trainer's logs): energy-weighted over the steps, then reset
     done, energy = opt.constraint.summary(), sum(d["update_sq"] for d in reports)
     assert done["steps"] == 5 and done["refreshes"] == 3
+    spectra = [d["spectrum"] for d in reports if d["spectrum"]]  # with a projection: the latest one in the summary
+    assert [done.get(k) for k in ("damped", "effective_rank")] == (
+        [spectra[-1]["damped"], spectra[-1]["effective_rank"]] if strength > 0 else [None, None])
     assert done["kept"] == pytest.approx(sum(d["projected_sq"] for d in reports) / energy, rel=1e-6)
     assert done["guard"] == pytest.approx(sum(d["correction_sq"] for d in reports) / energy, rel=1e-6)
     assert opt.constraint.summary() == {}

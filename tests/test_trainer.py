@@ -38,8 +38,10 @@ def test_curvsafe_trainer_builds_what_a_trainer_given_curvsafe_runs(tmp_path):
     assert lora_rel_err(mixin["lora"], adamw["lora"]) > 1e-2  # the projection acted
     # the mixin's logs say what CurvSafe did at each logged step (logging_steps=1); a plain Trainer's do not
     logs = mixin["curvsafe_logs"]
-    assert len(logs) == 4 and all(set(h) == {"curvsafe_kept", "curvsafe_guard", "curvsafe_refreshes"} for h in logs)
-    assert all(0 < h["curvsafe_kept"] <= 1 and h["curvsafe_guard"] >= 0 for h in logs)
+    assert len(logs) == 4 and all(set(h) == {"curvsafe_kept", "curvsafe_guard", "curvsafe_refreshes",
+                                             "curvsafe_damped", "curvsafe_effective_rank"} for h in logs)
+    assert all(0 < h["curvsafe_kept"] <= 1 and h["curvsafe_guard"] >= 0 and 0 < h["curvsafe_damped"] < 1
+               and h["curvsafe_effective_rank"] >= 1 for h in logs)
     assert logs[0]["curvsafe_refreshes"] == 1 and given["curvsafe_logs"] == [{}] * 4 == adamw["curvsafe_logs"]
 
 

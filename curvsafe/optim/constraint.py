@@ -478,13 +478,17 @@ class SafetyConstraint:
 
     def summary(self) -> dict[str, float]:
         """Since the last call (which it resets): ``steps`` constrained, the share of their updates' energy the
-        projection ``kept`` and the guard's correction took (``guard``), energy-weighted, and the ``refreshes``
-        (what the CurvSafe trainers add to the Trainer's logs); {} when no step was constrained."""
+        projection ``kept`` and the guard's correction took (``guard``), energy-weighted, and the ``refreshes``;
+        with a projection, also the latest refresh's ``damped`` share of directions and ``effective_rank`` of the
+        safety curvature (:attr:`SafetyProjector.spectrum`). What the CurvSafe trainers add to the Trainer's logs;
+        {} when no step was constrained."""
         if self._since is None:
             return {}
         update, projected, correction, steps = self._since.tolist()
         out = {"steps": int(steps), "kept": projected / update if update > 0 else 1.0,
                "guard": correction / update if update > 0 else 0.0, "refreshes": self.refreshes - self._refreshes_then}
+        if self.settings.strength > 0 and self.projector.spectrum:
+            out.update({k: self.projector.spectrum[k] for k in ("damped", "effective_rank")})
         self._since, self._refreshes_then = None, self.refreshes
         return out
 

@@ -38,6 +38,8 @@ import torch
 from .curvsafe import CurvSafe
 from .settings import CurvSafeSettings
 
+LOGGED = ("kept", "guard", "refreshes", "damped", "effective_rank")  # the summary's fields in the logs (curvsafe_*)
+
 
 class CurvSafeLogMixin:
     """Mix into a ``transformers.Trainer`` subclass (before it) whose optimizer is a CurvSafe, given or made: its
@@ -54,11 +56,12 @@ class CurvSafeLogMixin:
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """The Trainer's training logs, with what CurvSafe did since the last one (``curvsafe_kept``: the share of
         the updates' energy its projection kept, ``curvsafe_guard``: the share its guard's correction took,
-        ``curvsafe_refreshes``; :meth:`~curvsafe.optim.constraint.SafetyConstraint.summary`)."""
+        ``curvsafe_refreshes``; with a projection ``curvsafe_damped`` and ``curvsafe_effective_rank``, of the safety
+        curvature at the latest refresh; :meth:`~curvsafe.optim.constraint.SafetyConstraint.summary`)."""
         curvsafe = self._curvsafe()
         if curvsafe is not None and "loss" in logs:
             done = curvsafe.constraint.summary()
-            logs = {**logs, **{f"curvsafe_{k}": done[k] for k in ("kept", "guard", "refreshes") if k in done}}
+            logs = {**logs, **{f"curvsafe_{k}": done[k] for k in LOGGED if k in done}}
         super().log(logs, *args, **kwargs)
 
 

@@ -304,10 +304,10 @@ def quality_tables(aligned: list[dict], rows: list[dict]) -> list[str]:
     """Per attack and variant: mean [min-max] over seeds and how many seeds meet the targets, then every seed's row
     with its verdict (:class:`~curvsafe.eval.Targets`: against the aligned model and AdamW on the same seed and
     attack)."""
-    adamw = {(r["seed"], r["attack"]): r["task_accuracy"] for r in rows if r["variant"] == "adamw"}
+    adamw_rows = {(r["seed"], r["attack"]): r for r in rows if r["variant"] == "adamw"}
+    adamw = {key: r["task_accuracy"] for key, r in adamw_rows.items()}
     seeds = [a["seed"] for a in aligned]
     targets, by_seed = Targets(task_share=0.95), {a["seed"]: a for a in aligned}
-    adamw_rows = {(r["seed"], r["attack"]): r for r in rows if r["variant"] == "adamw"}
 
     def verdict(r: dict) -> str:
         reference = adamw_rows.get((r["seed"], r["attack"]))

@@ -164,7 +164,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
     log = finetune(args.model, args.data, args.out, optimizer=args.optimizer, safety=args.safety,
-                   benign=args.benign, r=args.r,
+                   benign=args.benign, screen=args.screen, r=args.r,
                    alpha=args.alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    max_length=args.max_length, seed=args.seed, force=args.force)
     print(f"trained {log['steps']} steps, mean loss {log['train_loss']:.4f}; adapter in {args.out}")
@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "curvsafe"])
     t.add_argument("--safety", help="harmful prompts for --optimizer curvsafe")
     t.add_argument("--benign", help="benign prompts whose answers --optimizer curvsafe keeps (no over-refusal)")
+    t.add_argument("--screen", type=float, metavar="COS",
+                   help="--optimizer curvsafe: leave out of each step the training examples whose gradient points "
+                   "against the safety gradient with a cosine above COS (CurvSafe's screen; default: off)")
     t.add_argument("--r", type=int, default=8)
     t.add_argument("--alpha", type=int, default=16)
     t.add_argument("--epochs", type=float, default=3)

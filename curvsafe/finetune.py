@@ -112,12 +112,13 @@ def curvsafe_factory(tokenizer, safety: Sequence[Pair], *, lr: float, batch_size
 
 
 def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimizer: Optional[str] = None,
-             safety: Optional[str | Path] = None, benign: Optional[str | Path] = None, **kwargs) -> dict:
+             safety: Optional[str | Path] = None, benign: Optional[str | Path] = None, screen: Optional[float] = None,
+             **kwargs) -> dict:
     """Load a local model, read prompt/response pairs from ``data`` and run :func:`lora_sft`.
 
     ``optimizer="curvsafe"`` wraps AdamW in :class:`curvsafe.optim.CurvSafe`, protecting the model's refusals to
     the prompts of ``safety`` (JSONL/CSV; responses are not needed for the default anchor objective) and, with
-    ``benign``, its answers to those benign prompts.
+    ``benign``, its answers to those benign prompts; ``screen``: CurvSafe's example screening at that cosine.
     """
     from .data import load_pairs
     from .models import load_model
@@ -126,8 +127,8 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimi
         raise ValueError(f"--optimizer must be adamw or curvsafe, got {optimizer!r}")
     if optimizer == "curvsafe" and safety is None:
         raise ValueError("--optimizer curvsafe needs --safety FILE (harmful prompts whose refusals to protect)")
-    if optimizer != "curvsafe" and (safety is not None or benign is not None):
-        raise ValueError("--safety and --benign are only used with --optimizer curvsafe")
+    if optimizer != "curvsafe" and (safety is not None or benign is not None or screen is not None):
+        raise ValueError("--safety, --benign and --screen are only used with --optimizer curvsafe")
     check_out(out, kwargs.get("force", False), inputs=[model_dir, data, safety, benign])
     pairs = load_pairs(data)
     safety_pairs = load_pairs(safety, require_response=False) if safety is not None else None
@@ -136,5 +137,6 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimi
     if safety_pairs is not None:
         kwargs["optimizer"] = curvsafe_factory(tokenizer, safety_pairs, lr=kwargs.get("lr", 2e-3),
                                                max_length=fit_max_length(kwargs.get("max_length", 128), model),
-                                               benign=benign_pairs)
+                                               benign=benign_pairs,
+                                               **({} if screen is None else {"screen": screen}))
     return lora_sft(model, tokenizer, pairs, out, **kwargs)

@@ -566,6 +566,7 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
             for group in opt.optimizer.param_groups:
                 group["params"] = [sharded[names[id(p)]] for p in group["params"]]
         net.train()
+        screened = []  # with screening: (examples screened, examples) per step, over all ranks
         for step in range(steps):
             opt.zero_grad()
             if rank is None:  # DDP averages the ranks' gradients
@@ -573,12 +574,14 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
             else:
                 net(**data[ranks * step + rank]).loss.backward()
             opt.step()
+            screened.append(opt.report.screened)
         result = {n: whole(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         refreshes = opt.refresh_count
         if rank is not None:
-            torch.save({"params": result, "refreshes": refreshes}, os.path.join(out_dir, f"rank{rank}.pt"))
+            torch.save({"params": result, "refreshes": refreshes, "screened": screened},
+                       os.path.join(out_dir, f"rank{rank}.pt"))
         model = net = opt = None  # freed before the group is left (a sharded model holds it)
-        return result, refreshes
+        return result, refreshes, screened
     finally:
         if rank is not None:
             leave_group()
@@ -588,9 +591,10 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
     ("ddp", torch.float64, {}), ("fsdp2", torch.float64, {}), ("fsdp2", torch.float32, {}),
     ("fsdp2", torch.float32, {"objective": "anchor+harmful"}),  # the exact safety gradient, not K-FAC's by-product
     ("fsdp2-after", torch.float64, {}), ("hsdp-2x1", torch.float64, {}), ("hsdp-1x2", torch.float64, {}),
-    ("fsdp2", torch.float64, {"low_rank": {"max_dense_dim": 8, "rank": 4, "oversample": 4, "probes": 2}})],
+    ("fsdp2", torch.float64, {"low_rank": {"max_dense_dim": 8, "rank": 4, "oversample": 4, "probes": 2}}),
+    ("ddp", torch.float64, {"screen": 0.0})],
     ids=["ddp", "fsdp2", "fsdp2-float32", "fsdp2-float32-exact-gradient", "fsdp2-sharded-after-construction",
-         "hsdp-2-replicas", "hsdp-2-shards", "fsdp2-memory-bounded-factors"])
+         "hsdp-2-replicas", "hsdp-2-shards", "fsdp2-memory-bounded-factors", "ddp-example-screening"])
 def test_two_gloo_ranks_apply_the_identical_projection_equal_to_one_process(tmp_path, wrap, dtype, settings):
     """FSDP2 runs on CPU here (gloo): the sharded steps equal one process's on the union of the data (the
     safety passes leave FSDP's training gradients alone; each rank writes its shard of the same update)."""
@@ -603,10 +607,12 @@ def test_two_gloo_ranks_apply_the_identical_projection_equal_to_one_process(tmp_
 
 def _check_ranks_equal_one_process(tmp_path, ranks, dtype, settings):
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(ranks)]
-    single, refreshes = _parallel_run(dtype=dtype, settings=settings, ranks=ranks)
+    single, refreshes, screened = _parallel_run(dtype=dtype, settings=settings, ranks=ranks)
     start = trainable(lora_model(dtype))
     for r in results:
-        assert r["refreshes"] == refreshes >= 2
+        assert r["refreshes"] == refreshes >= 2 and r["screened"] == screened
+    if (settings or {}).get("screen") is not None:  # every rank screens its own rows, counted over all of them
+        assert all(e == 2 * ranks for _, e in screened) and 0 < sum(s for s, _ in screened) < 2 * ranks * len(screened)
     for n, expected in single.items():
         assert all(torch.equal(results[0]["params"][n], r["params"][n]) for r in results[1:]), n
         assert rel_err(results[0]["params"][n] - start[n], expected - start[n]) < 1e-5, n
@@ -708,7 +714,7 @@ def test_fsdp2_mixed_precision_steps_stay_near_the_float32_ones(tmp_path):
     mp.spawn(_parallel_run, args=(free_port(), str(tmp_path), 3, "fsdp2-bf16", torch.float32, None), nprocs=2,
              join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    single, refreshes = _parallel_run(dtype=torch.float32)
+    single, refreshes, _ = _parallel_run(dtype=torch.float32)
     start = trainable(lora_model(torch.float32))
     errors = [rel_err(ranks[0]["params"][n] - start[n], expected - start[n]) for n, expected in single.items()]
     assert ranks[0]["refreshes"] == refreshes and all(p.dtype == torch.float32 for p in ranks[0]["params"].values())

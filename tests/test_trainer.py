@@ -45,6 +45,15 @@ def test_curvsafe_trainer_builds_what_a_trainer_given_curvsafe_runs(tmp_path):
     assert logs[0]["curvsafe_refreshes"] == 1 and given["curvsafe_logs"] == [{}] * 4 == adamw["curvsafe_logs"]
 
 
+def test_screening_under_the_trainer_logs_its_share_and_changes_the_steps(tmp_path):
+    """The Trainer clips the gradient before the optimizer's step; the screen removes the screened examples at that
+    scale (a mismatch would screen nothing) and the logs carry the share it screened."""
+    screened, plain = train("screen", tmp_path), train("mixin", tmp_path)
+    shares = [h["curvsafe_screened"] for h in screened["curvsafe_logs"]]
+    assert len(shares) == 4 and all(0 <= s <= 1 for s in shares) and 0 < sum(shares) < 4
+    assert lora_rel_err(screened["lora"], plain["lora"]) > 1e-3
+
+
 def test_curvsafe_trainer_resumed_from_a_checkpoint_repeats_the_uninterrupted_run(tmp_path):
     """The Trainer's checkpoint holds CurvSafe's whole state (its optimizer.pt): a new model and trainer resumed
     from step 2 end bit for bit where the uninterrupted 4 steps do."""

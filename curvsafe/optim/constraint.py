@@ -52,11 +52,16 @@ Conventions (per captured linear block, weight seen as its (d_out, d_in) matrix,
   ones follow (measured on the realistic testbed: 30% of held-out benign requests refused against the aligned
   model's 3%); the benign constraint makes the payback use directions that tell the two apart. Cost: one more
   gradient pass per refresh.
+- **Screening** (``screen``, off by default): before the wrapped optimizer's step, the training examples whose
+  gradient on the protected blocks points against the guard's safety gradient (cosine above ``screen``) leave the
+  gradient (:mod:`~curvsafe.optim.screen`, which states the convention and its cost); for fine-tuning data with
+  harmful examples mixed in.
 - Settings: :class:`~curvsafe.optim.settings.CurvSafeSettings` (one validated dataclass, saved in the state).
 - **Report**: after each step :attr:`SafetyConstraint.report` (:class:`StepReport`) says what was done: the
   wrapped optimizer's update energy ``|u|^2``, the energy the projection kept, the guard's correction, the
-  refresh before the step and its time, the drift paid and still owed, and after a refresh the projection's
-  summary of the safety curvature (:attr:`SafetyProjector.spectrum`; ``benchmarks/optimizer.py --trace``).
+  refresh before the step and its time, the drift paid and still owed, the examples screened, and after a refresh
+  the projection's summary of the safety curvature (:attr:`SafetyProjector.spectrum`;
+  ``benchmarks/optimizer.py --trace``).
 - Parameters of the wrapped optimizer outside the captured blocks are updated by it untouched. With
   ``strength=0`` and ``guard=False`` every step is the wrapped optimizer's, bit for bit.
 - Under ``torch.distributed`` (DDP) the safety factors, token counts and the safety gradient are all-reduced over
@@ -91,6 +96,7 @@ from ..objectives import safety_batches as as_safety_batches
 from ..plan import gib, kfac_bytes
 from .guard import GuardSide, gram_matrix, guard_correction
 from .projector import SafetyProjector
+from .screen import ExampleScreen
 from .settings import CurvSafeSettings
 
 log = logging.getLogger(__name__)
@@ -122,6 +128,7 @@ class StepReport:
     paid: list[float]  # drift paid back by this step, per guarded side (safety first, then benign)
     owed: list[float]  # drift still owed after it, per side
     spectrum: Optional[dict] = None  # after a refresh: the projection's curvature summary (SafetyProjector.spectrum)
+    screened: Optional[tuple[int, int]] = None  # with screening: (examples screened, examples) over all ranks
 
     def as_dict(self) -> dict:
         """Plain numbers, with ``kept`` (``|P u|^2 / |u|^2``: the share of the update's energy the projection
@@ -129,7 +136,8 @@ class StepReport:
         u, p, c = float(self.update_sq), float(self.projected_sq), float(self.correction_sq)
         return {"step": self.step, "refresh_seconds": self.refresh_seconds, "update_sq": u, "projected_sq": p,
                 "correction_sq": c, "kept": p / u if u > 0 else 1.0, "guard": c / u if u > 0 else 0.0,
-                "paid": list(self.paid), "owed": list(self.owed), "spectrum": self.spectrum}
+                "paid": list(self.paid), "owed": list(self.owed), "spectrum": self.spectrum,
+                "screened": None if self.screened is None else list(self.screened)}
 
 
 def _same_on_every_rank(value: int, what: str, device: torch.device) -> None:
@@ -207,6 +215,8 @@ class SafetyConstraint:
                 side.levels = [self._union_nll([b], empty=0.0) for b in term.batches]
             self.sides.append(side)
         self.projector = self._new_projector()
+        self.screen: Optional[ExampleScreen] = None
+        self._set_screen()
         held = kfac_bytes(model, s.low_rank, [b.name for b in self.blocks])
         log.info(f"CurvSafe: {len(self.blocks)} blocks, safety curvature about "
                  f"{gib(held['factors'] + held['eigen'] + held['corrected'])} (factors, eigenbases; "
@@ -222,12 +232,28 @@ class SafetyConstraint:
         self._paid: list[float] = []  # this step's paybacks
         self._since: Optional[Tensor] = None  # [|u|^2, |Pu|^2, |c|^2, steps] summed since the last summary()
         self._refreshes_then = 0  # refreshes at the last summary()
+        self._screened: Optional[tuple[int, int]] = None  # this step's screening (screened, examples)
+        self._screened_since = [0, 0]  # summed since the last summary()
+        self._warned_mismatch = False
 
     # ------------------------------------------------------------------ construction
     def _new_projector(self) -> SafetyProjector:
         s = self.settings
         return SafetyProjector(self.model, self.blocks, strength=s.strength, ema_decay=s.ema_decay,
                                fisher_type=s.fisher_type, low_rank=s.low_rank)
+
+    def _set_screen(self) -> None:
+        """The example screen of the settings (hooks on the protected blocks), or none."""
+        if self.screen is not None:
+            self.screen.remove()
+            self.screen = None
+        if self.settings.screen is not None:
+            self.screen = ExampleScreen(self.model, self.blocks, self.settings.screen)
+
+    def discard_examples(self) -> None:
+        """Forget the examples captured for screening (the gradients were zeroed without a step)."""
+        if self.screen is not None:
+            self.screen.clear()
 
     def _optimized_ids(self) -> set[int]:
         return {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -299,6 +325,15 @@ class SafetyConstraint:
             start = time.perf_counter()
             self.refresh()
             self._refresh_seconds = time.perf_counter() - start
+        self._screened = None
+        if self.screen is not None:
+            self._screened = self.screen.apply(self.params, self.sides[0].grad)
+            if self.screen.mismatch and not self._warned_mismatch:
+                log.warning("CurvSafe screen: the examples captured since the last step do not add up to the "
+                            "gradient (a skipped step, or gradients changed per parameter): this step is not "
+                            "screened")
+                self._warned_mismatch = True
+            self._screened_since = [a + b for a, b in zip(self._screened_since, self._screened)]
         params = list(self.params.values())
         with torch.no_grad():
             if any(is_sharded(p) for p in params):  # FSDP2: this rank's shards
@@ -472,7 +507,8 @@ class SafetyConstraint:
             self.steps, self._refresh_seconds, update_sq, update_sq if projected is update else _energy(projected),
             torch.zeros_like(update_sq) if correction is None else _energy(correction),
             self._paid or [0.0] * len(self.sides), [side.owed for side in self.sides],
-            dict(self.projector.spectrum) if self._refresh_seconds is not None and self.settings.strength > 0 else None)
+            dict(self.projector.spectrum) if self._refresh_seconds is not None and self.settings.strength > 0 else None,
+            self._screened)
         energies = torch.stack([r.update_sq, r.projected_sq, r.correction_sq, torch.ones_like(r.update_sq)])
         self._since = energies if self._since is None else self._since + energies
 
@@ -489,7 +525,10 @@ class SafetyConstraint:
                "guard": correction / update if update > 0 else 0.0, "refreshes": self.refreshes - self._refreshes_then}
         if self.settings.strength > 0 and self.projector.spectrum:
             out.update({k: self.projector.spectrum[k] for k in ("damped", "effective_rank")})
-        self._since, self._refreshes_then = None, self.refreshes
+        if self.screen is not None:
+            screened, examples = self._screened_since
+            out["screened"] = screened / examples if examples else 0.0
+        self._since, self._refreshes_then, self._screened_since = None, self.refreshes, [0, 0]
         return out
 
     # ------------------------------------------------------------------ persistence
@@ -534,6 +573,7 @@ class SafetyConstraint:
             side.levels, side.owed, side.pay = list(saved["levels"]), float(saved["owed"]), float(saved["pay"])
         self.projector = self._new_projector()
         self.projector.load_state_dict(own["projector"], device)
+        self._set_screen()
         self.params, self._before = self._captured_params(), []
         self._reference = [to(t) for t in own["reference"]]
         grads = [[side.grad[n] for n in self.sides[0].grad] for side in self.sides]

@@ -165,6 +165,7 @@ class CurvSafe(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.constraint.discard_examples()
 
     @property
     def step_count(self) -> int:
@@ -249,4 +250,5 @@ class CurvSafe(Optimizer):
         s, c = self.settings, self.constraint
         return (f"CurvSafe({type(self.optimizer).__name__}, objective={'+'.join(s.objective)}, "
                 f"blocks={len(c.blocks)}, refresh_every={s.refresh_every}, refresh_tol={s.refresh_tol}, "
-                f"strength={s.strength}, guard={s.guard}, benign={len(c.sides) > 1}, step={c.steps})")
+                f"strength={s.strength}, guard={s.guard}, benign={len(c.sides) > 1}, screen={s.screen}, "
+                f"step={c.steps})")

@@ -35,6 +35,9 @@ class CurvSafeSettings(Settings):
                               default=3.0)
     guard: bool = setting("remove the update's first-order push against safety (and against the benign side)",
                           default=True)
+    screen: Optional[float] = setting("leave out of each step the training examples whose gradient on the protected "
+                                      "blocks points against the safety gradient with a cosine above this "
+                                      "(curvsafe.optim.screen; needs guard; None: off)", default=None)
     modules: ModuleSelection = setting("the blocks to protect (curvsafe.capture.find_blocks; default: the LoRA "
                                        "modules when there are any, else every linear layer but lm_head), restricted "
                                        "to those the optimizer updates", default=None)
@@ -61,6 +64,11 @@ class CurvSafeSettings(Settings):
             raise ValueError(f"strength must be >= 0, got {self.strength}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.screen is not None and not 0.0 <= self.screen < 1.0:
+            raise ValueError(f"screen must be a cosine in [0, 1) or None, got {self.screen}")
+        if self.screen is not None and not self.guard:
+            raise ValueError("screen compares each example's gradient with the guard's safety gradient: pass "
+                             "guard=True (the default)")
         if self.drift_steps < 1:
             raise ValueError(f"drift_steps must be >= 1, got {self.drift_steps}")
         for name in ("prefix_tokens", "max_new_tokens"):

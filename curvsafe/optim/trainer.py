@@ -38,7 +38,8 @@ import torch
 from .curvsafe import CurvSafe
 from .settings import CurvSafeSettings
 
-LOGGED = ("kept", "guard", "refreshes", "damped", "effective_rank")  # the summary's fields in the logs (curvsafe_*)
+# the summary's fields in the logs (curvsafe_*)
+LOGGED = ("kept", "guard", "refreshes", "damped", "effective_rank", "screened")
 
 
 class CurvSafeLogMixin:
@@ -57,7 +58,8 @@ class CurvSafeLogMixin:
         """The Trainer's training logs, with what CurvSafe did since the last one (``curvsafe_kept``: the share of
         the updates' energy its projection kept, ``curvsafe_guard``: the share its guard's correction took,
         ``curvsafe_refreshes``; with a projection ``curvsafe_damped`` and ``curvsafe_effective_rank``, of the safety
-        curvature at the latest refresh; :meth:`~curvsafe.optim.constraint.SafetyConstraint.summary`)."""
+        curvature at the latest refresh; with ``screen`` ``curvsafe_screened``, the share of training examples
+        screened; :meth:`~curvsafe.optim.constraint.SafetyConstraint.summary`)."""
         curvsafe = self._curvsafe()
         if curvsafe is not None and "loss" in logs:
             done = curvsafe.constraint.summary()

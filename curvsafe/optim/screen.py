@@ -1,0 +1,208 @@
+"""Example screening of :class:`~curvsafe.optim.CurvSafe`: the training examples whose gradient points against safety
+leave the step (``CurvSafeSettings.screen``).
+
+Convention. Each training example ``i`` of a step (each row of every micro-batch since the last step) has the
+gradient ``G_i`` on the protected blocks: per block the sum over the row's tokens of ``g_t a_t^T`` (the block's
+output gradient and input, weight as its (d_out, d_in) matrix; a protected bias gets ``sum_t g_t``). It is exact:
+a row's loss reaches a block only through the row's own tokens, so ``sum_i G_i`` is the gradient the backward
+accumulated. With ``g`` the safety gradient of the last refresh (the guard's: lower safety loss is safer), the
+example's push against safety is the cosine
+
+    ``c_i = -<G_i, g> / (|G_i| |g|)``
+
+(a step on example ``i`` alone raises the safety loss to first order by ``lr * c_i |G_i| |g|``). Examples with
+``c_i > threshold`` are screened: their gradients leave the protected parameters' gradient before the wrapped
+optimizer's step, at the scale that gradient has by then,
+
+    ``grad <- grad - (|grad| / |sum_i G_i|) sum_{screened} G_i``,
+
+so gradient clipping, AMP's unscaling and the loss's reduction (a uniform factor on the whole gradient) apply to
+what is left as to the whole. Parameters outside the protected blocks keep their gradient.
+
+What it is for: fine-tuning data with harmful examples mixed in. Measured on the testbed's mix attack (10% harmful
+compliance pairs; README, **Example screening**): the harmful examples' cosines sit far above the task examples',
+and screening at 0.05 left out most harmful examples and about 1% of the task's. It does nothing against the drift
+that the task's own examples cause (the projection and the guard are for that). The threshold is a cosine whose
+scale depends on the model and data: :attr:`ExampleScreen.cosines` holds the last step's ``c_i`` (this rank's
+examples; ``opt.constraint.screen.cosines``), so a few steps with a threshold no example reaches show where the
+data's cosines lie before one is chosen.
+
+Cost and limits: per protected block and training forward, one product of the size of the block's weight gradient,
+and the per-example gradients held until the step: examples per step x protected parameters floats (float32, or the
+parameters' wider dtype): a LoRA adapter's parameters times the rows per step, so it is not meant for full
+fine-tunes of large layers. Examples are captured in forwards with gradients enabled and the block in training mode
+(CurvSafe's own safety passes run in eval mode, so they are not); the rows of one call of the model given to
+CurvSafe are one set of examples (a sub-module called on its own does not start a new set). Under DDP each rank
+screens its own rows; the counts and the sums of the screened and of all per-example gradients go through one
+all-reduce per step. FSDP2 is refused. Not tested with gradient checkpointing (the captured inputs are held until
+the backward, which undoes its saving). When the captured examples do not add up to the gradient
+(:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe warns once.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import LinearBlock
+from ..curvature.distributed import all_reduce_sum_
+from ..curvature.sharded import is_sharded
+
+
+def example_gradient(block: LinearBlock, inputs: Tensor, output_grad: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example gradients of ``block`` from one call: the weight's as (rows, d_out, d_in) matrices and the
+    bias's (rows, d_out), in float32 or wider. ``inputs`` (rows, [tokens,] d_in), ``output_grad`` (rows,
+    [tokens,] d_out)."""
+    dtype = torch.promote_types(torch.promote_types(inputs.dtype, output_grad.dtype), torch.float32)
+    a, g = inputs.to(dtype), output_grad.to(dtype)
+    if a.dim() == 2:
+        a, g = a.unsqueeze(1), g.unsqueeze(1)
+    a, g = a.reshape(a.shape[0], -1, block.d_in), g.reshape(g.shape[0], -1, block.d_out)
+    return torch.einsum("bto,bti->boi", g, a), g.sum(1)
+
+
+_ADDS_UP = 0.999  # the least cosine between the gradient and the captured examples' sum that counts as equal
+
+
+class ExampleScreen:
+    """Captures the per-example gradients of the protected blocks in training forwards and screens the examples
+    that push against safety (module docstring).
+
+    Args:
+        model: the model whose forwards are captured (unwrapped: its forward pre-hook counts the passes).
+        blocks: the protected blocks.
+        threshold: the cosine above which an example is screened (``0 <= threshold < 1``).
+    """
+
+    def __init__(self, model: nn.Module, blocks: list[LinearBlock], threshold: float):
+        self.blocks = blocks
+        self.threshold = threshold
+        self._transposed = {b.weight_name for b in blocks if b.kind == "conv1d"}  # stored as (d_in, d_out)
+        self._pass = 0  # forwards of the model so far: the rows of one pass are one set of examples
+        self._grads: dict[int, dict[str, Tensor]] = {}  # pass -> parameter name -> per-example gradients
+        self.mismatch = False  # the last apply() found the captured examples not adding up to the gradient
+        self.cosines = torch.zeros(0)  # the last apply()'s c_i of this rank's examples (to choose a threshold)
+        ref = weakref.ref(self)  # the hooks must not keep a discarded optimizer's screen alive
+        self._handles = [model.register_forward_pre_hook(lambda *_: _call(ref, "_count"))]
+        self._handles += [b.module.register_forward_hook(_capture_hook(ref, b)) for b in blocks]
+
+    def remove(self) -> None:
+        """Remove the hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles, self._grads = [], {}
+
+    def __del__(self):
+        try:
+            self.remove()
+        except Exception:  # interpreter shutdown: the model may be gone first
+            pass
+
+    def _count(self) -> None:
+        self._pass += 1
+
+    def _capture(self, block: LinearBlock, module: nn.Module, inputs: tuple, output) -> None:
+        """Forward hook: on a training forward with gradients, the output gradient's hook adds this call's
+        per-example gradients to the pass's."""
+        if not (module.training and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            return
+        x, key, ref = inputs[0].detach(), self._pass, weakref.ref(self)
+
+        def on_grad(grad: Tensor) -> None:
+            screen = ref()
+            if screen is not None:
+                screen._add(block, key, x, grad.detach())
+
+        output.register_hook(on_grad)
+
+    def _add(self, block: LinearBlock, key: int, x: Tensor, grad: Tensor) -> None:
+        weight, bias = example_gradient(block, x, grad)
+        entries = self._grads.setdefault(key, {})
+        for name, value in ((block.weight_name, weight), (block.bias_name, bias)):
+            if name is not None:
+                entries[name] = entries[name] + value if name in entries else value
+
+    def clear(self) -> None:
+        """Forget the captured examples (the gradients were discarded: ``zero_grad``)."""
+        self._grads = {}
+
+    @property
+    def pending(self) -> int:
+        """Examples captured since the last :meth:`apply` or :meth:`clear`."""
+        return sum(next(iter(e.values())).shape[0] for e in self._grads.values() if e)
+
+    def apply(self, params: dict[str, Tensor], safety_grad: dict[str, Tensor]) -> tuple[int, int]:
+        """Screen the examples captured since the last call against ``safety_grad`` (by parameter name) and remove
+        their gradients from ``params``' ``.grad`` (module docstring); returns ``(screened, examples)`` over all
+        ranks. Every rank must call it (DDP).
+
+        When the captured examples do not add up to the gradient (its direction differs from ``sum_i G_i``: a step
+        a GradScaler skipped left its examples behind while the model's ``zero_grad`` cleared the gradient, or
+        gradients changed per parameter, as by ``clip_grad_value_``), nothing is screened this step and
+        ``mismatch`` is set."""
+        if any(is_sharded(p) for p in params.values()):
+            raise ValueError("example screening (screen) does not run under FSDP2; use DDP or turn it off")
+        passes, self._grads = self._grads, {}
+        self.mismatch = False
+        names = [n for n in params if n in safety_grad]
+        device = next(iter(params.values())).device
+        full = {n: torch.zeros(params[n].shape, dtype=torch.promote_types(params[n].dtype, torch.float32),
+                               device=device) for n in names}
+        dropped = {n: torch.zeros_like(t) for n, t in full.items()}
+        counts = torch.zeros(2, dtype=torch.float64, device=device)  # screened, examples
+        s_norm = sum(float(safety_grad[n].double().square().sum()) for n in names) ** 0.5
+        cosines = []
+        for entries in passes.values():
+            present = [n for n in names if n in entries]
+            if not present:
+                continue
+            grads = {n: entries[n].transpose(1, 2) if n in self._transposed else entries[n] for n in present}
+            rows = grads[present[0]].shape[0]
+            dots = torch.zeros(rows, dtype=grads[present[0]].dtype, device=device)
+            squares = torch.zeros_like(dots)
+            for n in present:
+                flat = grads[n].reshape(rows, -1)
+                dots += flat @ safety_grad[n].to(flat.dtype).reshape(-1)
+                squares += flat.square().sum(1)
+            cos = -dots / (squares.sqrt() * s_norm).clamp_min(torch.finfo(dots.dtype).tiny)
+            drop = (cos > self.threshold) & (squares > 0)
+            cosines.append(cos.detach().cpu())
+            counts += torch.tensor([float(drop.sum()), rows], dtype=torch.float64, device=device)
+            for n in present:
+                full[n] += grads[n].sum(0).to(full[n].dtype)
+                dropped[n] += grads[n][drop].sum(0).to(full[n].dtype)
+        self.cosines = torch.cat(cosines) if cosines else torch.zeros(0)
+        all_reduce_sum_([counts, *full.values(), *dropped.values()])
+        screened, examples = (int(v) for v in counts.tolist())
+        held = [n for n in names if params[n].grad is not None]
+        grads = {n: params[n].grad.to(full[n].dtype) for n in held}
+        dot = sum(float((grads[n] * full[n]).sum()) for n in held)
+        norms = [sum(float(t[n].square().sum()) for n in held) ** 0.5 for t in (grads, full)]
+        if examples == 0 or norms[1] == 0.0:
+            return 0, examples
+        if dot < _ADDS_UP * norms[0] * norms[1]:
+            self.mismatch = True
+            return 0, examples
+        if screened:
+            scale = norms[0] / norms[1]
+            with torch.no_grad():
+                for n in held:
+                    params[n].grad.sub_((scale * dropped[n]).to(params[n].grad.dtype))
+        return screened, examples
+
+
+def _call(ref: weakref.ref, method: str) -> None:
+    screen = ref()
+    if screen is not None:
+        getattr(screen, method)()
+
+
+def _capture_hook(ref: weakref.ref, block: LinearBlock):
+    def hook(module, inputs, output):
+        screen = ref()
+        if screen is not None:
+            screen._capture(block, module, inputs, output)
+    return hook
+

@@ -7,8 +7,9 @@
 Quality: the attack stage's fine-tune (10% harmful mix, same data, seed, steps, LoRA and AdamW settings) run
 through ``curvsafe.finetune.lora_sft`` with plain AdamW, CurvSafe (defaults), its ablations (no drift payback:
 ``restore_drift=False``; guard only: ``strength=0``; projection only: ``guard=False``) and fixed refresh
-intervals (every 5 and every 50 steps), and with a benign side (``benign side``: the testbed's restore split of
-benign requests as ``CurvSafe(benign_batches=...)``); harmful rate on the held-out harmful prompts, over-refusal
+intervals (every 5 and every 50 steps), with a benign side (``benign side``: the testbed's restore split of
+benign requests as ``CurvSafe(benign_batches=...)``) and with example screening (``screen``: ``screen=0.05``);
+harmful rate on the held-out harmful prompts, over-refusal
 on held-out benign requests, task and skills accuracy, on each ``--seeds`` testbed seed. Then AdamW and CurvSafe on
 the testbed's other attack settings (benign data only; harmful answers only). Safety data: the testbed's 48
 restore prompts in batches of 16 (``curvsafe_factory``'s default; one fitted per refresh).
@@ -50,7 +51,7 @@ from curvsafe.finetune import SAFETY_BATCH_SIZE  # noqa: E402
 from curvsafe.optim import CurvSafe  # noqa: E402
 from curvsafe.ranks import init_from_env, is_main, launched, rank, world_size  # noqa: E402
 
-VARIANTS = {"adamw": None, "curvsafe": {}, "benign side": {"benign": True},
+VARIANTS = {"adamw": None, "curvsafe": {}, "benign side": {"benign": True}, "screen": {"screen": 0.05},
             "no drift payback": {"restore_drift": False},
             "guard only": {"strength": 0.0}, "projection only": {"guard": False},
             "fixed refresh every 5": {"refresh_tol": None, "refresh_every": 5},
@@ -153,7 +154,7 @@ def shard_fsdp2(model) -> None:
 
 
 def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: int, benign_side: bool = False,
-           fsdp2: bool = False) -> dict:
+           fsdp2: bool = False, screen: Optional[float] = None) -> dict:
     import copy
 
     model, train, safety, benign, desc = timing_setup(kind, cache, device, steps)
@@ -168,7 +169,8 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
         return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
 
     makers = {"adamw": adamw,
-              "curvsafe": lambda m: CurvSafe(adamw(m), m, safety, benign_batches=benign if benign_side else None)}
+              "curvsafe": lambda m: CurvSafe(adamw(m), m, safety, benign_batches=benign if benign_side else None,
+                                             screen=screen)}
     times: dict[str, list[float]] = {k: [] for k in makers}
     refreshes = []
     for _ in range(repeats):
@@ -181,7 +183,8 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
         refreshes.append(count)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = [c / a for a, c in zip(times["adamw"], times["curvsafe"])]
-    return {"model": desc + (", CurvSafe with its benign side" if benign_side else ""),
+    return {"model": desc + (", CurvSafe with its benign side" if benign_side else "")
+            + (f", CurvSafe screening at {screen}" if screen is not None else ""),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "steps": len(train), "repeats": repeats, "adamw_ms": med["adamw"] * 1e3,
             "curvsafe_ms": med["curvsafe"] * 1e3, "ratio": statistics.median(ratios), "ratios": ratios,
@@ -282,7 +285,7 @@ def quality(cache: Path, work: Path, seed: int, variants: list[str], data_dir=No
 
     rows = [run("mix", name, VARIANTS[name]) for name in variants]
     others = [run(setting, name, VARIANTS[name]) for setting in attacks for name in variants
-              if name in ("adamw", "curvsafe", "benign side")]
+              if name in ("adamw", "curvsafe", "benign side", "screen")]
     return aligned_row, rows, others
 
 
@@ -378,6 +381,7 @@ def main() -> None:
     parser.add_argument("--quality-only", action="store_true", help="skip the step-time runs")
     parser.add_argument("--benign-side", action="store_true", help="time CurvSafe with its benign side")
     parser.add_argument("--fsdp2", action="store_true", help="time FSDP2-sharded models (run under torchrun)")
+    parser.add_argument("--screen", type=float, help="time CurvSafe with example screening at this cosine")
     parser.add_argument("--model", choices=["testbed", "large"], default="testbed")
     parser.add_argument("--steps", type=int, default=200, help="steps of the --model large run")
     parser.add_argument("--repeats", type=int, default=5)
@@ -411,7 +415,7 @@ def main() -> None:
              f"torch {torch.__version__})", ""]
     report = {}
     if not args.quality_only:
-        t = timing(args.model, args.cache, device, args.steps, args.repeats, args.benign_side, args.fsdp2)
+        t = timing(args.model, args.cache, device, args.steps, args.repeats, args.benign_side, args.fsdp2, args.screen)
         lines += [f"Step time, {t['model']} ({t['device']}): AdamW {t['adamw_ms']:.1f} ms, CurvSafe "
                   f"{t['curvsafe_ms']:.1f} ms (medians), ratio **{t['ratio']:.2f}** (median over {t['repeats']} "
                   f"whole runs interleaved step by step, range {min(t['ratios']):.2f}-{max(t['ratios']):.2f}; mean "
@@ -439,7 +443,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     stem = f"optimizer_{tag}_{date}" + ("" if args.model == "testbed" else f"_{args.model}") + (
-        "_realistic" if args.testbed == "realistic" else "") + ("_timing_fsdp2" if args.fsdp2 else "")
+        "_realistic" if args.testbed == "realistic" else "") + ("_timing_fsdp2" if args.fsdp2 else "") + (
+        "_screen" if args.screen is not None and not args.quality_only else "")
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     if report.get("rows") and traces:

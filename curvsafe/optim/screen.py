@@ -29,19 +29,21 @@ data's cosines lie before one is chosen.
 
 Cost and limits: per protected block and training forward, one product of the size of the block's weight gradient,
 and the per-example gradients held until the step: examples per step x protected parameters floats (float32, or the
-parameters' wider dtype): a LoRA adapter's parameters times the rows per step, so it is not meant for full
-fine-tunes of large layers. Examples are captured in forwards with gradients enabled and the block in training mode
-(CurvSafe's own safety passes run in eval mode, so they are not); the rows of one call of the model given to
-CurvSafe are one set of examples (a sub-module called on its own does not start a new set). Under DDP each rank
-screens its own rows; the counts and the sums of the screened and of all per-example gradients go through one
-all-reduce per step. FSDP2 is refused. Not tested with gradient checkpointing (the captured inputs are held until
-the backward, which undoes its saving). When the captured examples do not add up to the gradient
-(:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe warns once.
+parameters' wider dtype; one micro-batch's twice while the step screens it): a LoRA adapter's parameters times the
+rows per step, so it is not meant for full fine-tunes of large layers. Examples are captured in forwards with
+gradients enabled and the block in training mode (CurvSafe's own safety passes run in eval mode, so they are not);
+the rows of one call of the model given to CurvSafe are one set of examples (a sub-module called on its own does not
+start a new set). Under DDP each rank screens its own rows; the counts and the sums of the screened and of all
+per-example gradients go through one all-reduce per step. FSDP2 is refused. Not tested with gradient checkpointing
+(the captured inputs are held until the backward, which undoes its saving). When the captured examples do not add up
+to the gradient (:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe warns once.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -51,16 +53,15 @@ from ..curvature.distributed import all_reduce_sum_
 from ..curvature.sharded import is_sharded
 
 
-def example_gradient(block: LinearBlock, inputs: Tensor, output_grad: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-example gradients of ``block`` from one call: the weight's as (rows, d_out, d_in) matrices and the
-    bias's (rows, d_out), in float32 or wider. ``inputs`` (rows, [tokens,] d_in), ``output_grad`` (rows,
-    [tokens,] d_out)."""
+def example_gradient(block: LinearBlock, inputs: Tensor, output_grad: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-example gradients of ``block`` from one call: the weight's as (rows, d_out, d_in) matrices and, when the
+    block has a protected bias, the bias's (rows, d_out), in float32 or wider. ``inputs`` (rows, [tokens,] d_in),
+    ``output_grad`` (rows, [tokens,] d_out)."""
     dtype = torch.promote_types(torch.promote_types(inputs.dtype, output_grad.dtype), torch.float32)
-    a, g = inputs.to(dtype), output_grad.to(dtype)
-    if a.dim() == 2:
-        a, g = a.unsqueeze(1), g.unsqueeze(1)
-    a, g = a.reshape(a.shape[0], -1, block.d_in), g.reshape(g.shape[0], -1, block.d_out)
-    return torch.einsum("bto,bti->boi", g, a), g.sum(1)
+    rows = inputs.shape[0]
+    a = inputs.to(dtype).reshape(rows, -1, block.d_in)
+    g = output_grad.to(dtype).reshape(rows, -1, block.d_out)
+    return torch.bmm(g.transpose(1, 2), a), (g.sum(1) if block.bias_name is not None else None)
 
 
 _ADDS_UP = 0.999  # the least cosine between the gradient and the captured examples' sum that counts as equal
@@ -121,7 +122,7 @@ class ExampleScreen:
         weight, bias = example_gradient(block, x, grad)
         entries = self._grads.setdefault(key, {})
         for name, value in ((block.weight_name, weight), (block.bias_name, bias)):
-            if name is not None:
+            if value is not None:
                 entries[name] = entries[name] + value if name in entries else value
 
     def clear(self) -> None:
@@ -147,50 +148,59 @@ class ExampleScreen:
         passes, self._grads = self._grads, {}
         self.mismatch = False
         names = [n for n in params if n in safety_grad]
+        if not names:
+            return 0, 0
         device = next(iter(params.values())).device
-        full = {n: torch.zeros(params[n].shape, dtype=torch.promote_types(params[n].dtype, torch.float32),
-                               device=device) for n in names}
-        dropped = {n: torch.zeros_like(t) for n, t in full.items()}
+        dtype = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
+        sizes = [params[n].numel() for n in names]
+        target = torch.cat([safety_grad[n].to(dtype).reshape(-1) for n in names])  # g, flattened in names' order
+        target_norm = target.norm()
+        full = torch.zeros(sum(sizes), dtype=dtype, device=device)  # sum_i G_i, then the screened rows' sum
+        dropped = torch.zeros_like(full)
         counts = torch.zeros(2, dtype=torch.float64, device=device)  # screened, examples
-        s_norm = sum(float(safety_grad[n].double().square().sum()) for n in names) ** 0.5
         cosines = []
-        for entries in passes.values():
-            present = [n for n in names if n in entries]
-            if not present:
-                continue
-            grads = {n: entries[n].transpose(1, 2) if n in self._transposed else entries[n] for n in present}
-            rows = grads[present[0]].shape[0]
-            dots = torch.zeros(rows, dtype=grads[present[0]].dtype, device=device)
-            squares = torch.zeros_like(dots)
-            for n in present:
-                flat = grads[n].reshape(rows, -1)
-                dots += flat @ safety_grad[n].to(flat.dtype).reshape(-1)
-                squares += flat.square().sum(1)
-            cos = -dots / (squares.sqrt() * s_norm).clamp_min(torch.finfo(dots.dtype).tiny)
+        while passes:  # each pass's per-example gradients are freed once flattened (peak: one pass twice)
+            entries = passes.pop(next(iter(passes)))
+            rows = next(iter(entries.values())).shape[0]
+            grads = torch.cat([self._flat(n, entries, rows, params[n], dtype) for n in names], dim=1)  # (rows, P)
+            del entries
+            squares = grads.square().sum(1)
+            cos = -(grads @ target) / (squares.sqrt() * target_norm).clamp_min(torch.finfo(dtype).tiny)
             drop = (cos > self.threshold) & (squares > 0)
             cosines.append(cos.detach().cpu())
-            counts += torch.tensor([float(drop.sum()), rows], dtype=torch.float64, device=device)
-            for n in present:
-                full[n] += grads[n].sum(0).to(full[n].dtype)
-                dropped[n] += grads[n][drop].sum(0).to(full[n].dtype)
+            counts += torch.stack([drop.sum(), torch.tensor(rows, device=device)]).to(torch.float64)
+            full += grads.sum(0)
+            if bool(drop.any()):
+                dropped += grads[drop].sum(0)
         self.cosines = torch.cat(cosines) if cosines else torch.zeros(0)
-        all_reduce_sum_([counts, *full.values(), *dropped.values()])
+        all_reduce_sum_([counts, full, dropped])
         screened, examples = (int(v) for v in counts.tolist())
-        held = [n for n in names if params[n].grad is not None]
-        grads = {n: params[n].grad.to(full[n].dtype) for n in held}
-        dot = sum(float((grads[n] * full[n]).sum()) for n in held)
-        norms = [sum(float(t[n].square().sum()) for n in held) ** 0.5 for t in (grads, full)]
-        if examples == 0 or norms[1] == 0.0:
+        offsets = [0, *itertools.accumulate(sizes)][:-1]
+        held = [(params[n].grad, o) for n, o in zip(names, offsets) if params[n].grad is not None]
+        if examples == 0 or not held:
             return 0, examples
-        if dot < _ADDS_UP * norms[0] * norms[1]:
+        grad = torch.cat([gr.reshape(-1).to(dtype) for gr, _ in held])
+        parts = torch.cat([full[o:o + gr.numel()] for gr, o in held])
+        norms = (float(grad.norm()), float(parts.norm()))
+        if norms[1] == 0.0:
+            return 0, examples
+        if float(grad @ parts) < _ADDS_UP * norms[0] * norms[1]:
             self.mismatch = True
             return 0, examples
         if screened:
             scale = norms[0] / norms[1]
             with torch.no_grad():
-                for n in held:
-                    params[n].grad.sub_((scale * dropped[n]).to(params[n].grad.dtype))
+                for gr, o in held:
+                    gr.sub_((scale * dropped[o:o + gr.numel()]).view_as(gr).to(gr.dtype))
         return screened, examples
+
+    def _flat(self, name: str, entries: dict, rows: int, param: Tensor, dtype: torch.dtype) -> Tensor:
+        """The per-example gradients of ``name`` as (rows, numel) in the parameter's own layout (zeros when the
+        pass did not reach it)."""
+        if name not in entries:
+            return torch.zeros(rows, param.numel(), dtype=dtype, device=param.device)
+        value = entries[name].transpose(1, 2) if name in self._transposed else entries[name]
+        return value.reshape(rows, -1).to(dtype)
 
 
 def _call(ref: weakref.ref, method: str) -> None:

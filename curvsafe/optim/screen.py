@@ -56,7 +56,9 @@ from ..curvature.sharded import is_sharded
 def example_gradient(block: LinearBlock, inputs: Tensor, output_grad: Tensor) -> tuple[Tensor, Optional[Tensor]]:
     """Per-example gradients of ``block`` from one call: the weight's as (rows, d_out, d_in) matrices and, when the
     block has a protected bias, the bias's (rows, d_out), in float32 or wider. ``inputs`` (rows, [tokens,] d_in),
-    ``output_grad`` (rows, [tokens,] d_out)."""
+    ``output_grad`` (rows, [tokens,] d_out): the rows of a batch as the model sees them, padding included (its
+    output gradient is zero), so no regrouping as in :func:`~curvsafe.curvature.sequence_grads.sequence_gradients`,
+    whose tokens come flattened and masked."""
     dtype = torch.promote_types(torch.promote_types(inputs.dtype, output_grad.dtype), torch.float32)
     rows = inputs.shape[0]
     a = inputs.to(dtype).reshape(rows, -1, block.d_in)
@@ -85,7 +87,7 @@ class ExampleScreen:
         self._grads: dict[int, dict[str, Tensor]] = {}  # pass -> parameter name -> per-example gradients
         self.mismatch = False  # the last apply() found the captured examples not adding up to the gradient
         self.cosines = torch.zeros(0)  # the last apply()'s c_i of this rank's examples (to choose a threshold)
-        ref = weakref.ref(self)  # the hooks must not keep a discarded optimizer's screen alive
+        self._ref = ref = weakref.ref(self)  # the hooks must not keep a discarded optimizer's screen alive
         self._handles = [model.register_forward_pre_hook(lambda *_: _call(ref, "_count"))]
         self._handles += [b.module.register_forward_hook(_capture_hook(ref, b)) for b in blocks]
 
@@ -109,7 +111,7 @@ class ExampleScreen:
         per-example gradients to the pass's."""
         if not (module.training and torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
             return
-        x, key, ref = inputs[0].detach(), self._pass, weakref.ref(self)
+        x, key, ref = inputs[0].detach(), self._pass, self._ref
 
         def on_grad(grad: Tensor) -> None:
             screen = ref()

@@ -106,20 +106,29 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Memory and cost per restore method and for CurvSafe, from config.json (+ adapter_config.json) alone."""
     from .curvature.lowrank import LowRank
-    from .plan import PlanSettings, gib, plan_from_dirs
+    from .plan import RANKED_METHODS, PlanSettings, estimate, gib, largest_rank, meta_model
 
+    if args.curvature_budget is not None and args.dense:
+        raise SystemExit("curvsafe plan: --curvature-budget chooses the rank of truncated factors; not with --dense")
     low = None if args.dense else LowRank(max_dense_dim=args.max_dense_dim, rank=args.rank,
-                                          oversample=args.oversample, probes=args.probes)
+                                          oversample=args.oversample, probes=args.probes, passes=args.passes)
     settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, task_batches=args.task_batches,
                             safety_batches=args.safety_batches, low_rank=low, ggn_rows=args.ggn_rows,
                             shards=args.shards)
-    plan = plan_from_dirs(args.model, args.adapter, settings, dtype=args.dtype)
+    model = meta_model(args.model, args.adapter, args.dtype)
+    plan = estimate(model, settings)
     if args.method:
         plan.methods = {m: p for m, p in plan.methods.items() if m in args.method}
+    ranks = None
+    if args.curvature_budget is not None:  # per K-FAC-based method: the largest --rank whose curvature fits
+        ranks = {m: largest_rank(model, low, m, args.curvature_budget) for m in RANKED_METHODS if m in plan.methods}
     if args.json:
-        print(json.dumps(plan.to_json(), indent=2))
+        print(json.dumps({**plan.to_json(), **({} if ranks is None else {"largest_rank": ranks})}, indent=2))
         return 0
     print(plan.table())
+    if ranks is not None:
+        print(f"largest --rank whose curvature fits {gib(args.curvature_budget)}: "
+              + ", ".join(f"{m} {'none' if r is None else r}" for m, r in ranks.items()))
     if args.max_memory is not None:
         fits = [m for m, p in plan.methods.items() if p.peak_bytes <= args.max_memory]
         print(f"fit in {gib(args.max_memory)}: {', '.join(fits) if fits else 'none'}")
@@ -203,10 +212,11 @@ def _restore_settings(parser: argparse.ArgumentParser) -> None:
     special = {"method": dict(choices=[m.value for m in Method]),
                "benign_budget": dict(type=_budget, metavar="NATS|off"),
                "params": dict(nargs="*"), "dtype": dict(choices=list(DTYPES)),
-               "max_memory": dict(type=_memory, metavar="SIZE"), "fsdp2": dict(action="store_true")}
+               "max_memory": dict(type=_memory, metavar="SIZE"), "fsdp2": dict(action="store_true"),
+               "sketch_passes": dict(type=int, choices=[1, 2])}
     types = {"task_budget": float, "task_budget_abs": float, "damping": float, "iterations": int, "select_top": int,
              "batch_size": int, "max_length": int, "limit": int, "ggn_rows": int, "curvature_seed": int,
-             "shards": int}
+             "shards": int, "max_dense_dim": int, "rank": int}
     for f in fields(RestoreConfig):
         kwargs = {"default": getattr(defaults, f.name), "help": RestoreConfig.help(f.name)}
         kwargs.update(special.get(f.name, {"type": types[f.name]} if f.name in types else {}))
@@ -291,12 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oversample", type=int, default=128, help="extra sketch columns per truncated factor")
     p.add_argument("--probes", type=int, default=16, help="probe columns per truncated factor (the estimate of "
                    "its left-out eigenvalues)")
+    p.add_argument("--passes", type=int, default=1, choices=[1, 2], help="passes per K-FAC fit of truncated factors "
+                   "(2: a second pass refines each sketch, LowRank.passes)")
     p.add_argument("--dense", action="store_true", help="every factor dense (no memory bound)")
     p.add_argument("--ggn-rows", type=int, help="lbfgs / cg: rows per chunk of each GGN-vector product "
                    "(restore's --ggn-rows)")
     p.add_argument("--shards", type=int, default=1, help="ranks the weights are sharded over with FSDP2 (restore "
                    "--fsdp2, CurvSafe under fully_shard): memory per rank")
     p.add_argument("--max-memory", type=_memory, metavar="SIZE", help="also say which methods fit in SIZE")
+    p.add_argument("--curvature-budget", type=_memory, metavar="SIZE", help="also give, for kfac, ekfac and "
+                   "curvsafe, the largest --rank whose curvature fits SIZE (restore's --rank; JSON: largest_rank)")
     p.add_argument("--json", action="store_true", help='print {"methods": {METHOD: {"curvature_bytes", '
                    '"peak_bytes", "steps_per_iteration"}}, ...}')
     p.set_defaults(func=cmd_plan)

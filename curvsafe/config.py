@@ -127,6 +127,13 @@ class RestoreConfig(Settings):
     limit: Optional[int] = setting("use only the first N examples of each file", default=None)
     dtype: str = setting("the weights' dtype", default="float32")
     device: str = setting("torch device, e.g. cpu or cuda:0", default="cpu")
+    max_dense_dim: int = setting("kfac / ekfac: K-FAC factors up to this dimension are dense; larger ones are "
+                                 "sketched and kept as a truncated eigenbasis (the memory bound; see `curvsafe plan`)",
+                                 default=2048)
+    rank: int = setting("kfac / ekfac: eigenvectors kept per truncated factor", default=256)
+    sketch_passes: int = setting("kfac / ekfac: passes per curvature fit when a factor is truncated; 2 refines each "
+                                 "sketch (a more accurate basis for one more forward and backward of the task data)",
+                                 default=1)
     ggn_rows: Optional[int] = setting("lbfgs / cg: rows per chunk of each GGN-vector product (the same product, "
                                     "less activation memory; default: the whole batch)", default=None)
     max_memory: Optional[int] = setting("refuse before loading weights when the method's estimated peak exceeds this "
@@ -148,9 +155,12 @@ class RestoreConfig(Settings):
             raise ValueError(f"benign_budget must be >= 0 or None, got {self.benign_budget}")
         if not self.damping > 0:
             raise ValueError(f"damping must be > 0, got {self.damping}")
-        for name, low in (("iterations", 1), ("batch_size", 1), ("max_length", 2), ("curvature_seed", 0)):
+        for name, low in (("iterations", 1), ("batch_size", 1), ("max_length", 2), ("curvature_seed", 0),
+                          ("max_dense_dim", 1), ("rank", 1)):
             if not getattr(self, name) >= low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.sketch_passes not in (1, 2):
+            raise ValueError(f"sketch_passes must be 1 or 2, got {self.sketch_passes}")
         if self.shards is not None and not self.fsdp2:
             raise ValueError("shards (HSDP) needs fsdp2")
         for name in ("select_top", "limit", "max_memory", "ggn_rows", "shards"):
@@ -160,3 +170,10 @@ class RestoreConfig(Settings):
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.params is not None:
             self.params = list(self.params)
+
+    def low_rank(self):
+        """The memory bound of the K-FAC factors (:class:`~curvsafe.curvature.lowrank.LowRank`) these settings ask
+        for."""
+        from .curvature.lowrank import LowRank
+
+        return LowRank(max_dense_dim=self.max_dense_dim, rank=self.rank, passes=self.sketch_passes)

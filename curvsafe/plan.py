@@ -21,11 +21,11 @@ Conventions (what every figure means):
   ``benchmarks/scale.py`` measures these estimates against real peaks.
 - **steps_per_iteration**: one restore iteration (refresh every iteration, the default) = the safety and task
   gradients (``S + T`` steps) + one line-search trial forward (``(S + T) / 2``: with the base frozen, a backward
-  costs about a forward) + the refresh: K-FAC one pass
-  over the task data (``T``), EK-FAC one when its per-sequence gradients fit (:class:`~.curvature.EKFAC`'s
-  ``max_gradient_bytes``, LoRA blocks) and two otherwise, L-BFGS ``pairs`` GGN-vector products and CG
-  ``1 + cg_iterations``
-  (each ``2 T``: forward with tangents + backward). For ``"curvsafe"`` it is one optimizer step: the training
+  costs about a forward) + the refresh: K-FAC one pass over the task data (``T``; one more with
+  ``LowRank(passes=2)`` when a factor is sketched), EK-FAC one when its per-sequence gradients fit
+  (:class:`~.curvature.EKFAC`'s ``max_gradient_bytes``, LoRA blocks) and two otherwise (plus that second pass),
+  L-BFGS ``pairs`` GGN-vector products and CG ``1 + cg_iterations`` (each ``2 T``: forward with tangents +
+  backward). For ``"curvsafe"`` it is one optimizer step: the training
   step plus its refresh (one safety pass, ``S``, and the guard's gradient) spread over ``refresh_interval``
   steps (~12 on the testbed with ``refresh_tol=0.1``). Eigendecompositions are not counted (device-dependent:
   on a 2-core CPU the dense 2048 x 2048 ones of a 1B model's factors dominate a K-FAC refresh; the truncated
@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -235,8 +235,9 @@ def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, *, math_at
 # ---------------------------------------------------------------------------------------------------- curvature
 def _factor(dim: int, low: Optional[LowRank]) -> tuple[int, int, bool]:
     """(factor bytes, eigenbasis bytes, sketched) of one K-FAC factor of this dimension."""
-    if low is not None and low.sketched(dim):  # the sketch and probe, float64 trace and row count; the kept basis
-        return dim * (low.width + low.probes) * F32 + 16, (dim * low.rank + low.rank) * F32, True
+    if low is not None and low.sketched(dim):  # the sketch, probe (and a second pass's test matrix), float64 trace
+        # and row count; the kept basis
+        return dim * (low.passes * low.width + low.probes) * F32 + 16, (dim * low.rank + low.rank) * F32, True
     return dim * dim * F32, (dim * dim + dim) * F32, False
 
 
@@ -291,6 +292,8 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
                             activation_bytes(model, settings.ggn_rows, settings.seq_len, math_attention=True))
     vec = trainable * F32
     k = kfac_bytes(model, settings.low_rank, modules)
+    k_ema = kfac_bytes(model, one_pass(settings.low_rank), modules)  # CurvSafe's EMA of fits: one pass each
+    curvature = {m: curvature_of(m, k_ema if m == "curvsafe" else k, trainable) for m in RANKED_METHODS}
     S, T = settings.safety_batches, settings.task_batches
     base_steps = S + T + (S + T) * FORWARD_COST
     restore_base = weights + RESTORE_VECTORS * vec
@@ -307,14 +310,17 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     ek_eigen = k["eigen_transient_f32"]  # EK-FAC decomposes dense factors in float32 (sketches in float64)
     ek_phases = [2 * F + act, F + E + ek_eigen, F + E + act]
     lbfgs_vectors = (4 * settings.lbfgs_pairs + 4) * vec
+    # LowRank(passes=2): a second pass over the task batches when a factor is sketched
+    refine_passes = settings.low_rank.passes - 1 if settings.low_rank is not None and k["sketched"] else 0
     plans = {
         "lbfgs": method(lbfgs_vectors, [lbfgs_vectors + ggn_act, act],
                         base_steps + settings.lbfgs_pairs * GGN_COST * T),
-        "kfac": method(F + E, kfac_phases, base_steps + T),
-        "ekfac": method(F + E + k["corrected"], [*ek_phases, F + E + k["corrected"] + act + ek_transient]
+        "kfac": method(curvature["kfac"], kfac_phases, base_steps + T + refine_passes * T),
+        "ekfac": method(curvature["ekfac"], [*ek_phases, F + E + k["corrected"] + act + ek_transient]
                         if ek_passes == 2 else [2 * F + act + ek_transient + ek_grads,
                                                 F + E + ek_eigen + ek_grads,
-                                                F + E + k["corrected"] + ek_grads], base_steps + ek_passes * T),
+                                                F + E + k["corrected"] + ek_grads],
+                        base_steps + (ek_passes + refine_passes) * T),
         "cg": method(6 * vec, [6 * vec + ggn_act, act],
                      base_steps + (1 + settings.cg_iterations) * GGN_COST * T),
         "sgd": method(0, [act], base_steps),
@@ -323,8 +329,8 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     # the curvature: the factors (their EMA) + eigenbases + the projection scales (~ corrected's size); a refresh
     # adds the fit's running and per-batch sums (merged into the EMA at its end) or one factor's float64 copies
     train_step = weights + 4 * vec + train_act
-    curvsafe_curv = F + E + k["corrected"] + 4 * vec
-    refresh = max(2 * F + act, k["eigen_transient"])
+    curvsafe_curv = curvature["curvsafe"]
+    refresh = max(2 * k_ema["factors"] + act, k_ema["eigen_transient"])
     plans["curvsafe"] = MethodPlan(int(curvsafe_curv), int(weights + 4 * vec + curvsafe_curv + max(train_act, refresh)),
                                    1.0 + (S + 1.0) / settings.refresh_interval)
     return Plan({m: plans[m] for m in (*RESTORE_METHODS, "curvsafe")}, int(train_step), int(weights), int(trainable),
@@ -401,10 +407,41 @@ class PeakMemory:
         return max(self.peak, self.rss()) - self.base
 
 
-def plan_from_dirs(model_dir: str | Path, adapter_dir: Optional[str | Path] = None,
-                   settings: Optional[PlanSettings] = None, dtype: Optional[str] = None) -> Plan:
-    """:func:`estimate` of the meta-device model of ``model_dir`` (+ ``adapter_dir``)."""
-    return estimate(meta_model(model_dir, adapter_dir, dtype), settings)
+RANKED_METHODS = ("kfac", "ekfac", "curvsafe")  # whose curvature depends on LowRank.rank
+
+
+def one_pass(low: Optional[LowRank]) -> Optional[LowRank]:
+    """``low`` with one pass per fit: what CurvSafe runs (an EMA of fits cannot take a second pass)."""
+    return low if low is None or low.passes == 1 else replace(low, passes=1)
+
+
+def curvature_of(method: str, k: dict, trainable: int) -> int:
+    """The curvature bytes :func:`estimate` gives a K-FAC-based ``method`` from :func:`kfac_bytes`' ``k``."""
+    held = {"kfac": k["factors"] + k["eigen"], "ekfac": k["factors"] + k["eigen"] + k["corrected"],
+            "curvsafe": k["factors"] + k["eigen"] + k["corrected"] + 4 * trainable * F32}
+    return held[method]
+
+
+def largest_rank(model: nn.Module, low: LowRank, method: str, budget: int, modules=None) -> Optional[int]:
+    """The largest ``low.rank`` (its other settings kept) at which ``method``'s curvature fits ``budget`` bytes;
+    None when not even rank 1 does. Curvature grows with the rank (a factor stops being sketched, and becomes
+    dense, once its sketch would not be narrower), so this bisects over 1 .. the largest factor dimension."""
+    if method not in RANKED_METHODS:
+        raise ValueError(f"method must be one of {RANKED_METHODS}, got {method!r}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    low = one_pass(low) if method == "curvsafe" else low
+
+    def fits(rank: int) -> bool:
+        return curvature_of(method, kfac_bytes(model, replace(low, rank=rank), modules), trainable) <= budget
+
+    top = max(max(b.d_in, b.d_out) for b in find_blocks(model, modules))
+    if not fits(1):
+        return None
+    lo, hi = 1, top
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def check_fits(plan: Plan, method: str, max_memory: Optional[int]) -> None:

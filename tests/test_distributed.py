@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from conftest import make_batch, rel_err, tiny_llama, with_lora
 
 from curvsafe.curvature import EKFAC, KFAC, empirical_fisher_vp
+from curvsafe.curvature.lowrank import LowRank, SketchedFactor
 from curvsafe.ranks import leave_group
 
 
@@ -28,7 +29,14 @@ def compute(rank=None):
     mixed = EKFAC(model, max_gradient_bytes=0 if rank == 0 else 1 << 28).fit(data)
     assert (ekfac.passes, mixed.passes) == (1, 1 if rank is None else 2)
     v = {n: torch.ones(s, dtype=torch.float64) for n, s in kfac.param_shapes.items()}
-    return {"A": {n: f.A for n, f in kfac.factors.items()}, "G": {n: f.G for n, f in kfac.factors.items()},
+    low = LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2, passes=2)  # sketches refined by a second pass
+    refined = {approx: {f"{n}.{side}": (getattr(f, side).Y, getattr(f, side).omega)
+                        for n, f in KFAC(model, kfac_approx=approx, low_rank=low).fit(data).factors.items()
+                        for side in ("A", "G") if isinstance(getattr(f, side), SketchedFactor)}
+               for approx in ("expand", "reduce")}
+    assert refined["expand"] and refined["reduce"]
+    return {"refined": {f"{a}.{k}.{i}": t[i] for a, r in refined.items() for k, t in r.items() for i in (0, 1)},
+            "A": {n: f.A for n, f in kfac.factors.items()}, "G": {n: f.G for n, f in kfac.factors.items()},
             "G_reduce": {n: f.G for n, f in reduce.factors.items()},
             "A_reduce": {n: f.A for n, f in reduce.factors.items()},
             "corrected": ekfac.corrected, "corrected_mixed": mixed.corrected,
@@ -53,7 +61,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     single = compute()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for key in ("A", "G", "A_reduce", "G_reduce", "corrected", "corrected_mixed", "efvp"):
+    for key in ("A", "G", "A_reduce", "G_reduce", "corrected", "corrected_mixed", "efvp", "refined"):
         for name, expected in single[key].items():
             for r in ranks:
                 assert rel_err(r[key][name], expected) <= 1e-5, (key, name)

@@ -58,6 +58,30 @@ def test_plan_from_config_files_only(config_only, capsys):
         assert chunked["methods"][m]["curvature_bytes"] == out["methods"][m]["curvature_bytes"]
     assert main(["plan", "--model", model, "--adapter", adapter, "--max-memory", "1MiB"]) == 0
     assert "fit in 1.00 MiB: none" in capsys.readouterr().out
+    refined = plan_json(capsys, "--model", model, "--adapter", adapter, "--max-dense-dim", "300", "--rank", "16",
+                        "--oversample", "8", "--passes", "2")
+    single = plan_json(capsys, "--model", model, "--adapter", adapter, "--max-dense-dim", "300", "--rank", "16",
+                       "--oversample", "8")
+    for m in ("kfac", "ekfac"):  # the second pass: each sketch's own test matrix and one more pass over the task
+        assert refined["methods"][m]["curvature_bytes"] > single["methods"][m]["curvature_bytes"]
+        assert refined["methods"][m]["steps_per_iteration"] == single["methods"][m]["steps_per_iteration"] + 1
+    assert refined["methods"]["curvsafe"] == single["methods"]["curvsafe"]  # its EMA of fits takes one pass each
+
+
+def test_plan_gives_the_largest_rank_that_fits_a_curvature_budget(config_only, capsys):
+    model, adapter = str(config_only / "model"), str(config_only / "adapter")
+    args = ["--model", model, "--adapter", adapter, "--max-dense-dim", "300", "--oversample", "8"]
+    budget = plan_json(capsys, *args, "--rank", "40")["methods"]["kfac"]["curvature_bytes"]
+    ranks = plan_json(capsys, *args, "--curvature-budget", str(budget))["largest_rank"]
+    assert set(ranks) == {"kfac", "ekfac", "curvsafe"}
+    assert ranks["kfac"] == 40 and ranks["curvsafe"] < ranks["ekfac"] < 40  # they hold more at the same rank
+    for m, r in ranks.items():
+        assert plan_json(capsys, *args, "--rank", str(r))["methods"][m]["curvature_bytes"] <= budget
+        assert plan_json(capsys, *args, "--rank", str(r + 1))["methods"][m]["curvature_bytes"] > budget
+    assert main(["plan", *args, "--curvature-budget", "1KiB", "--method", "kfac"]) == 0
+    assert "largest --rank whose curvature fits 1.00 KiB: kfac none" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not with --dense"):
+        main(["plan", "--model", model, "--dense", "--curvature-budget", "1GiB"])
 
 
 def test_plan_per_rank_under_fsdp2_sharding(config_only, capsys):
@@ -88,7 +112,8 @@ def test_plan_per_rank_under_fsdp2_sharding(config_only, capsys):
     assert deep_four["weight_bytes"] < 0.4 * deep_one["weight_bytes"]
 
 
-@pytest.mark.parametrize("low", [None, LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2)])
+@pytest.mark.parametrize("low", [None, LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2),
+                                 LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2, passes=2)])
 def test_plan_curvature_bytes_equal_the_fitted_objects(low):
     model = with_lora(tiny_llama(dtype=torch.float32))
     op = EKFAC(model, low_rank=low).fit([make_batch(), make_batch(seed=2)])

@@ -41,6 +41,35 @@ def test_every_method_lowers_safety_within_budget(setup, tmp_path, method):
     assert (tmp_path / method / "anchor.jsonl").is_file()
 
 
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_restore_takes_the_memory_bound_of_its_settings(setup, tmp_path, monkeypatch, method):
+    """``max_dense_dim``, ``rank`` and ``sketch_passes`` reach the task curvature's K-FAC (the tiny model's factors
+    are sketched with a narrow sketch: oversample and probes 2, patched in) and the restore still descends."""
+    from curvsafe.config import RestoreConfig
+    from curvsafe.curvature.lowrank import LowRank, SketchedFactor
+    from curvsafe.restoration import preconditioners
+
+    assert RestoreConfig(rank=8, max_dense_dim=100, sketch_passes=2).low_rank() == LowRank(100, 8, passes=2)
+    for bad in ({"rank": 0}, {"max_dense_dim": 0}, {"sketch_passes": 3}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            RestoreConfig(**bad)
+    monkeypatch.setattr(RestoreConfig, "low_rank", lambda c: LowRank(c.max_dense_dim, c.rank, oversample=2, probes=2,
+                                                                     passes=c.sketch_passes))
+    seen = []
+    refresh = preconditioners.KFACPreconditioner.refresh
+
+    def spy(self, *args):
+        refresh(self, *args)
+        seen.append([f.refined for b in self.op.factors.values() for f in (b.A, b.G) if isinstance(f, SketchedFactor)])
+
+    monkeypatch.setattr(preconditioners.KFACPreconditioner, "refresh", spy)
+    report = restore_files(setup, tmp_path / method, method, max_dense_dim=16, rank=4, sketch_passes=2).report
+    assert seen and all(refined and all(refined) for refined in seen)  # sketched, and each refined by a 2nd pass
+    assert report["config"]["rank"] == 4 and report["config"]["sketch_passes"] == 2
+    assert report["safety_objective"]["after"] < report["safety_objective"]["before"]
+    assert report["task_nll"]["after"] <= report["task_nll"]["budget"] + 1e-9
+
+
 def test_saved_adapter_reloads_bit_identical_and_input_untouched(setup, tmp_path):
     from curvsafe.models import load_model
 

@@ -33,7 +33,8 @@ Convention (kept exactly, tested against curvlinops):
   Nyström sketch and used as a truncated eigenbasis with an isotropic rest (:mod:`.lowrank`, which states the
   approximation). ``low_rank=None`` keeps every factor dense. ``factors[name].A`` is then a
   :class:`~.lowrank.SketchedFactor`, and :meth:`KFAC.eigen` returns ``rest_A`` / ``rest_G`` besides the kept
-  eigenpairs.
+  eigenpairs. With ``LowRank(passes=2)`` a fit takes a second pass over its batches to refine each sketch (one step
+  of subspace iteration; :mod:`.lowrank`), with the same Monte Carlo labels as the first.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def factor_eigens(named: Mapping[str, Factor], rank: Optional[int], dtype: torch
     for key, f in named.items():
         if key not in done:
             candidates = seen.setdefault((tuple(f.Y.shape), float(f.trace()), float(f.Y.sum())), [])
-            twin = next((k for k in candidates if torch.equal(named[k].Y, f.Y)), None)
+            twin = next((k for k in candidates
+                         if torch.equal(named[k].Y, f.Y) and torch.equal(named[k].omega, f.omega)), None)
             done[key] = done[twin] if twin else f.eigen(rank or f.Y.shape[1], key)
             candidates.append(key)
     return done
@@ -229,6 +231,9 @@ class KFAC(CurvatureOperator):
         fisher_type = parse_option(FisherType, fisher_type, "fisher_type").value
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if ema_decay is not None and low_rank is not None and low_rank.passes > 1:
+            raise ValueError("LowRank(passes=2) refines each sketch over the batches of one fit; an EMA of fits "
+                             "needs passes=1")
         self.model = model
         self.blocks: list[LinearBlock] = find_blocks(model, modules)
         self.fisher_type = fisher_type
@@ -271,6 +276,11 @@ class KFAC(CurvatureOperator):
         if gradient and self.fisher_type != "empirical":
             raise ValueError("gradient=True needs fisher_type='empirical' (the pass must backpropagate the labels)")
         ema = self.ema_decay is not None
+        refine = self.low_rank is not None and self.low_rank.passes > 1
+        if refine and any(isinstance(f, SketchedFactor) for k in self.factors.values() for f in (k.A, k.G)):
+            raise ValueError("LowRank(passes=2) refines the sketches over one fit's batches, so this KFAC cannot add "
+                             "more: reset() it, or fit once on all the batches")
+        labels = self._make_generator().get_state() if refine else None  # the second pass redraws the same
         acc = _FitPass(_Sums(self.low_rank) if ema else self._running_sums(), self.low_rank,
                        self.kfac_approx == "reduce", len(self.blocks), self._leaders, tap)
         totals = capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
@@ -284,7 +294,65 @@ class KFAC(CurvatureOperator):
         acc.running.symmetrize()
         self.factors = self._ema_merge(acc.running) if ema else self._factors_of(acc.running)
         self._eigen = {}
+        if refine:
+            self._refine_sketches(data, labels)
         return self
+
+    def _refine_sketches(self, data: list, labels: Tensor) -> None:
+        """The second pass of ``LowRank(passes=2)``: every sketched factor ``F`` (``Y = F Omega`` from the first
+        pass) becomes ``Y_2 = F Omega_2`` with ``Omega_2 = orth(Y)``, summed over the same batches with the same
+        labels (``labels``: the generator's state before the first pass) and all-reduced. Equal sketches (an input
+        shared by q/k/v) get equal ``Omega_2`` (each its own copy, as each keeps its own sketch) and one product
+        per batch."""
+        omegas: dict[tuple[str, str], Tensor] = {}
+        firsts: list[tuple[SketchedFactor, Tensor]] = []  # distinct first-pass sketches and their Omega_2
+        for b in self.blocks:
+            for side in ("A", "G"):
+                f = getattr(self.factors[b.name], side)
+                if isinstance(f, SketchedFactor):
+                    twin = next((o for g, o in firsts if torch.equal(g.Y, f.Y)), None)
+                    if twin is None:
+                        twin = torch.linalg.qr(f.Y.double()).Q.to(f.Y.dtype)
+                        firsts.append((f, twin))
+                    omegas[(b.name, side)] = twin.clone()
+        if not omegas:
+            return
+        sums = {key: torch.zeros_like(omegas[key]) for key in omegas}
+        shared: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}  # input -> (input kept alive, Omega_2, product)
+        counts = [0.0, 0.0]
+        info, reduce = BatchInfo(), self.kfac_approx == "reduce"
+
+        def add(block: LinearBlock, side: str, x: Tensor) -> None:
+            omega = omegas.get((block.name, side))
+            if omega is None:
+                return
+            done = next((part for _, o, part in shared.get(id(x), []) if torch.equal(o, omega)), None)
+            if done is not None:  # an input (A side only) another block read with an equal Omega_2
+                sums[(block.name, side)].add_(done)
+                return
+            rows = self._per_sequence(x.float(), info, mean=side == "A") if reduce else x.float()
+            part = rows.T @ (rows @ omega)
+            sums[(block.name, side)].add_(part)
+            if side == "A":
+                shared.setdefault(id(x), []).append((x, omega, part))
+
+        def batch_end() -> None:
+            shared.clear()
+            counts[0] += info.num_sequences if reduce else info.num_tokens
+            counts[1] += info.num_tokens
+
+        generator = self._make_generator()
+        generator.set_state(labels)
+        capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
+                     generator=generator, on_forward=lambda b, a: add(b, "A", a),
+                     on_backward=lambda b, g: add(b, "G", g), info=info, on_batch_end=batch_end,
+                     desc="K-FAC sketches, second pass", progress=self.progress, verify=False)
+        all_reduce_sum_(list(sums.values()))
+        n_a, n_g = all_reduce_counts(counts, model_device(self.model))
+        for (name, side), total in sums.items():
+            f = self.factors[name]
+            refined = getattr(f, side).with_sketch(total / (n_a if side == "A" else n_g), omegas[(name, side)])
+            self.factors[name] = KFactors(refined, f.G) if side == "A" else KFactors(f.A, refined)
 
     def _keep_gradient(self, grad_sums: list[Optional[Tensor]], totals) -> None:
         """``self.gradient`` and ``self.mean_loss`` from the pass's weight-gradient sums (all-reduced)."""
@@ -393,7 +461,8 @@ class KFAC(CurvatureOperator):
         if self._sums is not None:
             held += [*self._sums.A.values(), *self._sums.G.values()]
         seen, total = set(), 0
-        for t in [*factor_tensors(held), *(t for e in self._eigen.values() for t in (e.QA, e.QG, e.lam_A, e.lam_G))]:
+        tensors = [t for f in held for t in (f.held() if isinstance(f, SketchedFactor) else [f])]
+        for t in [*tensors, *(t for e in self._eigen.values() for t in (e.QA, e.QG, e.lam_A, e.lam_G))]:
             if t.data_ptr() not in seen:  # shared-input blocks may share eigen tensors
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()

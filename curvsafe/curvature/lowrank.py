@@ -24,10 +24,25 @@ the 1B shape: rank below 1536 from 2048 tokens), and over-amplifies them in an i
 (``benchmarks/scale.py``: K-FAC preconditioned gradient at damping 0.1x its Rayleigh quotient, against dense
 factors): rank 256, 11.8% -> 9.3% relative error; rank 1024, 8.3% -> 5.9%; with the exact top eigenvectors instead
 of the sketch's, 9.7% -> 6.8% and 5.0% -> 1.7%; with ``p = 16`` the error equals the one with the exact
-``tr(F_rest^2)`` to 4 digits there. It is not better everywhere: on a full-rank toy factor with a flat left-out
-spectrum and low damping it was slightly worse (51% against 49% error, a sketch far too narrow for that factor).
+``tr(F_rest^2)`` to 4 digits there. Those 2048 tokens leave the 8192-dimensional factors of rank below 1536, which
+flatters any truncation: on full-rank factors (16384 tokens) the same layer gives 18.1% at rank 256, 16.1% at 861
+and 15.1% at 1356 (random weights: a flat spectrum). It is not better everywhere: on a full-rank toy factor with a
+flat left-out spectrum and low damping it was slightly worse (51% against 49% error, a sketch far too narrow for
+that factor).
 A sketch saved without a probe (``probes = 0``, or older states) falls back to the plain mean
 ``(tr(F) - sum(lam)) / (r - k)`` with ``r = min(d, rows summed into F)``, a bound on ``rank(F)``.
+
+A second pass (``LowRank.passes = 2``, one step of subspace iteration) re-sketches each factor with its own test
+matrix ``Omega_2 = orth(Y)`` from the first pass, ``Y_2 = F Omega_2``, over the same batches (the same Monte Carlo
+labels: the generator is rewound), and takes the Nyström eigenpairs from ``(Omega_2, Y_2)``. On a flat spectrum one
+pass's basis is inaccurate; the second pass sharpens it (Halko, Martinsson & Tropp 2011, Sec. 4.5) for one more
+forward and backward over the data and ``d * s`` floats per factor (``Omega_2``, kept with the sketch). Measured
+(``benchmarks/scale.py``, 1B shape, damping 0.1x): 2048 tokens, rank 256 9.3% -> 8.0%, rank 1024 5.9% -> 3.7%;
+full-rank factors (16384 tokens), rank 256 18.1% -> 15.9%, rank 1356 15.1% -> 12.3%. At a fixed memory (rank 861
+with two passes and rank 1356 with one both fit 8 GiB for the whole 1B model) it won on the full-rank factors
+(13.8% against 15.1%) and lost on the 2048 tokens (4.6% against 3.1%). The probe, trace and row count are the first
+pass's (they do not depend on ``Omega``). A refined sketch adds, averages and all-reduces only with sketches of the
+same ``Omega_2``, so a fit with two passes holds all of its data: no running mean over further fits, no EMA.
 
 What holds (tested in float64 against the dense factor): ``F_nys ⪯ F`` so ``sum(lam)`` never exceeds the true
 top-k sum; the approximation is exact (``rest = 0``) when ``rank(F) <= k``, e.g. a factor fitted on fewer tokens
@@ -64,16 +79,22 @@ class LowRank:
         probes: columns of the independent probe that estimates the left-out part's energy-weighted mean
             eigenvalue (``rest``; module docstring), at ``d * probes`` floats per factor; 0 falls back to the plain
             mean. With 16 the 1B shape's error equalled the one with the exact value to 4 digits.
+        passes: passes over the data per fit: 1 streams the sketch once; 2 adds one step of subspace iteration
+            (module docstring): a more accurate basis for one more forward and backward and ``d * s`` more floats
+            per factor. Only for fits that hold all their data (not with ``ema_decay`` or a running mean).
     """
 
     max_dense_dim: int = 2048
     rank: int = 256
     oversample: int = 128
     probes: int = 16
+    passes: int = 1
 
     def __post_init__(self):
-        if self.max_dense_dim < 1 or self.rank < 1 or self.oversample < 0 or self.probes < 0:
-            raise ValueError(f"LowRank needs max_dense_dim >= 1, rank >= 1, oversample >= 0, probes >= 0; got {self}")
+        if (self.max_dense_dim < 1 or self.rank < 1 or self.oversample < 0 or self.probes < 0
+                or self.passes not in (1, 2)):
+            raise ValueError("LowRank needs max_dense_dim >= 1, rank >= 1, oversample >= 0, probes >= 0 and passes "
+                             f"1 or 2; got {self}")
 
     def sketched(self, dim: int) -> bool:
         """Whether a factor of this dimension is sketched (and the sketch and probe are narrower than the factor)."""
@@ -108,16 +129,19 @@ def probe_matrix(dim: int, probes: int, device: torch.device) -> Tensor:
 
 class SketchedFactor:
     """A PSD factor held as ``Y = F Omega``, the probe ``Z = F Psi`` (or None), ``tr(F)`` and the number of rows
-    summed into it (see the module docstring).
+    summed into it (see the module docstring). ``omega``: the factor's own test matrix after a second pass (None:
+    the shared one of its shape).
 
     Supports what K-FAC does with a dense factor: in-place row updates (``F += rows^T rows``), ``+``, scalar
     ``*`` and ``/`` (sums, means and EMAs; a scalar leaves the row count alone, a sum adds the counts),
     ``clone``, ``trace()``, and :meth:`tensors` for an in-place all-reduce.
     """
 
-    def __init__(self, Y: Tensor, trace: Tensor, rows: Optional[Tensor] = None, Z: Optional[Tensor] = None):
+    def __init__(self, Y: Tensor, trace: Tensor, rows: Optional[Tensor] = None, Z: Optional[Tensor] = None,
+                 omega: Optional[Tensor] = None):
         self.Y = Y
         self.Z = Z
+        self._omega = omega
         self._trace = trace
         self._rows = rows if rows is not None else torch.zeros((), dtype=torch.float64, device=Y.device)
 
@@ -133,7 +157,17 @@ class SketchedFactor:
 
     @property
     def omega(self) -> Tensor:
-        return sketch_matrix(self.Y.shape[0], self.Y.shape[1], self.Y.device)
+        return self._omega if self._omega is not None else sketch_matrix(self.Y.shape[0], self.Y.shape[1],
+                                                                         self.Y.device)
+
+    @property
+    def refined(self) -> bool:
+        """Whether a second pass gave this factor its own test matrix."""
+        return self._omega is not None
+
+    def with_sketch(self, Y: Tensor, omega: Tensor) -> "SketchedFactor":
+        """This factor with the second pass's sketch ``Y = F omega`` (same probe, trace and row count)."""
+        return SketchedFactor(Y, self._trace, self._rows, self.Z, omega)
 
     @property
     def psi(self) -> Optional[Tensor]:
@@ -141,7 +175,7 @@ class SketchedFactor:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.Y, self.Z) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.Y, self.Z, self._omega) if t is not None)
 
     @property
     def rank_bound(self) -> int:
@@ -163,11 +197,17 @@ class SketchedFactor:
         return self._trace.float()
 
     def tensors(self) -> list[Tensor]:
+        """The tensors that sum over data (for an in-place all-reduce; not the replicated test matrix)."""
         return [self.Y, self._trace, self._rows, *([] if self.Z is None else [self.Z])]
+
+    def held(self) -> list[Tensor]:
+        """Every tensor this factor holds: :meth:`tensors` and its own test matrix after a second pass."""
+        return [*self.tensors(), *([] if self._omega is None else [self._omega])]
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> "SketchedFactor":
         """A new sketch with ``fn`` applied to the sketch, probe and trace (a linear map of ``F``)."""
-        return SketchedFactor(fn(self.Y), fn(self._trace), self._rows.clone(), None if self.Z is None else fn(self.Z))
+        return SketchedFactor(fn(self.Y), fn(self._trace), self._rows.clone(), None if self.Z is None else fn(self.Z),
+                              self._omega)
 
     def clone(self) -> "SketchedFactor":
         return self._map(Tensor.clone)
@@ -175,6 +215,10 @@ class SketchedFactor:
     def _check(self, other: "SketchedFactor") -> None:
         if not isinstance(other, SketchedFactor) or other.Y.shape != self.Y.shape:
             raise TypeError("a sketched factor combines only with a sketch of the same shape")
+        if (self._omega is None) != (other._omega is None) or (
+                self._omega is not None and not torch.equal(self._omega, other._omega)):
+            raise TypeError("a sketched factor combines only with a sketch of the same test matrix (a second pass "
+                            "gives each factor its own)")
 
     def _probes_match(self, other: "SketchedFactor") -> bool:
         """Whether both have a probe (of the same shape); False when either has none (a sketch saved before probes
@@ -188,7 +232,7 @@ class SketchedFactor:
     def __add__(self, other: "SketchedFactor") -> "SketchedFactor":
         self._check(other)
         return SketchedFactor(self.Y + other.Y, self._trace + other._trace, self._rows + other._rows,
-                              self.Z + other.Z if self._probes_match(other) else None)
+                              self.Z + other.Z if self._probes_match(other) else None, self._omega)
 
     def add_(self, other: "SketchedFactor") -> "SketchedFactor":
         self._check(other)
@@ -216,15 +260,16 @@ class SketchedFactor:
         return self
 
     def state(self) -> dict:
+        optional = {"probe": self.Z, "omega": self._omega}
         return {"sketch": self.Y, "trace": self._trace, "rows": self._rows,
-                **({} if self.Z is None else {"probe": self.Z})}
+                **{k: t for k, t in optional.items() if t is not None}}
 
     @classmethod
     def from_state(cls, state: dict, device: Optional[torch.device] = None) -> "SketchedFactor":
         def moved(t: Optional[Tensor]) -> Optional[Tensor]:
             return t if t is None or device is None else t.to(device)
 
-        return cls(*(moved(state.get(k)) for k in ("sketch", "trace", "rows", "probe")))
+        return cls(*(moved(state.get(k)) for k in ("sketch", "trace", "rows", "probe", "omega")))
 
     def eigen(self, rank: int, name: str = "factor") -> tuple[Tensor, Tensor, Tensor]:
         """``(lam (k,), Q (d, k), rest)`` float32 (see the module docstring); ``k = min(rank, sketch width)``."""

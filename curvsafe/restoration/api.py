@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..curvature.distributed import is_distributed
 from ..curvature.loss import curvature_mode
+from ..curvature.lowrank import LowRank
 from ..curvature.sharded import assign_whole, is_sharded, whole_values
 from ..curvature.vectors import ParamVector, dot
 from ..nll import batch_nll_sums
@@ -231,7 +232,8 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
             safety_target: Union[None, float, Mapping[str, float]] = None, trust_radius: float = 0.1,
             refresh_every: int = 1, max_mu_growth: int = 4, progress: bool = True,
             callback: Optional[Callable[[dict], None]] = None,
-            constraints: Sequence[Constraint] = (), ggn_rows: Optional[int] = None) -> RestoreResult:
+            constraints: Sequence[Constraint] = (), ggn_rows: Optional[int] = None,
+            low_rank: Optional[LowRank] = LowRank()) -> RestoreResult:
     """Edit ``params`` of ``model`` in place to lower ``safety`` within the task budget (module docstring).
 
     Args:
@@ -247,6 +249,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
         callback: called with each accepted step's log entry (after the parameters hold the step).
         ggn_rows: ``lbfgs`` / ``cg``: run each GGN-vector product in chunks of at most this many rows (the same
             product; their activation memory, about 3x a training step's, shrinks in proportion).
+        low_rank: ``kfac`` / ``ekfac``: the memory bound of the task curvature's factors (None: all dense).
         constraints: further quantities that every accepted step keeps within their budgets: the step loses its
             component that would raise one to first order (projected out in the curvature metric), and the
             task-descent term of J descends them too (``μ (L + Σ C)``).
@@ -271,7 +274,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
     chosen = trainable_params(model, params)
     if select_top is not None and any(is_sharded(p) for p in chosen.values()):
         raise ValueError("select_top (influence scores per example) does not run on an FSDP2-sharded model")
-    precond = make_preconditioner(method, damping, ggn_rows, seed=curvature_seed)
+    precond = make_preconditioner(method, damping, ggn_rows, seed=curvature_seed, low_rank=low_rank)
     theta0 = _snapshot(chosen)
     l0, terms0 = task.evaluate(model), safety.term_values(model)
     s0 = sum(terms0.values())

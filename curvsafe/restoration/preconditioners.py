@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..config import RESTORE_METHODS
 from ..curvature import EKFAC, KFAC, CGInverse, GGNOperator, LBFGSInverse
+from ..curvature.lowrank import LowRank
 from ..curvature.vectors import ParamVector, dot
 
 METHODS = RESTORE_METHODS
@@ -65,14 +66,16 @@ class KFACPreconditioner(_OperatorPreconditioner):
     name = "kfac"
     cls = KFAC
 
-    def __init__(self, damping: float, seed: int = 0):
+    def __init__(self, damping: float, seed: int = 0, low_rank: Optional[LowRank] = LowRank()):
         super().__init__(damping)
         self.seed = seed
+        self.low_rank = low_rank
 
     def refresh(self, model, task_batches, params, grad):
         blocks = sorted({n.rsplit(".", 1)[0] for n in params})
         self.op = None  # the old curvature goes before the new is fitted (peak memory: one set, not two)
-        self.op = self.cls(model, blocks, fisher_type="mc", seed=self.seed, progress=False).fit(task_batches)
+        self.op = self.cls(model, blocks, fisher_type="mc", seed=self.seed, progress=False,
+                           low_rank=self.low_rank).fit(task_batches)
         missing = set(params) - set(self.op.param_shapes)
         if missing:
             raise ValueError(f"{self.name} covers linear blocks only; parameters {sorted(missing)[:3]} are not")
@@ -145,12 +148,13 @@ class CGPreconditioner(_OperatorPreconditioner):
 
 
 def make_preconditioner(method: str, damping: float, ggn_rows: Optional[int] = None, *,
-                        seed: int = 0) -> Preconditioner:
+                        seed: int = 0, low_rank: Optional[LowRank] = LowRank()) -> Preconditioner:
     """The preconditioner of ``method`` (one of :data:`METHODS`) with relative ``damping``; ``ggn_rows``: the row
-    chunks of L-BFGS's and CG's GGN products; ``seed``: K-FAC's and EK-FAC's Monte Carlo labels."""
+    chunks of L-BFGS's and CG's GGN products; ``seed`` and ``low_rank``: K-FAC's and EK-FAC's Monte Carlo labels
+    and factor memory bound."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return {"sgd": lambda: Preconditioner(), "kfac": lambda: KFACPreconditioner(damping, seed),
-            "ekfac": lambda: EKFACPreconditioner(damping, seed),
+    return {"sgd": lambda: Preconditioner(), "kfac": lambda: KFACPreconditioner(damping, seed, low_rank),
+            "ekfac": lambda: EKFACPreconditioner(damping, seed, low_rank),
             "lbfgs": lambda: LBFGSPreconditioner(damping, max_rows=ggn_rows),
             "cg": lambda: CGPreconditioner(damping, max_rows=ggn_rows)}[method]()

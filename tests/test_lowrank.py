@@ -253,7 +253,7 @@ def test_second_pass_sketches_each_factor_with_its_own_test_matrix(fisher_type):
     assert torch.equal(one._make_generator().get_state(), two._make_generator().get_state())
 
 
-def test_second_pass_captures_more_of_a_flat_factor():
+def test_second_pass_captures_more_of_a_slowly_decaying_factor():
     """One step of subspace iteration: on rows with a slowly decaying spectrum the refined basis keeps more of the
     factor's energy and the truncated factor is closer to the dense one."""
     g = torch.Generator().manual_seed(0)
@@ -273,7 +273,7 @@ def test_second_pass_captures_more_of_a_flat_factor():
     assert error[1] < 0.8 * error[0], error  # measured: 0.73 -> 0.47 relative Frobenius error
 
 
-def test_second_pass_state_and_refusals(tmp_path):
+def test_second_pass_state_and_refusals():
     m = model()
     data = [make_batch(batch=3, seq=7, seed=s) for s in range(2)]
     low = LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2, passes=2)

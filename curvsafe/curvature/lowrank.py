@@ -26,9 +26,10 @@ factors): rank 256, 11.8% -> 9.3% relative error; rank 1024, 8.3% -> 5.9%; with 
 of the sketch's, 9.7% -> 6.8% and 5.0% -> 1.7%; with ``p = 16`` the error equals the one with the exact
 ``tr(F_rest^2)`` to 4 digits there. Those 2048 tokens leave the 8192-dimensional factors of rank below 1536, which
 flatters any truncation: on full-rank factors (16384 tokens) the same layer gives 18.1% at rank 256, 16.1% at 861
-and 15.1% at 1356 (random weights: a flat spectrum). It is not better everywhere: on a full-rank toy factor with a
-flat left-out spectrum and low damping it was slightly worse (51% against 49% error, a sketch far too narrow for
-that factor).
+and 15.1% at 1356 (random weights: a flat spectrum), and the exact top eigenvectors with this rest would still give
+14.9% and 9.8% at 256 and 1356: the left-out spectrum, not the sketch, is most of it. The weighted mean is not
+better everywhere: on a full-rank toy factor with a flat left-out spectrum and low damping it was slightly worse
+(51% against 49% error, a sketch far too narrow for that factor).
 A sketch saved without a probe (``probes = 0``, or older states) falls back to the plain mean
 ``(tr(F) - sum(lam)) / (r - k)`` with ``r = min(d, rows summed into F)``, a bound on ``rank(F)``.
 

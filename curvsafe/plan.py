@@ -8,10 +8,12 @@ Conventions (what every figure means):
 - A **training step** is one forward + backward of one batch (``batch_size x seq_len`` tokens) with the trainable
   parameters (the adapter) getting gradients and an AdamW state. Costs are in training steps of that batch; the
   restore data are ``task_batches`` and ``safety_batches`` such batches.
-- **curvature_bytes**: what the method holds for its curvature between iterations: K-FAC factors and eigenbases
-  (a factor above ``low_rank.max_dense_dim`` as its sketch and truncated basis, :mod:`.curvature.lowrank`),
-  EK-FAC's corrected eigenvalues, L-BFGS's pairs and CG's vectors; for ``"curvsafe"`` its factors (one EMA, kept
-  by its K-FAC), eigenbases, projection scales and the guard's vectors.
+- **curvature_bytes**: the most the method holds for its curvature at once: for kfac / ekfac the K-FAC factors
+  until their decomposition frees them, then the eigenbases (a factor above ``low_rank.max_dense_dim`` as its
+  sketch and truncated basis, :mod:`.curvature.lowrank`) and EK-FAC's corrected eigenvalues (restore keeps no
+  factor past its decomposition: ``KFAC(keep_factors=False)``); L-BFGS's pairs and CG's vectors; for
+  ``"curvsafe"`` its factors (one EMA, kept by its K-FAC for the next refit) and eigenbases together, the
+  projection scales and the guard's vectors.
 - **peak_bytes**: weights + the method's vectors over the trainable parameters + curvature + the largest transient
   (activations of the pass in flight, plus a fit's per-batch sums). Activations are counted, not modelled: the
   forward runs on the meta device under saved-tensor hooks (:func:`activation_bytes`), with the math SDPA
@@ -258,10 +260,14 @@ def shared_input(block_name: str) -> Optional[str]:
 
 def kfac_bytes(model: nn.Module, low: Optional[LowRank], modules=None) -> dict[str, int]:
     """K-FAC's factor, eigenbasis and EK-FAC-correction bytes over the blocks ``modules`` selects, how many
-    factors are sketched, and the largest transient of one factor's eigendecomposition (float64, and with dense
-    factors in float32 as EK-FAC's). Matches :meth:`KFAC.curvature_bytes` after ``fit`` and ``eigen`` of every
-    block (blocks that share an input share their input factor's eigenbasis, :func:`shared_input`)."""
-    factors = eigen = corrected = sketched = transient = transient_f32 = 0
+    factors are sketched, the largest transient of one factor's eigendecomposition (float64, and with dense
+    factors in float32 as EK-FAC's), and what a fit holds beside its factors: ``batch_sums``, one first-pass input
+    factor per shared input (:class:`~.curvature.kfac._FitPass`), plus with ``LowRank(passes=2)`` the second
+    pass's sums (one sketch per sketched factor and per shared sketched input). Matches
+    :meth:`KFAC.curvature_bytes` after ``fit`` and ``eigen`` of every block (blocks that share an input share their
+    input factor's eigenbasis, :func:`shared_input`)."""
+    factors = eigen = corrected = sketched = transient = transient_f32 = batch_sums = 0
+    first = None if low is None else replace(low, passes=1)
     blocks = find_blocks(model, modules)
     seen_inputs: set[str] = set()
     for b in blocks:
@@ -271,6 +277,10 @@ def kfac_bytes(model: nn.Module, low: Optional[LowRank], modules=None) -> dict[s
             f, e, s = _factor(dim, low)
             shared = side == "A" and key is not None and key in seen_inputs
             factors, eigen, sketched = factors + f, eigen + (0 if shared else e), sketched + s
+            leader = side == "A" and key is not None and not shared  # the block whose input others share
+            batch_sums += _factor(dim, first)[0] if leader else 0
+            if s and low.passes > 1:
+                batch_sums += dim * low.width * F32 * (2 if leader else 1)
             kept.append(min(dim, low.rank) if s else dim)
             transient = max(transient, 5 * 2 * f)  # float64 copies, bases and LAPACK workspace of one factor
             transient_f32 = max(transient_f32, (5 * 2 if s else 5) * f)  # dense factors in float32 (EK-FAC)
@@ -278,7 +288,7 @@ def kfac_bytes(model: nn.Module, low: Optional[LowRank], modules=None) -> dict[s
             seen_inputs.add(key)
         corrected += kept[0] * kept[1] * F32
     return {"factors": factors, "eigen": eigen, "corrected": corrected, "sketched": sketched, "blocks": len(blocks),
-            "eigen_transient": transient, "eigen_transient_f32": transient_f32}
+            "eigen_transient": transient, "eigen_transient_f32": transient_f32, "batch_sums": batch_sums}
 
 
 def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modules=None) -> Plan:
@@ -304,11 +314,13 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
         return MethodPlan(int(curv), int(restore_base + max(phases)), float(steps))
 
     F, E = k["factors"], k["eigen"]
-    # K-FAC's phases: the fit (running sums + a batch's sums + the pass), the eigendecompositions (factors, the
-    # bases so far, one factor's float64 copies), the gradient passes with the curvature held
-    kfac_phases = [2 * F + act, F + E + k["eigen_transient"], F + E + act]
+    # K-FAC's phases: the fit (running sums, which become the factors in place, + a batch's sums of the shared
+    # inputs or a second pass's sums + the pass), the eigendecompositions (the factors not yet decomposed, the bases
+    # so far, one factor's float64 copies), the gradient passes with the bases held
+    fit = F + k["batch_sums"]
+    kfac_phases = [fit + act, max(F, E) + k["eigen_transient"], E + act]
     ek_eigen = k["eigen_transient_f32"]  # EK-FAC decomposes dense factors in float32 (sketches in float64)
-    ek_phases = [2 * F + act, F + E + ek_eigen, F + E + act]
+    ek_phases = [fit + act, max(F, E) + ek_eigen]
     lbfgs_vectors = (4 * settings.lbfgs_pairs + 4) * vec
     # LowRank(passes=2): a second pass over the task batches when a factor is sketched
     refine_passes = settings.low_rank.passes - 1 if settings.low_rank is not None and k["sketched"] else 0
@@ -316,10 +328,10 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
         "lbfgs": method(lbfgs_vectors, [lbfgs_vectors + ggn_act, act],
                         base_steps + settings.lbfgs_pairs * GGN_COST * T),
         "kfac": method(curvature["kfac"], kfac_phases, base_steps + T + refine_passes * T),
-        "ekfac": method(curvature["ekfac"], [*ek_phases, F + E + k["corrected"] + act + ek_transient]
-                        if ek_passes == 2 else [2 * F + act + ek_transient + ek_grads,
-                                                F + E + ek_eigen + ek_grads,
-                                                F + E + k["corrected"] + ek_grads],
+        "ekfac": method(curvature["ekfac"], [*ek_phases, E + k["corrected"] + act + ek_transient]
+                        if ek_passes == 2 else [fit + act + ek_transient + ek_grads,
+                                                max(F, E) + ek_eigen + ek_grads,
+                                                E + k["corrected"] + ek_grads],
                         base_steps + (ek_passes + refine_passes) * T),
         "cg": method(6 * vec, [6 * vec + ggn_act, act],
                      base_steps + (1 + settings.cg_iterations) * GGN_COST * T),
@@ -417,8 +429,9 @@ def one_pass(low: Optional[LowRank]) -> Optional[LowRank]:
 
 def curvature_of(method: str, k: dict, trainable: int) -> int:
     """The curvature bytes :func:`estimate` gives a K-FAC-based ``method`` from :func:`kfac_bytes`' ``k``."""
-    held = {"kfac": k["factors"] + k["eigen"], "ekfac": k["factors"] + k["eigen"] + k["corrected"],
-            "curvsafe": k["factors"] + k["eigen"] + k["corrected"] + 4 * trainable * F32}
+    F, E = k["factors"], k["eigen"]
+    held = {"kfac": max(F, E), "ekfac": max(F, E + k["corrected"]),
+            "curvsafe": F + E + k["corrected"] + 4 * trainable * F32}
     return held[method]
 
 

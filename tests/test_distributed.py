@@ -35,7 +35,10 @@ def compute(rank=None):
                         for side in ("A", "G") if isinstance(getattr(f, side), SketchedFactor)}
                for approx in ("expand", "reduce")}
     assert refined["expand"] and refined["reduce"]
-    return {"refined": {f"{a}.{k}.{i}": t[i] for a, r in refined.items() for k, t in r.items() for i in (0, 1)},
+    lean = KFAC(model, kfac_approx="expand", keep_factors=False).fit(data)  # all-reduced in place, no per-rank sums
+    assert lean._sums is None
+    return {"lean": lean.inverse_mv(v, 0.1), "kept": kfac.inverse_mv(v, 0.1),
+            "refined": {f"{a}.{k}.{i}": t[i] for a, r in refined.items() for k, t in r.items() for i in (0, 1)},
             "A": {n: f.A for n, f in kfac.factors.items()}, "G": {n: f.G for n, f in kfac.factors.items()},
             "G_reduce": {n: f.G for n, f in reduce.factors.items()},
             "A_reduce": {n: f.A for n, f in reduce.factors.items()},
@@ -61,10 +64,12 @@ def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     single = compute()
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for key in ("A", "G", "A_reduce", "G_reduce", "corrected", "corrected_mixed", "efvp", "refined"):
+    for key in ("A", "G", "A_reduce", "G_reduce", "corrected", "corrected_mixed", "efvp", "refined", "lean"):
         for name, expected in single[key].items():
             for r in ranks:
                 assert rel_err(r[key][name], expected) <= 1e-5, (key, name)
+    for r in [single, *ranks]:
+        assert all(torch.equal(r["lean"][n], r["kept"][n]) for n in r["kept"])
 
 
 def gather_worker(rank, port, out_dir):

@@ -168,7 +168,8 @@ def test_eigen_dtype_defaults_and_override(monkeypatch):
 
     seen = []
     real = kfac_module.safe_eigh_many
-    monkeypatch.setattr(kfac_module, "safe_eigh_many", lambda m, dtype: seen.append(dtype) or real(m, dtype=dtype))
+    monkeypatch.setattr(kfac_module, "safe_eigh_many",
+                        lambda m, dtype, **kw: seen.append(dtype) or real(m, dtype=dtype, **kw))
     batches = [make_batch(seed=s) for s in range(2)]
     model = with_lora(tiny_llama())
     for cls, dtype, expected in ((KFAC, None, torch.float64), (EKFAC, None, torch.float32),

@@ -1,10 +1,15 @@
 """K-FAC factors against curvlinops and exact GGN blocks; padding, MC, EMA, bad input."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import DeepLinear, make_batch, rel_err, tiny_gpt2, tiny_llama, tiny_qwen2, with_lora
 
-from curvsafe.curvature import KFAC, MSELoss
+from curvsafe.curvature import EKFAC, KFAC, MSELoss
+from curvsafe.curvature import eigen as eigen_module
+from curvsafe.curvature.lowrank import LowRank, SketchedFactor
 
 
 class CurvlinopsLM(torch.nn.Module):
@@ -262,3 +267,57 @@ def test_kfac_state_dict_round_trip():
     v = {n: torch.randn(s, dtype=torch.float64) for n, s in kfac.param_shapes.items()}
     a, b = kfac.inverse_mv(v, 1e-2), other.inverse_mv(v, 1e-2)
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.parametrize("low", [None, LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2)])
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_keep_factors_false_frees_each_factor_at_its_decomposition(cls, low, monkeypatch):
+    """``keep_factors=False``: the same operator bit for bit; each factor dies as soon as it is decomposed (fewer
+    factor tensors alive at each decomposition call than at the one before), so none is held afterwards, the q/k/v
+    input factors decomposed once included; what needs the factors is refused."""
+    model = with_lora(tiny_llama(), targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"))
+    batches = [make_batch(pad=True, seed=s) for s in range(2)]
+    kept = cls(model, low_rank=low).fit(batches)
+    lean = cls(model, low_rank=low, keep_factors=False)
+    held, decompose = [], lean._all_eigen
+
+    def spy():  # weak references to every factor tensor, taken when the decomposition starts (EK-FAC: in its fit)
+        held.extend(weakref.ref(t) for f in lean.factors.values() for side in (f.A, f.G)
+                    for t in (side.held() if isinstance(side, SketchedFactor) else [side]))
+        return decompose()
+
+    alive = []  # factor tensors alive at each decomposition call
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            gc.collect()
+            alive.append(sum(r() is not None for r in held))
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(eigen_module, "_eigh_chunk", counted(eigen_module._eigh_chunk))
+    monkeypatch.setattr(SketchedFactor, "eigen", counted(SketchedFactor.eigen))
+    lean._all_eigen = spy
+    lean.fit(batches)
+    lean.eigen(lean.blocks[0].name)
+    gc.collect()
+    assert held and not lean.factors and all(r() is None for r in held)
+    assert len(alive) >= 2 and alive == sorted(alive, reverse=True) and alive[-1] < alive[0], alive
+    v = {n: torch.randn(s, dtype=torch.float64) for n, s in kept.param_shapes.items()}
+    for damping in (1e-3, 0.5):
+        a, b = kept.inverse_mv(v, damping), lean.inverse_mv(v, damping)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    a, b = kept.mv(v), lean.mv(v)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert lean.curvature_bytes() < kept.curvature_bytes()
+    with pytest.raises(ValueError, match="reset"):
+        lean.fit(batches)
+    with pytest.raises(ValueError, match="keep_factors=False"):
+        lean.state_dict()
+    lean.reset()
+    lean.fit(batches)
+    b = lean.inverse_mv(v, 0.5)
+    a = kept.inverse_mv(v, 0.5)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(ValueError, match="keep_factors=True"):
+        KFAC(model, ema_decay=0.9, keep_factors=False)

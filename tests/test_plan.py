@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -71,10 +72,11 @@ def test_plan_from_config_files_only(config_only, capsys):
 def test_plan_gives_the_largest_rank_that_fits_a_curvature_budget(config_only, capsys):
     model, adapter = str(config_only / "model"), str(config_only / "adapter")
     args = ["--model", model, "--adapter", adapter, "--max-dense-dim", "300", "--oversample", "8"]
-    budget = plan_json(capsys, *args, "--rank", "40")["methods"]["kfac"]["curvature_bytes"]
+    budget = plan_json(capsys, *args, "--rank", "40")["methods"]["curvsafe"]["curvature_bytes"]
     ranks = plan_json(capsys, *args, "--curvature-budget", str(budget))["largest_rank"]
     assert set(ranks) == {"kfac", "ekfac", "curvsafe"}
-    assert ranks["kfac"] == 40 and ranks["curvsafe"] < ranks["ekfac"] < 40  # they hold more at the same rank
+    # restore's kfac / ekfac hold less at the same rank (no factors next to the bases); EK-FAC's corrections more
+    assert ranks["curvsafe"] == 40 and 40 < ranks["ekfac"] <= ranks["kfac"]
     for m, r in ranks.items():
         assert plan_json(capsys, *args, "--rank", str(r))["methods"][m]["curvature_bytes"] <= budget
         assert plan_json(capsys, *args, "--rank", str(r + 1))["methods"][m]["curvature_bytes"] > budget
@@ -114,19 +116,42 @@ def test_plan_per_rank_under_fsdp2_sharding(config_only, capsys):
 
 @pytest.mark.parametrize("low", [None, LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2),
                                  LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2, passes=2)])
-def test_plan_curvature_bytes_equal_the_fitted_objects(low):
+def test_plan_curvature_bytes_equal_the_fitted_objects(low, monkeypatch):
+    from curvsafe.curvature.kfac import _FitPass
+    from curvsafe.curvature.lowrank import SketchedFactor
+
+    batch_sums = []  # what a fit holds beside its running sums at each batch's end: the shared inputs' sums
+    end = _FitPass.on_batch_end
+
+    def spy(self):
+        batch_sums.append(sum(t.numel() * t.element_size() for f in self.batch.A.values()
+                              for t in (f.held() if isinstance(f, SketchedFactor) else [f])))
+        end(self)
+
+    monkeypatch.setattr(_FitPass, "on_batch_end", spy)
     model = with_lora(tiny_llama(dtype=torch.float32))
     op = EKFAC(model, low_rank=low).fit([make_batch(), make_batch(seed=2)])
     for b in op.blocks:
         op.eigen(b.name)
     planned = kfac_bytes(model, low)
+    shared = kfac_bytes(model, None if low is None else replace(low, passes=1))["batch_sums"]
+    assert shared > 0 and max(batch_sums) == shared  # the first pass's
+    assert planned["batch_sums"] >= shared
     assert op.curvature_bytes() == planned["factors"] + planned["eigen"] + planned["corrected"]
     plain = KFAC(model, low_rank=low).fit([make_batch()])
     for b in plain.blocks:
         plain.eigen(b.name)
     assert plain.curvature_bytes() == planned["factors"] + planned["eigen"]
+    # restore's operators free each factor at its decomposition: the factors, then the bases, never both
+    lean = KFAC(model, low_rank=low, keep_factors=False).fit([make_batch()])
+    assert lean.curvature_bytes() == planned["factors"]
+    lean.eigen(lean.blocks[0].name)
+    assert lean.curvature_bytes() == planned["eigen"] and not lean.factors
+    lean_ek = EKFAC(model, low_rank=low, keep_factors=False).fit([make_batch(), make_batch(seed=2)])
+    assert lean_ek.curvature_bytes() == planned["eigen"] + planned["corrected"]
     plan = estimate(model, PlanSettings(low_rank=low))
-    assert plan.methods["kfac"].curvature_bytes == plain.curvature_bytes()
+    assert plan.methods["kfac"].curvature_bytes == max(planned["factors"], planned["eigen"])
+    assert plan.methods["ekfac"].curvature_bytes == max(planned["factors"], planned["eigen"] + planned["corrected"])
 
 
 PEAK_SCRIPT = """

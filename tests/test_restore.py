@@ -46,8 +46,8 @@ def test_restore_takes_the_memory_bound_of_its_settings(setup, tmp_path, monkeyp
     """``max_dense_dim``, ``rank`` and ``sketch_passes`` reach the task curvature's K-FAC (the tiny model's factors
     are sketched with a narrow sketch: oversample and probes 2, patched in) and the restore still descends."""
     from curvsafe.config import RestoreConfig
+    from curvsafe.curvature import KFAC
     from curvsafe.curvature.lowrank import LowRank, SketchedFactor
-    from curvsafe.restoration import preconditioners
 
     assert RestoreConfig(rank=8, max_dense_dim=100, sketch_passes=2).low_rank() == LowRank(100, 8, passes=2)
     for bad in ({"rank": 0}, {"max_dense_dim": 0}, {"sketch_passes": 3}):
@@ -56,13 +56,14 @@ def test_restore_takes_the_memory_bound_of_its_settings(setup, tmp_path, monkeyp
     monkeypatch.setattr(RestoreConfig, "low_rank", lambda c: LowRank(c.max_dense_dim, c.rank, oversample=2, probes=2,
                                                                      passes=c.sketch_passes))
     seen = []
-    refresh = preconditioners.KFACPreconditioner.refresh
+    decompose = KFAC._all_eigen
 
-    def spy(self, *args):
-        refresh(self, *args)
-        seen.append([f.refined for b in self.op.factors.values() for f in (b.A, b.G) if isinstance(f, SketchedFactor)])
+    def spy(self):  # the factors as the decomposition finds them (it frees them: keep_factors=False)
+        seen.append([f.refined for b in self.factors.values() for f in (b.A, b.G) if isinstance(f, SketchedFactor)])
+        assert not self.keep_factors
+        return decompose(self)
 
-    monkeypatch.setattr(preconditioners.KFACPreconditioner, "refresh", spy)
+    monkeypatch.setattr(KFAC, "_all_eigen", spy)
     report = restore_files(setup, tmp_path / method, method, max_dense_dim=16, rank=4, sketch_passes=2).report
     assert seen and all(refined and all(refined) for refined in seen)  # sketched, and each refined by a 2nd pass
     assert report["config"]["rank"] == 4 and report["config"]["sketch_passes"] == 2

@@ -39,8 +39,8 @@ def safe_eigh(matrix: Tensor, name: str, *, retries: int = 4) -> tuple[Tensor, T
 _BATCH_BYTES = 1 << 25  # per batched call: large factors go one by one (the float64 copies are the transient)
 
 
-def safe_eigh_many(matrices: Mapping[str, Tensor], *, dtype: torch.dtype = torch.float64
-                   ) -> dict[str, tuple[Tensor, Tensor]]:
+def safe_eigh_many(matrices: Mapping[str, Tensor], *, dtype: torch.dtype = torch.float64,
+                   consume: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
     """:func:`safe_eigh` of many factors at once: same result per matrix, batched ``eigh`` calls per size.
 
     ``dtype`` is the precision of the decomposition (float64 as :func:`safe_eigh`; float32 is about a quarter
@@ -50,6 +50,10 @@ def safe_eigh_many(matrices: Mapping[str, Tensor], *, dtype: torch.dtype = torch
     decomposed once and share the result tensors. A batch that
     LAPACK cannot decompose falls back to :func:`safe_eigh` matrix by matrix (jittered retries).
     Batches are capped at 32 MiB, so the transient copies of a large factor are those of one matrix.
+
+    With ``consume`` (``matrices`` then a mutable mapping), each matrix leaves ``matrices`` once it is decomposed
+    (an equal one as soon as it is found equal): where ``matrices`` holds the only references, the factors and
+    their bases are never all alive at once.
     """
     groups: dict[tuple, list[str]] = {}  # (shape, dtype, device) -> names of distinct matrices
     seen: dict[tuple, list[str]] = {}  # the same key plus a fingerprint (sum, trace) -> names, for equality tests
@@ -62,6 +66,9 @@ def safe_eigh_many(matrices: Mapping[str, Tensor], *, dtype: torch.dtype = torch
             candidates.append(name)
             groups.setdefault(key, []).append(name)
         unique[name] = twin or name
+    if consume:
+        for name in [n for n, first in unique.items() if first != n]:
+            del matrices[name]
     result: dict[str, tuple[Tensor, Tensor]] = {}
     chunks = []  # at most ~32 MiB per batched call: large factors go one by one
     width = torch.finfo(dtype).bits // 8
@@ -69,16 +76,24 @@ def safe_eigh_many(matrices: Mapping[str, Tensor], *, dtype: torch.dtype = torch
         per_call = max(1, _BATCH_BYTES // (width * shape[0] * shape[0]))
         chunks += [names[i:i + per_call] for i in range(0, len(names), per_call)]
     for names in chunks:
-        stack = torch.stack([matrices[n] for n in names])
-        if not bool(torch.isfinite(stack).all()):
+        result.update(_eigh_chunk(matrices, names, dtype))
+        if consume:
             for n in names:
-                _check_finite(matrices[n], n)
-        m = stack.to(dtype)
-        try:
-            vals, vecs = torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
-        except RuntimeError:  # some matrix did not converge: the guarded path, one by one
-            result.update({n: safe_eigh(matrices[n], n) for n in names})
-            continue
-        vals, vecs = vals.clamp_min(0).float(), vecs.float()
-        result.update({n: (vals[i], vecs[i].contiguous()) for i, n in enumerate(names)})
-    return {name: result[unique[name]] for name in matrices}
+                del matrices[n]
+    return {name: result[first] for name, first in unique.items()}
+
+
+def _eigh_chunk(matrices: Mapping[str, Tensor], names: list[str], dtype: torch.dtype
+                ) -> dict[str, tuple[Tensor, Tensor]]:
+    """One batched ``eigh`` of the equal-sized ``matrices[names]`` (:func:`safe_eigh_many`)."""
+    stack = torch.stack([matrices[n] for n in names])
+    if not bool(torch.isfinite(stack).all()):
+        for n in names:
+            _check_finite(matrices[n], n)
+    m = stack.to(dtype)
+    try:
+        vals, vecs = torch.linalg.eigh(0.5 * (m + m.transpose(-1, -2)))
+    except RuntimeError:  # some matrix did not converge: the guarded path, one by one
+        return {n: safe_eigh(matrices[n], n) for n in names}
+    vals, vecs = vals.clamp_min(0).float(), vecs.float()
+    return {n: (vals[i], vecs[i].contiguous()) for i, n in enumerate(names)}

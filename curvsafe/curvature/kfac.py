@@ -35,6 +35,11 @@ Convention (kept exactly, tested against curvlinops):
   :class:`~.lowrank.SketchedFactor`, and :meth:`KFAC.eigen` returns ``rest_A`` / ``rest_G`` besides the kept
   eigenpairs. With ``LowRank(passes=2)`` a fit takes a second pass over its batches to refine each sketch (one step
   of subspace iteration; :mod:`.lowrank`), with the same Monte Carlo labels as the first.
+- ``keep_factors=False`` (an operator fitted once and then only applied, as restore's task curvature): the first
+  eigendecomposition frees each factor as soon as it is decomposed (and a distributed fit keeps no per-rank sums),
+  so the curvature held is the factors until then and the eigenbases afterwards, never both: about half of
+  ``factors + eigenbases``. The operator is the same; a ``fit`` after the decomposition (without :meth:`KFAC.reset`),
+  ``ema_decay`` and ``state_dict`` need the factors and are refused.
 """
 
 from __future__ import annotations
@@ -94,21 +99,39 @@ def factor_tensors(factors: Iterable[Factor]) -> list[Tensor]:
     return [t for f in factors for t in (f.tensors() if isinstance(f, SketchedFactor) else [f])]
 
 
-def factor_eigens(named: Mapping[str, Factor], rank: Optional[int], dtype: torch.dtype = torch.float64
-                  ) -> dict[str, tuple[Tensor, Tensor, Optional[Tensor]]]:
+def factor_eigens(named: Mapping[str, Factor], rank: Optional[int], dtype: torch.dtype = torch.float64, *,
+                  consume: bool = False) -> dict[str, tuple[Tensor, Tensor, Optional[Tensor]]]:
     """``(lam, Q, rest)`` of every factor in ``named``: dense ones by :func:`safe_eigh_many` in ``dtype`` (``rest``
     None), sketched ones as their truncated eigenbasis of ``rank`` (default: the sketch width) and rest. Equal
-    factors (shared inputs) are decomposed once and share the result."""
-    dense = safe_eigh_many({k: f for k, f in named.items() if not isinstance(f, SketchedFactor)}, dtype=dtype)
-    done: dict[str, tuple[Tensor, Tensor, Optional[Tensor]]] = {k: (*v, None) for k, v in dense.items()}
-    seen: dict[tuple, list[str]] = {}  # (shape, trace, sum): the sketches decomposed so far, compared in full
+    factors (shared inputs) are decomposed once and share the result. With ``consume`` (``named`` then a mutable
+    mapping) each factor leaves ``named`` as soon as it is decomposed or found equal to another."""
+    dense = {k: f for k, f in named.items() if not isinstance(f, SketchedFactor)}
+    if consume:
+        for k in dense:
+            del named[k]
+    done: dict[str, tuple[Tensor, Tensor, Optional[Tensor]]] = {
+        k: (*v, None) for k, v in safe_eigh_many(dense, dtype=dtype, consume=consume).items()}
+    del dense
+    seen: dict[tuple, list[str]] = {}  # (shape, trace, sum): the distinct sketches so far, compared in full
+    twins: dict[str, str] = {}  # name -> the name of an equal sketch
     for key, f in named.items():
         if key not in done:
             candidates = seen.setdefault((tuple(f.Y.shape), float(f.trace()), float(f.Y.sum())), [])
             twin = next((k for k in candidates
                          if torch.equal(named[k].Y, f.Y) and torch.equal(named[k].omega, f.omega)), None)
-            done[key] = done[twin] if twin else f.eigen(rank or f.Y.shape[1], key)
-            candidates.append(key)
+            if twin is None:
+                candidates.append(key)
+            else:
+                twins[key] = twin
+    if consume:
+        for key in twins:
+            del named[key]
+    for key in [k for k in named if k not in done and k not in twins]:
+        f = named[key]
+        done[key] = f.eigen(rank or f.Y.shape[1], key)
+        if consume:
+            del f, named[key]
+    done.update({key: done[twin] for key, twin in twins.items()})
     return done
 
 
@@ -222,7 +245,7 @@ class KFAC(CurvatureOperator):
     def __init__(self, model: nn.Module, modules: ModuleSelection = None, *, fisher_type: str = "empirical",
                  kfac_approx: str = "expand", ema_decay: Optional[float] = None, seed: int = 0, loss=None,
                  progress: Optional[bool] = None, low_rank: Optional[LowRank] = LowRank(),
-                 eigen_dtype: Optional[torch.dtype] = None):
+                 eigen_dtype: Optional[torch.dtype] = None, keep_factors: bool = True):
         kfac_approx = parse_option(KFACApprox, kfac_approx, "kfac_approx").value
         eigen_dtype = self.default_eigen_dtype if eigen_dtype is None else eigen_dtype
         if eigen_dtype not in (torch.float32, torch.float64):
@@ -234,12 +257,15 @@ class KFAC(CurvatureOperator):
         if ema_decay is not None and low_rank is not None and low_rank.passes > 1:
             raise ValueError("LowRank(passes=2) refines each sketch over the batches of one fit; an EMA of fits "
                              "needs passes=1")
+        if ema_decay is not None and not keep_factors:
+            raise ValueError("ema_decay merges each fit into the factors, so it needs keep_factors=True")
         self.model = model
         self.blocks: list[LinearBlock] = find_blocks(model, modules)
         self.fisher_type = fisher_type
         self.kfac_approx = kfac_approx
         self.ema_decay = ema_decay
         self.low_rank = low_rank
+        self.keep_factors = keep_factors
         self.seed = seed
         self._verified = False  # whether a pass has checked that the hooks see every use of the weights
         self.loss = loss if loss is not None else CausalLMLoss()
@@ -275,6 +301,9 @@ class KFAC(CurvatureOperator):
         """:meth:`fit` on materialised batches; ``tap`` also reads the pass (see :class:`_FitPass`)."""
         if gradient and self.fisher_type != "empirical":
             raise ValueError("gradient=True needs fisher_type='empirical' (the pass must backpropagate the labels)")
+        if self._eigen and not self.keep_factors:
+            raise ValueError("this KFAC freed its factors at their eigendecomposition (keep_factors=False), so a "
+                             "fit cannot add to them: reset() it first")
         ema = self.ema_decay is not None
         refine = self.low_rank is not None and self.low_rank.passes > 1
         if refine and any(isinstance(f, SketchedFactor) for k in self.factors.values() for f in (k.A, k.G)):
@@ -365,11 +394,12 @@ class KFAC(CurvatureOperator):
 
     def _factors_of(self, running: _Sums) -> dict[str, KFactors]:
         """The running mean's factors: the sums divided by their counts (over all ranks)."""
-        if is_distributed():  # this rank's sums stay for the next fit; the factors are of the union
-            reduced = self._clone_sums(running)
+        if is_distributed():  # the factors are of the union; this rank's sums stay for the next fit (unless the
+            # factors are freed at their decomposition: then the sums are reduced in place and become the factors)
+            reduced = self._clone_sums(running) if self.keep_factors else running
             all_reduce_sum_(factor_tensors([*reduced.A.values(), *reduced.G.values()]))
             reduced.n_a, reduced.n_g = all_reduce_counts([reduced.n_a, reduced.n_g], model_device(self.model))
-            self._sums = running
+            self._sums = running if self.keep_factors else None
         else:  # the sums become the factors in place (no second copy); a next fit rescales them back
             reduced, self._sums = running, None
             self._counts = (running.n_a, running.n_g)
@@ -436,7 +466,7 @@ class KFAC(CurvatureOperator):
 
     # ------------------------------------------------------------------ eigenbasis
     def _require_fit(self) -> None:
-        if not self.factors:
+        if not self.factors and not self._eigen:
             raise RuntimeError(f"{type(self).__name__} has no factors yet: call .fit(batches) first")
 
     def eigen(self, name: str) -> KEigen:
@@ -450,10 +480,14 @@ class KFAC(CurvatureOperator):
         return self._eigen[name]
 
     def _all_eigen(self) -> dict[str, KEigen]:
+        names = list(self.factors)
         named = {f"{n}.{side}": getattr(f, side) for n, f in self.factors.items() for side in ("A", "G")}
-        done = factor_eigens(named, self.low_rank.rank if self.low_rank is not None else None, self.eigen_dtype)
+        if not self.keep_factors:  # ``named`` holds the only references: each goes once decomposed
+            self.factors = {}
+        done = factor_eigens(named, self.low_rank.rank if self.low_rank is not None else None, self.eigen_dtype,
+                             consume=not self.keep_factors)
         return {n: KEigen(*done[f"{n}.A"][:2], *done[f"{n}.G"][:2], done[f"{n}.A"][2], done[f"{n}.G"][2])
-                for n in self.factors}
+                for n in names}
 
     def curvature_bytes(self) -> int:
         """Bytes this object holds for the curvature: factors, running sums and the eigenbases computed so far."""
@@ -501,6 +535,9 @@ class KFAC(CurvatureOperator):
 
     def state_dict(self) -> dict:
         """Factors (and running sums) as plain tensors, for saving with ``torch.save``."""
+        if not self.keep_factors and self._eigen:
+            raise ValueError("this KFAC freed its factors at their eigendecomposition (keep_factors=False): nothing "
+                             "to save")
         def saved(f: Factor):
             return f.state() if isinstance(f, SketchedFactor) else f
 

@@ -39,11 +39,12 @@ labels: the generator is rewound), and takes the Nyström eigenpairs from ``(Ome
 pass's basis is inaccurate; the second pass sharpens it (Halko, Martinsson & Tropp 2011, Sec. 4.5) for one more
 forward and backward over the data and ``d * s`` floats per factor (``Omega_2``, kept with the sketch). Measured
 (``benchmarks/scale.py``, 1B shape, damping 0.1x): 2048 tokens, rank 256 9.3% -> 8.0%, rank 1024 5.9% -> 3.7%;
-full-rank factors (16384 tokens), rank 256 18.1% -> 15.9%, rank 1356 15.1% -> 12.3%. At a fixed memory (rank 861
-with two passes and rank 1356 with one both fit 8 GiB for the whole 1B model) it won on the full-rank factors
-(13.8% against 15.1%) and lost on the 2048 tokens (4.6% against 3.1%). The probe, trace and row count are the first
-pass's (they do not depend on ``Omega``). A refined sketch adds, averages and all-reduces only with sketches of the
-same ``Omega_2``, so a fit with two passes holds all of its data: no running mean over further fits, no EMA.
+full-rank factors (16384 tokens), rank 256 18.1% -> 15.9%, rank 1356 15.1% -> 12.3%. At a fixed memory it is
+about even: 8 GiB of the whole 1B model's curvature admits rank 1815 with two passes or 3759 with one (restore
+holds the factors or the bases, never both), 11.1% against 11.0% on the full-rank factors. The probe, trace and
+row count are the first pass's (they do not depend on ``Omega``). A refined sketch adds, averages and all-reduces
+only with sketches of the same ``Omega_2``, so a fit with two passes holds all of its data: no running mean over
+further fits, no EMA.
 
 What holds (tested in float64 against the dense factor): ``F_nys ⪯ F`` so ``sum(lam)`` never exceeds the true
 top-k sum; the approximation is exact (``rest = 0``) when ``rank(F) <= k``, e.g. a factor fitted on fewer tokens

@@ -62,7 +62,8 @@ class _OperatorPreconditioner(Preconditioner):
 
 
 class KFACPreconditioner(_OperatorPreconditioner):
-    """K-FAC factors of the task loss (Monte Carlo Fisher, labels drawn with ``seed``), refitted at each refresh."""
+    """K-FAC factors of the task loss (Monte Carlo Fisher, labels drawn with ``seed``), refitted at each refresh;
+    only their eigenbases are kept once decomposed (``keep_factors=False``)."""
     name = "kfac"
     cls = KFAC
 
@@ -75,7 +76,7 @@ class KFACPreconditioner(_OperatorPreconditioner):
         blocks = sorted({n.rsplit(".", 1)[0] for n in params})
         self.op = None  # the old curvature goes before the new is fitted (peak memory: one set, not two)
         self.op = self.cls(model, blocks, fisher_type="mc", seed=self.seed, progress=False,
-                           low_rank=self.low_rank).fit(task_batches)
+                           low_rank=self.low_rank, keep_factors=False).fit(task_batches)
         missing = set(params) - set(self.op.param_shapes)
         if missing:
             raise ValueError(f"{self.name} covers linear blocks only; parameters {sorted(missing)[:3]} are not")

@@ -267,7 +267,7 @@ def kfac_bytes(model: nn.Module, low: Optional[LowRank], modules=None) -> dict[s
     :meth:`KFAC.curvature_bytes` after ``fit`` and ``eigen`` of every block (blocks that share an input share their
     input factor's eigenbasis, :func:`shared_input`)."""
     factors = eigen = corrected = sketched = transient = transient_f32 = batch_sums = 0
-    first = None if low is None else replace(low, passes=1)
+    first = one_pass(low)  # the first pass's sketch width
     blocks = find_blocks(model, modules)
     seen_inputs: set[str] = set()
     for b in blocks:

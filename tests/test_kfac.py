@@ -321,3 +321,19 @@ def test_keep_factors_false_frees_each_factor_at_its_decomposition(cls, low, mon
     assert all(torch.equal(a[n], b[n]) for n in a)
     with pytest.raises(ValueError, match="keep_factors=True"):
         KFAC(model, ema_decay=0.9, keep_factors=False)
+
+
+def test_keep_factors_false_after_a_failed_decomposition_fits_anew():
+    """A decomposition that fails (a non-finite factor) has consumed some factors: a next fit starts from nothing
+    (no stale token counts) and equals a fresh fit."""
+    model = with_lora(tiny_llama())
+    batches = [make_batch(pad=True, seed=s) for s in range(2)]
+    lean = KFAC(model, keep_factors=False).fit(batches[:1])
+    lean.factors[lean.blocks[0].name].G[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        lean.eigen(lean.blocks[0].name)
+    lean.fit(batches[1:])
+    fresh = KFAC(model).fit(batches[1:])
+    v = {n: torch.randn(s, dtype=torch.float64) for n, s in fresh.param_shapes.items()}
+    a, b = fresh.inverse_mv(v, 0.1), lean.inverse_mv(v, 0.1)
+    assert all(torch.equal(a[n], b[n]) for n in a)

@@ -483,7 +483,7 @@ class KFAC(CurvatureOperator):
         names = list(self.factors)
         named = {f"{n}.{side}": getattr(f, side) for n, f in self.factors.items() for side in ("A", "G")}
         if not self.keep_factors:  # ``named`` holds the only references: each goes once decomposed
-            self.factors = {}
+            self.factors, self._sums, self._counts = {}, None, None  # nothing left for a running mean to add to
         done = factor_eigens(named, self.low_rank.rank if self.low_rank is not None else None, self.eigen_dtype,
                              consume=not self.keep_factors)
         return {n: KEigen(*done[f"{n}.A"][:2], *done[f"{n}.G"][:2], done[f"{n}.A"][2], done[f"{n}.G"][2])

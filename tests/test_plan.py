@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from conftest import llama_config, make_batch, tiny_llama, with_lora
 from curvsafe.cli import main
 from curvsafe.curvature import EKFAC, KFAC
 from curvsafe.curvature.lowrank import LowRank
-from curvsafe.plan import PlanSettings, estimate, kfac_bytes, parse_bytes
+from curvsafe.plan import PlanSettings, estimate, kfac_bytes, one_pass, parse_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -134,7 +133,7 @@ def test_plan_curvature_bytes_equal_the_fitted_objects(low, monkeypatch):
     for b in op.blocks:
         op.eigen(b.name)
     planned = kfac_bytes(model, low)
-    shared = kfac_bytes(model, None if low is None else replace(low, passes=1))["batch_sums"]
+    shared = kfac_bytes(model, one_pass(low))["batch_sums"]
     assert shared > 0 and max(batch_sums) == shared  # the first pass's
     assert planned["batch_sums"] >= shared
     assert op.curvature_bytes() == planned["factors"] + planned["eigen"] + planned["corrected"]

@@ -74,6 +74,63 @@ def test_fused_path_that_bypasses_the_hook_is_refused():
         KFAC(Fused().double(), ["fc1"]).fit([make_batch()])
 
 
+def _left_padded_batch(seq=40):
+    """Row 0 all padding, row 1 left-padded (its 35 tokens at the end), row 2 full: longer than the check's cut."""
+    batch = make_batch(batch=3, seq=seq, pad=False)
+    mask = batch["attention_mask"]
+    mask[0] = 0
+    mask[1, : seq - 35] = 0
+    batch["input_ids"] = batch["input_ids"].masked_fill(mask == 0, 0)
+    batch["labels"] = batch["labels"].masked_fill(mask == 0, -100)
+    return batch
+
+
+def test_hook_check_runs_on_one_short_sequence_and_leaves_the_factors_alone():
+    """The check is one forward of the first non-padded row's first VERIFY_TOKENS tokens (row 1 here, whose padding
+    is on the left); the pass over the data is then the same with or without it, bit for bit."""
+    from curvsafe.curvature._pass import VERIFY_TOKENS
+
+    model = tiny_llama()
+    batches = [_left_padded_batch(), make_batch(seed=1)]
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(
+        (tuple(kwargs["input_ids"].shape), int(kwargs["attention_mask"].sum()))), with_kwargs=True)
+    checked = KFAC(model).fit(batches)
+    assert seen[0] == ((1, VERIFY_TOKENS), VERIFY_TOKENS) and seen[1:] == [((3, 40), 75), ((3, 7), 19)]
+    seen.clear()
+    unchecked = KFAC(model)
+    unchecked._verified = True  # what a second fit of the same operator does: no check
+    unchecked.fit(batches)
+    handle.remove()
+    assert seen == [((3, 40), 75), ((3, 7), 19)]
+    for name, f in checked.factors.items():
+        assert torch.equal(f.A, unchecked.factors[name].A) and torch.equal(f.G, unchecked.factors[name].G)
+
+
+def test_fused_path_is_refused_whichever_row_the_check_takes():
+    """The check skips padded batches, padded rows and left padding, and still sees the weight used outside its
+    module; data that is all padding runs the check's forward (ranks stay in step) and is refused by the pass."""
+
+    class Fused(TinyMLPLM):
+        def forward(self, input_ids, attention_mask=None):
+            e = self.embed(input_ids)
+            return Output(self.fc2(torch.tanh(self.fc1(e) + F.linear(e, self.fc1.weight))))
+
+    empty = make_batch()
+    empty["attention_mask"].zero_()
+    empty["labels"].fill_(-100)
+    for batches in ([_left_padded_batch()], [empty, _left_padded_batch()]):
+        with pytest.raises(CaptureError, match="outside its forward"):
+            KFAC(Fused().double(), ["fc1"]).fit(batches)
+    model = TinyMLPLM().double()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    with pytest.raises(ValueError, match="every token is ignored"):
+        KFAC(model, ["fc1"]).fit([empty])
+    assert seen == [(1, 7), (3, 7)]
+
+
 def test_merged_lora_adapter_is_refused():
     model = with_lora(tiny_llama())
     kfac = KFAC(model)

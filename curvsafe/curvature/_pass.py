@@ -18,6 +18,8 @@ from ..capture import CaptureError, LayerCapture, LinearBlock
 from ..config import FisherType, parse_option
 from .loss import call_model, counted_token_losses, curvature_mode, model_device, prepare_batch
 
+VERIFY_TOKENS = 32  # tokens of the one sequence that the hooks' check runs on (capture_pass(verify=True))
+
 
 @dataclass
 class BatchInfo:
@@ -86,43 +88,49 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
     backward passes, for tests and tiny models).
     ``on_weight_grads`` receives each batch's gradients of the backpropagated sum w.r.t. the blocks' weights
     (None for an unused weight; not called for ``"type2"``).
-    With ``verify``, the first batch checks that each weight's autograd gradient equals ``sum_t g_t a_t^T`` from
-    the hooks: a mismatch means the weight is used outside its module's forward (a fused path) and is refused.
-    The other batches, without ``on_weight_grads``, backpropagate only to a zero scalar added to every block's
-    output (:attr:`LayerCapture.probe`), so autograd skips the weight-gradient products (a third of a linear
-    layer's backward work) and keeps no block output alive.
+    With ``verify``, one small extra pass first checks the hooks (:class:`_HookCheck`): on the data's first
+    sequence, cut to ``VERIFY_TOKENS`` tokens, each weight's autograd gradient must equal ``sum_t g_t a_t^T`` from
+    the hooks; a mismatch means the weight is used outside its module's forward (a fused path) and is refused. Its
+    cost does not grow with the batch: the check is of the model's structure, not of the data.
+    Without ``on_weight_grads`` every batch backpropagates only to a zero scalar added to every block's output
+    (:attr:`LayerCapture.probe`), so autograd skips the weight-gradient products (a third of a linear layer's
+    backward work) and keeps no block output alive.
     """
     from tqdm.auto import tqdm
 
     fisher_type = parse_option(FisherType, fisher_type, "fisher_type").value
     device = model_device(model)
     totals = PassTotals()
-    check = _HookCheck(verify)
+    check = _HookCheck()
 
     used: dict[str, Tensor] = {}  # each block's weight as its forward used it (FSDP2: the whole parameter)
 
     def forward_cb(block: LinearBlock, a: Tensor) -> None:
         used[block.name] = block.module.weight
-        check.forward(block, a, first_batch=totals.batches == 0)
-        on_forward(block, a)
+        (check.forward if check.active else on_forward)(block, a)
 
     def backward_cb(block: LinearBlock, g: Tensor) -> None:
-        check.backward(block, g)
-        on_backward(block, g)
+        (check.backward if check.active else on_backward)(block, g)
 
     show = default_progress() if progress is None else progress
     with curvature_mode(model), requiring_grad(b.module.weight for b in blocks) as own_weights, \
             LayerCapture(blocks, forward_cb, backward_cb) as capture:
+
+        def used_weights() -> list[Tensor]:
+            return [used.get(b.name, w) for b, w in zip(blocks, own_weights)]
+
+        if verify and batches:
+            check.run(model, capture, _first_tokens(batches, device, VERIFY_TOKENS), used_weights)
         for raw in tqdm(batches, desc=desc, disable=not show, leave=False):
             batch = prepare_batch(raw, device)
             token_mask = _describe_tokens(batch, info)
             capture.expect_forward(token_mask)
-            weight_grads = fisher_type != "type2" and (on_weight_grads is not None or (verify and totals.batches == 0))
+            weight_grads = fisher_type != "type2" and on_weight_grads is not None
             if fisher_type != "type2" and not weight_grads:
                 capture.probe = torch.zeros((), device=device, requires_grad=True)
             output = call_model(model, batch)
             capture.check_forward()
-            weights = [used.get(b.name, w) for b, w in zip(blocks, own_weights)]
+            weights = used_weights()
             targets = loss.targets(batch)
             if fisher_type == "mc":
                 targets = loss.sample_targets(output, targets, generator)
@@ -134,11 +142,7 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
                 total = counted_token_losses(loss, output, targets, valid).sum()
                 totals.loss_sum += float(total.detach())
                 if weight_grads:
-                    grads = torch.autograd.grad(total, weights, allow_unused=True)
-                    if totals.batches == 0:
-                        check.weight_grads(blocks, grads)
-                    if on_weight_grads is not None:
-                        on_weight_grads(grads)
+                    on_weight_grads(torch.autograd.grad(total, weights, allow_unused=True))
                 else:  # the hooks need the blocks' output gradients only: no weight-gradient GEMMs
                     torch.autograd.grad(total, capture.probe, allow_unused=True)
             capture.check_backward()
@@ -161,29 +165,61 @@ def _describe_tokens(batch: dict, info: BatchInfo) -> Tensor:
 
 
 class _HookCheck:
-    """With ``verify``: the first batch's ``sum_t g_t a_t^T`` per block from the hooks, compared with autograd's
-    weight gradients (:func:`_verify_weight_grads`)."""
+    """The hooks' check of ``capture_pass(verify=True)``: one hooked forward of a few tokens (:meth:`run`), the
+    gradient of a fixed random projection of its output backpropagated to the weights, and per block the hooks'
+    ``sum_t g_t a_t^T`` compared with autograd's weight gradient (:func:`_verify_weight_grads`). While it runs
+    (``active``) the hooks feed it, not the pass's callbacks."""
 
-    def __init__(self, verify: bool):
-        self.verify = verify
+    def __init__(self):
+        self.active = False
         self.stash: dict[str, Tensor] = {}
         self.hook_grads: dict[str, tuple[Tensor, float]] = {}  # block -> (sum_t g_t a_t^T, tolerance)
 
-    def forward(self, block: LinearBlock, a: Tensor, *, first_batch: bool) -> None:
-        if self.verify and first_batch:
-            self.stash[block.name] = a
+    def forward(self, block: LinearBlock, a: Tensor) -> None:
+        self.stash[block.name] = a
 
     def backward(self, block: LinearBlock, g: Tensor) -> None:
-        if block.name in self.stash and block.name not in self.hook_grads:
-            a = self.stash.pop(block.name)  # under autocast the input may be float32 and g bfloat16
-            dtype = torch.promote_types(torch.promote_types(g.dtype, a.dtype), torch.float32)
-            # rounding of a low-precision g or a bounds the mismatch: 1e-3, or 4 eps of the coarser dtype
-            eps = max(torch.finfo(t.dtype).eps for t in (g, a))
-            self.hook_grads[block.name] = (g.T.to(dtype) @ a.to(dtype), max(1e-3, 4 * eps))
+        a = self.stash.pop(block.name)  # under autocast the input may be float32 and g bfloat16
+        dtype = torch.promote_types(torch.promote_types(g.dtype, a.dtype), torch.float32)
+        # rounding of a low-precision g or a bounds the mismatch: 1e-3, or 4 eps of the coarser dtype
+        eps = max(torch.finfo(t.dtype).eps for t in (g, a))
+        self.hook_grads[block.name] = (g.T.to(dtype) @ a.to(dtype), max(1e-3, 4 * eps))
 
-    def weight_grads(self, blocks: Sequence[LinearBlock], grads: Sequence[Optional[Tensor]]) -> None:
-        if self.verify:
-            _verify_weight_grads(blocks, grads, self.hook_grads)
+    def run(self, model: nn.Module, capture: LayerCapture, part: dict[str, Tensor],
+            used_weights: Callable[[], list[Tensor]]) -> None:
+        """Check the hooks on the batch ``part`` (one short sequence, :func:`_first_tokens`)."""
+        capture.expect_forward(part["attention_mask"].bool())
+        self.active = True
+        try:
+            output = call_model(model, part)
+            capture.check_forward()
+            weights = used_weights()
+            generator = torch.Generator(device=output.device).manual_seed(0)
+            direction = torch.randn(output.shape, generator=generator, device=output.device)
+            # padding's outputs are left out of the hooks' sums: no gradient may come from them
+            direction *= part["attention_mask"].reshape(*output.shape[:2], *([1] * (output.dim() - 2)))
+            grads = torch.autograd.grad((output.float() * direction).sum(), weights, allow_unused=True)
+            capture.check_backward()
+        finally:
+            self.active = False
+        _verify_weight_grads(capture.blocks, grads, self.hook_grads)
+
+
+def _first_tokens(batches: Sequence, device: torch.device, n: int) -> dict[str, Tensor]:
+    """The first row with a non-padding token in ``batches``, from its first to its last such token but at most
+    ``n`` tokens (left or right padding alike), as a batch of one. When every token is padding, the first row's
+    first ``n`` tokens: the check then compares zeros (and the pass refuses the data), yet every rank of a
+    distributed pass runs the same forwards."""
+    for raw in batches:
+        batch = prepare_batch(raw, device)
+        mask = batch["attention_mask"].bool()
+        rows = mask.any(dim=1).nonzero()
+        if rows.numel():
+            row = int(rows[0])
+            kept = mask[row].nonzero()
+            start, stop = int(kept[0]), int(kept[-1]) + 1
+            return {k: v[row:row + 1, start:min(stop, start + n)] for k, v in batch.items()}
+    return {k: v[:1, :n] for k, v in prepare_batch(batches[0], device).items()}
 
 
 def _backward_hessian_sqrt_columns(output: Tensor, valid: Tensor, loss, weights: Sequence[Tensor]) -> None:

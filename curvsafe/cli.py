@@ -173,7 +173,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
     log = finetune(args.model, args.data, args.out, optimizer=args.optimizer, safety=args.safety,
-                   benign=args.benign, screen=args.screen, r=args.r,
+                   benign=args.benign, screen=args.screen, rescale=args.rescale, r=args.r,
                    alpha=args.alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    max_length=args.max_length, seed=args.seed, force=args.force)
     print(f"trained {log['steps']} steps, mean loss {log['train_loss']:.4f}; adapter in {args.out}")
@@ -340,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--screen", type=float, metavar="COS",
                    help="--optimizer curvsafe: leave out of each step the training examples whose gradient points "
                    "against the safety gradient with a cosine above COS (CurvSafe's screen; default: off)")
+    t.add_argument("--rescale", type=float, metavar="X",
+                   help="--optimizer curvsafe: scale each projected update back toward AdamW's step length, by at "
+                   "most X (CurvSafe's rescale; default: 1, off; the demo's guarded row: --screen 0.05 --rescale 2)")
     t.add_argument("--r", type=int, default=8)
     t.add_argument("--alpha", type=int, default=16)
     t.add_argument("--epochs", type=float, default=3)

@@ -45,6 +45,7 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments, set_seed
 
+    from .optim import CurvSafe
     from .optim.trainer import CurvSafeLogMixin
 
     out = check_out(out, force)
@@ -81,10 +82,11 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
             save_model(peft_model, tmp)
         except OSError as exc:
             raise OSError(f"cannot write {out}: {exc.strerror or exc}; nothing written") from None
+        used = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
         log = {"train_loss": result.training_loss, "steps": result.global_step, "examples": len(pairs),
                "epochs": epochs, "lr": lr, "r": r, "alpha": alpha, "targets": chosen,
-               "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
-                                 else trainer.optimizer).__name__,
+               "optimizer": type(used).__name__,
+               **({"curvsafe": used.settings.to_dict()} if isinstance(used, CurvSafe) else {}),
                "history": [h for h in trainer.state.log_history if "loss" in h]}
         (tmp / "train_log.json").write_text(json.dumps(log, indent=2))
     peft_model.eval()
@@ -113,12 +115,13 @@ def curvsafe_factory(tokenizer, safety: Sequence[Pair], *, lr: float, batch_size
 
 def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimizer: Optional[str] = None,
              safety: Optional[str | Path] = None, benign: Optional[str | Path] = None, screen: Optional[float] = None,
-             **kwargs) -> dict:
+             rescale: Optional[float] = None, **kwargs) -> dict:
     """Load a local model, read prompt/response pairs from ``data`` and run :func:`lora_sft`.
 
     ``optimizer="curvsafe"`` wraps AdamW in :class:`curvsafe.optim.CurvSafe`, protecting the model's refusals to
     the prompts of ``safety`` (JSONL/CSV; responses are not needed for the default anchor objective) and, with
-    ``benign``, its answers to those benign prompts; ``screen``: CurvSafe's example screening at that cosine.
+    ``benign``, its answers to those benign prompts; ``screen``: CurvSafe's example screening at that cosine;
+    ``rescale``: its rescaled update (``CurvSafeSettings.rescale``).
     """
     from .data import load_pairs
     from .models import load_model
@@ -127,8 +130,9 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimi
         raise ValueError(f"--optimizer must be adamw or curvsafe, got {optimizer!r}")
     if optimizer == "curvsafe" and safety is None:
         raise ValueError("--optimizer curvsafe needs --safety FILE (harmful prompts whose refusals to protect)")
-    if optimizer != "curvsafe" and (safety is not None or benign is not None or screen is not None):
-        raise ValueError("--safety, --benign and --screen are only used with --optimizer curvsafe")
+    options = {k: v for k, v in (("screen", screen), ("rescale", rescale)) if v is not None}
+    if optimizer != "curvsafe" and (safety is not None or benign is not None or options):
+        raise ValueError("--safety, --benign, --screen and --rescale are only used with --optimizer curvsafe")
     check_out(out, kwargs.get("force", False), inputs=[model_dir, data, safety, benign])
     pairs = load_pairs(data)
     safety_pairs = load_pairs(safety, require_response=False) if safety is not None else None
@@ -137,6 +141,5 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimi
     if safety_pairs is not None:
         kwargs["optimizer"] = curvsafe_factory(tokenizer, safety_pairs, lr=kwargs.get("lr", 2e-3),
                                                max_length=fit_max_length(kwargs.get("max_length", 128), model),
-                                               benign=benign_pairs,
-                                               **({} if screen is None else {"screen": screen}))
+                                               benign=benign_pairs, **options)
     return lora_sft(model, tokenizer, pairs, out, **kwargs)

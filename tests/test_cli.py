@@ -107,13 +107,19 @@ def test_finetune_with_the_curvsafe_optimizer(saved_model, tmp_path, capsys):
     assert 0 < logged["curvsafe_kept"] <= 1 and logged["curvsafe_guard"] >= 0 and logged["curvsafe_refreshes"] >= 1
     assert 0 < logged["curvsafe_damped"] < 1 and logged["curvsafe_effective_rank"] >= 1
     assert "curvsafe_screened" not in logged
+    assert log["curvsafe"]["screen"] is None and log["curvsafe"]["rescale"] == 1.0  # the settings it ran with
     assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "screened"), "--epochs", "4",
-                 "--batch-size", "4", "--optimizer", "curvsafe", "--safety", data, "--screen", "0.0"]) == 0
-    (logged,) = json.loads((tmp_path / "screened" / "train_log.json").read_text())["history"]
+                 "--batch-size", "4", "--optimizer", "curvsafe", "--safety", data, "--screen", "0.0",
+                 "--rescale", "2"]) == 0
+    log = json.loads((tmp_path / "screened" / "train_log.json").read_text())
+    (logged,) = log["history"]
     assert 0 <= logged["curvsafe_screened"] <= 1
+    assert log["curvsafe"]["screen"] == 0.0 and log["curvsafe"]["rescale"] == 2.0
     assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "g2"),
                  "--optimizer", "curvsafe"]) == 2
     assert "--safety" in capsys.readouterr().err
     assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "g3"), "--screen", "0.1"]) == 2
     assert "--screen" in capsys.readouterr().err
+    assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "g3"), "--rescale", "2"]) == 2
+    assert "--rescale" in capsys.readouterr().err
     assert not (tmp_path / "g2").exists()

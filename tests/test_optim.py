@@ -194,6 +194,45 @@ def test_a_state_dict_of_another_layout_or_version_is_refused_before_anything_lo
         opt.load_state_dict({**state, "curvsafe": {**state["curvsafe"], "version": 6}})
     assert opt.step_count == 1
 
+
+def test_a_state_of_the_version_before_rescale_resumes_as_it_ran():
+    """Version 7 states name no ``rescale``: they ran without it, so they load with ``rescale=1``."""
+    model = lora_model()
+    opt = CurvSafe(adamw(model), model, safety_data())
+    train(model, opt, train_data(1))
+    state = opt.state_dict()
+    settings = {k: v for k, v in state["curvsafe"]["settings"].items() if k != "rescale"}
+    opt.load_state_dict({**state, "curvsafe": {**state["curvsafe"], "version": 7, "settings": settings}})
+    assert opt.settings.rescale == 1.0 and opt.step_count == 1
+
+
+@pytest.mark.parametrize("rescale", [1.5, 50.0])
+def test_rescale_keeps_the_projected_direction_at_the_wrapped_steps_length(rescale):
+    """Without the guard, a step with ``rescale`` is the step with ``rescale=1`` (the projection alone) times
+    ``min(rescale, |u| / |Pu|)``: the same direction, back toward the wrapped optimizer's length (all of it when
+    the cap allows)."""
+    steps = {}
+    for r in (1.0, rescale):
+        torch.manual_seed(0)
+        model = lora_model()
+        sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        opt = CurvSafe(sgd, model, safety_data(), guard=False, rescale=r)
+        batch = train_data(1)[0]
+        before = {n: p.detach().clone() for n, p in opt.constraint.params.items()}
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+        steps[r] = ({n: p.detach() - before[n] for n, p in opt.constraint.params.items()}, opt.report)
+    plain, report = steps[1.0]
+    scaled = steps[rescale][0]
+    ratio = (float(report.update_sq) / float(report.projected_sq)) ** 0.5
+    assert ratio > 1.2  # the projection removed some of the update
+    for n in plain:
+        torch.testing.assert_close(scaled[n], min(rescale, ratio) * plain[n], rtol=1e-5, atol=1e-8)
+    if rescale > ratio:
+        length = sum(float(v.square().sum()) for v in scaled.values())
+        assert length == pytest.approx(float(report.update_sq), rel=1e-5)
+
 def test_lr_scheduler_and_gradient_accumulation():
     model = lora_model()
     opt = CurvSafe(adamw(model, lr=1e-2), model, safety_data())
@@ -906,8 +945,9 @@ def test_each_step_reports_what_the_constraint_did(strength):
         else:
             assert 0 < float(r.projected_sq) < float(r.update_sq)
         applied_sq = sum(float((p.detach() - before[n]).square().sum()) for n, p in params.items())
-        if float(r.correction_sq) == 0:
-            assert applied_sq == pytest.approx(float(r.projected_sq), rel=1e-9)
+        if float(r.correction_sq) == 0:  # the projected update, rescaled toward the wrapped step's length
+            ratio = float(r.update_sq) / float(r.projected_sq)
+            assert applied_sq == pytest.approx(float(r.projected_sq) * min(opt.settings.rescale ** 2, ratio), rel=1e-9)
         else:  # the applied update u' meets <u', g> <= -r
             acted += 1
             g = opt.constraint.sides[0].grad

@@ -39,7 +39,7 @@ Conventions (per captured linear block, weight seen as its (d_out, d_in) matrix,
   The projection chooses the direction; the wrapped optimizer's learning rate keeps setting the step's length, so
   the task's progress is not slowed by the energy the projection removed (on the testbed's attack it removes about
   half of it). Also faster along whatever the projection lets through: with harmful examples in the data and no
-  screening the harmful rate rose (README, **Example screening**), so it goes with ``screen``.
+  screening the harmful rate rose (README, **The guarded recipe**), so it goes with ``screen``.
 - **Guard** (``guard=True``): with ``g`` the gradient of ``S`` at the last refresh over all captured parameters,
   the applied update ``u`` satisfies ``<u, g> <= -r`` (it may not raise ``S`` to first order): a component along
   ``g`` is removed, ``u <- u - ((<u, g> + r) / |g|^2) g`` when ``<u, g> + r > 0``. ``r`` pays back drift: the

@@ -8,7 +8,8 @@ Quality: the attack stage's fine-tune (10% harmful mix, same data, seed, steps, 
 through ``curvsafe.finetune.lora_sft`` with plain AdamW, CurvSafe (defaults), its ablations (no drift payback:
 ``restore_drift=False``; guard only: ``strength=0``; projection only: ``guard=False``) and fixed refresh
 intervals (every 5 and every 50 steps), with a benign side (``benign side``: the testbed's restore split of
-benign requests as ``CurvSafe(benign_batches=...)``) and with example screening (``screen``: ``screen=0.05``);
+benign requests as ``CurvSafe(benign_batches=...)``), with example screening (``screen``: ``screen=0.05``) and
+with both (``benign side + screen``), and with the update rescaled too (``... + rescale``: ``rescale=2``);
 harmful rate on the held-out harmful prompts, over-refusal
 on held-out benign requests, task and skills accuracy, on each ``--seeds`` testbed seed. Then AdamW and CurvSafe on
 the testbed's other attack settings (benign data only; harmful answers only). Safety data: the testbed's 48
@@ -17,11 +18,11 @@ restore prompts in batches of 16 (``curvsafe_factory``'s default; one fitted per
 Timing: one process, two copies of the same model, the same batches and schedule, AdamW and CurvSafe(AdamW)
 interleaved step by step (load spikes on this shared 2-core machine hit both alike); each measurement is the mean
 step time (forward + backward + step, refreshes included) over a whole fine-tune, the ratio the median over
-``--repeats`` such paired runs. CurvSafe refreshes when the adapter has moved (see its docs), so the run replays
-the attack's own trajectory: its
-batches (32 examples, shuffled), 3 epochs, AdamW at lr 3e-3 with 5 warm-up steps and linear decay, as the
-Trainer runs it. ``--model large`` times a synthetic Llama (hidden 512, 4 layers, LoRA r=16, batch
-8 x 256 tokens, ``--steps`` steps of the same schedule) for GPUs, where the testbed model is too small to time.
+``--repeats`` such paired runs. CurvSafe refreshes when the adapter has moved (see its docs), so the run replays the
+attack's own trajectory: its batches (32 examples, shuffled), 3 epochs, AdamW at lr 3e-3 with 5 warm-up steps and
+linear decay, as the Trainer runs it (``--testbed realistic``: the realistic testbed's model and data). ``--model
+large`` times a synthetic Llama (hidden 512, 4 layers, LoRA r=16, batch 8 x 256 tokens, ``--steps`` steps of the
+same schedule) for GPUs, where the testbed model is too small to time.
 
 FSDP2: ``torchrun --nproc-per-node N benchmarks/optimizer.py --timing-only --fsdp2`` shards both copies with
 ``fully_shard`` (each decoder layer, then the root; gloo on CPU, NCCL on GPU); rank r takes rows r, r + N, ... of
@@ -52,10 +53,13 @@ from curvsafe.optim import CurvSafe  # noqa: E402
 from curvsafe.ranks import init_from_env, is_main, launched, rank, world_size  # noqa: E402
 
 VARIANTS = {"adamw": None, "curvsafe": {}, "benign side": {"benign": True}, "screen": {"screen": 0.05},
+            "benign side + screen": {"benign": True, "screen": 0.05},
+            "benign side + screen + rescale": {"benign": True, "screen": 0.05, "rescale": 2.0},
             "no drift payback": {"restore_drift": False},
             "guard only": {"strength": 0.0}, "projection only": {"guard": False},
             "fixed refresh every 5": {"refresh_tol": None, "refresh_every": 5},
             "fixed refresh every 50": {"refresh_tol": None, "refresh_every": 50}}
+EVERY_ATTACK = ("adamw", "curvsafe", "benign side", "screen", "benign side + screen", "benign side + screen + rescale")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -97,25 +101,31 @@ def lora(model, r: int):
                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
 
 
-def timing_setup(kind: str, cache: Path, device: torch.device, steps: int):
-    """(LoRA model, the run's training batches, safety batches, benign batches, description) on ``device``."""
+def timing_setup(kind: str, cache: Path, device: torch.device, steps: int, data_dir: Optional[str] = None):
+    """(LoRA model, the run's training batches, safety batches, benign batches, description) on ``device``; the
+    testbed model is the realistic testbed's when ``data_dir`` is given."""
     if kind == "testbed":
         from curvsafe.demo import default_cache
-        from curvsafe.models import load_model
-        from curvsafe.testbed.stages import Testbed, TestbedConfig
+        from curvsafe.models import fit_max_length, load_model
+        from curvsafe.testbed.stages import Testbed, TestbedConfig, realistic_config
 
-        cfg = TestbedConfig()
+        cfg = TestbedConfig() if data_dir is None else realistic_config(data_dir)
         bed = Testbed(cache or default_cache(), cfg, progress=False)
         model, tok = load_model(bed.aligned(), device=str(device))
         pairs = load_pairs(bed.attack("mix") / "train.jsonl")
         g = torch.Generator().manual_seed(cfg.seed)
+        length = fit_max_length(128, model)  # lora_sft's and curvsafe_factory's default
         train = [b for _ in range(cfg.attack_epochs)
-                 for b in make_batches(tok, [pairs[i] for i in torch.randperm(len(pairs), generator=g)], batch_size=32)]
-        safety = make_batches(tok, load_pairs(bed.data() / "restore_harmful.jsonl"), batch_size=SAFETY_BATCH_SIZE)
+                 for b in make_batches(tok, [pairs[i] for i in torch.randperm(len(pairs), generator=g)], batch_size=32,
+                                       max_length=length)]
+        safety = make_batches(tok, load_pairs(bed.data() / "restore_harmful.jsonl"), batch_size=SAFETY_BATCH_SIZE,
+                              max_length=length)
         benign = make_batches(tok, load_pairs(bed.data() / "restore_benign.jsonl", require_response=False),
-                              batch_size=SAFETY_BATCH_SIZE)
-        model, desc = lora(model, cfg.lora_r), (f"testbed Llama (hidden 128, 2 layers), LoRA r={cfg.lora_r}, the "
-                                                f"attack's {len(train)} steps of 32 examples")
+                              batch_size=SAFETY_BATCH_SIZE, max_length=length)
+        m = cfg.model
+        model, desc = lora(model, cfg.lora_r), (
+            f"{'realistic ' if data_dir else ''}testbed Llama (hidden {m.hidden_size}, {m.num_hidden_layers} layers), "
+            f"LoRA r={cfg.lora_r}, the attack's {len(train)} steps of 32 examples")
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -154,10 +164,11 @@ def shard_fsdp2(model) -> None:
 
 
 def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: int, benign_side: bool = False,
-           fsdp2: bool = False, screen: Optional[float] = None) -> dict:
+           fsdp2: bool = False, screen: Optional[float] = None, data_dir: Optional[str] = None,
+           rescale: float = 1.0) -> dict:
     import copy
 
-    model, train, safety, benign, desc = timing_setup(kind, cache, device, steps)
+    model, train, safety, benign, desc = timing_setup(kind, cache, device, steps, data_dir)
     if fsdp2:  # data parallel: rank r takes rows r, r + N, ... of every batch (the union: one process's batch)
         def rows(batches: list) -> list:
             return [{k: v[rank()::world_size()] for k, v in b.items()} for b in batches]
@@ -170,7 +181,7 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
 
     makers = {"adamw": adamw,
               "curvsafe": lambda m: CurvSafe(adamw(m), m, safety, benign_batches=benign if benign_side else None,
-                                             screen=screen)}
+                                             screen=screen, rescale=rescale)}
     times: dict[str, list[float]] = {k: [] for k in makers}
     refreshes = []
     for _ in range(repeats):
@@ -184,7 +195,8 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = [c / a for a, c in zip(times["adamw"], times["curvsafe"])]
     return {"model": desc + (", CurvSafe with its benign side" if benign_side else "")
-            + (f", CurvSafe screening at {screen}" if screen is not None else ""),
+            + (f", CurvSafe screening at {screen}" if screen is not None else "")
+            + (f", CurvSafe rescale {rescale}" if rescale != 1.0 else ""),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "steps": len(train), "repeats": repeats, "adamw_ms": med["adamw"] * 1e3,
             "curvsafe_ms": med["curvsafe"] * 1e3, "ratio": statistics.median(ratios), "ratios": ratios,
@@ -285,7 +297,7 @@ def quality(cache: Path, work: Path, seed: int, variants: list[str], data_dir=No
 
     rows = [run("mix", name, VARIANTS[name]) for name in variants]
     others = [run(setting, name, VARIANTS[name]) for setting in attacks for name in variants
-              if name in ("adamw", "curvsafe", "benign side", "screen")]
+              if name in EVERY_ATTACK]
     return aligned_row, rows, others
 
 
@@ -382,6 +394,7 @@ def main() -> None:
     parser.add_argument("--benign-side", action="store_true", help="time CurvSafe with its benign side")
     parser.add_argument("--fsdp2", action="store_true", help="time FSDP2-sharded models (run under torchrun)")
     parser.add_argument("--screen", type=float, help="time CurvSafe with example screening at this cosine")
+    parser.add_argument("--rescale", type=float, default=1.0, help="time CurvSafe with this rescale")
     parser.add_argument("--model", choices=["testbed", "large"], default="testbed")
     parser.add_argument("--steps", type=int, default=200, help="steps of the --model large run")
     parser.add_argument("--repeats", type=int, default=5)
@@ -389,7 +402,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)} (adamw first: the task ratio needs it)")
     parser.add_argument("--other-attacks", default="benign,harmful",
-                        help="attack settings besides mix run with adamw/curvsafe/benign side ('' for none)")
+                        help=f"attack settings besides mix, run with those of --variants among "
+                        f"{', '.join(EVERY_ATTACK)} ('' for none)")
     parser.add_argument("--testbed", choices=["default", "realistic"], default="default")
     parser.add_argument("--data-dir", help="the realistic testbed's public files (e.g. ../shared/data)")
     parser.add_argument("--trace", action="store_true",
@@ -402,6 +416,8 @@ def main() -> None:
         parser.error(f"--variants needs adamw and names from {', '.join(VARIANTS)}; unknown: {unknown}")
     if (args.testbed == "realistic") != (args.data_dir is not None):
         parser.error("--testbed realistic goes with --data-dir (and --data-dir with it)")
+    if args.model == "large" and args.testbed == "realistic":
+        parser.error("--model large times a synthetic Llama: it takes no --testbed realistic")
     if args.fsdp2 and not (args.timing_only and launched()):
         parser.error("--fsdp2 times the step only: run `torchrun --nproc-per-node N benchmarks/optimizer.py "
                      "--timing-only --fsdp2`")
@@ -415,7 +431,8 @@ def main() -> None:
              f"torch {torch.__version__})", ""]
     report = {}
     if not args.quality_only:
-        t = timing(args.model, args.cache, device, args.steps, args.repeats, args.benign_side, args.fsdp2, args.screen)
+        t = timing(args.model, args.cache, device, args.steps, args.repeats, args.benign_side, args.fsdp2, args.screen,
+                   args.data_dir, args.rescale)
         lines += [f"Step time, {t['model']} ({t['device']}): AdamW {t['adamw_ms']:.1f} ms, CurvSafe "
                   f"{t['curvsafe_ms']:.1f} ms (medians), ratio **{t['ratio']:.2f}** (median over {t['repeats']} "
                   f"whole runs interleaved step by step, range {min(t['ratios']):.2f}-{max(t['ratios']):.2f}; mean "
@@ -442,9 +459,11 @@ def main() -> None:
         return
     text = "\n".join(lines) + "\n"
     print(text)
-    stem = f"optimizer_{tag}_{date}" + ("" if args.model == "testbed" else f"_{args.model}") + (
-        "_realistic" if args.testbed == "realistic" else "") + ("_timing_fsdp2" if args.fsdp2 else "") + (
-        "_screen" if args.screen is not None and not args.quality_only else "")
+    timed = not args.quality_only  # the timing's settings name the file, so that runs of one day do not collide
+    stem = "_".join([f"optimizer_{tag}_{date}"] + [part for part, on in (
+        (args.model, args.model != "testbed"), ("realistic", args.testbed == "realistic"),
+        ("timing", args.timing_only), ("fsdp2", args.fsdp2), ("benign_side", timed and args.benign_side),
+        ("screen", timed and args.screen is not None), ("rescale", timed and args.rescale != 1.0)) if on])
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     if report.get("rows") and traces:

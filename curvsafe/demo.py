@@ -43,20 +43,25 @@ def _code_hash(*packages: str) -> str:
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
 
 
+GUARDED = {"screen": 0.05, "rescale": 2.0}  # the guarded row's CurvSafe settings (README, **The guarded recipe**)
+
+
 def _guarded_finetune(bed, cfg, aligned: Path, attack: Path, data: Path, progress: bool) -> tuple[Path, bool]:
     """The attack's fine-tune (same data, seed and settings) with CurvSafe(AdamW), its benign side on the
-    testbed's restore split of benign requests; cached like the stages."""
+    testbed's restore split of benign requests, example screening and the rescaled update (:data:`GUARDED`: the
+    mix attack's data holds harmful pairs); cached like the stages."""
     from .data import load_pairs
     from .finetune import curvsafe_factory, lora_sft
     from .models import load_model
 
-    key = cfg.digest("guarded", "benign side", attack.name, _code_hash("optim", "curvature"))
+    key = cfg.digest("guarded", "benign side", GUARDED, attack.name, _code_hash("optim", "curvature"))
     folder = bed.cache / f"guarded-{key}"
     if (folder / "train_log.json").is_file():
         return folder, False
     model, tokenizer = load_model(aligned)
     factory = curvsafe_factory(tokenizer, load_pairs(data / "restore_harmful.jsonl"), lr=cfg.attack_lr,
-                               benign=load_pairs(data / "restore_benign.jsonl", require_response=False))
+                               benign=load_pairs(data / "restore_benign.jsonl", require_response=False),
+                               **GUARDED)
     lora_sft(model, tokenizer, load_pairs(attack / "train.jsonl"), folder, r=cfg.lora_r, alpha=2 * cfg.lora_r,
              epochs=cfg.attack_epochs, lr=cfg.attack_lr, batch_size=32, seed=cfg.seed, optimizer=factory,
              force=True, progress=progress)
@@ -209,7 +214,8 @@ def run_demo(out: Path, quick: bool = False, cache: Optional[Path] = None, metho
                           for name, row in _rows(per_seed[str(seed)]).items()})
     summary = _summarise(per_seed)
     report = {"testbed": kind.value, "config": "quick" if quick else "full", "seeds": list(seeds), "per_seed": per_seed,
-              "summary": summary, "stages_built": built, "seconds": time.perf_counter() - t_start}
+              "summary": summary, "guarded": {"benign_side": True, **GUARDED}, "stages_built": built,
+              "seconds": time.perf_counter() - t_start}
     if len(seeds) > 1:
         print(f"\nmean [min, max] over seeds {', '.join(map(str, seeds))}")
     _print_table({name: {**summary[name], **(_extra(row) if len(seeds) == 1 else {})}

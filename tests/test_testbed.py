@@ -1,12 +1,13 @@
 """The quick configuration of the whole pipeline: stages, evaluation, restoration, report, cache."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from curvsafe.cli import main
 from curvsafe.data import load_pairs
-from curvsafe.demo import run_demo
+from curvsafe.demo import GUARDED, run_demo
 from curvsafe.eval.judge import KeywordJudge
 from curvsafe.eval.metrics import harmful_rate
 from curvsafe.models import load_model
@@ -65,6 +66,9 @@ def test_report_fields_and_artefacts_reload(quick):
     assert (out / "demo.png").stat().st_size > 1000
     paths = seed["paths"]
     load_model(paths["aligned_model"], paths["attacked_adapter"])
+    assert saved["guarded"] == {"benign_side": True, **GUARDED}
+    history = json.loads((Path(paths["guarded_adapter"]) / "train_log.json").read_text())["history"]
+    assert any("curvsafe_screened" in entry for entry in history)  # the guarded fine-tune screened its examples
     for method in paths["restored"]:
         load_model(paths["aligned_model"], paths["restored"][method])
     data = paths["data"]

@@ -464,7 +464,7 @@ class SafetyConstraint:
         deltas = torch._foreach_sub([_working(p) for p in params], [_working(b) for b in self._before])
         if self.settings.strength == 0:  # guard only: touch the parameters only where it acts (bit-exact otherwise)
             correction = self._guard_correction(names, deltas)
-            self._record(deltas, None, correction)
+            self._record(_energy(deltas), None, correction)
             if correction is not None:
                 torch._foreach_sub_(params, [c.to(p.dtype) for c, p in zip(correction, params)])
             return
@@ -477,12 +477,12 @@ class SafetyConstraint:
         by_name = dict(zip(names, update))
         self.projector.project(by_name)
         projected = [by_name[n] for n in names]
-        projected_sq = _energy(projected)
+        update_sq, projected_sq = _energy(update), _energy(projected)
         if self.settings.rescale > 1.0:  # back toward the wrapped step's length: sqrt(|u|^2 / |Pu|^2), capped
-            scale = (_energy(update) / projected_sq.clamp_min(torch.finfo(projected_sq.dtype).tiny)).sqrt()
+            scale = (update_sq / projected_sq.clamp_min(torch.finfo(projected_sq.dtype).tiny)).sqrt()
             torch._foreach_mul_(projected, scale.clamp(1.0, self.settings.rescale))
         correction = self._guard_correction(names, projected) if self.settings.guard else None
-        self._record(update, projected_sq, correction)
+        self._record(update_sq, projected_sq, correction)
         if correction is not None:
             torch._foreach_sub_(projected, correction)
         return projected
@@ -495,7 +495,7 @@ class SafetyConstraint:
         update = gather_whole(params, local_updates)
         if self.settings.strength == 0:  # guard only: leave the wrapped step where the guard does not act
             correction = self._guard_correction(names, update)
-            self._record(update, None, correction)
+            self._record(_energy(update), None, correction)
             if correction is None:
                 return
             torch._foreach_sub_(update, correction)
@@ -511,11 +511,10 @@ class SafetyConstraint:
         self._paid = paybacks = [side.take() for side in self.sides]
         return guard_correction(update, [[side.grad[n] for n in names] for side in self.sides], paybacks, self.gram)
 
-    def _record(self, update: list[Tensor], projected_sq: Optional[Tensor],
+    def _record(self, update_sq: Tensor, projected_sq: Optional[Tensor],
                 correction: Optional[list[Tensor]]) -> None:
-        """This step's :class:`StepReport`; ``projected_sq``: the projection's output energy, before any rescaling
-        and the guard's correction (None: no projection)."""
-        update_sq = _energy(update)
+        """This step's :class:`StepReport` from the wrapped update's energy ``update_sq`` and the projection's output
+        energy ``projected_sq``, before any rescaling and the guard's correction (None: no projection)."""
         self.report = r = StepReport(
             self.steps, self._refresh_seconds, update_sq, update_sq if projected_sq is None else projected_sq,
             torch.zeros_like(update_sq) if correction is None else _energy(correction),

@@ -169,3 +169,39 @@ def test_bad_screen_settings_and_fsdp2_are_refused(monkeypatch):
     monkeypatch.setattr(screen_module, "is_sharded", lambda p: True)
     with pytest.raises(ValueError, match="FSDP2"):
         screen.apply(protected(model), {})
+
+
+def _cosines(rows, safety):
+    """Each row's ``-cos(G_i, g)`` from autograd's per-row gradients."""
+    g = torch.cat([t.reshape(-1) for t in safety.values()])
+    flat = [torch.cat([r[n].reshape(-1) for n in safety]) for r in rows]
+    return torch.stack([-(f @ g) / (f.norm() * g.norm()) for f in flat])
+
+
+def test_a_block_called_twice_in_one_forward_is_scored_on_its_summed_gradient():
+    """A linear layer applied twice per forward: each example's gradient is the sum of both calls' products, and
+    its norm is that of the sum (not the sum of the two norms), as autograd's per-row gradient says."""
+    torch.manual_seed(0)
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(5, 7, dtype=torch.float64)
+            self.back = torch.nn.Linear(7, 5, bias=False, dtype=torch.float64)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(self.back(self.lin(x))))
+
+    model = Twice()
+    blocks = find_blocks(model)
+    params = {n: p for b in blocks for n, p in model.named_parameters() if n in b.param_names}
+    screen = ExampleScreen(model, blocks, threshold=0.999)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    per_row = model(x).square().sum((1, 2))
+    rows = [dict(zip(params, torch.autograd.grad(per_row[i], list(params.values()), retain_graph=True)))
+            for i in range(4)]
+    screen.clear()
+    safety = {n: torch.randn_like(p) for n, p in params.items()}
+    model(x).square().sum().backward()
+    screen.apply(params, safety)
+    assert rel_err(screen.cosines, _cosines(rows, safety)) < 1e-10

@@ -27,21 +27,22 @@ scale depends on the model and data: :attr:`ExampleScreen.cosines` holds the las
 examples; ``opt.constraint.screen.cosines``), so a few steps with a threshold no example reaches show where the
 data's cosines lie before one is chosen.
 
-Cost and limits: per protected block and training forward, one product of the size of the block's weight gradient,
-and the per-example gradients held until the step: examples per step x protected parameters floats (float32, or the
-parameters' wider dtype; one micro-batch's twice while the step screens it): a LoRA adapter's parameters times the
-rows per step, so it is not meant for full fine-tunes of large layers. Examples are captured in forwards with
-gradients enabled and the block in training mode (CurvSafe's own safety passes run in eval mode, so they are not);
-the rows of one call of the model given to CurvSafe are one set of examples (a sub-module called on its own does not
-start a new set). Under DDP each rank screens its own rows; the counts and the sums of the screened and of all
-per-example gradients go through one all-reduce per step. FSDP2 is refused. Not tested with gradient checkpointing
-(the captured inputs are held until the backward, which undoes its saving). When the captured examples do not add up
-to the gradient (:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe warns once.
+Cost and limits: per protected block and training forward, one product of the size of the block's weight gradient (a
+batched GEMM with the longer side of the weight last: several times faster on CPU for LoRA's thin factors than the
+other way round), and at the step, per example, a dot product and a squared norm. The per-example gradients are held
+until the step: examples per step x protected parameters floats (float32, or the parameters' wider dtype): a LoRA
+adapter's parameters times the rows per step, so it is not meant for full fine-tunes of large layers. Examples are
+captured in forwards with gradients enabled and the block in training mode (CurvSafe's own safety passes run in eval
+mode, so they are not); the rows of one call of the model given to CurvSafe are one set of examples (a sub-module
+called on its own does not start a new set). Under DDP each rank screens its own rows; the counts and the sums of
+the screened and of all per-example gradients go through one all-reduce per step. FSDP2 is refused. Not tested with
+gradient checkpointing (the captured inputs are held until the backward, which undoes its saving). When the captured
+examples do not add up to the gradient (:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe warns
+once.
 """
 
 from __future__ import annotations
 
-import itertools
 import weakref
 from typing import Optional
 
@@ -53,17 +54,19 @@ from ..curvature.distributed import all_reduce_sum_
 from ..curvature.sharded import is_sharded
 
 
-def example_gradient(block: LinearBlock, inputs: Tensor, output_grad: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-example gradients of ``block`` from one call: the weight's as (rows, d_out, d_in) matrices and, when the
-    block has a protected bias, the bias's (rows, d_out), in float32 or wider. ``inputs`` (rows, [tokens,] d_in),
-    ``output_grad`` (rows, [tokens,] d_out): the rows of a batch as the model sees them, padding included (its
-    output gradient is zero), so no regrouping as in :func:`~curvsafe.curvature.sequence_grads.sequence_gradients`,
-    whose tokens come flattened and masked."""
+def example_gradient(block: LinearBlock, inputs: Tensor, output_grad: Tensor, *, transposed: bool = False
+                     ) -> tuple[Tensor, Optional[Tensor]]:
+    """Per-example gradients of ``block`` from one call: the weight's as (rows, d_out, d_in) matrices ((rows, d_in,
+    d_out) with ``transposed``) and, when the block has a protected bias, the bias's (rows, d_out), in float32 or
+    wider. ``inputs`` (rows, [tokens,] d_in), ``output_grad`` (rows, [tokens,] d_out): the rows of a batch as the
+    model sees them, padding included (its output gradient is zero), so no regrouping as in
+    :func:`~curvsafe.curvature.sequence_grads.sequence_gradients`, whose tokens come flattened and masked."""
     dtype = torch.promote_types(torch.promote_types(inputs.dtype, output_grad.dtype), torch.float32)
     rows = inputs.shape[0]
     a = inputs.to(dtype).reshape(rows, -1, block.d_in)
     g = output_grad.to(dtype).reshape(rows, -1, block.d_out)
-    return torch.bmm(g.transpose(1, 2), a), (g.sum(1) if block.bias_name is not None else None)
+    weight = torch.bmm(a.transpose(1, 2), g) if transposed else torch.bmm(g.transpose(1, 2), a)
+    return weight, (g.sum(1) if block.bias_name is not None else None)
 
 
 _ADDS_UP = 0.999  # the least cosine between the gradient and the captured examples' sum that counts as equal
@@ -82,7 +85,10 @@ class ExampleScreen:
     def __init__(self, model: nn.Module, blocks: list[LinearBlock], threshold: float):
         self.blocks = blocks
         self.threshold = threshold
-        self._transposed = {b.weight_name for b in blocks if b.kind == "conv1d"}  # stored as (d_in, d_out)
+        # each weight's per-example gradients are computed with the longer side last (example_gradient's
+        # ``transposed`` when d_out > d_in) and kept so; _flipped: the names kept transposed to their parameter
+        self._in_out = {b.weight_name: b.d_out > b.d_in for b in blocks}
+        self._flipped = {b.weight_name for b in blocks if (b.d_out > b.d_in) != (b.kind == "conv1d")}
         self._pass = 0  # forwards of the model so far: the rows of one pass are one set of examples
         self._grads: dict[int, dict[str, Tensor]] = {}  # pass -> parameter name -> per-example gradients
         self.mismatch = False  # the last apply() found the captured examples not adding up to the gradient
@@ -121,10 +127,10 @@ class ExampleScreen:
         output.register_hook(on_grad)
 
     def _add(self, block: LinearBlock, key: int, x: Tensor, grad: Tensor) -> None:
-        weight, bias = example_gradient(block, x, grad)
+        weight, bias = example_gradient(block, x, grad, transposed=self._in_out[block.weight_name])
         entries = self._grads.setdefault(key, {})
         for name, value in ((block.weight_name, weight), (block.bias_name, bias)):
-            if value is not None:
+            if value is not None:  # a block called twice in one forward: its examples' gradients are the sums
                 entries[name] = entries[name] + value if name in entries else value
 
     def clear(self) -> None:
@@ -135,6 +141,11 @@ class ExampleScreen:
     def pending(self) -> int:
         """Examples captured since the last :meth:`apply` or :meth:`clear`."""
         return sum(next(iter(e.values())).shape[0] for e in self._grads.values() if e)
+
+    def _stored(self, name: str, tensor: Tensor) -> Tensor:
+        """``tensor`` in ``name``'s parameter layout as the screen keeps that name's per-example gradients, or back
+        (the same transpose)."""
+        return tensor.T if name in self._flipped else tensor
 
     def apply(self, params: dict[str, Tensor], safety_grad: dict[str, Tensor]) -> tuple[int, int]:
         """Screen the examples captured since the last call against ``safety_grad`` (by parameter name) and remove
@@ -154,35 +165,39 @@ class ExampleScreen:
             return 0, 0
         device = next(iter(params.values())).device
         dtype = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
-        sizes = [params[n].numel() for n in names]
-        target = torch.cat([safety_grad[n].to(dtype).reshape(-1) for n in names])  # g, flattened in names' order
-        target_norm = target.norm()
-        full = torch.zeros(sum(sizes), dtype=dtype, device=device)  # sum_i G_i, then the screened rows' sum
-        dropped = torch.zeros_like(full)
+        target = {n: self._stored(n, safety_grad[n].to(dtype)).reshape(-1) for n in names}  # g, as the examples
+        target_norm = torch.stack([t.square().sum() for t in target.values()]).sum().sqrt()
+        full = {n: torch.zeros(params[n].numel(), dtype=dtype, device=device) for n in names}  # sum_i G_i
+        dropped = {n: torch.zeros_like(f) for n, f in full.items()}  # the screened rows' sum
         counts = torch.zeros(2, dtype=torch.float64, device=device)  # screened, examples
         cosines = []
-        while passes:  # each pass's per-example gradients are freed once flattened (peak: one pass twice)
+        while passes:  # each pass's per-example gradients are freed once screened
             entries = passes.pop(next(iter(passes)))
             rows = next(iter(entries.values())).shape[0]
-            grads = torch.cat([self._flat(n, entries, rows, params[n], dtype) for n in names], dim=1)  # (rows, P)
+            flats = {n: entries[n].reshape(rows, -1).to(dtype) for n in names if n in entries}
             del entries
-            squares = grads.square().sum(1)
-            cos = -(grads @ target) / (squares.sqrt() * target_norm).clamp_min(torch.finfo(dtype).tiny)
+            dots = torch.zeros(rows, dtype=dtype, device=device)
+            squares = torch.zeros_like(dots)
+            for n, f in flats.items():
+                dots += f @ target[n]
+                squares += f.square().sum(1)
+            cos = -dots / (squares.sqrt() * target_norm).clamp_min(torch.finfo(dtype).tiny)
             drop = (cos > self.threshold) & (squares > 0)
             cosines.append(cos.detach().cpu())
             counts += torch.stack([drop.sum(), torch.tensor(rows, device=device)]).to(torch.float64)
-            full += grads.sum(0)
-            if bool(drop.any()):
-                dropped += grads[drop].sum(0)
+            any_dropped = bool(drop.any())
+            for n, f in flats.items():
+                full[n] += f.sum(0)
+                if any_dropped:
+                    dropped[n] += f[drop].sum(0)
         self.cosines = torch.cat(cosines) if cosines else torch.zeros(0)
-        all_reduce_sum_([counts, full, dropped])
+        all_reduce_sum_([counts, *full.values(), *dropped.values()])
         screened, examples = (int(v) for v in counts.tolist())
-        offsets = [0, *itertools.accumulate(sizes)][:-1]
-        held = [(params[n].grad, o) for n, o in zip(names, offsets) if params[n].grad is not None]
+        held = [(n, params[n].grad) for n in names if params[n].grad is not None]
         if examples == 0 or not held:
             return 0, examples
-        grad = torch.cat([gr.reshape(-1).to(dtype) for gr, _ in held])
-        parts = torch.cat([full[o:o + gr.numel()] for gr, o in held])
+        grad = torch.cat([self._stored(n, gr).reshape(-1).to(dtype) for n, gr in held])
+        parts = torch.cat([full[n] for n, _ in held])
         norms = (float(grad.norm()), float(parts.norm()))
         if norms[1] == 0.0:
             return 0, examples
@@ -192,17 +207,10 @@ class ExampleScreen:
         if screened:
             scale = norms[0] / norms[1]
             with torch.no_grad():
-                for gr, o in held:
-                    gr.sub_((scale * dropped[o:o + gr.numel()]).view_as(gr).to(gr.dtype))
+                for n, gr in held:
+                    removed = dropped[n].view(self._stored(n, gr).shape)
+                    gr.sub_(self._stored(n, scale * removed).to(gr.dtype))
         return screened, examples
-
-    def _flat(self, name: str, entries: dict, rows: int, param: Tensor, dtype: torch.dtype) -> Tensor:
-        """The per-example gradients of ``name`` as (rows, numel) in the parameter's own layout (zeros when the
-        pass did not reach it)."""
-        if name not in entries:
-            return torch.zeros(rows, param.numel(), dtype=dtype, device=param.device)
-        value = entries[name].transpose(1, 2) if name in self._transposed else entries[name]
-        return value.reshape(rows, -1).to(dtype)
 
 
 def _call(ref: weakref.ref, method: str) -> None:

@@ -631,9 +631,11 @@ def _parallel_run(rank=None, port=None, out_dir=None, steps=3, wrap="ddp", dtype
     ("fsdp2", torch.float32, {"objective": "anchor+harmful"}),  # the exact safety gradient, not K-FAC's by-product
     ("fsdp2-after", torch.float64, {}), ("hsdp-2x1", torch.float64, {}), ("hsdp-1x2", torch.float64, {}),
     ("fsdp2", torch.float64, {"low_rank": {"max_dense_dim": 8, "rank": 4, "oversample": 4, "probes": 2}}),
-    ("ddp", torch.float64, {"screen": 0.0})],
+    ("ddp", torch.float64, {"screen": 0.0}), ("fsdp2", torch.float64, {"screen": 0.0}),
+    ("hsdp-2x1", torch.float64, {"screen": 0.0})],
     ids=["ddp", "fsdp2", "fsdp2-float32", "fsdp2-float32-exact-gradient", "fsdp2-sharded-after-construction",
-         "hsdp-2-replicas", "hsdp-2-shards", "fsdp2-memory-bounded-factors", "ddp-example-screening"])
+         "hsdp-2-replicas", "hsdp-2-shards", "fsdp2-memory-bounded-factors", "ddp-example-screening",
+         "fsdp2-example-screening", "hsdp-2-replicas-example-screening"])
 def test_two_gloo_ranks_apply_the_identical_projection_equal_to_one_process(tmp_path, wrap, dtype, settings):
     """FSDP2 runs on CPU here (gloo): the sharded steps equal one process's on the union of the data (the
     safety passes leave FSDP's training gradients alone; each rank writes its shard of the same update)."""

@@ -34,11 +34,13 @@ until the step: examples per step x protected parameters floats (float32, or the
 adapter's parameters times the rows per step, so it is not meant for full fine-tunes of large layers. Examples are
 captured in forwards with gradients enabled and the block in training mode (CurvSafe's own safety passes run in eval
 mode, so they are not); the rows of one call of the model given to CurvSafe are one set of examples (a sub-module
-called on its own does not start a new set). Under DDP each rank screens its own rows; the counts and the sums of
-the screened and of all per-example gradients go through one all-reduce per step. FSDP2 is refused. Not tested with
-gradient checkpointing (the captured inputs are held until the backward, which undoes its saving). When the captured
-examples do not add up to the gradient (:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe warns
-once.
+called on its own does not start a new set). Under DDP and FSDP2 each rank screens its own rows against the whole
+safety gradient (CurvSafe's guard holds it whole on every rank); the counts and the sums of the screened and of all
+per-example gradients go through one all-reduce per step (whole, adapter-sized), and under FSDP2 the gradient's
+shards through one all-gather; each rank then takes its part of the screened rows' sum off its shard. Not tested
+with gradient checkpointing (the captured inputs are held until the backward, which undoes its saving). When the
+captured examples do not add up to the gradient (:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe
+warns once.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from torch import Tensor, nn
 
 from ..capture import LinearBlock
 from ..curvature.distributed import all_reduce_sum_
-from ..curvature.sharded import is_sharded
+from ..curvature.sharded import gather_whole, is_sharded, local_part
 
 
 def example_gradient(block: LinearBlock, inputs: Tensor, output_grad: Tensor, *, transposed: bool = False
@@ -150,14 +152,13 @@ class ExampleScreen:
     def apply(self, params: dict[str, Tensor], safety_grad: dict[str, Tensor]) -> tuple[int, int]:
         """Screen the examples captured since the last call against ``safety_grad`` (by parameter name) and remove
         their gradients from ``params``' ``.grad`` (module docstring); returns ``(screened, examples)`` over all
-        ranks. Every rank must call it (DDP).
+        ranks. Every rank must call it (DDP, FSDP2).
 
         When the captured examples do not add up to the gradient (its direction differs from ``sum_i G_i``: a step
         a GradScaler skipped left its examples behind while the model's ``zero_grad`` cleared the gradient, or
         gradients changed per parameter, as by ``clip_grad_value_``), nothing is screened this step and
         ``mismatch`` is set."""
-        if any(is_sharded(p) for p in params.values()):
-            raise ValueError("example screening (screen) does not run under FSDP2; use DDP or turn it off")
+        sharded = any(is_sharded(p) for p in params.values())  # FSDP2: the gradients are the ranks' shards
         passes, self._grads = self._grads, {}
         self.mismatch = False
         names = [n for n in params if n in safety_grad]
@@ -193,11 +194,14 @@ class ExampleScreen:
         self.cosines = torch.cat(cosines) if cosines else torch.zeros(0)
         all_reduce_sum_([counts, *full.values(), *dropped.values()])
         screened, examples = (int(v) for v in counts.tolist())
-        held = [(n, params[n].grad) for n in names if params[n].grad is not None]
+        held = [n for n in names if params[n].grad is not None]
         if examples == 0 or not held:
             return 0, examples
-        grad = torch.cat([self._stored(n, gr).reshape(-1).to(dtype) for n, gr in held])
-        parts = torch.cat([full[n] for n, _ in held])
+        grads = [params[n].grad for n in held]
+        if sharded:  # the whole gradients (one all-gather), as every rank holds them under DDP
+            grads = gather_whole([params[n] for n in held], [g.to_local() for g in grads])
+        grad = torch.cat([self._stored(n, g).reshape(-1).to(dtype) for n, g in zip(held, grads)])
+        parts = torch.cat([full[n] for n in held])
         norms = (float(grad.norm()), float(parts.norm()))
         if norms[1] == 0.0:
             return 0, examples
@@ -207,9 +211,13 @@ class ExampleScreen:
         if screened:
             scale = norms[0] / norms[1]
             with torch.no_grad():
-                for n, gr in held:
-                    removed = dropped[n].view(self._stored(n, gr).shape)
-                    gr.sub_(self._stored(n, scale * removed).to(gr.dtype))
+                for n, g in zip(held, grads):  # the screened rows' share, whole, in the parameter's layout
+                    removed = self._stored(n, scale * dropped[n].view(self._stored(n, g).shape))
+                    gr = params[n].grad
+                    if sharded:  # each rank takes its part off its shard
+                        gr.to_local().sub_(local_part(params[n], removed).to(gr.dtype))
+                    else:
+                        gr.sub_(removed.to(gr.dtype))
         return screened, examples
 
 

@@ -54,6 +54,16 @@ def test_screening_under_the_trainer_logs_its_share_and_changes_the_steps(tmp_pa
     assert lora_rel_err(screened["lora"], plain["lora"]) > 1e-3
 
 
+def test_screening_under_accelerate_fsdp2_takes_the_steps_of_one_process(tmp_path):
+    """Each rank screens its own rows of the clipped, sharded gradient: the steps and the shares screened are one
+    process's on the global batch."""
+    one, sharded = train("screen", tmp_path), train("screen-fsdp2", tmp_path, ranks=2)
+    assert sharded["sharded"] and not one["sharded"]
+    shares = [h["curvsafe_screened"] for h in sharded["curvsafe_logs"]]
+    assert shares == [h["curvsafe_screened"] for h in one["curvsafe_logs"]] and 0 < sum(shares) < len(shares)
+    assert lora_rel_err(sharded["lora"], one["lora"]) < 1e-5  # accelerate runs FSDP2 in float32
+
+
 def test_curvsafe_trainer_resumed_from_a_checkpoint_repeats_the_uninterrupted_run(tmp_path):
     """The Trainer's checkpoint holds CurvSafe's whole state (its optimizer.pt): a new model and trainer resumed
     from step 2 end bit for bit where the uninterrupted 4 steps do."""

@@ -2,7 +2,7 @@
 weights (whole) to OUT (used by test_trainer.py).
 
     python trainer_driver.py WAY OUT            # one process
-    torchrun --nproc-per-node 2 trainer_driver.py fsdp2 OUT     # or trl-fsdp2
+    torchrun --nproc-per-node 2 trainer_driver.py fsdp2 OUT     # or trl-fsdp2, screen-fsdp2
 
 WAY: ``mixin`` (``CurvSafeTrainer``), ``resume`` (the same, saving a checkpoint every 2 steps, then a new model
 and trainer resumed from step 2), ``adamw`` (the Trainer's own AdamW alone), ``optimizers`` (a plain
@@ -10,7 +10,8 @@ Trainer given ``optimizers=(CurvSafe(AdamW), None)``, the AdamW built as the Tra
 (``CurvSafeTrainer`` under accelerate's FSDP2; ``mixin`` and ``resume`` under ``torchrun`` without it: DDP),
 ``trl-mixin`` / ``trl-fsdp2`` / ``trl-zero`` / ``trl-plain``
 (TRL's SFTTrainer with the mixin, the same under FSDP2, the mixin at strength 0 and no guard, no CurvSafe;
-``trl-zero-fsdp2`` the third under FSDP2), ``screen`` (``CurvSafeTrainer`` with example screening at 0).
+``trl-zero-fsdp2`` the third under FSDP2), ``screen`` (``CurvSafeTrainer`` with example screening at 0;
+``screen-fsdp2`` the same under FSDP2).
 
 Global batch 4 (per device 4 in one process, 2 on each of 2 ranks), float64, a constant learning rate. The safety
 data is 2 batches of 4 rows; under a launcher each rank passes its own row halves of both, so a batch position
@@ -83,7 +84,7 @@ args = TrainingArguments(output_dir=os.path.join(os.path.dirname(out), folder),
                          disable_tqdm=True, seed=0, optim="adamw_torch", **(fsdp if way.endswith("fsdp2") else {}))
 if way in ("mixin", "fsdp2", "resume", "resume-fsdp2"):
     trainer = CurvSafeTrainer(model=model, args=args, train_dataset=examples, safety_data=safety)
-elif way == "screen":  # the Trainer clips the gradient before the step: screening keeps that scale
+elif way in ("screen", "screen-fsdp2"):  # the Trainer clips the gradient before the step: screening keeps it
     trainer = CurvSafeTrainer(model=model, args=args, train_dataset=examples, safety_data=safety,
                               curvsafe_options={"screen": 0.0})
 elif way == "adamw":

@@ -114,7 +114,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                           oversample=args.oversample, probes=args.probes, passes=args.passes)
     settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, task_batches=args.task_batches,
                             safety_batches=args.safety_batches, low_rank=low, ggn_rows=args.ggn_rows,
-                            shards=args.shards)
+                            shards=args.shards, screen=args.screen)
     model = meta_model(args.model, args.adapter, args.dtype)
     plan = estimate(model, settings)
     if args.method:
@@ -308,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(restore's --ggn-rows)")
     p.add_argument("--shards", type=int, default=1, help="ranks the weights are sharded over with FSDP2 (restore "
                    "--fsdp2, CurvSafe under fully_shard): memory per rank")
+    p.add_argument("--screen", action="store_true", help="curvsafe with example screening (finetune --screen): "
+                   "its per-example gradients, batch-size x the adapter, are held until the step")
     p.add_argument("--max-memory", type=_memory, metavar="SIZE", help="also say which methods fit in SIZE")
     p.add_argument("--curvature-budget", type=_memory, metavar="SIZE", help="also give, for kfac, ekfac and "
                    "curvsafe, the largest --rank whose curvature fits SIZE (restore's --rank; JSON: largest_rank)")

@@ -14,6 +14,11 @@ Conventions (what every figure means):
   factor past its decomposition: ``KFAC(keep_factors=False)``); L-BFGS's pairs and CG's vectors; for
   ``"curvsafe"`` its factors (one EMA, kept by its K-FAC for the next refit) and eigenbases together, the
   projection scales and the guard's vectors.
+- With ``screen`` (CurvSafe's example screening, :mod:`.optim.screen`), CurvSafe's peak also counts the
+  per-example gradients held from the backward to the step (``batch_size`` rows x the trainable parameters, float32)
+  and the step's three adapter-sized vectors (the safety gradient in the examples' layout, the examples' sum and
+  the screened rows' sum), plus the whole gradient gathered under FSDP2; they are live through a refresh. The
+  per-example products (as many multiply-adds as the adapter's weight gradients) are not counted in its steps.
 - **peak_bytes**: weights + the method's vectors over the trainable parameters + curvature + the largest transient
   (activations of the pass in flight, plus a fit's per-batch sums). Activations are counted, not modelled: the
   forward runs on the meta device under saved-tensor hooks (:func:`activation_bytes`), with the math SDPA
@@ -77,6 +82,7 @@ class PlanSettings:
             whole batch).
         shards: ranks the weights are sharded over with FSDP2 (restore's ``fsdp2``, CurvSafe under
             ``fully_shard``): the estimate is per rank.
+        screen: CurvSafe screens examples (``CurvSafeSettings.screen``; module docstring).
     """
 
     batch_size: int = 8
@@ -89,6 +95,7 @@ class PlanSettings:
     low_rank: Optional[LowRank] = field(default_factory=LowRank)
     ggn_rows: Optional[int] = None
     shards: int = 1
+    screen: bool = False
 
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "task_batches", "safety_batches", "lbfgs_pairs", "cg_iterations",
@@ -343,10 +350,18 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     train_step = weights + 4 * vec + train_act
     curvsafe_curv = curvature["curvsafe"]
     refresh = max(2 * k_ema["factors"] + act, k_ema["eigen_transient"])
-    plans["curvsafe"] = MethodPlan(int(curvsafe_curv), int(weights + 4 * vec + curvsafe_curv + max(train_act, refresh)),
+    screen = screen_bytes(trainable, settings) if settings.screen else 0
+    plans["curvsafe"] = MethodPlan(int(curvsafe_curv),
+                                   int(weights + 4 * vec + curvsafe_curv + screen + max(train_act, refresh)),
                                    1.0 + (S + 1.0) / settings.refresh_interval)
     return Plan({m: plans[m] for m in (*RESTORE_METHODS, "curvsafe")}, int(train_step), int(weights), int(trainable),
                 k["blocks"], k["sketched"], _settings_dict(settings))
+
+
+def screen_bytes(trainable: int, settings: PlanSettings) -> int:
+    """What CurvSafe's example screening holds at its step (module docstring): the per-example gradients of a
+    batch and three adapter-sized vectors, a fourth (the gathered gradient) under FSDP2."""
+    return trainable * F32 * (settings.batch_size + 3 + (settings.shards > 1))
 
 
 def sharded_weight_bytes(model: nn.Module, shards: int) -> int:

@@ -113,6 +113,27 @@ def test_plan_per_rank_under_fsdp2_sharding(config_only, capsys):
     assert deep_four["weight_bytes"] < 0.4 * deep_one["weight_bytes"]
 
 
+def test_plan_counts_what_the_example_screen_holds(config_only, capsys):
+    """``--screen`` adds to CurvSafe's peak alone: the per-example gradients of a batch (what a screen holds after
+    a backward, counted on a real one) and three adapter-sized vectors, a fourth under FSDP2."""
+    from curvsafe.capture import find_blocks
+    from curvsafe.optim.screen import ExampleScreen
+
+    files = ["--model", str(config_only / "model"), "--adapter", str(config_only / "adapter"), "--batch-size", "8"]
+    for shards, vectors in ((1, 3), (2, 4)):
+        plain = plan_json(capsys, *files, "--shards", str(shards))
+        screened = plan_json(capsys, *files, "--shards", str(shards), "--screen")
+        extra = {m: screened["methods"][m]["peak_bytes"] - p["peak_bytes"] for m, p in plain["methods"].items()}
+        assert extra.pop("curvsafe") == 4 * plain["trainable_params"] * (8 + vectors)
+        assert set(extra.values()) == {0}
+    model = with_lora(tiny_llama(dtype=torch.float32))
+    screen = ExampleScreen(model, find_blocks(model), threshold=0.0)
+    model.train()
+    model(**make_batch(batch=3)).loss.backward()
+    held = sum(t.numel() * t.element_size() for e in screen._grads.values() for t in e.values())
+    assert held == 3 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 @pytest.mark.parametrize("low", [None, LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2),
                                  LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2, passes=2)])
 def test_plan_curvature_bytes_equal_the_fitted_objects(low, monkeypatch):

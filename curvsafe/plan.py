@@ -14,11 +14,6 @@ Conventions (what every figure means):
   factor past its decomposition: ``KFAC(keep_factors=False)``); L-BFGS's pairs and CG's vectors; for
   ``"curvsafe"`` its factors (one EMA, kept by its K-FAC for the next refit) and eigenbases together, the
   projection scales and the guard's vectors.
-- With ``screen`` (CurvSafe's example screening, :mod:`.optim.screen`), CurvSafe's peak also counts the
-  per-example gradients held from the backward to the step (``batch_size`` rows x the trainable parameters, float32)
-  and the step's three adapter-sized vectors (the safety gradient in the examples' layout, the examples' sum and
-  the screened rows' sum), plus the whole gradient gathered under FSDP2; they are live through a refresh. The
-  per-example products (as many multiply-adds as the adapter's weight gradients) are not counted in its steps.
 - **peak_bytes**: weights + the method's vectors over the trainable parameters + curvature + the largest transient
   (activations of the pass in flight, plus a fit's per-batch sums). Activations are counted, not modelled: the
   forward runs on the meta device under saved-tensor hooks (:func:`activation_bytes`), with the math SDPA
@@ -26,6 +21,11 @@ Conventions (what every figure means):
   step. A GGN-vector product (L-BFGS, CG) keeps tangents and a double-backward graph: three times the
   activations (measured 2.5-3.4x on the shapes of ``benchmarks/scale.py``).
   ``benchmarks/scale.py`` measures these estimates against real peaks.
+- With ``screen`` (CurvSafe's example screening, :mod:`.optim.screen`), CurvSafe's peak also counts the
+  per-example gradients held from the backward to the step (``batch_size`` rows x the trainable parameters, float32)
+  and the step's three adapter-sized vectors (the safety gradient in the examples' layout, the examples' sum and
+  the screened rows' sum), plus the whole gradient gathered under FSDP2; they are live through a refresh. The
+  per-example products (as many multiply-adds as the adapter's weight gradients) are not counted in its steps.
 - **steps_per_iteration**: one restore iteration (refresh every iteration, the default) = the safety and task
   gradients (``S + T`` steps) + one line-search trial forward (``(S + T) / 2``: with the base frozen, a backward
   costs about a forward) + the refresh: K-FAC one pass over the task data (``T``; one more with

@@ -28,19 +28,19 @@ examples; ``opt.constraint.screen.cosines``), so a few steps with a threshold no
 data's cosines lie before one is chosen.
 
 Cost and limits: per protected block and training forward, one product of the size of the block's weight gradient (a
-batched GEMM with the longer side of the weight last: several times faster on CPU for LoRA's thin factors than the
-other way round), and at the step, per example, a dot product and a squared norm. The per-example gradients are held
-until the step: examples per step x protected parameters floats (float32, or the parameters' wider dtype): a LoRA
-adapter's parameters times the rows per step, so it is not meant for full fine-tunes of large layers. Examples are
-captured in forwards with gradients enabled and the block in training mode (CurvSafe's own safety passes run in eval
-mode, so they are not); the rows of one call of the model given to CurvSafe are one set of examples (a sub-module
-called on its own does not start a new set). Under DDP and FSDP2 each rank screens its own rows against the whole
-safety gradient (CurvSafe's guard holds it whole on every rank); the counts and the sums of the screened and of all
-per-example gradients go through one all-reduce per step (whole, adapter-sized), and under FSDP2 the gradient's
-shards through one all-gather; each rank then takes its part of the screened rows' sum off its shard. Not tested
-with gradient checkpointing (the captured inputs are held until the backward, which undoes its saving). When the
-captured examples do not add up to the gradient (:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe
-warns once.
+batched GEMM with the longer side of the weight last: for a LoRA B, whose input is the rank, that measured 1.65-3.5x
+faster on CPU up to 512 outputs, and from 13% slower to 14% faster at 1376 and 4096), and at the step, per example,
+a dot product and a squared norm. The per-example gradients are held until the step: examples per step x protected
+parameters floats (float32, or the parameters' wider dtype): a LoRA adapter's parameters times the rows per step, so
+it is not meant for full fine- tunes of large layers. Examples are captured in forwards with gradients enabled and
+the block in training mode (CurvSafe's own safety passes run in eval mode, so they are not); the rows of one call of
+the model given to CurvSafe are one set of examples (a sub-module called on its own does not start a new set). Under
+DDP and FSDP2 each rank screens its own rows against the whole safety gradient (CurvSafe's guard holds it whole on
+every rank); the counts and the sums of the screened and of all per-example gradients go through one all-reduce per
+step (whole, adapter-sized), and under FSDP2 the gradient's shards through one all-gather; each rank then takes its
+part of the screened rows' sum off its shard. Not tested with gradient checkpointing (the captured inputs are held
+until the backward, which undoes its saving). When the captured examples do not add up to the gradient
+(:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe warns once.
 """
 
 from __future__ import annotations

@@ -223,7 +223,8 @@ def traced(factory: Callable, steps: list) -> Callable:
 def trace_summary(steps: list[dict]) -> dict:
     """Per phase of the run (steps 0-19, 20-99, 100 on): the share of the update's energy the projection kept and
     the guard's correction took (energy-weighted over the steps); refreshes and their median seconds; the largest
-    drift owed (the safety side's rise at a refresh)."""
+    drift owed (the safety side's rise at a refresh); the monitor's rise (held-out prompts) at the last refresh and
+    its largest."""
     phases = {}
     for name, lo, hi in (("0-19", 0, 20), ("20-99", 20, 100), ("100-", 100, None)):
         part = [r for r in steps if r["step"] >= lo and (hi is None or r["step"] < hi)]
@@ -233,10 +234,12 @@ def trace_summary(steps: list[dict]) -> dict:
                         "guard_active": sum(r["correction_sq"] > 0 for r in part), "steps": len(part)}
     refresh = [r["refresh_seconds"] for r in steps if r["refresh_seconds"] is not None]
     spectra = [r["spectrum"] for r in steps if r.get("spectrum")]
+    monitor = [r["monitor"] for r in steps if r.get("monitor") is not None]
     return {"phases": phases, "refreshes": len(refresh),
             "refresh_seconds": statistics.median(refresh) if refresh else None,
             "max_owed": max((r["owed"][0] + r["paid"][0] for r in steps), default=0.0),
-            "spectrum": {"first": spectra[0], "last": spectra[-1]} if spectra else None}
+            "spectrum": {"first": spectra[0], "last": spectra[-1]} if spectra else None,
+            "monitor": {"last": monitor[-1], "max": max(monitor)} if monitor else None}
 
 
 def _rounded(value):
@@ -254,7 +257,9 @@ def quality(cache: Path, work: Path, seed: int, variants: list[str], data_dir=No
             attacks=("benign", "harmful"), traces: Optional[dict] = None) -> tuple[dict, list[dict], list[dict]]:
     """(aligned model's row, the mix attack's rows of ``variants``, the other attack settings' AdamW/CurvSafe rows)
     on testbed seed ``seed`` (the realistic testbed on ``data_dir`` when given); with ``traces``, every CurvSafe
-    run's per-step reports under ``(seed, attack, variant)``, and its summary in the row."""
+    run's per-step reports under ``(seed, attack, variant)``, and its summary in the row; traced runs monitor the
+    evaluation's held-out harmful prompts (CurvSafe's ``monitor_batches``: read at each refresh, never fitted, so
+    the steps are those of the untraced run)."""
     from curvsafe.anchors import anchor_responses, keep_response_prefix
     from curvsafe.demo import _evaluate, default_cache
     from curvsafe.finetune import curvsafe_factory, lora_sft
@@ -269,6 +274,7 @@ def quality(cache: Path, work: Path, seed: int, variants: list[str], data_dir=No
     anchor_eval = keep_response_prefix(make_batches(tok, anchor_responses(model, tok, prompts), batch_size=32), 4)
     aligned_row = {"seed": seed, **_evaluate(model, tok, data, anchor_eval)}
     safety = load_pairs(data / "restore_harmful.jsonl")
+    held_out = load_pairs(data / "eval_harmful.jsonl", require_response=False)
 
     def run(setting: str, name: str, options) -> dict:
         model, tok = load_model(aligned)
@@ -276,7 +282,8 @@ def quality(cache: Path, work: Path, seed: int, variants: list[str], data_dir=No
             options = dict(options)
             benign = load_pairs(data / "restore_benign.jsonl", require_response=False) if options.pop(
                 "benign", False) else None
-            factory = curvsafe_factory(tok, safety, lr=cfg.attack_lr, benign=benign, **options)
+            factory = curvsafe_factory(tok, safety, lr=cfg.attack_lr, benign=benign,
+                                       monitor=held_out if traces is not None else None, **options)
             if traces is not None:
                 factory = traced(factory, traces.setdefault(f"{seed}/{setting}/{name}", []))
         else:
@@ -363,10 +370,12 @@ def quality_tables(aligned: list[dict], rows: list[dict]) -> list[str]:
                   "their median time; the largest safety-side drift owed at a refresh (NLL); the safety curvature "
                   "at the first / last refresh (`SafetyProjector.spectrum`): the share of the protected weights' "
                   "directions the projection damps by more than half, the share of the curvature in them, and its "
-                  "effective rank (participation ratio).", "",
+                  "effective rank (participation ratio); the monitor's rise (the anchor NLL of the held-out harmful "
+                  "prompts over its value at the start, read at each refresh, never fitted) at the last refresh "
+                  "and its largest.", "",
                   "| seed | attack | variant | kept | guard's share | guard acted | refreshes | refresh s | "
-                  "max owed | damped directions | their curvature | effective rank |",
-                  "| ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |"]
+                  "max owed | damped directions | their curvature | effective rank | held-out rise last / max |",
+                  "| ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |"]
         for r in traced_rows:
             t, ph = r["trace"], r["trace"]["phases"].values()
 
@@ -381,7 +390,9 @@ def quality_tables(aligned: list[dict], rows: list[dict]) -> list[str]:
                          f"{fmt('guarded', 4)} | {' / '.join(str(p['guard_active']) for p in ph)} | "
                          f"{t['refreshes']} | {t['refresh_seconds'] or 0:.3f} | {t['max_owed']:.3f} | "
                          f"{spec('damped', '.4f')} | {spec('damped_curvature', '.2f')} | "
-                         f"{spec('effective_rank', '.1f')} |")
+                         f"{spec('effective_rank', '.1f')} | "
+                         + ("-" if not t.get("monitor") else f"{t['monitor']['last']:.3f} / {t['monitor']['max']:.3f}")
+                         + " |")
     return lines
 
 

@@ -173,7 +173,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune
 
     log = finetune(args.model, args.data, args.out, optimizer=args.optimizer, safety=args.safety,
-                   benign=args.benign, screen=args.screen, rescale=args.rescale, r=args.r,
+                   benign=args.benign, monitor=args.monitor, screen=args.screen, rescale=args.rescale, r=args.r,
                    alpha=args.alpha, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    max_length=args.max_length, seed=args.seed, force=args.force)
     print(f"trained {log['steps']} steps, mean loss {log['train_loss']:.4f}; adapter in {args.out}")
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "curvsafe"])
     t.add_argument("--safety", help="harmful prompts for --optimizer curvsafe")
     t.add_argument("--benign", help="benign prompts whose answers --optimizer curvsafe keeps (no over-refusal)")
+    t.add_argument("--monitor", help="held-out harmful prompts for --optimizer curvsafe, never fitted: the rise of "
+                   "their anchor NLL at each refresh is logged as curvsafe_monitor (does the protection carry over?)")
     t.add_argument("--screen", type=float, metavar="COS",
                    help="--optimizer curvsafe: leave out of each step the training examples whose gradient points "
                    "against the safety gradient with a cosine above COS (CurvSafe's screen; default: off)")

@@ -94,34 +94,39 @@ def lora_sft(model, tokenizer, pairs: Sequence[Pair], out: str | Path, *, r: int
 
 
 def curvsafe_factory(tokenizer, safety: Sequence[Pair], *, lr: float, batch_size: int = SAFETY_BATCH_SIZE,
-                     max_length: int = 128, benign: Optional[Sequence[Pair]] = None, **options):
+                     max_length: int = 128, benign: Optional[Sequence[Pair]] = None,
+                     monitor: Optional[Sequence[Pair]] = None, **options):
     """An ``optimizer`` factory for :func:`lora_sft`: :class:`curvsafe.optim.CurvSafe` around AdamW (the
     Trainer's defaults: betas (0.9, 0.999), eps 1e-8, no weight decay) protecting the refusals on ``safety``'s
-    prompts, in batches of ``batch_size`` (one fitted per refresh, in turn), and with ``benign`` prompts the
-    model's answers to them (CurvSafe's benign side); ``options`` go to ``CurvSafe``."""
+    prompts, in batches of ``batch_size`` (one fitted per refresh, in turn), with ``benign`` prompts the model's
+    answers to them (CurvSafe's benign side), with ``monitor`` held-out harmful prompts read at each refresh
+    (CurvSafe's monitor); ``options`` go to ``CurvSafe``."""
     from .data import make_batches
     from .optim import CurvSafe
 
     batches = make_batches(tokenizer, safety, batch_size=batch_size, max_length=max_length)
-    benign_batches = (None if benign is None else
-                      make_batches(tokenizer, benign, batch_size=batch_size, max_length=max_length))
+    benign_batches, monitor_batches = (None if pairs is None else make_batches(tokenizer, pairs, batch_size=batch_size,
+                                                                               max_length=max_length)
+                                       for pairs in (benign, monitor))
 
     def factory(model):
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-        return CurvSafe(inner, model, batches, benign_batches=benign_batches, **options)
+        return CurvSafe(inner, model, batches, benign_batches=benign_batches, monitor_batches=monitor_batches,
+                        **options)
 
     return factory
 
 
 def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimizer: Optional[str] = None,
              safety: Optional[str | Path] = None, benign: Optional[str | Path] = None, screen: Optional[float] = None,
-             rescale: Optional[float] = None, **kwargs) -> dict:
+             rescale: Optional[float] = None, monitor: Optional[str | Path] = None, **kwargs) -> dict:
     """Load a local model, read prompt/response pairs from ``data`` and run :func:`lora_sft`.
 
     ``optimizer="curvsafe"`` wraps AdamW in :class:`curvsafe.optim.CurvSafe`, protecting the model's refusals to
     the prompts of ``safety`` (JSONL/CSV; responses are not needed for the default anchor objective) and, with
     ``benign``, its answers to those benign prompts; ``screen``: CurvSafe's example screening at that cosine;
-    ``rescale``: its rescaled update (``CurvSafeSettings.rescale``).
+    ``rescale``: its rescaled update (``CurvSafeSettings.rescale``); ``monitor``: held-out harmful prompts whose
+    anchor NLL's rise CurvSafe measures at each refresh (``curvsafe_monitor`` in the training log).
     """
     from .data import load_pairs
     from .models import load_model
@@ -131,15 +136,16 @@ def finetune(model_dir: str | Path, data: str | Path, out: str | Path, *, optimi
     if optimizer == "curvsafe" and safety is None:
         raise ValueError("--optimizer curvsafe needs --safety FILE (harmful prompts whose refusals to protect)")
     options = {k: v for k, v in (("screen", screen), ("rescale", rescale)) if v is not None}
-    if optimizer != "curvsafe" and (safety is not None or benign is not None or options):
-        raise ValueError("--safety, --benign, --screen and --rescale are only used with --optimizer curvsafe")
-    check_out(out, kwargs.get("force", False), inputs=[model_dir, data, safety, benign])
+    if optimizer != "curvsafe" and (safety is not None or benign is not None or monitor is not None or options):
+        raise ValueError("--safety, --benign, --monitor, --screen and --rescale are only used with --optimizer "
+                         "curvsafe")
+    check_out(out, kwargs.get("force", False), inputs=[model_dir, data, safety, benign, monitor])
     pairs = load_pairs(data)
-    safety_pairs = load_pairs(safety, require_response=False) if safety is not None else None
-    benign_pairs = load_pairs(benign, require_response=False) if benign is not None else None
+    safety_pairs, benign_pairs, monitor_pairs = (None if f is None else load_pairs(f, require_response=False)
+                                                 for f in (safety, benign, monitor))
     model, tokenizer = load_model(model_dir)
     if safety_pairs is not None:
         kwargs["optimizer"] = curvsafe_factory(tokenizer, safety_pairs, lr=kwargs.get("lr", 2e-3),
                                                max_length=fit_max_length(kwargs.get("max_length", 128), model),
-                                               benign=benign_pairs, **options)
+                                               benign=benign_pairs, monitor=monitor_pairs, **options)
     return lora_sft(model, tokenizer, pairs, out, **kwargs)

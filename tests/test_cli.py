@@ -110,10 +110,10 @@ def test_finetune_with_the_curvsafe_optimizer(saved_model, tmp_path, capsys):
     assert log["curvsafe"]["screen"] is None and log["curvsafe"]["rescale"] == 1.0  # the settings it ran with
     assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "screened"), "--epochs", "4",
                  "--batch-size", "4", "--optimizer", "curvsafe", "--safety", data, "--screen", "0.0",
-                 "--rescale", "2"]) == 0
+                 "--rescale", "2", "--monitor", data]) == 0
     log = json.loads((tmp_path / "screened" / "train_log.json").read_text())
     (logged,) = log["history"]
-    assert 0 <= logged["curvsafe_screened"] <= 1
+    assert 0 <= logged["curvsafe_screened"] <= 1 and isinstance(logged["curvsafe_monitor"], float)
     assert log["curvsafe"]["screen"] == 0.0 and log["curvsafe"]["rescale"] == 2.0
     assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "g2"),
                  "--optimizer", "curvsafe"]) == 2
@@ -122,4 +122,6 @@ def test_finetune_with_the_curvsafe_optimizer(saved_model, tmp_path, capsys):
     assert "--screen" in capsys.readouterr().err
     assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "g3"), "--rescale", "2"]) == 2
     assert "--rescale" in capsys.readouterr().err
+    assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "g3"), "--monitor", data]) == 2
+    assert "--monitor" in capsys.readouterr().err
     assert not (tmp_path / "g2").exists()

@@ -112,9 +112,10 @@ def test_guard_keeps_every_update_from_raising_the_safety_loss_to_first_order(st
     assert pushed > 0
 
 
-@pytest.mark.parametrize("benign", [False, True])
-def test_state_dict_round_trip_resumes_the_uninterrupted_run(benign):
-    kw = dict(refresh_every=2, strength=2.0, benign_batches=benign_data() if benign else None)
+@pytest.mark.parametrize("side", ["safety only", "benign", "monitor"])
+def test_state_dict_round_trip_resumes_the_uninterrupted_run(side):
+    kw = dict(refresh_every=2, strength=2.0, benign_batches=benign_data() if side == "benign" else None,
+              monitor_batches=monitor_data() if side == "monitor" else None)
     data = train_data(6)
     full = lora_model()
     opt = CurvSafe(adamw(full), full, safety_data(), **kw)
@@ -136,7 +137,7 @@ def test_state_dict_round_trip_resumes_the_uninterrupted_run(benign):
     train(resumed, opt2, data[3:])
     for (n, a), b in zip(trainable(full).items(), trainable(resumed).values()):
         assert torch.equal(a, b), n
-
+    assert opt2.monitor_rise == opt.monitor_rise and (opt.monitor_rise is not None) == (side == "monitor")
 
 
 def test_dcp_keeps_the_wrapped_state_and_the_safety_state_restores_the_rest(caplog):
@@ -204,6 +205,19 @@ def test_a_state_of_the_version_before_rescale_resumes_as_it_ran():
     settings = {k: v for k, v in state["curvsafe"]["settings"].items() if k != "rescale"}
     opt.load_state_dict({**state, "curvsafe": {**state["curvsafe"], "version": 7, "settings": settings}})
     assert opt.settings.rescale == 1.0 and opt.step_count == 1
+
+
+def test_a_state_of_the_version_before_the_monitor_resumes_without_one():
+    """Version 8 states hold no monitor: they load with none (the saved state replaces this one's)."""
+    model = lora_model()
+    opt = CurvSafe(adamw(model), model, safety_data(), monitor_batches=monitor_data())
+    train(model, opt, train_data(1))
+    state = opt.state_dict()
+    own = {k: v for k, v in state["curvsafe"].items() if k != "monitor"}
+    opt.load_state_dict({**state, "curvsafe": {**own, "version": 8}})
+    assert opt.constraint.monitor is None and opt.monitor_rise is None and opt.step_count == 1
+    train(model, opt, train_data(1))
+    assert opt.report.monitor is None and "monitor" not in opt.constraint.summary()
 
 
 @pytest.mark.parametrize("rescale", [1.5, 50.0])
@@ -474,6 +488,48 @@ def test_lora_dropout_does_not_read_as_drift(objective):
 
 def benign_data():
     return [make_batch(batch=4, seq=6, seed=200 + s, prompt=4) for s in range(2)]
+
+
+def monitor_data():
+    return [make_batch(batch=4, seq=6, seed=300 + s, prompt=4) for s in range(2)]
+
+
+def test_the_monitor_reads_held_out_prompts_and_changes_no_update():
+    """The monitor's rise is its anchor NLL (the model's own greedy answers at construction) at each refresh minus
+    at construction, in eval mode; it changes no step: the run with it takes the steps of the run without, bit for
+    bit."""
+    from curvsafe.anchors import anchor_batches, keep_response_prefix
+    from curvsafe.curvature.loss import curvature_mode
+    from curvsafe.nll import token_mean_nll
+
+    data, kw = train_data(4), dict(strength=2.0, refresh_every=1, refresh_tol=None, screen=0.0)
+    plain = lora_model()
+    train(plain, CurvSafe(adamw(plain), plain, safety_data(), **kw), data)
+    model = lora_model()
+    opt = CurvSafe(adamw(model), model, safety_data(), monitor_batches=monitor_data(), **kw)
+    monitored = opt.constraint.monitor.batches
+    with torch.no_grad(), curvature_mode(model):
+        own = keep_response_prefix(anchor_batches(model, monitor_data(), **opt.constraint._generation), 4)
+        level = float(token_mean_nll(model, monitored))
+    for a, b in zip(own, monitored):
+        assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "attention_mask", "labels"))
+
+    def rise() -> float:
+        with torch.no_grad(), curvature_mode(model):
+            return float(token_mean_nll(model, monitored)) - level
+
+    rises = []
+    for batch in data:
+        rises.append(rise())  # the parameters this step's refresh sees
+        train(model, opt, [batch])
+        assert opt.report.monitor == pytest.approx(rises[-1], abs=1e-10) and opt.monitor_rise == opt.report.monitor
+    assert rises[0] == 0 and min(abs(r) for r in rises[1:]) > 1e-6  # the steps moved it
+    assert opt.constraint.summary()["monitor"] == opt.monitor_rise
+    assert opt.constraint.measure_monitor() == pytest.approx(rise(), abs=1e-10)
+    for (n, a), b in zip(trainable(plain).items(), trainable(model).values()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="no monitor"):
+        CurvSafe(adamw(plain), plain, safety_data()).constraint.measure_monitor()
 
 
 @pytest.mark.parametrize("strength", [0.0, 2.0])

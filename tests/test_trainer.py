@@ -47,10 +47,13 @@ def test_curvsafe_trainer_builds_what_a_trainer_given_curvsafe_runs(tmp_path):
 
 def test_screening_under_the_trainer_logs_its_share_and_changes_the_steps(tmp_path):
     """The Trainer clips the gradient before the optimizer's step; the screen removes the screened examples at that
-    scale (a mismatch would screen nothing) and the logs carry the share it screened."""
+    scale (a mismatch would screen nothing) and the logs carry the share it screened, and the held-out monitor's
+    rise at the latest refresh (0 at the first: the parameters are those it was recorded at)."""
     screened, plain = train("screen", tmp_path), train("mixin", tmp_path)
     shares = [h["curvsafe_screened"] for h in screened["curvsafe_logs"]]
     assert len(shares) == 4 and all(0 <= s <= 1 for s in shares) and 0 < sum(shares) < 4
+    rises = [h["curvsafe_monitor"] for h in screened["curvsafe_logs"]]
+    assert rises[0] == pytest.approx(0.0, abs=1e-12) and any(r != rises[0] for r in rises)
     assert lora_rel_err(screened["lora"], plain["lora"]) > 1e-3
 
 
@@ -61,6 +64,8 @@ def test_screening_under_accelerate_fsdp2_takes_the_steps_of_one_process(tmp_pat
     assert sharded["sharded"] and not one["sharded"]
     shares = [h["curvsafe_screened"] for h in sharded["curvsafe_logs"]]
     assert shares == [h["curvsafe_screened"] for h in one["curvsafe_logs"]] and 0 < sum(shares) < len(shares)
+    rises = [h["curvsafe_monitor"] for h in sharded["curvsafe_logs"]]  # the monitor's NLL over both ranks' rows
+    assert rises == pytest.approx([h["curvsafe_monitor"] for h in one["curvsafe_logs"]], abs=1e-6)
     assert lora_rel_err(sharded["lora"], one["lora"]) < 1e-5  # accelerate runs FSDP2 in float32
 
 

@@ -10,8 +10,8 @@ Trainer given ``optimizers=(CurvSafe(AdamW), None)``, the AdamW built as the Tra
 (``CurvSafeTrainer`` under accelerate's FSDP2; ``mixin`` and ``resume`` under ``torchrun`` without it: DDP),
 ``trl-mixin`` / ``trl-fsdp2`` / ``trl-zero`` / ``trl-plain``
 (TRL's SFTTrainer with the mixin, the same under FSDP2, the mixin at strength 0 and no guard, no CurvSafe;
-``trl-zero-fsdp2`` the third under FSDP2), ``screen`` (``CurvSafeTrainer`` with example screening at 0;
-``screen-fsdp2`` the same under FSDP2).
+``trl-zero-fsdp2`` the third under FSDP2), ``screen`` (``CurvSafeTrainer`` with example screening at 0 and a
+held-out monitor; ``screen-fsdp2`` the same under FSDP2).
 
 Global batch 4 (per device 4 in one process, 2 on each of 2 ranks), float64, a constant learning rate. The safety
 data is 2 batches of 4 rows; under a launcher each rank passes its own row halves of both, so a batch position
@@ -70,6 +70,8 @@ for _ in range(2):
     labels[:, :4] = -100
     rows = slice(2 * rank, 2 * rank + 2) if ranks > 1 else slice(None)
     safety.append({"input_ids": ids[rows], "attention_mask": torch.ones_like(ids[rows]), "labels": labels[rows]})
+monitor_ids = torch.randint(3, VOCAB, (4, 4), generator=g)[slice(2 * rank, 2 * rank + 2) if ranks > 1 else slice(None)]
+monitor = [{"input_ids": monitor_ids, "attention_mask": torch.ones_like(monitor_ids)}]  # prompts only
 
 fsdp = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                                       **({"state_dict_type": "SHARDED_STATE_DICT"} if way == "resume-fsdp2" else {})}}
@@ -86,7 +88,7 @@ if way in ("mixin", "fsdp2", "resume", "resume-fsdp2"):
     trainer = CurvSafeTrainer(model=model, args=args, train_dataset=examples, safety_data=safety)
 elif way in ("screen", "screen-fsdp2"):  # the Trainer clips the gradient before the step: screening keeps it
     trainer = CurvSafeTrainer(model=model, args=args, train_dataset=examples, safety_data=safety,
-                              curvsafe_options={"screen": 0.0})
+                              monitor_data=monitor, curvsafe_options={"screen": 0.0})
 elif way == "adamw":
     trainer = Trainer(model=model, args=args, train_dataset=examples)
 elif way == "optimizers":

@@ -62,12 +62,20 @@ Conventions (per captured linear block, weight seen as its (d_out, d_in) matrix,
   gradient on the protected blocks points against the guard's safety gradient (cosine above ``screen``) leave the
   gradient (:mod:`~curvsafe.optim.screen`, which states the convention and its cost); for fine-tuning data with
   harmful examples mixed in.
+- **Monitor** (``monitor_batches``, optional): harmful prompts the constraint never fits nor guards, only reads.
+  Their anchor ``M`` (the model's own greedy responses at construction, first ``prefix_tokens`` tokens, as the
+  safety anchor) is measured at each refresh: :attr:`SafetyConstraint.monitor_rise` is ``M`` now minus ``M`` at
+  construction (mean NLL over all monitor batches and ranks, eval mode). The guard pays back the rise it measures on
+  the batches it fits, so that rise stays near 0 whether or not the protection carries over to prompts it has not
+  seen; the monitor's rise is the held-out reading (on the default testbed's seed 3 the guard's own rise stayed
+  under 0.003 nats while held-out prompts' anchor NLL rose 0.14-0.17 and 13-16% of them were answered: README).
+  It changes no update. Cost: one no-grad forward over the monitor batches per refresh.
 - Settings: :class:`~curvsafe.optim.settings.CurvSafeSettings` (one validated dataclass, saved in the state).
 - **Report**: after each step :attr:`SafetyConstraint.report` (:class:`StepReport`) says what was done: the
   wrapped optimizer's update energy ``|u|^2``, the energy the projection kept, the guard's correction, the
   refresh before the step and its time, the drift paid and still owed, the examples screened, and after a refresh
-  the projection's summary of the safety curvature (:attr:`SafetyProjector.spectrum`;
-  ``benchmarks/optimizer.py --trace``).
+  the projection's summary of the safety curvature (:attr:`SafetyProjector.spectrum`) and the monitor's rise
+  (``benchmarks/optimizer.py --trace``).
 - Parameters of the wrapped optimizer outside the captured blocks are updated by it untouched. With
   ``strength=0`` and ``guard=False`` every step is the wrapped optimizer's, bit for bit.
 - Under ``torch.distributed`` (DDP) the safety factors, token counts and the safety gradient are all-reduced over
@@ -83,8 +91,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -107,8 +115,9 @@ from .settings import CurvSafeSettings
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 8
-OLDER_STATES = {7: {"rescale": 1.0}}  # loadable older versions: the settings they ran with that they do not name
+STATE_VERSION = 9
+# loadable older versions: the settings they ran with that they do not name (7: before rescale; 8: before the monitor)
+OLDER_STATES = {7: {"rescale": 1.0}, 8: {}}
 
 
 def _working(t: Tensor) -> Tensor:
@@ -134,8 +143,16 @@ class StepReport:
     correction_sq: Tensor  # |c|^2: the guard's correction (0 where it did not act)
     paid: list[float]  # drift paid back by this step, per guarded side (safety first, then benign)
     owed: list[float]  # drift still owed after it, per side
-    spectrum: Optional[dict] = None  # after a refresh: the projection's curvature summary (SafetyProjector.spectrum)
     screened: Optional[tuple[int, int]] = None  # with screening: (examples screened, examples) over all ranks
+    monitor: Optional[float] = None  # with a monitor, after a refresh: its rise (SafetyConstraint.monitor_rise)
+    # after a refresh: computes the projection's curvature summary (SafetyProjector.spectrum) when it is read
+    spectrum_of: Optional[Callable[[], dict]] = field(default=None, repr=False)
+
+    @property
+    def spectrum(self) -> Optional[dict]:
+        """After a refresh (with a projection): the summary of the safety curvature it fitted
+        (:attr:`SafetyProjector.spectrum`, computed on first reading); else None."""
+        return None if self.spectrum_of is None else dict(self.spectrum_of())
 
     def as_dict(self) -> dict:
         """Plain numbers, with ``kept`` (``|P u|^2 / |u|^2``: the share of the update's energy the projection
@@ -144,7 +161,7 @@ class StepReport:
         return {"step": self.step, "refresh_seconds": self.refresh_seconds, "update_sq": u, "projected_sq": p,
                 "correction_sq": c, "kept": p / u if u > 0 else 1.0, "guard": c / u if u > 0 else 0.0,
                 "paid": list(self.paid), "owed": list(self.owed), "spectrum": self.spectrum,
-                "screened": None if self.screened is None else list(self.screened)}
+                "screened": None if self.screened is None else list(self.screened), "monitor": self.monitor}
 
 
 def _same_on_every_rank(value: int, what: str, device: torch.device) -> None:
@@ -175,20 +192,22 @@ class SafetyConstraint:
     Args:
         model: the model being fine-tuned (unwrapped: not a DDP wrapper).
         optimizer: the wrapped optimizer; the protected blocks are those whose weight it updates.
-        safety_batches, benign_batches, tokenizer: as :class:`~curvsafe.optim.CurvSafe` takes them.
+        safety_batches, benign_batches, monitor_batches, tokenizer: as :class:`~curvsafe.optim.CurvSafe` takes
+            them.
         settings: the validated settings.
         pad_id, eos_id: token ids for generating the anchors (default: ``model.config``'s).
     """
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, safety_batches: Iterable[Mapping[str, Tensor]],
                  settings: CurvSafeSettings, *, benign_batches: Optional[Iterable[Mapping[str, Tensor]]] = None,
-                 tokenizer=None, pad_id: Optional[int] = None, eos_id=None):
+                 monitor_batches: Optional[Iterable[Mapping[str, Tensor]]] = None, tokenizer=None,
+                 pad_id: Optional[int] = None, eos_id=None):
         self.settings = s = settings
         batches = as_safety_batches(safety_batches, tokenizer, needs_responses=set(s.objective) != {"anchor"})
         if benign_batches is not None and not s.guard:
             raise ValueError("benign_batches are a guard constraint: pass guard=True (the default)")
-        benign = None if benign_batches is None else as_safety_batches(benign_batches, tokenizer,
-                                                                        needs_responses=False)
+        benign, monitor = (None if b is None else as_safety_batches(b, tokenizer, needs_responses=False)
+                           for b in (benign_batches, monitor_batches))
         self.model, self.optimizer = model, optimizer
         self.blocks = self._optimized_blocks()
         self.params = self._captured_params()  # the protected parameters by name
@@ -199,7 +218,8 @@ class SafetyConstraint:
                             "max_new_tokens": s.anchor_tokens, "prefix_tokens": None}
         device = next(model.parameters()).device
         if any(is_sharded(p) for p in self.params.values()):  # FSDP2: every forward all-gathers, so every rank
-            for data, what in ((batches, "safety batches"), (benign or [], "benign batches")):  # runs as many
+            for data, what in ((batches, "safety batches"), (benign or [], "benign batches"),  # runs as many
+                               (monitor or [], "monitor batches")):
                 _same_on_every_rank(len(data), f"{what} (FSDP2: each forward all-gathers)", device)
         self.safety = safety_objective(s.objective, anchor=lambda: self._anchor(batches, "anchor"),
                                        responses=lambda: batches, prefix_tokens=s.prefix_tokens,
@@ -221,6 +241,13 @@ class SafetyConstraint:
                 _same_on_every_rank(len(term.batches), "benign batches", device)
                 side.levels = [self._union_nll([b], empty=0.0) for b in term.batches]
             self.sides.append(side)
+        self.monitor: Optional[LossTerm] = None  # the held-out anchor (module docstring, **Monitor**)
+        self._monitor_level = 0.0  # its NLL at construction
+        self.monitor_rise: Optional[float] = None  # its rise at the last refresh (None before one)
+        if monitor is not None:
+            self.monitor = LossTerm("monitor", keep_response_prefix(self._anchor(monitor, "monitor"),
+                                                                     s.prefix_tokens))
+            self._monitor_level = self._union_nll(self.monitor.batches)
         self.projector = self._new_projector()
         self.screen: Optional[ExampleScreen] = None
         self._set_screen()
@@ -283,7 +310,7 @@ class SafetyConstraint:
     def _anchor(self, batches: list, side: str) -> list:
         """The model's own greedy responses to the prompts of ``batches`` (all response tokens labelled)."""
         if not hasattr(self.model, "generate"):
-            what = "the anchor objective" if side == "anchor" else "benign_batches"
+            what = "the anchor objective" if side == "anchor" else f"{side}_batches"
             advice = "; use objective='refusal'" if side == "anchor" else ""
             raise ValueError(f"{what} record(s) the model's own responses, but {type(self.model).__name__} has no "
                              f".generate(){advice}")
@@ -422,8 +449,18 @@ class SafetyConstraint:
             self.gram = gram_matrix([[side.grad[n] for n in safety.grad] for side in self.sides])
         with torch.no_grad():
             self._reference = [local(p).detach().clone() for p in self.params.values()]
+        if self.monitor is not None:
+            self.monitor_rise = self.measure_monitor()
         self._last_refresh = self.steps
         self.refreshes += 1
+
+    def measure_monitor(self) -> float:
+        """The monitor's rise now: its anchor NLL minus that at construction, over all ranks (module docstring,
+        **Monitor**; every rank must call it). :meth:`refresh` measures it into :attr:`monitor_rise`; call this at
+        the end of a run for a reading at the final parameters."""
+        if self.monitor is None:
+            raise ValueError("this CurvSafe has no monitor: pass monitor_batches (held-out harmful prompts)")
+        return self._union_nll(self.monitor.batches) - self._monitor_level
 
     def _refresh_side(self, side: GuardSide, indices: Optional[list[int]]) -> None:
         """A further guarded loss's gradient on this refresh's batches, and the rise of its NLL there since
@@ -518,9 +555,10 @@ class SafetyConstraint:
         self.report = r = StepReport(
             self.steps, self._refresh_seconds, update_sq, update_sq if projected_sq is None else projected_sq,
             torch.zeros_like(update_sq) if correction is None else _energy(correction),
-            self._paid or [0.0] * len(self.sides), [side.owed for side in self.sides],
-            dict(self.projector.spectrum) if self._refresh_seconds is not None and self.settings.strength > 0 else None,
-            self._screened)
+            self._paid or [0.0] * len(self.sides), [side.owed for side in self.sides], self._screened,
+            self.monitor_rise if self._refresh_seconds is not None else None,
+            self.projector.spectrum_of_this_refit() if self._refresh_seconds is not None and self.settings.strength > 0
+            else None)
         energies = torch.stack([r.update_sq, r.projected_sq, r.correction_sq, torch.ones_like(r.update_sq)])
         self._since = energies if self._since is None else self._since + energies
 
@@ -528,8 +566,9 @@ class SafetyConstraint:
         """Since the last call (which it resets): ``steps`` constrained, the share of their updates' energy the
         projection ``kept`` and the guard's correction took (``guard``), energy-weighted, and the ``refreshes``;
         with a projection, also the latest refresh's ``damped`` share of directions and ``effective_rank`` of the
-        safety curvature (:attr:`SafetyProjector.spectrum`). What the CurvSafe trainers add to the Trainer's logs;
-        {} when no step was constrained."""
+        safety curvature (:attr:`SafetyProjector.spectrum`); with screening the share of examples ``screened``;
+        with a monitor its latest ``monitor`` rise (:attr:`monitor_rise`). What the CurvSafe trainers add to the
+        Trainer's logs; {} when no step was constrained."""
         if self._since is None:
             return {}
         update, projected, correction, steps = self._since.tolist()
@@ -540,6 +579,8 @@ class SafetyConstraint:
         if self.screen is not None:
             screened, examples = self._screened_since
             out["screened"] = screened / examples if examples else 0.0
+        if self.monitor_rise is not None:
+            out["monitor"] = self.monitor_rise
         self._since, self._refreshes_then, self._screened_since = None, self.refreshes, [0, 0]
         return out
 
@@ -554,6 +595,8 @@ class SafetyConstraint:
                 "safety": [{"name": t.name, "weight": t.weight, "sign": t.sign, "ceiling": t.ceiling,
                             "batches": t.batches} for t in self.safety.terms],
                 "benign": self.sides[1].loss.batches if len(self.sides) > 1 else None,
+                "monitor": None if self.monitor is None else {"batches": self.monitor.batches,
+                                                              "level": self._monitor_level, "rise": self.monitor_rise},
                 "sides": [{"grad": dict(side.grad), "levels": list(side.levels), "owed": side.owed, "pay": side.pay}
                           for side in self.sides],
                 "projector": self.projector.state_dict()}
@@ -581,6 +624,10 @@ class SafetyConstraint:
                                  for t in own["safety"]])
         self.sides = [GuardSide(self.safety)] + ([] if own["benign"] is None else
                                                  [GuardSide(LossTerm("benign", own["benign"]))])
+        monitor = own.get("monitor")  # version 8 states have none
+        self.monitor = None if monitor is None else LossTerm("monitor", monitor["batches"])
+        self._monitor_level = 0.0 if monitor is None else float(monitor["level"])
+        self.monitor_rise = None if monitor is None or monitor["rise"] is None else float(monitor["rise"])
         for side, saved in zip(self.sides, own["sides"]):
             side.grad = {n: to(g) for n, g in saved["grad"].items()}
             side.levels, side.owed, side.pay = list(saved["levels"]), float(saved["owed"]), float(saved["pay"])

@@ -65,7 +65,12 @@ class CurvSafe(Optimizer):
         benign_batches: benign prompts (the shapes ``safety_batches`` takes) whose answers the guard keeps, so
             that protecting the refusals does not spread them to benign requests (:mod:`~curvsafe.optim.constraint`,
             **Benign side**; needs ``guard``). Under DDP each rank passes its own shard, the same number of batches.
-        tokenizer: tokenises ``safety_batches`` / ``benign_batches`` when they are lists of prompt strings.
+        monitor_batches: harmful prompts held out from the constraint (the shapes ``safety_batches`` takes): never
+            fitted nor guarded, only read at each refresh, so that :attr:`monitor_rise` (also in :attr:`report` and
+            the trainers' logs as ``curvsafe_monitor``) says whether the protection carries over to prompts it was
+            not given (:mod:`~curvsafe.optim.constraint`, **Monitor**). Under DDP each rank passes its own shard.
+        tokenizer: tokenises ``safety_batches`` / ``benign_batches`` / ``monitor_batches`` when they are lists of
+            prompt strings.
         pad_id, eos_id: token ids for generating the anchors (default: ``model.config``'s).
 
     Behaves like the wrapped optimizer: ``param_groups``, ``state``, ``defaults`` and ``zero_grad`` are its own,
@@ -79,7 +84,8 @@ class CurvSafe(Optimizer):
 
     def __init__(self, optimizer: Optimizer, model: nn.Module, safety_batches: Iterable[Mapping[str, Tensor]],
                  settings: Optional[CurvSafeSettings] = None, *,
-                 benign_batches: Optional[Iterable[Mapping[str, Tensor]]] = None, tokenizer=None,
+                 benign_batches: Optional[Iterable[Mapping[str, Tensor]]] = None,
+                 monitor_batches: Optional[Iterable[Mapping[str, Tensor]]] = None, tokenizer=None,
                  pad_id: Optional[int] = None, eos_id=None, **overrides):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -91,8 +97,8 @@ class CurvSafe(Optimizer):
         _refuse_fsdp1(self.model)
         self._check_params_in_model()
         self.constraint = SafetyConstraint(self.model, optimizer, safety_batches, settings,
-                                           benign_batches=benign_batches, tokenizer=tokenizer, pad_id=pad_id,
-                                           eos_id=eos_id)
+                                           benign_batches=benign_batches, monitor_batches=monitor_batches,
+                                           tokenizer=tokenizer, pad_id=pad_id, eos_id=eos_id)
         # what torch.optim.Optimizer.__init__ sets up for its hooks (its params live in the wrapped optimizer)
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -177,6 +183,13 @@ class CurvSafe(Optimizer):
         """What the safety constraint did in the last step (a :class:`~curvsafe.optim.constraint.StepReport`:
         update energy, the share the projection kept, the guard's correction, refreshes, drift; None before one)."""
         return self.constraint.report
+
+    @property
+    def monitor_rise(self) -> Optional[float]:
+        """The rise of the held-out monitor's anchor NLL over its value at construction, measured at the last
+        refresh (None without ``monitor_batches`` or before the first refresh); ``constraint.measure_monitor()``
+        reads it now."""
+        return self.constraint.monitor_rise
 
     @property
     def refresh_count(self) -> int:

@@ -15,7 +15,8 @@ Conventions (per captured block, weight as its (d_out, d_in) matrix, see :mod:`c
 
 from __future__ import annotations
 
-from typing import Collection, Optional
+from functools import cache
+from typing import Callable, Collection, Optional
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +52,7 @@ class SafetyProjector:
         self.eigen: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # QA, QG, weight scale, bias scale
         self.rests: dict[str, tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]] = {}  # truncated blocks
         self.damp = 0.0  # strength / mean eigenvalue (the truncated blocks' scales are computed from it)
-        self.spectrum: dict[str, float] = {}  # the last refit's summary of the safety curvature (see _spectrum)
+        self._summary: Callable[[], dict[str, float]] = dict  # the last refit's spectrum summary, computed when read
         self._groups: list[tuple[list[LinearBlock], Tensor, Tensor, Tensor]] = []
 
     @property
@@ -95,7 +96,21 @@ class SafetyProjector:
             if rest_A is not None or rest_G is not None:
                 self.rests[b.name] = (lam_A, rest_A, lam_G, rest_G)
         self._groups = self._stacked_groups()
-        self.spectrum = _spectrum([(eigen[f"{b.name}.A"], eigen[f"{b.name}.G"]) for b in self.blocks], mean, damp)
+        # the eigenvalues alone (no bases: a summary read late must not keep old bases alive), summarised on demand
+        values = [tuple((lam, None, rest, trace, dim) for lam, _, rest, trace, dim in (eigen[f"{b.name}.A"],
+                                                                                      eigen[f"{b.name}.G"]))
+                  for b in self.blocks]
+        self._summary = cache(lambda: _spectrum(values, mean, damp))
+
+    @property
+    def spectrum(self) -> dict[str, float]:
+        """The last refit's summary of the safety curvature (:func:`_spectrum`; {} before the first), computed on
+        first reading: most refits are never summarised (only logged steps and traces read it)."""
+        return self._summary()
+
+    def spectrum_of_this_refit(self) -> Callable[[], dict[str, float]]:
+        """The last refit's :attr:`spectrum` as a function to call later (still this refit's after the next)."""
+        return self._summary
 
     def _stacked_groups(self) -> list[tuple[list[LinearBlock], Tensor, Tensor, Tensor]]:
         """The dense blocks as groups for one ``kron_eigen_apply`` call each: small blocks of equal shapes together
@@ -163,6 +178,7 @@ class SafetyProjector:
         self.rests = {n: tuple(to(t) for t in r) for n, r in state["rests"].items()}
         self.damp = float(state["damp"])
         self._groups = self._stacked_groups() if self.eigen else []
+        self._summary = dict  # not saved: the next refit summarises again
 
 
 def _levels(lam: Tensor, rest: Optional[Tensor], dim: int) -> tuple[Tensor, Tensor]:

@@ -39,7 +39,7 @@ from .curvsafe import CurvSafe
 from .settings import CurvSafeSettings
 
 # the summary's fields in the logs (curvsafe_*)
-LOGGED = ("kept", "guard", "refreshes", "damped", "effective_rank", "screened")
+LOGGED = ("kept", "guard", "refreshes", "damped", "effective_rank", "screened", "monitor")
 
 
 class CurvSafeLogMixin:
@@ -59,7 +59,8 @@ class CurvSafeLogMixin:
         the updates' energy its projection kept, ``curvsafe_guard``: the share its guard's correction took,
         ``curvsafe_refreshes``; with a projection ``curvsafe_damped`` and ``curvsafe_effective_rank``, of the safety
         curvature at the latest refresh; with ``screen`` ``curvsafe_screened``, the share of training examples
-        screened; :meth:`~curvsafe.optim.constraint.SafetyConstraint.summary`)."""
+        screened; with ``monitor_batches`` ``curvsafe_monitor``, the held-out monitor's rise at the latest refresh;
+        :meth:`~curvsafe.optim.constraint.SafetyConstraint.summary`)."""
         curvsafe = self._curvsafe()
         if curvsafe is not None and "loss" in logs:
             done = curvsafe.constraint.summary()
@@ -72,18 +73,20 @@ class CurvSafeTrainerMixin(CurvSafeLogMixin):
 
     Keyword arguments taken before the trainer's own: ``safety_data`` (as ``CurvSafe``'s ``safety_batches``:
     prompt strings with ``safety_tokenizer``, or HF batches), ``benign_data`` (its ``benign_batches``),
-    ``curvsafe_settings`` (a :class:`~curvsafe.optim.CurvSafeSettings`) and ``curvsafe_options`` (fields that
-    replace the settings', and ``CurvSafe``'s other keywords such as ``pad_id``).
+    ``monitor_data`` (its ``monitor_batches``), ``curvsafe_settings`` (a :class:`~curvsafe.optim.CurvSafeSettings`)
+    and ``curvsafe_options`` (fields that replace the settings', and ``CurvSafe``'s other keywords such as
+    ``pad_id``).
     """
 
-    def __init__(self, *args, safety_data, benign_data=None, safety_tokenizer=None,
+    def __init__(self, *args, safety_data, benign_data=None, monitor_data=None, safety_tokenizer=None,
                  curvsafe_settings: Optional[CurvSafeSettings] = None,
                  curvsafe_options: Optional[dict[str, Any]] = None, **kwargs):
         if kwargs.get("optimizers", (None, None))[0] is not None:
             raise ValueError("CurvSafe trainers make their optimizer themselves (around the Trainer's own): drop "
                              "optimizers=, or pass a CurvSafe to a plain Trainer instead")
         self._curvsafe_args = {"safety_batches": safety_data, "benign_batches": benign_data,
-                               "tokenizer": safety_tokenizer, "settings": curvsafe_settings,
+                               "monitor_batches": monitor_data, "tokenizer": safety_tokenizer,
+                               "settings": curvsafe_settings,
                                **(curvsafe_options or {})}
         super().__init__(*args, **kwargs)
 

@@ -193,8 +193,8 @@ def _levels(lam: Tensor, rest: Optional[Tensor], dim: int) -> tuple[Tensor, Tens
 
 def _spectrum(factors: list, mean: float, damp: float) -> dict[str, float]:
     """A summary of the safety curvature's Kronecker eigenvalues ``lam = lam_G * lam_A`` over the protected weights
-    (``factors``: per block the ``(lam, Q, rest, trace, dim)`` of A, then of G; ``damp``: strength / mean), for logs
-    and diagnosis:
+    (``factors``: per block the ``(lam, Q, rest, trace, dim)`` of A, then of G, ``Q`` unused (None from a refit);
+    ``damp``: strength / mean), for logs and diagnosis:
 
     - ``directions``: how many there are (the weights' parameter count);
     - ``damped``: the share of them the projection damps by more than half (``damp * lam > 1``);

@@ -32,7 +32,7 @@ batched GEMM with the longer side of the weight last: for a LoRA B, whose input 
 faster on CPU up to 512 outputs, and from 13% slower to 14% faster at 1376 and 4096), and at the step, per example,
 a dot product and a squared norm. The per-example gradients are held until the step: examples per step x protected
 parameters floats (float32, or the parameters' wider dtype): a LoRA adapter's parameters times the rows per step, so
-it is not meant for full fine- tunes of large layers. Examples are captured in forwards with gradients enabled and
+it is not meant for full fine-tunes of large layers. Examples are captured in forwards with gradients enabled and
 the block in training mode (CurvSafe's own safety passes run in eval mode, so they are not); the rows of one call of
 the model given to CurvSafe are one set of examples (a sub-module called on its own does not start a new set). Under
 DDP and FSDP2 each rank screens its own rows against the whole safety gradient (CurvSafe's guard holds it whole on

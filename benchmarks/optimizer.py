@@ -55,6 +55,10 @@ from curvsafe.ranks import init_from_env, is_main, launched, rank, world_size  #
 VARIANTS = {"adamw": None, "curvsafe": {}, "benign side": {"benign": True}, "screen": {"screen": 0.05},
             "benign side + screen": {"benign": True, "screen": 0.05},
             "benign side + screen + rescale": {"benign": True, "screen": 0.05, "rescale": 2.0},
+            # the recipe with every factor of 128+ dimensions truncated to 32 warm-started eigenpairs (the default
+            # truncates only those of 1024+ to 256): the truncated projection on trained weights
+            "recipe + subspace 32": {"benign": True, "screen": 0.05, "rescale": 2.0,
+                                    "subspace": {"min_dim": 128, "rank": 32}},
             "no drift payback": {"restore_drift": False},
             "guard only": {"strength": 0.0}, "projection only": {"guard": False},
             "fixed refresh every 5": {"refresh_tol": None, "refresh_every": 5},

@@ -8,12 +8,15 @@ Models are built from the real configs' shapes with random weights (no download)
 (PEFT's default)
 and on all seven projections. Each measurement runs in its own process (a clean peak): one LoRA training step
 (AdamW), ``restore(iterations=1)`` per method on random task/safety batches of the same shape (the time includes
-restore's start-up evaluation, about one step), and CurvSafe(AdamW) steps (mean over ``--steps``, a refresh every
-``--curvsafe-refresh`` steps included; the plan is asked for the same interval). Peak memory, above the built
-model that has run a tiny batch (weights and code pages excluded; compared with the plan's peak minus weights):
-the CUDA allocator's peak on a GPU; on CPU the resident set sampled every 2 ms, with glibc's mmap threshold
-fixed (``MALLOC_MMAP_THRESHOLD_``) so that freed blocks leave the resident set. Times are ratios to the training
-step measured in the same process.
+restore's start-up evaluation, about one step), and CurvSafe(AdamW) steps (mean over ``--steps`` after one untimed
+first step, whose refresh decomposes every factor from scratch; a refresh every ``--curvsafe-refresh`` steps
+included; the plan is asked for the same interval). ``curvsafe`` runs the default settings, whose large dense
+factors get warm-started truncated bases (``CurvSafeSettings.subspace``); ``curvsafe-full-eigh`` a full ``eigh`` of
+each at every refresh, with the projection error of the former against the latter on the same factors.
+Peak memory, above the built model that has run a tiny batch (weights and code pages excluded; compared with the
+plan's peak minus weights): the CUDA allocator's peak on a GPU; on CPU the resident set sampled every 2 ms, with
+glibc's mmap threshold fixed (``MALLOC_MMAP_THRESHOLD_``) so that freed blocks leave the resident set.
+Times are ratios to the training step measured in the same process.
 
 The error of the memory bound: on the first shape (the 1B one) with all projections, the K-FAC preconditioned
 safety gradient ``(F + lambda I)^{-1} g`` (lambda = 0.1 x the Rayleigh quotient of g, restore's convention) with
@@ -35,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 # keep benchmarks/ (which holds a kernels.py) off the path: transformers probes for a package called `kernels`
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -51,7 +55,8 @@ SHAPES = {  # from the public config.json files
 }
 TARGETS = {"qv": ["q_proj", "v_proj"],
            "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-KINDS = ("train", "lbfgs", "kfac", "ekfac", "cg", "sgd", "curvsafe")
+FULL_EIGH = "curvsafe-full-eigh"  # CurvSafe with a full eigh of every dense factor at each refresh (subspace=None)
+KINDS = ("train", "lbfgs", "kfac", "ekfac", "cg", "sgd", "curvsafe", FULL_EIGH)
 
 
 def build(shape: str, layers: int, targets: str, device: str, dtype: torch.dtype, vocab: int = 0):
@@ -110,8 +115,9 @@ def worker(args) -> dict:
     train = batches(3, args.batch_size, args.seq_len, vocab, args.device, seed=0)
     safety = batches(1, args.batch_size, args.seq_len, vocab, args.device, seed=1)
     task = batches(1, args.batch_size, args.seq_len, vocab, args.device, seed=2)
+    full_eigh = {"subspace": None} if args.kind == FULL_EIGH else {}
     plan = estimate(model, PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len,
-                                        refresh_interval=args.curvsafe_refresh))
+                                        refresh_interval=args.curvsafe_refresh, **full_eigh))
     params = [p for p in model.parameters() if p.requires_grad]
     out = {"shape": args.shape, "targets": args.targets, "kind": args.kind, "layers": args.layers,
            "plan": plan.to_json()}
@@ -120,16 +126,18 @@ def worker(args) -> dict:
     model.zero_grad(set_to_none=True)
     meter = PeakMemory(args.device)
     meter.start()  # the measured kind first (a clean peak above the built model), then the training step's time
-    if args.kind == "curvsafe":
+    if args.kind.startswith("curvsafe"):
         opt = CurvSafe(torch.optim.AdamW(params, lr=1e-4), model, safety, refresh_every=args.curvsafe_refresh,
-                       refresh_tol=None)
+                       refresh_tol=None, **full_eigh)
         model.train()
+        train_step(model, opt, train[-1])  # not timed: the first refresh decomposes every factor from scratch
         sync(args.device)
         t = time.perf_counter()
         for i in range(args.steps):
             train_step(model, opt, train[i % len(train)])
         sync(args.device)
         out["seconds"] = (time.perf_counter() - t) / args.steps
+        out["projection_error"] = projection_error(opt, model, train[0])
         own = opt.state_dict()["curvsafe"]
         held = [t for part in (own["projector"]["eigen"], own["projector"]["rests"], own["sides"])
                 for t in _tensors(part)]
@@ -163,6 +171,29 @@ def worker(args) -> dict:
     else:
         out["ratio_to_train_step"] = out["seconds"] / out["train_step_s"]
     return out
+
+
+def projection_error(opt, model, batch) -> Optional[float]:
+    """How far CurvSafe's projection (its truncated bases) lies from the one with a full ``eigh`` of every dense
+    factor, on the same factors: relative error of the projected gradient of ``batch`` over the protected weights
+    (None when no dense factor is truncated: they are the same)."""
+    import copy
+
+    proj = opt.constraint.projector
+    if proj.subspace is None:
+        return None
+    full = copy.copy(proj)
+    full.subspace, full.eigen = None, {}
+    full._decompose(opt.constraint.params)
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    grads = {n: p.grad.detach().float() for n, p in opt.constraint.params.items() if p.grad is not None}
+    ours, exact = dict(grads), dict(grads)
+    proj.project(ours)
+    full.project(exact)
+    model.zero_grad(set_to_none=True)
+    num = sum(float((ours[n] - exact[n]).square().sum()) for n in grads) ** 0.5
+    return num / max(sum(float(exact[n].square().sum()) for n in grads) ** 0.5, 1e-300)
 
 
 def _tensors(tree) -> list:
@@ -306,13 +337,19 @@ def write(args, rows: list[dict], error) -> None:
             planned = plan["training_step_bytes"]
             curv, steps, ratio = "-", 1.0, 1.0
         else:
-            m = plan["methods"][r["kind"]]
+            m = plan["methods"]["curvsafe" if r["kind"] == FULL_EIGH else r["kind"]]
             planned, curv, steps, ratio = m["peak_bytes"], gib(m["curvature_bytes"]), m["steps_per_iteration"], \
                 r["ratio_to_train_step"]
         planned -= plan["weight_bytes"]
         measured = r["peak_bytes"]
         lines.append(f"| {r['shape']} | {r['targets']} | {r['kind']} | {gib(measured)} | {gib(planned)} | "
                      f"{planned / max(measured, 1):.2f} | {curv} | {ratio:.1f} | {steps:.1f} |")
+    errors = [r for r in rows if r.get("projection_error") is not None]
+    if errors:
+        lines += ["", "CurvSafe's projection with its warm-started truncated bases (``CurvSafeSettings.subspace``) "
+                  "against a full eigh of the same factors after the timed steps, relative error of a projected "
+                  "training gradient: " + "; ".join(f"{r['shape']} {r['targets']} {r['projection_error']:.1e}"
+                                                   for r in errors) + "."]
     if error:
         lines += ["", "## Truncated against dense factors (K-FAC preconditioned safety gradient)", ""]
         if "error" in error:

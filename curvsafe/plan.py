@@ -36,7 +36,8 @@ Conventions (what every figure means):
   step plus its refresh (one safety pass, ``S``, and the guard's gradient) spread over ``refresh_interval``
   steps (~12 on the testbed with ``refresh_tol=0.1``). Eigendecompositions are not counted (device-dependent:
   on a 2-core CPU the dense 2048 x 2048 ones of a 1B model's factors dominate a K-FAC refresh; the truncated
-  ones are SVDs of d x 384 sketches).
+  ones are SVDs of d x 384 sketches; CurvSafe's refreshes after the first take the dense ones of 1024+ dimensions
+  by subspace iteration, :mod:`.curvature.subspace`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from .capture import find_blocks
 from .config import RESTORE_METHODS
 from .curvature.ekfac import GRADIENT_BYTES
 from .curvature.lowrank import LowRank
+from .curvature.subspace import SubspaceEigen
 from .curvature.sequence_grads import gradient_bytes, prefer_sequences
 from .curvature.sharded import unsplit_blocks
 
@@ -78,6 +80,8 @@ class PlanSettings:
         cg_iterations: CG iterations per solve (the restore default).
         refresh_interval: optimizer steps between CurvSafe refreshes (the mean, not the cap).
         low_rank: the factor memory bound (None: every factor dense).
+        subspace: CurvSafe's warm-started truncated eigenbases of large dense factors
+            (``CurvSafeSettings.subspace``; None: full ones).
         ggn_rows: rows per chunk of L-BFGS's and CG's GGN-vector products (restore's ``ggn_rows``; None: the
             whole batch).
         shards: ranks the weights are sharded over with FSDP2 (restore's ``fsdp2``, CurvSafe under
@@ -93,6 +97,7 @@ class PlanSettings:
     cg_iterations: int = 10
     refresh_interval: float = 12.0
     low_rank: Optional[LowRank] = field(default_factory=LowRank)
+    subspace: Optional[SubspaceEigen] = field(default_factory=SubspaceEigen)
     ggn_rows: Optional[int] = None
     shards: int = 1
     screen: bool = False
@@ -265,14 +270,16 @@ def shared_input(block_name: str) -> Optional[str]:
     return None if group is None else ".".join(parts[:-1]) + ":" + group
 
 
-def kfac_bytes(model: nn.Module, low: Optional[LowRank], modules=None) -> dict[str, int]:
+def kfac_bytes(model: nn.Module, low: Optional[LowRank], modules=None, *,
+               subspace: Optional[SubspaceEigen] = None) -> dict[str, int]:
     """K-FAC's factor, eigenbasis and EK-FAC-correction bytes over the blocks ``modules`` selects, how many
     factors are sketched, the largest transient of one factor's eigendecomposition (float64, and with dense
     factors in float32 as EK-FAC's), and what a fit holds beside its factors: ``batch_sums``, one first-pass input
     factor per shared input (:class:`~.curvature.kfac._FitPass`), plus with ``LowRank(passes=2)`` the second
     pass's sums (one sketch per sketched factor and per shared sketched input). Matches
     :meth:`KFAC.curvature_bytes` after ``fit`` and ``eigen`` of every block (blocks that share an input share their
-    input factor's eigenbasis, :func:`shared_input`)."""
+    input factor's eigenbasis, :func:`shared_input`). With ``subspace`` (CurvSafe's), a dense factor it applies to
+    keeps ``subspace.rank`` eigenvectors."""
     factors = eigen = corrected = sketched = transient = transient_f32 = batch_sums = 0
     first = one_pass(low)  # the first pass's sketch width
     blocks = find_blocks(model, modules)
@@ -282,13 +289,15 @@ def kfac_bytes(model: nn.Module, low: Optional[LowRank], modules=None) -> dict[s
         key = shared_input(b.name)
         for side, dim in (("A", b.d_in), ("G", b.d_out)):
             f, e, s = _factor(dim, low)
+            truncated = not s and subspace is not None and subspace.applies(dim)
+            e = (dim * subspace.rank + subspace.rank) * F32 if truncated else e
             shared = side == "A" and key is not None and key in seen_inputs
             factors, eigen, sketched = factors + f, eigen + (0 if shared else e), sketched + s
             leader = side == "A" and key is not None and not shared  # the block whose input others share
             batch_sums += _factor(dim, first)[0] if leader else 0
             if s and low.passes > 1:
                 batch_sums += dim * low.width * F32 * (2 if leader else 1)
-            kept.append(min(dim, low.rank) if s else dim)
+            kept.append(min(dim, low.rank) if s else subspace.rank if truncated else dim)
             transient = max(transient, 5 * 2 * f)  # float64 copies, bases and LAPACK workspace of one factor
             transient_f32 = max(transient_f32, (5 * 2 if s else 5) * f)  # dense factors in float32 (EK-FAC)
         if key is not None:
@@ -309,7 +318,8 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
                             activation_bytes(model, settings.ggn_rows, settings.seq_len, math_attention=True))
     vec = trainable * F32
     k = kfac_bytes(model, settings.low_rank, modules)
-    k_ema = kfac_bytes(model, one_pass(settings.low_rank), modules)  # CurvSafe's EMA of fits: one pass each
+    # CurvSafe's EMA of fits (one pass each), with its truncated bases of large dense factors
+    k_ema = kfac_bytes(model, one_pass(settings.low_rank), modules, subspace=settings.subspace)
     curvature = {m: curvature_of(m, k_ema if m == "curvsafe" else k, trainable) for m in RANKED_METHODS}
     S, T = settings.safety_batches, settings.task_batches
     base_steps = S + T + (S + T) * FORWARD_COST
@@ -393,6 +403,7 @@ def _ekfac_correction(model: nn.Module, settings: PlanSettings, modules) -> tupl
 def _settings_dict(settings: PlanSettings) -> dict:
     out = asdict(settings)
     out["low_rank"] = None if settings.low_rank is None else asdict(settings.low_rank)
+    out["subspace"] = None if settings.subspace is None else asdict(settings.subspace)
     return out
 
 
@@ -450,17 +461,20 @@ def curvature_of(method: str, k: dict, trainable: int) -> int:
     return held[method]
 
 
-def largest_rank(model: nn.Module, low: LowRank, method: str, budget: int, modules=None) -> Optional[int]:
+def largest_rank(model: nn.Module, low: LowRank, method: str, budget: int, modules=None, *,
+                 subspace: Optional[SubspaceEigen] = SubspaceEigen()) -> Optional[int]:
     """The largest ``low.rank`` (its other settings kept) at which ``method``'s curvature fits ``budget`` bytes;
     None when not even rank 1 does. Curvature grows with the rank (a factor stops being sketched, and becomes
-    dense, once its sketch would not be narrower), so this bisects over 1 .. the largest factor dimension."""
+    dense, once its sketch would not be narrower), so this bisects over 1 .. the largest factor dimension.
+    ``subspace``: CurvSafe's truncated bases of large dense factors (its default; not bisected)."""
     if method not in RANKED_METHODS:
         raise ValueError(f"method must be one of {RANKED_METHODS}, got {method!r}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     low = one_pass(low) if method == "curvsafe" else low
 
     def fits(rank: int) -> bool:
-        return curvature_of(method, kfac_bytes(model, replace(low, rank=rank), modules), trainable) <= budget
+        k = kfac_bytes(model, replace(low, rank=rank), modules, subspace=subspace if method == "curvsafe" else None)
+        return curvature_of(method, k, trainable) <= budget
 
     top = max(max(b.d_in, b.d_out) for b in find_blocks(model, modules))
     if not fits(1):

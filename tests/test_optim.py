@@ -8,6 +8,7 @@ from conftest import make_batch, rel_err, tiny_llama, with_lora
 
 from curvsafe.capture import CaptureError
 from curvsafe.curvature import KFAC
+from curvsafe.curvature.subspace import SubspaceEigen
 from curvsafe.optim import CurvSafe, CurvSafeSettings
 from curvsafe.ranks import leave_group
 
@@ -112,10 +113,14 @@ def test_guard_keeps_every_update_from_raising_the_safety_loss_to_first_order(st
     assert pushed > 0
 
 
-@pytest.mark.parametrize("side", ["safety only", "benign", "monitor"])
+@pytest.mark.parametrize("side", ["safety only", "benign", "monitor", "subspace"])
 def test_state_dict_round_trip_resumes_the_uninterrupted_run(side):
+    """Also with warm-started truncated eigenbases (``subspace``): the refresh after the resume starts from the
+    saved bases, as the uninterrupted run's does."""
     kw = dict(refresh_every=2, strength=2.0, benign_batches=benign_data() if side == "benign" else None,
               monitor_batches=monitor_data() if side == "monitor" else None)
+    if side == "subspace":
+        kw["subspace"] = SubspaceEigen(min_dim=4, rank=3)
     data = train_data(6)
     full = lora_model()
     opt = CurvSafe(adamw(full), full, safety_data(), **kw)
@@ -138,6 +143,7 @@ def test_state_dict_round_trip_resumes_the_uninterrupted_run(side):
     for (n, a), b in zip(trainable(full).items(), trainable(resumed).values()):
         assert torch.equal(a, b), n
     assert opt2.monitor_rise == opt.monitor_rise and (opt.monitor_rise is not None) == (side == "monitor")
+    assert bool(opt2.constraint.projector.rests) == (side == "subspace")
 
 
 def test_dcp_keeps_the_wrapped_state_and_the_safety_state_restores_the_rest(caplog):
@@ -218,6 +224,36 @@ def test_a_state_of_the_version_before_the_monitor_resumes_without_one():
     assert opt.constraint.monitor is None and opt.monitor_rise is None and opt.step_count == 1
     train(model, opt, train_data(1))
     assert opt.report.monitor is None and "monitor" not in opt.constraint.summary()
+
+
+def test_a_state_of_the_version_before_warm_eigenbases_resumes_with_full_decompositions():
+    """Version 9 states name no ``subspace``: every dense factor had a full eigh, so they load with none."""
+    model = lora_model()
+    opt = CurvSafe(adamw(model), model, safety_data())
+    train(model, opt, train_data(1))
+    state = opt.state_dict()
+    settings = {k: v for k, v in state["curvsafe"]["settings"].items() if k != "subspace"}
+    opt.load_state_dict({**state, "curvsafe": {**state["curvsafe"], "version": 9, "settings": settings}})
+    assert opt.settings.subspace is None and opt.step_count == 1
+
+
+def test_warm_truncated_eigenbases_project_as_full_ones_when_the_rank_covers_the_factors():
+    """Two safety prompts of 3 tokens with one-token anchors: every factor has rank <= 6 (the tokens), so keeping 7
+    eigenpairs of each factor of dimension >= 8 (warm-started after the first refresh) projects as the full
+    decompositions do, and the truncated path is the one taken."""
+    safety = [make_batch(batch=2, seq=3, pad=False, prompt=2, seed=100)]
+    runs = {}
+    for key, sub in (("full", None), ("warm", SubspaceEigen(min_dim=8, rank=7))):
+        m = lora_model()
+        opt = CurvSafe(adamw(m), m, safety, subspace=sub, refresh_every=1, ema_decay=0.0, prefix_tokens=1)
+        train(m, opt, train_data(4))
+        runs[key] = (m, opt)
+    rests = runs["warm"][1].constraint.projector.rests
+    assert rests and not runs["full"][1].constraint.projector.rests
+    assert all(QA.shape[1] <= 7 or QG.shape[1] <= 7 for QA, QG, *_ in
+               (runs["warm"][1].constraint.projector.eigen[n] for n in rests))
+    for (n, a), b in zip(trainable(runs["full"][0]).items(), trainable(runs["warm"][0]).values()):
+        assert rel_err(b, a) < 1e-5, n
 
 
 @pytest.mark.parametrize("rescale", [1.5, 50.0])

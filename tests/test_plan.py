@@ -134,6 +134,28 @@ def test_plan_counts_what_the_example_screen_holds(config_only, capsys):
     assert held == 3 * 4 * sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def test_curvsafe_plan_counts_the_truncated_bases_its_projector_holds():
+    """With ``subspace`` the eigenbases the plan counts for CurvSafe (kept vectors and eigenvalues per distinct
+    factor) are those its projector holds after refreshes: d x rank for the dense factors it truncates."""
+    from curvsafe.curvature.subspace import SubspaceEigen
+    from curvsafe.optim import CurvSafe
+
+    sub = SubspaceEigen(min_dim=16, rank=4)
+    model = with_lora(tiny_llama(dtype=torch.float32))
+    opt = CurvSafe(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model,
+                   [make_batch(seed=5)], subspace=sub, refresh_every=1)
+    model.train()
+    for seed in range(2):
+        opt.zero_grad()
+        model(**make_batch(seed=seed)).loss.backward()
+        opt.step()
+    bases = {id(Q): Q for QA, QG, *_ in opt.constraint.projector.eigen.values() for Q in (QA, QG)}
+    assert any(Q.shape[1] == 4 for Q in bases.values()) and any(Q.shape[0] == Q.shape[1] for Q in bases.values())
+    held = sum((Q.numel() + Q.shape[1]) * 4 for Q in bases.values())
+    names = [b.name for b in opt.blocks]
+    assert kfac_bytes(model, None, names, subspace=sub)["eigen"] == held < kfac_bytes(model, None, names)["eigen"]
+
+
 @pytest.mark.parametrize("low", [None, LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2),
                                  LowRank(max_dense_dim=4, rank=3, oversample=2, probes=2, passes=2)])
 def test_plan_curvature_bytes_equal_the_fitted_objects(low, monkeypatch):

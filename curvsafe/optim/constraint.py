@@ -115,9 +115,10 @@ from .settings import CurvSafeSettings
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 9
-# loadable older versions: the settings they ran with that they do not name (7: before rescale; 8: before the monitor)
-OLDER_STATES = {7: {"rescale": 1.0}, 8: {}}
+STATE_VERSION = 10
+# loadable older versions: the settings they ran with that they do not name (7: before rescale; 8: before the monitor;
+# 9: before the warm-started truncated eigenbases, so every dense factor had a full eigh)
+OLDER_STATES = {7: {"rescale": 1.0, "subspace": None}, 8: {"subspace": None}, 9: {"subspace": None}}
 
 
 def _working(t: Tensor) -> Tensor:
@@ -251,10 +252,10 @@ class SafetyConstraint:
         self.projector = self._new_projector()
         self.screen: Optional[ExampleScreen] = None
         self._set_screen()
-        held = kfac_bytes(model, s.low_rank, [b.name for b in self.blocks])
+        held = kfac_bytes(model, s.low_rank, [b.name for b in self.blocks], subspace=s.subspace)
         log.info(f"CurvSafe: {len(self.blocks)} blocks, safety curvature about "
                  f"{gib(held['factors'] + held['eigen'] + held['corrected'])} (factors, eigenbases; "
-                 f"{held['sketched']} factors truncated); see `curvsafe plan`")
+                 f"{held['sketched']} factors sketched); see `curvsafe plan`")
         self.steps = 0  # optimizer steps taken
         self.refreshes = 0
         self._last_refresh = 0
@@ -274,7 +275,7 @@ class SafetyConstraint:
     def _new_projector(self) -> SafetyProjector:
         s = self.settings
         return SafetyProjector(self.model, self.blocks, strength=s.strength, ema_decay=s.ema_decay,
-                               fisher_type=s.fisher_type, low_rank=s.low_rank)
+                               fisher_type=s.fisher_type, low_rank=s.low_rank, subspace=s.subspace)
 
     def _set_screen(self) -> None:
         """The example screen of the settings (hooks on the protected blocks), or none."""

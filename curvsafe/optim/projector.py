@@ -5,7 +5,9 @@ Conventions (per captured block, weight as its (d_out, d_in) matrix, see :mod:`c
 
 - The curvature is the K-FAC ``A ⊗ G`` of the safety loss's NLL data, kept by a :class:`~curvsafe.curvature.KFAC`
   with ``ema_decay`` (each refit's factors merged into an EMA), float32; factors above ``low_rank.max_dense_dim``
-  are sketched and used as a truncated eigenbasis with an isotropic rest (:mod:`curvsafe.curvature.lowrank`).
+  are sketched and used as a truncated eigenbasis with an isotropic rest (:mod:`curvsafe.curvature.lowrank`);
+  dense factors of at least ``subspace.min_dim`` are decomposed to such a basis too, warm-started at the last
+  refit's (:mod:`curvsafe.curvature.subspace`), so a refit costs no full ``eigh`` of a large factor.
 - The update ``U`` of a block becomes ``QG ((QG^T U QA) * scale) QA^T`` with ``scale_ij = 1 / (1 + strength *
   lam_G_i * lam_A_j / mean)``; ``mean`` is the mean curvature eigenvalue over *all* protected parameters
   (``sum_blocks tr(A) tr(G)`` plus ``tr(G)`` per protected bias, over their number), so blocks that carry little
@@ -25,6 +27,7 @@ from ..capture import LinearBlock
 from ..curvature import KFAC
 from ..curvature.kfac import factor_eigens
 from ..curvature.lowrank import LowRank, truncated_kron_apply, truncated_vector_apply
+from ..curvature.subspace import SubspaceEigen, subspace_eigens
 from ..kernels import kron_eigen_apply
 
 _STACK_ENTRIES = 1 << 20  # blocks whose QA and QG hold at most this many entries are projected in stacked groups
@@ -41,12 +44,14 @@ class SafetyProjector:
         ema_decay: weight of the previous factors at a refit.
         fisher_type: the Fisher of the K-FAC passes (``"empirical"`` or ``"mc"``).
         low_rank: the memory bound of the factors (None: all dense).
+        subspace: which dense factors get a warm-started truncated eigenbasis (None: a full ``eigh`` each).
     """
 
     def __init__(self, model: nn.Module, blocks: list[LinearBlock], *, strength: float, ema_decay: float,
-                 fisher_type: str, low_rank: Optional[LowRank]):
+                 fisher_type: str, low_rank: Optional[LowRank], subspace: Optional[SubspaceEigen] = None):
         self.blocks = blocks
         self.strength = strength
+        self.subspace = subspace
         self.kfac = KFAC(model, [b.name for b in blocks], fisher_type=fisher_type, ema_decay=ema_decay,
                          progress=False, low_rank=low_rank)
         self.eigen: dict[str, tuple[Tensor, Tensor, Tensor, Tensor]] = {}  # QA, QG, weight scale, bias scale
@@ -70,9 +75,15 @@ class SafetyProjector:
     def _factor_eigen(self) -> dict[str, tuple[Tensor, Tensor, Optional[Tensor], float, int]]:
         """``"{block}.{A|G}"`` -> ``(lam, Q, rest, trace, dim)``; ``rest`` None for a dense factor."""
         named = {f"{n}.{k}": f for n, fs in self.kfac.factors.items() for k, f in (("A", fs.A), ("G", fs.G))}
-        low = self.kfac.low_rank
+        low, sub = self.kfac.low_rank, self.subspace
+        warm = {k: f for k, f in named.items()
+                if sub is not None and isinstance(f, Tensor) and sub.applies(f.shape[0])}
         # float32: the damping only resolves eigenvalues near the mean (tiny ones pass with scale ~1)
-        eigen = factor_eigens(named, low.rank if low is not None else None, dtype=torch.float32)
+        eigen = factor_eigens({k: f for k, f in named.items() if k not in warm},
+                              low.rank if low is not None else None, dtype=torch.float32)
+        if warm:  # each from the basis of the last refit (saved in the state, so a resumed run starts there too)
+            previous = {f"{n}.{side}": Q for n, e in self.eigen.items() for side, Q in zip("AG", e[:2])}
+            eigen.update(subspace_eigens(warm, previous, sub))
         return {key: (lam, Q, rest, float(lam.sum()) if rest is None else float(named[key].trace()), Q.shape[0])
                 for key, (lam, Q, rest) in eigen.items()}
 

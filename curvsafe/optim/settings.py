@@ -9,6 +9,7 @@ from typing import Mapping, Optional, Union
 from ..capture import ModuleSelection
 from ..config import FisherType, Settings, parse_option, setting
 from ..curvature.lowrank import LowRank
+from ..curvature.subspace import SubspaceEigen
 from ..objectives import HARMFUL_SIDE, parse_objective
 
 
@@ -18,7 +19,7 @@ class CurvSafeSettings(Settings):
 
     ``CurvSafe(opt, model, safety, settings)`` or ``CurvSafe(opt, model, safety, strength=2.0, ...)`` (fields as
     keywords, replacing those of ``settings``). Validated on construction: ``objective`` becomes its weights by
-    term, ``low_rank`` may be given as the dict of a saved state.
+    term, ``low_rank`` and ``subspace`` may be given as the dicts of a saved state.
     """
 
     objective: Union[str, Mapping[str, float]] = setting(
@@ -55,6 +56,11 @@ class CurvSafeSettings(Settings):
     drift_steps: int = setting("over how many steps a measured rise is paid back", default=2)
     low_rank: Optional[LowRank] = setting("the memory bound of the safety factors (None: every factor dense)",
                                           default=LowRank())
+    subspace: Optional[SubspaceEigen] = setting("dense safety factors of at least subspace.min_dim are decomposed "
+                                                "to their top subspace.rank eigenpairs by subspace iteration from "
+                                                "the last refresh's basis, the rest as one eigenvalue "
+                                                "(curvsafe.curvature.subspace; None: a full eigh of each at every "
+                                                "refresh)", default=SubspaceEigen())
 
     def __post_init__(self):
         if self.refresh_every < 1:
@@ -84,6 +90,8 @@ class CurvSafeSettings(Settings):
         self.objective = parse_objective(self.objective, allowed=HARMFUL_SIDE)
         if isinstance(self.low_rank, Mapping):
             self.low_rank = LowRank(**self.low_rank)
+        if isinstance(self.subspace, Mapping):
+            self.subspace = SubspaceEigen(**self.subspace)
 
     @property
     def anchor_tokens(self) -> int:

@@ -58,7 +58,10 @@ VARIANTS = {"adamw": None, "curvsafe": {}, "benign side": {"benign": True}, "scr
             # the recipe with every factor of 128+ dimensions truncated to 32 warm-started eigenpairs (the default
             # truncates only those of 1024+ to 256): the truncated projection on trained weights
             "recipe + subspace 32": {"benign": True, "screen": 0.05, "rescale": 2.0,
-                                    "subspace": {"min_dim": 128, "rank": 32}},
+                                     "subspace": {"min_dim": 128, "rank": 32}},
+            # and with every factor of 128+ dimensions sketched (LowRank, 32 pairs; the default sketches 2048+)
+            "recipe + sketch 32": {"benign": True, "screen": 0.05, "rescale": 2.0,
+                                   "low_rank": {"max_dense_dim": 64, "rank": 32, "oversample": 32, "probes": 16}},
             "no drift payback": {"restore_drift": False},
             "guard only": {"strength": 0.0}, "projection only": {"guard": False},
             "fixed refresh every 5": {"refresh_tol": None, "refresh_every": 5},

@@ -150,6 +150,43 @@ def test_rest_is_the_energy_weighted_mean_of_the_left_out_part_and_preconditions
         assert error(rest) < 0.8 * error(plain)  # measured 0.50 against 0.74, 0.14 against 0.21
 
 
+def test_mean_rest_is_the_plain_mean_over_every_left_out_direction():
+    """``mean_rest`` (CurvSafe's projection): ``(tr(F) - sum(lam)) / (d - k)``, the probe unused; the kept pairs are
+    those of the default."""
+    g = torch.Generator().manual_seed(1)
+    d, k = 64, 8
+    X = torch.randn(40, d, generator=g, dtype=torch.float64)
+    sketch = SketchedFactor.zeros(d, 2 * k, torch.device("cpu"), probes=4).add_rows(X)
+    lam, Q, weighted = sketch.eigen(k)
+    lam_m, Q_m, rest = sketch.eigen(k, mean_rest=True)
+    assert torch.equal(lam, lam_m) and torch.equal(Q, Q_m)
+    assert float(rest) == pytest.approx((float(X.square().sum()) - float(lam.double().sum())) / (d - k), rel=1e-5)
+    assert float(rest) < float(weighted)  # 40 rows: the weighted mean leaves out the 24 empty directions
+
+
+@pytest.mark.parametrize("mean_rest", [None, False])
+def test_curvsafe_projects_sketched_factors_with_the_mean_rest_unless_told_otherwise(mean_rest):
+    """CurvSafe's projector gives its sketched factors the plain mean rest by default (``mean_rest=None``); K-FAC's
+    own eigen (restore) keeps the energy-weighted one; ``mean_rest=False`` gives the projector that one too."""
+    low = LowRank(max_dense_dim=4, rank=3, oversample=2, probes=4, mean_rest=mean_rest)
+    m = model()
+    safety = [make_batch(batch=3, seq=8, prompt=4, seed=100)]
+    opt = CurvSafe(torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2), m, safety,
+                   low_rank=low)
+    m.train()
+    opt.zero_grad()
+    m(**make_batch(batch=3, seq=8, seed=1)).loss.backward()
+    opt.step()
+    proj = opt.constraint.projector
+    name, (lam_A, rest_A, _, _) = next((n, r) for n, r in proj.rests.items() if r[1] is not None)
+    A = proj.kfac.factors[name].A
+    mean = (float(A.trace()) - float(lam_A.sum())) / (A.shape[0] - lam_A.numel())
+    weighted = float(A.eigen(3, name)[2])
+    assert abs(mean - weighted) > 1e-3 * weighted  # the two conventions differ on this factor
+    assert float(rest_A) == pytest.approx(mean if mean_rest is None else weighted, rel=1e-5)
+    assert float(proj.kfac.eigen(name).rest_A) == pytest.approx(weighted, rel=1e-5)  # restore's convention
+
+
 def test_sketch_without_a_probe_loads_and_combines_with_the_plain_mean():
     """A sketch saved before probes existed (no ``probe`` in its state) loads, gives the plain mean, and a sum with
     a probed sketch keeps no probe (so a resumed EMA does not fail)."""

@@ -226,15 +226,21 @@ def test_a_state_of_the_version_before_the_monitor_resumes_without_one():
     assert opt.report.monitor is None and "monitor" not in opt.constraint.summary()
 
 
-def test_a_state_of_the_version_before_warm_eigenbases_resumes_with_full_decompositions():
-    """Version 9 states name no ``subspace``: every dense factor had a full eigh, so they load with none."""
+def test_a_state_of_the_version_before_warm_eigenbases_resumes_as_it_ran():
+    """Version 9 states name no ``subspace`` and their ``low_rank`` no ``mean_rest``: every dense factor had a full
+    eigh and every sketched one the energy-weighted rest, so they load with ``subspace=None`` and
+    ``mean_rest=False``; this version's own states keep the default (None: the projection's mean rest)."""
     model = lora_model()
     opt = CurvSafe(adamw(model), model, safety_data())
     train(model, opt, train_data(1))
     state = opt.state_dict()
+    assert opt.settings.low_rank.mean_rest is None and state["curvsafe"]["settings"]["low_rank"]["mean_rest"] is None
     settings = {k: v for k, v in state["curvsafe"]["settings"].items() if k != "subspace"}
+    settings["low_rank"] = {k: v for k, v in settings["low_rank"].items() if k != "mean_rest"}
     opt.load_state_dict({**state, "curvsafe": {**state["curvsafe"], "version": 9, "settings": settings}})
-    assert opt.settings.subspace is None and opt.step_count == 1
+    assert opt.settings.subspace is None and opt.settings.low_rank.mean_rest is False and opt.step_count == 1
+    opt.load_state_dict(state)
+    assert opt.settings.subspace is not None and opt.settings.low_rank.mean_rest is None
 
 
 def test_warm_truncated_eigenbases_project_as_full_ones_when_the_rank_covers_the_factors():

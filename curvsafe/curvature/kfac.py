@@ -100,11 +100,12 @@ def factor_tensors(factors: Iterable[Factor]) -> list[Tensor]:
 
 
 def factor_eigens(named: Mapping[str, Factor], rank: Optional[int], dtype: torch.dtype = torch.float64, *,
-                  consume: bool = False) -> dict[str, tuple[Tensor, Tensor, Optional[Tensor]]]:
+                  consume: bool = False, mean_rest: bool = False) -> dict[str, tuple[Tensor, Tensor, Optional[Tensor]]]:
     """``(lam, Q, rest)`` of every factor in ``named``: dense ones by :func:`safe_eigh_many` in ``dtype`` (``rest``
     None), sketched ones as their truncated eigenbasis of ``rank`` (default: the sketch width) and rest. Equal
     factors (shared inputs) are decomposed once and share the result. With ``consume`` (``named`` then a mutable
-    mapping) each factor leaves ``named`` as soon as it is decomposed or found equal to another."""
+    mapping) each factor leaves ``named`` as soon as it is decomposed or found equal to another; ``mean_rest``: the
+    sketched factors' rest is the plain mean of their left-out directions (:meth:`SketchedFactor.eigen`)."""
     dense = {k: f for k, f in named.items() if not isinstance(f, SketchedFactor)}
     if consume:
         for k in dense:
@@ -128,7 +129,7 @@ def factor_eigens(named: Mapping[str, Factor], rank: Optional[int], dtype: torch
             del named[key]
     for key in [k for k in named if k not in done and k not in twins]:
         f = named[key]
-        done[key] = f.eigen(rank or f.Y.shape[1], key)
+        done[key] = f.eigen(rank or f.Y.shape[1], key, mean_rest=mean_rest)
         if consume:
             del f, named[key]
     done.update({key: done[twin] for key, twin in twins.items()})
@@ -484,8 +485,9 @@ class KFAC(CurvatureOperator):
         named = {f"{n}.{side}": getattr(f, side) for n, f in self.factors.items() for side in ("A", "G")}
         if not self.keep_factors:  # ``named`` holds the only references: each goes once decomposed
             self.factors, self._sums, self._counts = {}, None, None  # nothing left for a running mean to add to
-        done = factor_eigens(named, self.low_rank.rank if self.low_rank is not None else None, self.eigen_dtype,
-                             consume=not self.keep_factors)
+        low = self.low_rank
+        done = factor_eigens(named, low.rank if low is not None else None, self.eigen_dtype,
+                             consume=not self.keep_factors, mean_rest=low is not None and low.mean_rest is True)
         return {n: KEigen(*done[f"{n}.A"][:2], *done[f"{n}.G"][:2], done[f"{n}.A"][2], done[f"{n}.G"][2])
                 for n in names}
 

@@ -30,6 +30,9 @@ and 15.1% at 1356 (random weights: a flat spectrum), and the exact top eigenvect
 14.9% and 9.8% at 256 and 1356: the left-out spectrum, not the sketch, is most of it. The weighted mean is not
 better everywhere: on a full-rank toy factor with a flat left-out spectrum and low damping it was slightly worse
 (51% against 49% error, a sketch far too narrow for that factor).
+CurvSafe's projection asks for the plain mean over all ``d - k`` left-out directions instead
+(``LowRank.mean_rest``, None by default: each consumer's own choice): it damps updates, which meet every direction
+about alike (:mod:`.subspace`).
 A sketch saved without a probe (``probes = 0``, or older states) falls back to the plain mean
 ``(tr(F) - sum(lam)) / (r - k)`` with ``r = min(d, rows summed into F)``, a bound on ``rank(F)``.
 
@@ -84,6 +87,10 @@ class LowRank:
         passes: passes over the data per fit: 1 streams the sketch once; 2 adds one step of subspace iteration
             (module docstring): a more accurate basis for one more forward and backward and ``d * s`` more floats
             per factor. Only for fits that hold all their data (not with ``ema_decay`` or a running mean).
+        mean_rest: ``rest`` as the plain mean over all ``d - k`` left-out directions (True) or as the
+            energy-weighted mean (False; module docstring). None: the consumer's default, the energy-weighted mean
+            for K-FAC / EK-FAC operators and restore (they precondition gradients), the plain mean for CurvSafe's
+            projection (it damps updates, which meet every direction about alike; :mod:`.subspace`).
     """
 
     max_dense_dim: int = 2048
@@ -91,6 +98,7 @@ class LowRank:
     oversample: int = 128
     probes: int = 16
     passes: int = 1
+    mean_rest: Optional[bool] = None
 
     def __post_init__(self):
         if (self.max_dense_dim < 1 or self.rank < 1 or self.oversample < 0 or self.probes < 0
@@ -273,8 +281,10 @@ class SketchedFactor:
 
         return cls(*(moved(state.get(k)) for k in ("sketch", "trace", "rows", "probe", "omega")))
 
-    def eigen(self, rank: int, name: str = "factor") -> tuple[Tensor, Tensor, Tensor]:
-        """``(lam (k,), Q (d, k), rest)`` float32 (see the module docstring); ``k = min(rank, sketch width)``."""
+    def eigen(self, rank: int, name: str = "factor", *, mean_rest: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``(lam (k,), Q (d, k), rest)`` float32 (see the module docstring); ``k = min(rank, sketch width)``. With
+        ``mean_rest``, ``rest`` is the plain mean over all ``d - k`` left-out directions, ``(tr(F) - sum(lam)) / (d -
+        k)``, as for CurvSafe's projection of updates (:mod:`curvsafe.curvature.subspace` says why)."""
         if not all(bool(torch.isfinite(t).all()) for t in self.tensors()):
             raise FloatingPointError(f"factor {name} has non-finite entries; refusing to eigendecompose it")
         Y, omega = self.Y.double(), self.omega.double()
@@ -292,7 +302,9 @@ class SketchedFactor:
         U, sv, _ = torch.linalg.svd(B, full_matrices=False)
         lam, Q = (sv[:k].square() - shift).clamp_min(0), U[:, :k]
         left_mass = max(float(self._trace) - float(lam.sum()), 0.0)  # tr(F_rest)
-        if self.Z is not None and self.Z.shape[1] > 0:  # energy-weighted mean: tr(F_rest^2) / tr(F_rest)
+        if mean_rest:
+            rest = left_mass / (d - k) if d > k else 0.0
+        elif self.Z is not None and self.Z.shape[1] > 0:  # energy-weighted mean: tr(F_rest^2) / tr(F_rest)
             Z = self.Z.double()
             PZ = Z - Q @ (Q.T @ Z)
             # at most the largest left-out eigenvalue, so at most their sum (which also keeps rounding noise small)

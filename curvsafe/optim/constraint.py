@@ -117,7 +117,8 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 10
 # loadable older versions: the settings they ran with that they do not name (7: before rescale; 8: before the monitor;
-# 9: before the warm-started truncated eigenbases, so every dense factor had a full eigh)
+# 9: before the warm-started truncated eigenbases, so every dense factor had a full eigh; all of them gave sketched
+# factors the energy-weighted rest: load_state_dict sets their low_rank's mean_rest to False)
 OLDER_STATES = {7: {"rescale": 1.0, "subspace": None}, 8: {"subspace": None}, 9: {"subspace": None}}
 
 
@@ -618,7 +619,10 @@ class SafetyConstraint:
         def to(t: Tensor) -> Tensor:
             return t.to(device)
 
-        self.settings = CurvSafeSettings(**{**OLDER_STATES.get(own["version"], {}), **own["settings"]})
+        settings = {**OLDER_STATES.get(own["version"], {}), **own["settings"]}
+        if own["version"] in OLDER_STATES and isinstance(settings.get("low_rank"), Mapping):
+            settings["low_rank"] = {**settings["low_rank"], "mean_rest": False}  # the rest they ran with
+        self.settings = CurvSafeSettings(**settings)
         self.steps, self._last_refresh = int(own["step"]), int(own["last_refresh"])
         self.refreshes = int(own["refreshes"])
         self.safety = Objective([LossTerm(t["name"], t["batches"], t["weight"], t["sign"], t["ceiling"])

@@ -7,7 +7,9 @@ Conventions (per captured block, weight as its (d_out, d_in) matrix, see :mod:`c
   with ``ema_decay`` (each refit's factors merged into an EMA), float32; factors above ``low_rank.max_dense_dim``
   are sketched and used as a truncated eigenbasis with an isotropic rest (:mod:`curvsafe.curvature.lowrank`);
   dense factors of at least ``subspace.min_dim`` are decomposed to such a basis too, warm-started at the last
-  refit's (:mod:`curvsafe.curvature.subspace`), so a refit costs no full ``eigh`` of a large factor.
+  refit's (:mod:`curvsafe.curvature.subspace`), so a refit costs no full ``eigh`` of a large factor. Either way the
+  rest is the plain mean of the left-out eigenvalues (for sketched factors unless ``low_rank.mean_rest`` is False;
+  the subspace module says why: the projection meets updates, not gradients).
 - The update ``U`` of a block becomes ``QG ((QG^T U QA) * scale) QA^T`` with ``scale_ij = 1 / (1 + strength *
   lam_G_i * lam_A_j / mean)``; ``mean`` is the mean curvature eigenvalue over *all* protected parameters
   (``sum_blocks tr(A) tr(G)`` plus ``tr(G)`` per protected bias, over their number), so blocks that carry little
@@ -80,7 +82,8 @@ class SafetyProjector:
                 if sub is not None and isinstance(f, Tensor) and sub.applies(f.shape[0])}
         # float32: the damping only resolves eigenvalues near the mean (tiny ones pass with scale ~1)
         eigen = factor_eigens({k: f for k, f in named.items() if k not in warm},
-                              low.rank if low is not None else None, dtype=torch.float32)
+                              low.rank if low is not None else None, dtype=torch.float32,
+                              mean_rest=low is not None and low.mean_rest is not False)
         if warm:  # each from the basis of the last refit (saved in the state, so a resumed run starts there too)
             previous = {f"{n}.{side}": Q for n, e in self.eigen.items() for side, Q in zip("AG", e[:2])}
             eigen.update(subspace_eigens(warm, previous, sub))

@@ -54,8 +54,9 @@ class CurvSafeSettings(Settings):
     restore_drift: bool = setting("with the guard: pay back the rise of the safety loss measured at each refresh",
                                   default=True)
     drift_steps: int = setting("over how many steps a measured rise is paid back", default=2)
-    low_rank: Optional[LowRank] = setting("the memory bound of the safety factors (None: every factor dense)",
-                                          default=LowRank())
+    low_rank: Optional[LowRank] = setting("the memory bound of the safety factors (None: every factor dense); the "
+                                          "sketched factors' rest is the mean of their left-out eigenvalues unless "
+                                          "its mean_rest is False", default=LowRank())
     subspace: Optional[SubspaceEigen] = setting("dense safety factors of at least subspace.min_dim are decomposed "
                                                 "to their top subspace.rank eigenpairs by subspace iteration from "
                                                 "the last refresh's basis, the rest as one eigenvalue "

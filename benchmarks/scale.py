@@ -137,13 +137,11 @@ def worker(args) -> dict:
             train_step(model, opt, train[i % len(train)])
         sync(args.device)
         out["seconds"] = (time.perf_counter() - t) / args.steps
-        out["projection_error"] = projection_error(opt, model, train[0])
         own = opt.state_dict()["curvsafe"]
         held = [t for part in (own["projector"]["eigen"], own["projector"]["rests"], own["sides"])
                 for t in _tensors(part)]
         out["curvature_bytes"] = (opt.constraint.projector.kfac.curvature_bytes()
                                   + sum(t.numel() * t.element_size() for t in held))
-        del opt
     elif args.kind != "train":
         sync(args.device)
         t = time.perf_counter()
@@ -154,6 +152,9 @@ def worker(args) -> dict:
         out["stopped"] = result.stopped.value
     if args.kind != "train":
         out["peak_bytes"] = meter.stop()
+    if args.kind.startswith("curvsafe"):  # after the peak: the full decompositions it compares with are not CurvSafe's
+        out["projection_error"] = projection_error(opt, model, train[0])
+        del opt
     for p in params:
         p.grad = None
     opt = torch.optim.AdamW(params, lr=1e-4)

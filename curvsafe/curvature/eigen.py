@@ -39,6 +39,22 @@ def safe_eigh(matrix: Tensor, name: str, *, retries: int = 4) -> tuple[Tensor, T
 _BATCH_BYTES = 1 << 25  # per batched call: large factors go one by one (the float64 copies are the transient)
 
 
+def first_equal(matrices: Mapping[str, Tensor]) -> dict[str, str]:
+    """Each name of ``matrices`` -> the name of the first matrix equal to it (itself when none comes before), so
+    equal factors (the input factors of q/k/v, which see one input) are decomposed once. Compared in full, among
+    matrices of the same shape, dtype, device, sum and trace."""
+    seen: dict[tuple, list[str]] = {}  # fingerprint -> the distinct names so far
+    first: dict[str, str] = {}
+    for name, m in matrices.items():
+        candidates = seen.setdefault((tuple(m.shape), m.dtype, m.device, float(m.sum()), float(m.diagonal().sum())),
+                                     [])
+        twin = next((other for other in candidates if torch.equal(matrices[other], m)), None)
+        if twin is None:
+            candidates.append(name)
+        first[name] = twin or name
+    return first
+
+
 def safe_eigh_many(matrices: Mapping[str, Tensor], *, dtype: torch.dtype = torch.float64,
                    consume: bool = False) -> dict[str, tuple[Tensor, Tensor]]:
     """:func:`safe_eigh` of many factors at once: same result per matrix, batched ``eigh`` calls per size.
@@ -55,17 +71,12 @@ def safe_eigh_many(matrices: Mapping[str, Tensor], *, dtype: torch.dtype = torch
     (an equal one as soon as it is found equal): where ``matrices`` holds the only references, the factors and
     their bases are never all alive at once.
     """
+    unique = first_equal(matrices)  # name -> name of the first equal matrix
     groups: dict[tuple, list[str]] = {}  # (shape, dtype, device) -> names of distinct matrices
-    seen: dict[tuple, list[str]] = {}  # the same key plus a fingerprint (sum, trace) -> names, for equality tests
-    unique: dict[str, str] = {}  # name -> name of the first equal matrix
-    for name, m in matrices.items():
-        key = (tuple(m.shape), m.dtype, m.device)
-        candidates = seen.setdefault(key + (float(m.sum()), float(m.diagonal().sum())), [])
-        twin = next((other for other in candidates if torch.equal(matrices[other], m)), None)
-        if twin is None:
-            candidates.append(name)
-            groups.setdefault(key, []).append(name)
-        unique[name] = twin or name
+    for name, first in unique.items():
+        if first == name:
+            m = matrices[name]
+            groups.setdefault((tuple(m.shape), m.dtype, m.device), []).append(name)
     if consume:
         for name in [n for n, first in unique.items() if first != n]:
             del matrices[name]

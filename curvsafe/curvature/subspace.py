@@ -47,7 +47,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor
 
-from .eigen import _check_finite, safe_eigh_many
+from .eigen import _check_finite, first_equal, safe_eigh_many
 
 
 @dataclass(frozen=True)
@@ -102,13 +102,7 @@ def subspace_eigens(named: Mapping[str, Tensor], previous: Mapping[str, Tensor],
     """:func:`subspace_eigen` of every factor in ``named``, each warm-started at ``previous[name]`` when there is
     one; equal factors (an input shared by q/k/v) are decomposed once and share the result."""
     done: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-    firsts: dict[tuple, list[str]] = {}  # (shape, trace) -> names decomposed so far, for equality tests
-    for key, factor in named.items():
-        candidates = firsts.setdefault((tuple(factor.shape), float(factor.diagonal().sum())), [])
-        twin = next((k for k in candidates if torch.equal(named[k], factor)), None)
-        if twin is not None:
-            done[key] = done[twin]
-            continue
-        candidates.append(key)
-        done[key] = subspace_eigen(factor, previous.get(key), settings.rank, settings.iterations, key)
+    for key, first in first_equal(named).items():
+        done[key] = done[first] if first != key else subspace_eigen(named[key], previous.get(key), settings.rank,
+                                                                     settings.iterations, key)
     return done

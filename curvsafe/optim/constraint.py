@@ -116,10 +116,21 @@ from .settings import CurvSafeSettings
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 10
-# loadable older versions: the settings they ran with that they do not name (7: before rescale; 8: before the monitor;
-# 9: before the warm-started truncated eigenbases, so every dense factor had a full eigh; all of them gave sketched
-# factors the energy-weighted rest: load_state_dict sets their low_rank's mean_rest to False)
-OLDER_STATES = {7: {"rescale": 1.0, "subspace": None}, 8: {"subspace": None}, 9: {"subspace": None}}
+# loadable older versions: the settings they ran with that they do not name, a nested dict completing a saved one
+# (7: before rescale; 8: before the monitor; 9: before the warm-started truncated eigenbases, so every dense factor
+# had a full eigh; all of them gave sketched factors the energy-weighted rest)
+_BEFORE_10 = {"subspace": None, "low_rank": {"mean_rest": False}}
+OLDER_STATES = {7: {"rescale": 1.0, **_BEFORE_10}, 8: _BEFORE_10, 9: _BEFORE_10}
+
+
+def _as_they_ran(saved: Mapping, older: Mapping) -> dict:
+    """A saved state's settings completed by what its version ran with and did not name (``OLDER_STATES``): a
+    nested dict completes the saved one of that name (a saved None stays None)."""
+    out = {**older, **saved}
+    for name, fields in older.items():
+        if isinstance(fields, Mapping) and isinstance(saved.get(name), Mapping):
+            out[name] = {**fields, **saved[name]}
+    return out
 
 
 def _working(t: Tensor) -> Tensor:
@@ -619,10 +630,7 @@ class SafetyConstraint:
         def to(t: Tensor) -> Tensor:
             return t.to(device)
 
-        settings = {**OLDER_STATES.get(own["version"], {}), **own["settings"]}
-        if own["version"] in OLDER_STATES and isinstance(settings.get("low_rank"), Mapping):
-            settings["low_rank"] = {**settings["low_rank"], "mean_rest": False}  # the rest they ran with
-        self.settings = CurvSafeSettings(**settings)
+        self.settings = CurvSafeSettings(**_as_they_ran(own["settings"], OLDER_STATES.get(own["version"], {})))
         self.steps, self._last_refresh = int(own["step"]), int(own["last_refresh"])
         self.refreshes = int(own["refreshes"])
         self.safety = Objective([LossTerm(t["name"], t["batches"], t["weight"], t["sign"], t["ceiling"])

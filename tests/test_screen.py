@@ -200,3 +200,48 @@ def test_a_block_called_twice_in_one_forward_is_scored_on_its_summed_gradient():
     model(x).square().sum().backward()
     screen.apply(params, safety)
     assert rel_err(screen.cosines, _cosines(rows, safety)) < 1e-10
+
+
+def test_blocks_of_one_shape_share_a_tensor_and_one_a_pass_skips_counts_as_zero(monkeypatch):
+    """Blocks whose per-example gradients have one shape are kept in one tensor per pass; a protected block that a
+    pass does not call contributes nothing to its rows (its place is zeroed, not left as uninitialised memory or
+    the last step's values), with a pass that calls it in the same step: the cosines are autograd's per-row ones of
+    both passes' rows, at each step."""
+    torch.manual_seed(0)
+
+    class Branch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(6, 6, bias=False, dtype=torch.float64)
+            self.b = torch.nn.Linear(6, 6, bias=False, dtype=torch.float64)
+            self.out = torch.nn.Linear(6, 3, dtype=torch.float64)
+
+        def forward(self, x, use_b: bool):
+            h = torch.tanh(self.a(x))
+            return self.out(torch.tanh(self.b(h)) if use_b else h)
+
+    model = Branch()
+    blocks = find_blocks(model)
+    params = {n: p for b in blocks for n, p in model.named_parameters() if n in b.param_names}
+    screen = ExampleScreen(model, blocks, threshold=0.999)
+    assert sorted(len(names) for names in screen._groups.values()) == [1, 1, 2]  # a and b together; out; its bias
+    xs = [torch.randn(5, 4, 6, dtype=torch.float64) for _ in range(2)]
+    rows = []
+    for x, use_b in zip(xs, (True, False)):
+        per_row = model(x, use_b).square().sum((1, 2))
+        rows += [dict(zip(params, torch.autograd.grad(per_row[i], list(params.values()), retain_graph=True,
+                                                      allow_unused=True))) for i in range(5)]
+    rows = [{n: torch.zeros_like(params[n]) if g is None else g for n, g in r.items()} for r in rows]
+    screen.clear()
+    safety = {n: torch.randn_like(p) for n, p in params.items()}
+    empty = torch.empty  # the pass tensors start uninitialised: make that memory NaN here
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    for _ in range(2):  # the second step writes into the first's tensors (kept for it on CPU)
+        model.zero_grad()
+        for x, use_b in zip(xs, (True, False)):
+            model(x, use_b).square().sum().backward()
+        assert screen.pending == 10
+        screen.apply(params, safety)
+        assert not screen.mismatch
+        assert rel_err(screen.cosines, _cosines(rows, safety)) < 1e-10
+        assert len(screen._spare) == 3  # one pass's tensors kept, one per stored shape

@@ -29,18 +29,21 @@ data's cosines lie before one is chosen.
 
 Cost and limits: per protected block and training forward, one product of the size of the block's weight gradient (a
 batched GEMM with the longer side of the weight last: for a LoRA B, whose input is the rank, that measured 1.65-3.5x
-faster on CPU up to 512 outputs, and from 13% slower to 14% faster at 1376 and 4096), and at the step, per example,
-a dot product and a squared norm. The per-example gradients are held until the step: examples per step x protected
-parameters floats (float32, or the parameters' wider dtype): a LoRA adapter's parameters times the rows per step, so
-it is not meant for full fine-tunes of large layers. Examples are captured in forwards with gradients enabled and
-the block in training mode (CurvSafe's own safety passes run in eval mode, so they are not); the rows of one call of
-the model given to CurvSafe are one set of examples (a sub-module called on its own does not start a new set). Under
-DDP and FSDP2 each rank screens its own rows against the whole safety gradient (CurvSafe's guard holds it whole on
-every rank); the counts and the sums of the screened and of all per-example gradients go through one all-reduce per
-step (whole, adapter-sized), and under FSDP2 the gradient's shards through one all-gather; each rank then takes its
-part of the screened rows' sum off its shard. Not tested with gradient checkpointing (the captured inputs are held
-until the backward, which undoes its saving). When the captured examples do not add up to the gradient
-(:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe warns once.
+faster on CPU up to 512 outputs, and from 13% slower to 14% faster at 1376 and 4096), and at the step, per example, a
+dot product and a squared norm. The per-example gradients of all blocks whose gradient has one shape share one tensor
+per forward, so the step's scores, sums and checks are a few batched operations per shape, not per block (a LoRA adapter
+on every projection has two or three shapes over dozens to hundreds of blocks; ``benchmarks/screen.py`` times both
+parts). The per-example gradients are held until the step: examples per step x protected parameters floats (float32, or
+the parameters' wider dtype): a LoRA adapter's parameters times the rows per step, so it is not meant for full
+fine-tunes of large layers. Examples are captured in forwards with gradients enabled and the block in training mode
+(CurvSafe's own safety passes run in eval mode, so they are not); the rows of one call of the model given to CurvSafe
+are one set of examples (a sub-module called on its own does not start a new set). Under DDP and FSDP2 each rank screens
+its own rows against the whole safety gradient (CurvSafe's guard holds it whole on every rank); the counts and the sums
+of the screened and of all per-example gradients go through one all-reduce per step (whole, adapter-sized), and under
+FSDP2 the gradient's shards through one all-gather; each rank then takes its part of the screened rows' sum off its
+shard. Not tested with gradient checkpointing (the captured inputs are held until the backward, which undoes its
+saving). When the captured examples do not add up to the gradient (:meth:`ExampleScreen.apply`), the step is not
+screened and CurvSafe warns once.
 """
 
 from __future__ import annotations
@@ -56,19 +59,22 @@ from ..curvature.distributed import all_reduce_sum_
 from ..curvature.sharded import gather_whole, is_sharded, local_part
 
 
-def example_gradient(block: LinearBlock, inputs: Tensor, output_grad: Tensor, *, transposed: bool = False
-                     ) -> tuple[Tensor, Optional[Tensor]]:
-    """Per-example gradients of ``block`` from one call: the weight's as (rows, d_out, d_in) matrices ((rows, d_in,
-    d_out) with ``transposed``) and, when the block has a protected bias, the bias's (rows, d_out), in float32 or
-    wider. ``inputs`` (rows, [tokens,] d_in), ``output_grad`` (rows, [tokens,] d_out): the rows of a batch as the
-    model sees them, padding included (its output gradient is zero), so no regrouping as in
-    :func:`~curvsafe.curvature.sequence_grads.sequence_gradients`, whose tokens come flattened and masked."""
-    dtype = torch.promote_types(torch.promote_types(inputs.dtype, output_grad.dtype), torch.float32)
-    rows = inputs.shape[0]
-    a = inputs.to(dtype).reshape(rows, -1, block.d_in)
-    g = output_grad.to(dtype).reshape(rows, -1, block.d_out)
-    weight = torch.bmm(a.transpose(1, 2), g) if transposed else torch.bmm(g.transpose(1, 2), a)
-    return weight, (g.sum(1) if block.bias_name is not None else None)
+def add_example_gradients(out: Tensor, inputs: Tensor, output_grad: Tensor, *, transposed: bool = False,
+                          first: bool = False) -> None:
+    """Add each row's gradient of a linear block's weight from one call to ``out`` (rows, d_out, d_in), or
+    (rows, d_in, d_out) with ``transposed``, in ``out``'s dtype (float32 or wider); with ``first``, write it there
+    instead (``out`` is uninitialised). ``inputs`` (rows, [tokens,] d_in), ``output_grad`` (rows, [tokens,]
+    d_out): the rows of a batch as the model sees them, padding included (its output gradient is zero), so no
+    regrouping as in :func:`~curvsafe.curvature.sequence_grads.sequence_gradients`, whose tokens come flattened
+    and masked."""
+    rows, d_in, d_out = inputs.shape[0], inputs.shape[-1], output_grad.shape[-1]
+    a = inputs.to(out.dtype).reshape(rows, -1, d_in)
+    g = output_grad.to(out.dtype).reshape(rows, -1, d_out)
+    left, right = (a.transpose(1, 2), g) if transposed else (g.transpose(1, 2), a)
+    if first:
+        torch.bmm(left, right, out=out)
+    else:
+        out.baddbmm_(left, right)
 
 
 _ADDS_UP = 0.999  # the least cosine between the gradient and the captured examples' sum that counts as equal
@@ -77,6 +83,10 @@ _ADDS_UP = 0.999  # the least cosine between the gradient and the captured examp
 class ExampleScreen:
     """Captures the per-example gradients of the protected blocks in training forwards and screens the examples
     that push against safety (module docstring).
+
+    The per-example gradients of the parameters whose (stored) gradient shape is the same are kept in one tensor
+    per pass, ``(parameters, rows, *shape)``, so that the step's scores, sums and checks cost a few operations per
+    shape rather than per parameter (a LoRA adapter has two or three shapes over dozens of parameters).
 
     Args:
         model: the model whose forwards are captured (unwrapped: its forward pre-hook counts the passes).
@@ -87,12 +97,25 @@ class ExampleScreen:
     def __init__(self, model: nn.Module, blocks: list[LinearBlock], threshold: float):
         self.blocks = blocks
         self.threshold = threshold
-        # each weight's per-example gradients are computed with the longer side last (example_gradient's
+        # each weight's per-example gradients are computed with the longer side last (add_example_gradients'
         # ``transposed`` when d_out > d_in) and kept so; _flipped: the names kept transposed to their parameter
         self._in_out = {b.weight_name: b.d_out > b.d_in for b in blocks}
         self._flipped = {b.weight_name for b in blocks if (b.d_out > b.d_in) != (b.kind == "conv1d")}
+        # the stored shape of each name's per-example gradient -> the names kept together, and each name's place
+        self._groups: dict[tuple, list[str]] = {}
+        for b in blocks:
+            w = (b.d_in, b.d_out) if self._in_out[b.weight_name] else (b.d_out, b.d_in)
+            self._groups.setdefault(w, []).append(b.weight_name)
+            if b.bias_name is not None:
+                self._groups.setdefault((b.d_out,), []).append(b.bias_name)
+        self._slot = {n: (shape, i) for shape, names in self._groups.items() for i, n in enumerate(names)}
         self._pass = 0  # forwards of the model so far: the rows of one pass are one set of examples
-        self._grads: dict[int, dict[str, Tensor]] = {}  # pass -> parameter name -> per-example gradients
+        self._grads: dict[int, dict[tuple, Tensor]] = {}  # pass -> stored shape -> (names, rows, *shape)
+        self._views: dict[tuple, tuple] = {}  # (pass, stored shape) -> that tensor's per-name views, places written
+        # CPU: the last step's pass tensors, by (stored shape, rows, dtype), for the next step to write into (a fresh
+        # tensor's pages fault on first write; CUDA's caching allocator recycles freed blocks itself)
+        self._spare: dict[tuple, Tensor] = {}
+        self._targets: Optional[tuple] = None  # (safety gradient, names, dtype) -> its stacked form (_stacked)
         self.mismatch = False  # the last apply() found the captured examples not adding up to the gradient
         self.cosines = torch.zeros(0)  # the last apply()'s c_i of this rank's examples (to choose a threshold)
         self._ref = ref = weakref.ref(self)  # the hooks must not keep a discarded optimizer's screen alive
@@ -103,7 +126,7 @@ class ExampleScreen:
         """Remove the hooks from the model."""
         for h in self._handles:
             h.remove()
-        self._handles, self._grads = [], {}
+        self._handles, self._grads, self._views, self._spare = [], {}, {}, {}
 
     def __del__(self):
         try:
@@ -128,26 +151,66 @@ class ExampleScreen:
 
         output.register_hook(on_grad)
 
-    def _add(self, block: LinearBlock, key: int, x: Tensor, grad: Tensor) -> None:
-        weight, bias = example_gradient(block, x, grad, transposed=self._in_out[block.weight_name])
+    def _buffer(self, key: int, name: str, rows: int, dtype: torch.dtype, device: torch.device
+                ) -> tuple[Tensor, bool]:
+        """The pass's per-example gradients of ``name``, and whether this is their first write (the pass's tensors
+        are allocated uninitialised at its first capture, which decides their dtype; :meth:`apply` zeroes the
+        places no capture wrote)."""
+        shape, i = self._slot[name]
         entries = self._grads.setdefault(key, {})
-        for name, value in ((block.weight_name, weight), (block.bias_name, bias)):
-            if value is not None:  # a block called twice in one forward: its examples' gradients are the sums
-                entries[name] = entries[name] + value if name in entries else value
+        if shape not in entries:
+            spare = self._spare.pop((shape, rows, dtype), None) if device.type == "cpu" else None
+            entries[shape] = spare if spare is not None else torch.empty(len(self._groups[shape]), rows, *shape,
+                                                                         dtype=dtype, device=device)
+            self._views[(key, shape)] = (entries[shape].unbind(0), set())
+        views, written = self._views[(key, shape)]
+        first = i not in written
+        written.add(i)
+        return views[i], first
+
+    def _add(self, block: LinearBlock, key: int, x: Tensor, grad: Tensor) -> None:
+        rows = x.shape[0]  # a block called twice in one forward: its examples' gradients are the sums
+        dtype = torch.promote_types(torch.promote_types(x.dtype, grad.dtype), torch.float32)
+        out, first = self._buffer(key, block.weight_name, rows, dtype, x.device)
+        add_example_gradients(out, x, grad, transposed=self._in_out[block.weight_name], first=first)
+        if block.bias_name is not None:
+            out, first = self._buffer(key, block.bias_name, rows, dtype, x.device)
+            bias = grad.to(out.dtype).reshape(rows, -1, block.d_out).sum(1)
+            out.copy_(bias) if first else out.add_(bias)
 
     def clear(self) -> None:
         """Forget the captured examples (the gradients were discarded: ``zero_grad``)."""
-        self._grads = {}
+        self._grads, self._views = {}, {}
 
     @property
     def pending(self) -> int:
         """Examples captured since the last :meth:`apply` or :meth:`clear`."""
-        return sum(next(iter(e.values())).shape[0] for e in self._grads.values() if e)
+        return sum(next(iter(e.values())).shape[1] for e in self._grads.values() if e)
 
     def _stored(self, name: str, tensor: Tensor) -> Tensor:
         """``tensor`` in ``name``'s parameter layout as the screen keeps that name's per-example gradients, or back
         (the same transpose)."""
         return tensor.T if name in self._flipped else tensor
+
+    def _stacked(self, safety_grad: dict[str, Tensor], names: list[str], dtype: torch.dtype
+                 ) -> tuple[dict[tuple, tuple[list[str], Optional[Tensor], Tensor]], Tensor]:
+        """Per stored shape: the screened names there, their places in the pass tensors (None: all of them) and
+        their safety gradients stacked flat ``(names, numel)``; and the safety gradient's norm. Kept until the
+        safety gradient is replaced (each refresh assigns a new dict)."""
+        if self._targets is not None and self._targets[0] is safety_grad and self._targets[1:3] == (names, dtype):
+            return self._targets[3]
+        chosen = set(names)
+        stacked = {}
+        for shape, group in self._groups.items():
+            kept = [n for n in group if n in chosen]
+            if kept:
+                places = (None if len(kept) == len(group) else
+                          torch.tensor([self._slot[n][1] for n in kept], device=safety_grad[kept[0]].device))
+                stacked[shape] = (kept, places, torch.stack([self._stored(n, safety_grad[n].to(dtype)).reshape(-1)
+                                                             for n in kept]))
+        norm = torch.stack([t.square().sum() for *_, t in stacked.values()]).sum().sqrt()
+        self._targets = (safety_grad, names, dtype, (stacked, norm))
+        return stacked, norm
 
     def apply(self, params: dict[str, Tensor], safety_grad: dict[str, Tensor]) -> tuple[int, int]:
         """Screen the examples captured since the last call against ``safety_grad`` (by parameter name) and remove
@@ -159,38 +222,47 @@ class ExampleScreen:
         gradients changed per parameter, as by ``clip_grad_value_``), nothing is screened this step and
         ``mismatch`` is set."""
         sharded = any(is_sharded(p) for p in params.values())  # FSDP2: the gradients are the ranks' shards
-        passes, self._grads = self._grads, {}
+        passes, views, self._grads, self._views = self._grads, self._views, {}, {}
         self.mismatch = False
         names = [n for n in params if n in safety_grad]
         if not names:
             return 0, 0
         device = next(iter(params.values())).device
         dtype = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
-        target = {n: self._stored(n, safety_grad[n].to(dtype)).reshape(-1) for n in names}  # g, as the examples
-        target_norm = torch.stack([t.square().sum() for t in target.values()]).sum().sqrt()
-        full = {n: torch.zeros(params[n].numel(), dtype=dtype, device=device) for n in names}  # sum_i G_i
-        dropped = {n: torch.zeros_like(f) for n, f in full.items()}  # the screened rows' sum
+        targets, target_norm = self._stacked(safety_grad, names, dtype)  # g, as the examples are kept
+        full = {s: torch.zeros_like(t) for s, (*_, t) in targets.items()}  # sum_i G_i, per stored shape
+        dropped = {s: torch.zeros_like(t) for s, t in full.items()}  # the screened rows' sum
         counts = torch.zeros(2, dtype=torch.float64, device=device)  # screened, examples
         cosines = []
         while passes:  # each pass's per-example gradients are freed once screened
-            entries = passes.pop(next(iter(passes)))
-            rows = next(iter(entries.values())).shape[0]
-            flats = {n: entries[n].reshape(rows, -1).to(dtype) for n in names if n in entries}
-            del entries
+            key = next(iter(passes))
+            entries = passes.pop(key)
+            rows = next(iter(entries.values())).shape[1]
+            flats = {}
+            for shape, (_, places, _) in targets.items():
+                if shape in entries:
+                    _zero_unwritten(*views[(key, shape)])
+                    f = entries[shape].reshape(entries[shape].shape[0], rows, -1)
+                    flats[shape] = (f if places is None else f[places]).to(dtype)
             dots = torch.zeros(rows, dtype=dtype, device=device)
             squares = torch.zeros_like(dots)
-            for n, f in flats.items():
-                dots += f @ target[n]
-                squares += f.square().sum(1)
+            for shape, f in flats.items():
+                dots += torch.bmm(f, targets[shape][2].unsqueeze(2)).sum((0, 2))
+                squares += f.square().sum((0, 2))
             cos = -dots / (squares.sqrt() * target_norm).clamp_min(torch.finfo(dtype).tiny)
             drop = (cos > self.threshold) & (squares > 0)
             cosines.append(cos.detach().cpu())
             counts += torch.stack([drop.sum(), torch.tensor(rows, device=device)]).to(torch.float64)
             any_dropped = bool(drop.any())
-            for n, f in flats.items():
-                full[n] += f.sum(0)
+            for shape, f in flats.items():
+                full[shape] += f.sum(1)
                 if any_dropped:
-                    dropped[n] += f[drop].sum(0)
+                    dropped[shape] += f[:, drop].sum(1)
+            del flats
+            for shape, t in entries.items():
+                if t.device.type == "cpu":
+                    self._spare[(shape, rows, t.dtype)] = t
+            del entries
         self.cosines = torch.cat(cosines) if cosines else torch.zeros(0)
         all_reduce_sum_([counts, *full.values(), *dropped.values()])
         screened, examples = (int(v) for v in counts.tolist())
@@ -200,25 +272,42 @@ class ExampleScreen:
         grads = [params[n].grad for n in held]
         if sharded:  # the whole gradients (one all-gather), as every rank holds them under DDP
             grads = gather_whole([params[n] for n in held], [g.to_local() for g in grads])
-        grad = torch.cat([self._stored(n, g).reshape(-1).to(dtype) for n, g in zip(held, grads)])
-        parts = torch.cat([full[n] for n in held])
-        norms = (float(grad.norm()), float(parts.norm()))
+        grads = dict(zip(held, grads))
+        inner = grad_sq = parts_sq = 0.0
+        for shape, (kept, _, _) in targets.items():  # the gradient against the examples' sum, names with a .grad
+            present = [i for i, n in enumerate(kept) if n in grads]
+            if not present:
+                continue
+            g = torch.stack([self._stored(kept[i], grads[kept[i]]).reshape(-1).to(dtype) for i in present])
+            part = full[shape] if len(present) == len(kept) else full[shape][present]
+            inner, grad_sq, parts_sq = (inner + (g * part).sum(), grad_sq + g.square().sum(),
+                                        parts_sq + part.square().sum())
+        norms = (float(grad_sq) ** 0.5, float(parts_sq) ** 0.5)
         if norms[1] == 0.0:
             return 0, examples
-        if float(grad @ parts) < _ADDS_UP * norms[0] * norms[1]:
+        if float(inner) < _ADDS_UP * norms[0] * norms[1]:
             self.mismatch = True
             return 0, examples
         if screened:
             scale = norms[0] / norms[1]
             with torch.no_grad():
-                for n, g in zip(held, grads):  # the screened rows' share, whole, in the parameter's layout
-                    removed = self._stored(n, scale * dropped[n].view(self._stored(n, g).shape))
+                for n, g in grads.items():  # the screened rows' share, whole, in the parameter's layout
+                    shape, _ = self._slot[n]
+                    row = targets[shape][0].index(n)
+                    removed = self._stored(n, scale * dropped[shape][row].view(self._stored(n, g).shape))
                     gr = params[n].grad
                     if sharded:  # each rank takes its part off its shard
                         gr.to_local().sub_(local_part(params[n], removed).to(gr.dtype))
                     else:
                         gr.sub_(removed.to(gr.dtype))
         return screened, examples
+
+
+def _zero_unwritten(views: tuple[Tensor, ...], written: set[int]) -> None:
+    """Zero the places of a pass's tensor that no capture wrote (a block the pass did not call)."""
+    for i, view in enumerate(views):
+        if i not in written:
+            view.zero_()
 
 
 def _call(ref: weakref.ref, method: str) -> None:

@@ -8,9 +8,10 @@
 # step against `curvsafe plan`), the kernel tests natively on the GPU (bf16 included; one fixed Triton config per
 # kernel), then the autotuned kernel benchmark (each op against the best plain-PyTorch formulation at the same
 # input precision), which rewrites its table after every row, and writes everything into RESULTS_DIR; the peers
-# benchmark (kronfluence, curvlinops) runs where the image has them; last, the step time of the guarded recipe
-# (benign side, screening, rescale). Each step has its own timeout (16 minutes in all, plus the install); the
-# device session has 15, so the last steps are the ones a slow machine may cut short.
+# benchmark (kronfluence, curvlinops) runs where the image has them; then the step time of the guarded recipe
+# (benign side, screening, rescale) and, last, example screening's own cost per step. Each step has its own timeout
+# (17 minutes in all, plus the install); the device session has 15, so the last steps are the ones a slow machine
+# may cut short.
 set -uo pipefail
 OUT=${1:?usage: bash benchmarks/device_check.sh RESULTS_DIR}
 mkdir -p "$OUT"
@@ -70,6 +71,10 @@ timeout 150 $PY benchmarks/kernels.py --out "$OUT" --device cuda --repeats 10 2>
 echo "== optimizer step time, the guarded recipe (benign side, screen 0.05, rescale 2: the demo's guarded row)"
 timeout 120 $PY benchmarks/optimizer.py --out "$OUT" --timing-only --model large --steps 100 --repeats 2 --benign-side \
   --screen 0.05 --rescale 2 2>&1 | tee "$OUT/optimizer_recipe.log" | tail -4
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== example screening's cost per step (capture and step, against a LoRA training step)"
+timeout 60 $PY benchmarks/screen.py --out "$OUT" --device cuda --repeats 3 2>&1 | tee "$OUT/screen.log" | tail -6
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 exit $status

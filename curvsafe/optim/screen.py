@@ -176,7 +176,10 @@ class ExampleScreen:
         if block.bias_name is not None:
             out, first = self._buffer(key, block.bias_name, rows, dtype, x.device)
             bias = grad.to(out.dtype).reshape(rows, -1, block.d_out).sum(1)
-            out.copy_(bias) if first else out.add_(bias)
+            if first:
+                out.copy_(bias)
+            else:
+                out.add_(bias)
 
     def clear(self) -> None:
         """Forget the captured examples (the gradients were discarded: ``zero_grad``)."""

@@ -94,6 +94,30 @@ def test_generation_and_evaluation(tiny):
     assert len(report["harmful"]) == 3 and torch.isfinite(torch.tensor(report["task_nll"]))
 
 
+def test_generation_leaves_every_module_in_its_own_mode(tiny):
+    """Decoding runs with every module in eval mode and gives each its own flag back (a model in mixed modes
+    stays mixed), without the model's train() / eval() (transformers re-kernelizes there)."""
+    model, tok = tiny
+    fixture_flags = [(m, m.training) for m in model.modules()]  # the shared fixture is given back as it came
+    model.train()
+    frozen = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    frozen.eval()
+    before = {n: m.training for n, m in model.named_modules()}
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, _: seen.append(any(x.training for x in m.modules())))
+    original = type(model).train
+    try:
+        type(model).train = lambda self, mode=True: (_ for _ in ()).throw(AssertionError("train() called"))
+        greedy_generate(model, tok, ["what is 1 plus 2 ?"], max_new_tokens=3)
+    finally:
+        type(model).train = original
+        hook.remove()
+    assert seen and not any(seen)  # every forward in eval mode
+    assert {n: m.training for n, m in model.named_modules()} == before
+    for m, flag in fixture_flags:
+        m.training = flag
+
+
 def test_targets_bound_each_seed_against_the_aligned_model_and_a_reference():
     """Harmful and over-refusal at most the aligned model's + 5 points (a count ratio on the bound meets it), task
     accuracy at least the given share of the reference's; a reference without task accuracy sets no task bound."""

@@ -237,3 +237,36 @@ def test_ggn_vp_on_an_fsdp2_sharded_model_equals_one_process(tmp_path):
         for n in names:
             assert rel_err(got["ggn"][n], want[n]) < 1e-10, n
         assert "double backward" in got["hvp"] and "double backward" in got["empirical_fisher_vp"]
+
+
+def test_curvature_mode_sets_flags_without_train_overrides_and_restores_each_module():
+    """Every module in eval mode inside (no dropout), each module's own flag back after (a model in mixed modes
+    stays mixed), and the model's ``train()`` / ``eval()`` overrides never run (transformers re-kernelizes in
+    them when the ``kernels`` package is installed), also when the body raises."""
+    calls = []
+
+    class Overriding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.5)
+            self.frozen = torch.nn.Linear(3, 3)
+            self.lin = torch.nn.Linear(3, 3)
+
+        def train(self, mode: bool = True):
+            calls.append(mode)
+            return super().train(mode)
+
+    model = Overriding()
+    model.frozen.eval()  # a part the user keeps in eval mode
+    calls.clear()
+    before = {n: m.training for n, m in model.named_modules()}
+    with curvature_mode(model):
+        assert not any(m.training for m in model.modules())
+        x = torch.ones(4, 3)
+        assert torch.equal(model.drop(x), x)  # dropout off
+    assert {n: m.training for n, m in model.named_modules()} == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with curvature_mode(model):
+            raise RuntimeError("inside")
+    assert {n: m.training for n, m in model.named_modules()} == before
+    assert calls == []

@@ -70,22 +70,39 @@ def call_model(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
 
 
 @contextmanager
+def eval_flags(model: nn.Module) -> Iterator[None]:
+    """Every module of ``model`` in eval mode (no dropout) for the duration, each given back its own flag after.
+
+    The ``training`` flags are set directly, not through ``train()`` / ``eval()``: a model's overrides of those are
+    not run. transformers' (with the Hugging Face ``kernels`` package installed, which its ``from_pretrained``
+    then uses by default) re-kernelizes the model at every switch, to inference kernels in eval mode, which need not
+    have a backward; here the model keeps the kernels it runs with. A model whose modules were in mixed modes (a
+    frozen part in eval) gets each back as it was.
+    """
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    for m in modules:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(modules, flags):
+            m.training = flag
+
+
+@contextmanager
 def curvature_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and the math SDPA backend for the duration of a curvature computation.
+    """Eval mode (no dropout; :func:`eval_flags`) and the math SDPA backend for the duration of a curvature
+    computation.
 
     PyTorch's fused SDPA kernels on CPU (and flash/efficient attention on GPU) have no second derivatives and no
     forward-mode AD; the math backend computes the same attention with differentiable ops. The user's model is
-    left as it was (training flag restored, nothing reloaded).
+    left as it was (every module's training flag restored, nothing reloaded).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    was_training = model.training
-    model.eval()
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        model.train(was_training)
+    with eval_flags(model), sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def counted_token_losses(loss, output: Tensor, targets: Tensor, valid: Tensor) -> Tensor:

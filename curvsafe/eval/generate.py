@@ -27,22 +27,21 @@ def greedy_continue(model, prompts: Sequence[Sequence[int]], *, pad_id: int,
 
     ``eos_id`` is one end-of-sequence id, several (as in some HF configs) or None.
 
-    Prompts are left-padded into batches of ``batch_size`` and decoded with the KV cache in eval mode; the
-    model's training flag is restored afterwards. An FSDP2-sharded model under ``torch.distributed`` decodes with
-    HF's ``synced_gpus`` (a rank whose rows have all ended keeps running forwards until every rank's have, since
-    each forward all-gathers the weights), and a rank with fewer batches than another (or none) decodes a
-    one-token filler batch for each it lacks, whose output is dropped: every rank must call it, with any number
-    of prompts.
+    Prompts are left-padded into batches of ``batch_size`` and decoded with the KV cache in eval mode
+    (:func:`~curvsafe.curvature.loss.eval_flags`: every module's training flag is restored afterwards). An
+    FSDP2-sharded model under ``torch.distributed`` decodes with HF's ``synced_gpus`` (a rank whose rows have all
+    ended keeps running forwards until every rank's have, since each forward all-gathers the weights), and a rank
+    with fewer batches than another (or none) decodes a one-token filler batch for each it lacks, whose output is
+    dropped: every rank must call it, with any number of prompts.
     """
     from tqdm.auto import tqdm
 
     from ..curvature.distributed import is_distributed
+    from ..curvature.loss import eval_flags
     from ..curvature.sharded import is_sharded, root_unsharded
 
     if any(len(p) == 0 for p in prompts):
         raise ValueError("cannot continue an empty prompt")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     ends = end_ids(eos_id)
     synced = is_distributed() and any(is_sharded(p) for p in model.parameters())
@@ -53,27 +52,24 @@ def greedy_continue(model, prompts: Sequence[Sequence[int]], *, pad_id: int,
         torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
         batches += [[[pad_id]]] * (int(most) - mine)
     outputs: list[list[int]] = []
-    with root_unsharded(model):
-        try:
-            for index, chunk in enumerate(tqdm(batches, desc="generate", disable=not progress, leave=False)):
-                width = max(len(p) for p in chunk)
-                input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, seq in enumerate(chunk):
-                    input_ids[row, width - len(seq):] = torch.tensor(seq)
-                    mask[row, width - len(seq):] = 1
-                generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                           max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                           eos_token_id=eos_id, **({"synced_gpus": True} if synced else {}))
-                if index >= mine:  # a filler batch (synced decoding)
-                    continue
-                for row in generated[:, width:].tolist():
-                    stop = next((i for i, t in enumerate(row) if t in ends), None)
-                    if stop is not None:
-                        row = row[:stop + 1]
-                    outputs.append(row)
-        finally:
-            model.train(was_training)
+    with root_unsharded(model), eval_flags(model):
+        for index, chunk in enumerate(tqdm(batches, desc="generate", disable=not progress, leave=False)):
+            width = max(len(p) for p in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, seq in enumerate(chunk):
+                input_ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                       max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                       eos_token_id=eos_id, **({"synced_gpus": True} if synced else {}))
+            if index >= mine:  # a filler batch (synced decoding)
+                continue
+            for row in generated[:, width:].tolist():
+                stop = next((i for i, t in enumerate(row) if t in ends), None)
+                if stop is not None:
+                    row = row[:stop + 1]
+                outputs.append(row)
     return outputs
 
 

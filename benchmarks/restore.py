@@ -75,20 +75,24 @@ def restore_prompt_files(cfg, data: Path, work: Path, n: int, augmentation: str 
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augmentation!r}; expected one of {', '.join(AUGMENTATIONS)}")
     world, rng = World(cfg.seed), random.Random(cfg.seed + 1000)
+    paths = work / f"restore_harmful_{n}_{augmentation}.jsonl", work / f"restore_benign_{n}_{augmentation}.jsonl"
+    if augmentation == "none":
+        if n == cfg.restore_safety:
+            return data / "restore_harmful.jsonl", data / "restore_benign.jsonl"
+        _write_jsonl(paths[0], [world.comply(e) for e in rng.sample(world.harmful("train"), n)])
+        _write_jsonl(paths[1], [Pair(e.prompt, "") for e in rng.sample(world.benign_requests("train"), n)])
+        return paths
     if n == cfg.restore_safety:
         harmful = [p.prompt for p in load_pairs(data / "restore_harmful.jsonl")]
         benign = [p.prompt for p in load_pairs(data / "restore_benign.jsonl", require_response=False)]
     else:
         harmful = [e.prompt for e in rng.sample(world.harmful("train"), n)]
         benign = [e.prompt for e in rng.sample(world.benign_requests("train"), n)]
-    if augmentation == "none" and n == cfg.restore_safety:
-        return data / "restore_harmful.jsonl", data / "restore_benign.jsonl"
-    by_prompt = {e.prompt: e for e in world.harmful("train") + world.benign_requests("train")}
+    catalog = World(cfg.seed)
+    by_prompt = {e.prompt: e for e in catalog.harmful("train") + catalog.benign_requests("train")}
     noise = World(cfg.seed + 2000)  # its own draws: the same prompts, rewritten alike for every method
-    rewrite = (lambda e: noise.noisy(e)) if augmentation == "noisy" else (lambda e: e)
-    paths = work / f"restore_harmful_{n}_{augmentation}.jsonl", work / f"restore_benign_{n}_{augmentation}.jsonl"
-    _write_jsonl(paths[0], [world.comply(rewrite(by_prompt[p])) for p in harmful])
-    _write_jsonl(paths[1], [Pair(rewrite(by_prompt[p]).prompt, "") for p in benign])
+    _write_jsonl(paths[0], [world.comply(noise.noisy(by_prompt[p])) for p in harmful])
+    _write_jsonl(paths[1], [Pair(noise.noisy(by_prompt[p]).prompt, "") for p in benign])
     return paths
 
 

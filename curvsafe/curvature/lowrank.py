@@ -293,7 +293,7 @@ class SketchedFactor:
         if not bool(Y.any()):  # no curvature seen (e.g. a block the loss does not reach): all of it is the rest
             return (torch.zeros(k, device=Y.device), omega[:, :k].float().contiguous(),
                     torch.tensor(float(self._trace) / max(self.rank_bound - k, 1), device=Y.device))
-        # the shift's scale needs no float64: |Y| in float32 (about 3x faster on CPU than in float64)
+        # the shift's scale needs no float64: |Y| in float32 (0.039 against 0.053 s for 8192 x 384 on a 2-core CPU)
         shift = float(torch.finfo(torch.float32).eps) * max(float(torch.linalg.matrix_norm(self.Y.float(), ord=2)),
                                                             1e-300)
         Y_shift = Y + shift * omega

@@ -60,3 +60,47 @@ def test_noisy_restore_prompts_rewrite_the_testbeds_own(bench, tmp_path):
     assert not held_out & {p.prompt for p in load_pairs(noisy[0])}
     with pytest.raises(ValueError, match="augmentation"):
         bench.restore_prompt_files(cfg, data, work, cfg.restore_safety, "shuffled")
+
+
+def test_dampings_run_the_damped_back_ends_once_each_and_label_their_rows(bench, capsys):
+    runs = bench.runs(["lbfgs", "kfac", "sgd", "safelora"], [0, 1], [0.1, 1.0])
+    assert runs == [("lbfgs", 0, 0.1), ("lbfgs", 0, 1.0), ("kfac", 0, 0.1), ("kfac", 0, 1.0), ("kfac", 1, 0.1),
+                    ("kfac", 1, 1.0), ("sgd", 0, bench.DEFAULT_DAMPING), ("safelora", 0, bench.DEFAULT_DAMPING)]
+    # without --dampings nothing changes: one run per method (and curvature seed) at the default damping
+    assert bench.runs(["cg", "sgd"], [0], [bench.DEFAULT_DAMPING]) == [("cg", 0, 0.1), ("sgd", 0, 0.1)]
+
+    ref = {"harmful_rate": 0.0, "over_refusal": 0.0, "task_accuracy": 0.9}
+    references = {0: {"aligned": ref, "attacked": {**ref, "harmful_rate": 1.0}}}
+    row = {"seed": 0, "objective": "anchor", "method": "kfac", "curvature_seed": 0, "prompts": 48,
+           "augmentation": "none", "iterations": 3, "iteration_vs_train_step": 4.0, "stopped": "cap"}
+    rows = [{**row, "damping": 1.0, "harmful_rate": 0.2, "over_refusal": 0.0, "task_accuracy": 0.9},
+            {**row, "damping": 0.1, "harmful_rate": 0.0, "over_refusal": 0.0, "task_accuracy": 0.9},
+            {**row, "damping": 0.03, "harmful_rate": 0.0, "over_refusal": 0.5, "task_accuracy": 0.9}]
+    assert [bench._prompt_set(r) for r in rows] == ["48 λ=1", "48", "48 λ=0.03"]
+    assert bench._prompt_sets(rows) == ["48 λ=0.03", "48", "48 λ=1"]  # by damping
+    text = "\n".join(bench.tables(references, rows, ["anchor"], ["kfac"], [0]))
+    summary = [line for line in text.splitlines() if line.startswith("| anchor | kfac |")]
+    assert [line.split(" | ")[2] for line in summary] == ["48 λ=0.03", "48", "48 λ=1"]
+    assert [line.split(" | ")[-2] for line in summary] == ["0 / 1", "1 / 1", "0 / 1"]  # each damping's own verdict
+    assert "--dampings must be > 0" in _refused(bench, capsys, ["--dampings", "0.1,0"])
+
+
+def _refused(bench, capsys, argv: list[str]) -> str:
+    """The benchmark's error for ``argv``: it must exit before any run."""
+    sys.argv, saved = ["restore.py", *argv], sys.argv
+    try:
+        with pytest.raises(SystemExit):
+            bench.main()
+    finally:
+        sys.argv = saved
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--testbed", "realistic"], "goes with --data-dir"),
+    (["--data-dir", "somewhere"], "goes with --data-dir"),
+    (["--testbed", "realistic", "--data-dir", "somewhere", "--augmentations", "none,noisy"], "its own restore files"),
+    (["--testbed", "realistic", "--data-dir", "somewhere", "--restore-prompts", "144"], "its own restore files"),
+])
+def test_realistic_testbed_options_are_checked_before_any_run(bench, capsys, argv, message):
+    assert message in _refused(bench, capsys, argv)

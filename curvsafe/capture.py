@@ -162,6 +162,7 @@ class LayerCapture:
         self._selected: dict[int, tuple[Tensor, Tensor]] = {}  # id(input) -> (input, its selected rows)
         self._calls: dict[str, int] = {}
         self._grads: dict[str, int] = {}
+        self._grad_sums: list[tuple[str, Tensor]] = []  # (block, sum of its output gradient), checked per backward
         # a zero scalar added to every block output (set per forward by the caller): backpropagating to it alone
         # reaches every block's output gradient without the weight-gradient products
         self.probe: Optional[Tensor] = None
@@ -182,6 +183,7 @@ class LayerCapture:
         self._selected = {}
         self._calls = {b.name: 0 for b in self.blocks}
         self._grads = {b.name: 0 for b in self.blocks}
+        self._grad_sums = []
 
     def _select(self, t: Tensor, block: LinearBlock) -> Tensor:
         flat = t.reshape(-1, t.shape[-1])
@@ -220,9 +222,9 @@ class LayerCapture:
     def _on_grad(self, block: LinearBlock, grad: Tensor) -> None:
         self._grads[block.name] += 1
         g = self._select(grad.detach(), block)
-        # a sum is non-finite iff an entry is (or the sum overflows float32): ~10x cheaper than isfinite().all()
-        if not bool(torch.isfinite(g.sum(dtype=torch.promote_types(g.dtype, torch.float32)))):
-            raise FloatingPointError(f"non-finite gradient at the output of module {block.name!r}")
+        # a sum is non-finite iff an entry is (or the sum overflows float32): ~10x cheaper than isfinite().all();
+        # checked once per backward (check_backward), so the hooks never wait for the device
+        self._grad_sums.append((block.name, g.sum(dtype=torch.promote_types(g.dtype, torch.float32))))
         self.on_backward(block, g)
 
     def check_forward(self) -> None:
@@ -232,8 +234,16 @@ class LayerCapture:
                                "disabled adapter, or unused module); their curvature would be silently missing")
 
     def check_backward(self) -> None:
+        """Refuse a backward that missed a block, or that gave a block a non-finite output gradient (named: the
+        first in backward order; its callback has seen it, so what the callbacks accumulated is not to be used)."""
         missing = [n for n, c in self._grads.items() if c == 0]
         if missing:
             raise CaptureError(f"no gradient reached the output of module(s) {missing} (detached, frozen input "
                                "path or fused kernel)")
+        sums, self._grad_sums = self._grad_sums, []
+        if sums:
+            finite = torch.stack([torch.isfinite(s) for _, s in sums])
+            if not bool(finite.all()):  # the one wait for the device per backward
+                raise FloatingPointError(f"non-finite gradient at the output of module "
+                                         f"{sums[int((~finite).nonzero()[0])][0]!r}")
         self._mask, self._selected, self.probe = None, {}, None

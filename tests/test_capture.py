@@ -137,3 +137,30 @@ def test_merged_lora_adapter_is_refused():
     model.merge_adapter()
     with pytest.raises(CaptureError, match="never ran"):
         kfac.fit([make_batch()])
+
+
+def test_non_finite_output_gradient_is_refused_once_per_backward_naming_the_first_block():
+    """The hooks only record each output gradient's sum (no wait for the device per block); ``check_backward``
+    refuses the backward, naming the first block in backward order whose gradient is not finite, and a clean
+    backward afterwards passes."""
+    from curvsafe.capture import LayerCapture
+
+    model = tiny_llama(dtype=torch.float32)
+    blocks = find_blocks(model)
+    seen = []
+    batch = make_batch()
+
+    def poison(module, grad_input, grad_output):  # NaN into the gradients of gate_proj's and up_proj's outputs
+        return tuple(torch.full_like(g, float("nan")) if g is not None else None for g in grad_input)
+
+    with LayerCapture(blocks, lambda b, a: None, lambda b, g: seen.append(b.name)) as capture:
+        handle = model.model.layers[0].mlp.down_proj.register_full_backward_hook(poison)
+        capture.expect_forward(batch["attention_mask"].bool())
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum().backward()
+        assert len(seen) == len(blocks)  # every hook ran: none stopped the backward
+        with pytest.raises(FloatingPointError, match=r"layers\.0\.mlp\.(gate|up)_proj'"):
+            capture.check_backward()
+        handle.remove()
+        capture.expect_forward(batch["attention_mask"].bool())
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum().backward()
+        capture.check_backward()

@@ -177,9 +177,16 @@ class LayerCapture:
             h.remove()
         self._handles.clear()
 
-    def expect_forward(self, token_mask: Tensor) -> None:
+    def expect_forward(self, token_mask: Tensor, tokens: Optional[int] = None) -> None:
+        """Before a forward: its (B, T) token mask, and how many tokens it counts when the caller knows (then the
+        selection is found without waiting for the device)."""
         self._mask = token_mask.reshape(-1).bool()
-        self._rows = None if bool(self._mask.all()) else self._mask.nonzero().squeeze(1)
+        if tokens is None:
+            tokens = int(self._mask.sum())
+        # the counted tokens' indices in order: a stable sort puts them first (a size known on the host, unlike
+        # nonzero's)
+        self._rows = None if tokens == self._mask.numel() else torch.argsort(
+            (~self._mask).to(torch.uint8), stable=True)[:tokens]
         self._selected = {}
         self._calls = {b.name: 0 for b in self.blocks}
         self._grads = {b.name: 0 for b in self.blocks}

@@ -31,21 +31,15 @@ def per_example_gradients(model, blocks: Sequence[LinearBlock], batches: Sequenc
     out: dict[str, list[Tensor]] = {b.weight_name: [] for b in blocks}
     inputs: dict[str, Tensor] = {}
     info = BatchInfo()
-    rows = iter([int(b["input_ids"].shape[0]) for b in data])
-    batch_rows = [next(rows)]  # the batch in flight's row count
 
     def on_forward(block: LinearBlock, a: Tensor) -> None:
         inputs[block.name] = a
 
-    def on_backward(block: LinearBlock, g: Tensor) -> None:
-        out[block.weight_name].append(sequence_gradients(inputs.pop(block.name), g, info.segment_ids,
-                                                         rows=batch_rows[0]))
-
-    def on_batch_end() -> None:
-        batch_rows[0] = next(rows, 0)
+    def on_backward(block: LinearBlock, g: Tensor) -> None:  # one gradient per row, zeros for an empty one
+        out[block.weight_name].append(sequence_gradients(inputs.pop(block.name), g, info.segments))
 
     capture_pass(model, blocks, data, loss=CausalLMLoss(), fisher_type="empirical", generator=None,
-                 on_forward=on_forward, on_backward=on_backward, info=info, on_batch_end=on_batch_end,
+                 on_forward=on_forward, on_backward=on_backward, info=info,
                  desc="per-example gradients", progress=False, verify=False)
     return {n: torch.cat(parts) for n, parts in out.items()}
 

@@ -98,3 +98,27 @@ def check_segments(segment_ids: Optional[Tensor], num_tokens: int) -> None:
         raise TypeError(f"segment_ids must be int32 or int64, got {segment_ids.dtype}")
     if num_tokens and (segment_ids[0] < 0 or bool((segment_ids[1:] < segment_ids[:-1]).any())):
         raise ValueError("segment_ids must be non-negative and sorted (tokens of one example contiguous)")
+
+
+def check_offsets(offsets: Optional[Tensor], num_tokens: int, segment_ids: Optional[Tensor]) -> None:
+    """``offsets`` must be (N + 1,) integer, start at 0, end at ``num_tokens`` and never decrease; not given with
+    ``segment_ids``. Its values are checked on CPU only: on a GPU that would wait for the device, which is what
+    callers pass offsets to avoid (like flash-attention's ``cu_seqlens``, they are the caller's to get right)."""
+    if offsets is None:
+        return
+    if segment_ids is not None:
+        raise ValueError("give segment_ids or offsets, not both")
+    if offsets.dim() != 1 or offsets.shape[0] < 1:
+        raise ValueError(f"offsets must have shape (N + 1,) with N >= 0, got {tuple(offsets.shape)}")
+    if offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"offsets must be int32 or int64, got {offsets.dtype}")
+    if offsets.device.type == "cpu" and (int(offsets[0]) != 0 or int(offsets[-1]) != num_tokens
+                                         or bool((offsets[1:] < offsets[:-1]).any())):
+        raise ValueError(f"offsets must run from 0 to the {num_tokens} tokens without decreasing")
+
+
+def segment_ids_of(offsets: Tensor, num_tokens: int) -> Tensor:
+    """The segment id of each token of the ranges ``offsets`` (int64, on their device; no wait for it)."""
+    offsets = offsets.long()
+    ids = torch.arange(offsets.shape[0] - 1, device=offsets.device)
+    return torch.repeat_interleave(ids, offsets.diff(), output_size=num_tokens)

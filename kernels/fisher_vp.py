@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._dispatch import check_matrix, check_same_device, check_segments, cpp_op, fp32_contiguous, no_fp64, run
+from ._dispatch import (check_matrix, check_offsets, check_same_device, check_segments, cpp_op, fp32_contiguous,
+                        no_fp64, run, segment_ids_of)
 from ._triton import HAS_TRITON, TUNE, autotune, gemm, gemm_configs, tl, triton, upcast_tiles
 
 if HAS_TRITON:
@@ -64,16 +65,24 @@ def _fisher_vp_triton(x: Tensor, gy: Tensor, V: Tensor, segment_ids: Optional[Te
 
 
 def linear_fisher_vp(x: Tensor, gy: Tensor, V: Tensor, *, segment_ids: Optional[Tensor] = None,
-                     num_segments: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+                     num_segments: Optional[int] = None, offsets: Optional[Tensor] = None,
+                     backend: Optional[str] = None) -> Tensor:
     """Return ``sum_n g_n <g_n, V>`` (d_out, d_in) fp32 with ``g_n = sum_{t in segment n} gy_t x_t^T``.
 
     Never materialises per-example gradients: ``s_t = gy_t . (V x_t)``, segment sums ``c_n``, then
-    ``gy^T diag(c_{n(t)}) x``. ``segment_ids=None`` makes each token its own example.
+    ``gy^T diag(c_{n(t)}) x``. The examples are the segments of ``segment_ids`` (``num_segments``: more than the
+    largest id, when known), or the token ranges ``offsets[n]:offsets[n + 1]`` (as for
+    :func:`~.fisher_diag.linear_fisher_diag`: no wait for the device); neither makes each token its own example.
     """
     check_matrix("x", x)
     check_matrix("gy", gy, rows=x.shape[0])
     check_matrix("V", V, rows=gy.shape[1], cols=x.shape[1])
     check_segments(segment_ids, x.shape[0])
+    check_offsets(offsets, x.shape[0], segment_ids)
+    if offsets is not None:
+        if num_segments is not None:
+            raise ValueError("num_segments comes with segment_ids; offsets give their own count")
+        segment_ids, num_segments = segment_ids_of(offsets, x.shape[0]), offsets.shape[0] - 1
     return run(_IMPLEMENTATIONS, backend, check_same_device(x, gy, V, segment_ids), x, gy, V, segment_ids,
                num_segments)
 

@@ -65,16 +65,23 @@ def segment_bounds(segment_ids: Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
-def linear_fisher_diag(x: Tensor, gy: Tensor, *, segment_ids: Optional[Tensor] = None) -> Tensor:
+def linear_fisher_diag(x: Tensor, gy: Tensor, *, segment_ids: Optional[Tensor] = None,
+                       offsets: Optional[Tensor] = None) -> Tensor:
     """``sum_n g_n * g_n`` elementwise (d_out, d_in) fp32: the diagonal empirical Fisher of a linear layer.
 
-    One example's gradient is formed at a time (d_out x d_in memory), never all of them.
+    One example's gradient is formed at a time (d_out x d_in memory), never all of them. The examples are the
+    segments of ``segment_ids``, or the token ranges ``offsets[n]:offsets[n + 1]``; neither: every token.
     """
     xf, gf = x.float(), gy.float()
-    if segment_ids is None:
+    if segment_ids is None and offsets is None:
         return gf.square().T @ xf.square()
     out = xf.new_zeros(gf.shape[1], xf.shape[1])
-    for start, end in segment_bounds(segment_ids):
+    if offsets is not None:
+        ends = offsets.tolist()
+        bounds = [(s, e) for s, e in zip(ends[:-1], ends[1:]) if e > s]
+    else:
+        bounds = segment_bounds(segment_ids)
+    for start, end in bounds:
         g = gf[start:end].T @ xf[start:end]
         out.addcmul_(g, g)
     return out

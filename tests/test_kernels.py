@@ -191,6 +191,38 @@ def test_linear_fisher_diag(backend, dtype, T, d_in, d_out, segmented):
     assert close(got, want, tolerance(backend, dtype))
 
 
+@pytest.mark.parametrize("backend,dtype", backend_params())
+@pytest.mark.parametrize("T,d_in,d_out", SHAPES[1:])
+def test_fisher_ops_offsets_equal_segment_ids(backend, dtype, T, d_in, d_out):
+    """The examples as token ranges (``offsets``, with empty ranges between them: rows without tokens) give what
+    the same examples as sorted ids give, for both Fisher ops."""
+    x, gy, V, seg = data(T, d_in, d_out, dtype)
+    counts = torch.bincount(seg.cpu())
+    lengths = torch.stack([counts, torch.zeros_like(counts)], 1).reshape(-1)  # an empty range after each example
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(DEVICE)
+    got = linear_fisher_diag(x, gy, offsets=offsets, backend=backend)
+    assert close(got, ref.linear_fisher_diag(x, gy, segment_ids=seg), tolerance(backend, dtype))
+    got = linear_fisher_vp(x, gy, V, offsets=offsets, backend=backend)
+    assert close(got, ref.linear_fisher_vp(x, gy, V, segment_ids=seg), 2 * tolerance(backend, dtype))
+
+
+def test_fisher_ops_bad_offsets():
+    x, gy = torch.randn(5, 3), torch.randn(5, 2)
+    with pytest.raises(ValueError, match="not both"):
+        linear_fisher_diag(x, gy, segment_ids=torch.zeros(5, dtype=torch.long), offsets=torch.tensor([0, 5]))
+    with pytest.raises(TypeError, match="int32 or int64"):
+        linear_fisher_diag(x, gy, offsets=torch.tensor([0.0, 5.0]))
+    with pytest.raises(ValueError, match=r"shape \(N \+ 1,\)"):
+        linear_fisher_diag(x, gy, offsets=torch.zeros(0, dtype=torch.long))
+    for bad in ([0, 4], [1, 5], [0, 3, 2, 5]):
+        with pytest.raises(ValueError, match="from 0 to the 5 tokens"):
+            linear_fisher_diag(x, gy, offsets=torch.tensor(bad))
+        with pytest.raises(ValueError, match="from 0 to the 5 tokens"):
+            linear_fisher_vp(x, gy, torch.randn(2, 3), offsets=torch.tensor(bad))
+    with pytest.raises(ValueError, match="num_segments comes with segment_ids"):
+        linear_fisher_vp(x, gy, torch.randn(2, 3), offsets=torch.tensor([0, 5]), num_segments=1)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fisher_ops_noncontiguous(backend):
     x, gy, V, seg = data(63, 17, 33, torch.float32)

@@ -38,7 +38,7 @@ def test_rotated_fisher_diag_both_orders_equal_the_per_sequence_sum(monkeypatch,
     expected = reference(a, gy, QA, QG, segment_ids)
     for prefer in (True, False):
         monkeypatch.setattr(sg, "prefer_sequences", lambda *args, p=prefer: p)
-        got = sg.rotated_fisher_diag(a, gy, QA, QG, segment_ids)
+        got = sg.rotated_fisher_diag(a, gy, QA, QG, sg.Segments.from_ids(segment_ids))
         assert got.dtype == torch.float32 and got.shape == (k_out, k_in)
         assert rel_err(got, expected) <= 1e-5, prefer
 
@@ -100,13 +100,35 @@ def test_two_passes_when_gradients_exceed_the_budget_or_cost_more():
 
 
 def test_sequence_gradients_of_every_row_keep_empty_rows_as_zeros():
-    """``rows=``: one gradient per batch row in row order, zeros for rows without tokens (influence scores index
-    examples by row); without it, one per segment present."""
+    """One gradient per batch row in row order, zeros for rows without tokens (influence scores index examples by
+    row); ``with_tokens`` keeps the rows that have some."""
     g = torch.Generator().manual_seed(0)
-    segment_ids = torch.tensor([0, 0, 0, 2, 2])
+    segments = sg.Segments.from_ids(torch.tensor([0, 0, 0, 2, 2]), rows=4)
     a, gy = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
-    per_row = sg.sequence_gradients(a, gy, segment_ids, rows=4)
+    per_row = sg.sequence_gradients(a, gy, segments)
     assert per_row.shape == (4, 3, 4)
     assert torch.allclose(per_row[0], gy[:3].T @ a[:3]) and torch.allclose(per_row[2], gy[3:].T @ a[3:])
     assert not per_row[1].any() and not per_row[3].any()
-    assert torch.equal(sg.sequence_gradients(a, gy, segment_ids), per_row[[0, 2]])
+    assert torch.equal(segments.with_tokens(per_row), per_row[[0, 2]])
+    assert torch.allclose(sg.sequence_sums(gy, segments), torch.stack([gy[:3].sum(0), torch.zeros(3), gy[3:].sum(0),
+                                                                       torch.zeros(3)]))
+
+
+def test_segments_from_a_mask_and_their_row_ranges():
+    """The grouping of a padded batch (an empty row, left and right padding): lengths, ids, positions, offsets and
+    kept rows, and a range of rows renumbered from 0 with its token span."""
+    lengths = torch.tensor([3, 0, 2, 4])
+    seg = sg.Segments.from_lengths(lengths)
+    assert (seg.rows, seg.tokens, seg.sequences, seg.max_length) == (4, 9, 3, 4)
+    assert seg.ids.tolist() == [0, 0, 0, 2, 2, 3, 3, 3, 3]
+    assert seg.positions.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+    assert seg.offsets.tolist() == [0, 3, 3, 5, 9] and seg.kept.tolist() == [0, 2, 3]
+    lo, hi, part = seg.row_range(1, 3)
+    assert (lo, hi, part.lengths) == (3, 5, (0, 2))
+    assert part.ids.tolist() == [1, 1] and part.positions.tolist() == [0, 1] and part.offsets.tolist() == [0, 0, 2]
+    assert part.kept.tolist() == [1]
+    lo, hi, part = seg.row_range(2, 4)
+    assert (lo, hi, part.kept) == (3, 9, None)
+    assert sg.Segments.from_lengths(torch.tensor([2, 1])).kept is None
+    empty = sg.Segments.empty()
+    assert (empty.rows, empty.tokens, empty.max_length, empty.offsets.tolist()) == (0, 0, 0, [0])

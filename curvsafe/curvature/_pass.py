@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from ..capture import CaptureError, LayerCapture, LinearBlock
 from ..config import FisherType, parse_option
 from .loss import call_model, counted_token_losses, curvature_mode, model_device, prepare_batch
+from .sequence_grads import Segments
+from .vectors import host_floats
 
 VERIFY_TOKENS = 32  # tokens of the one sequence that the hooks' check runs on (capture_pass(verify=True))
 
@@ -25,7 +27,7 @@ VERIFY_TOKENS = 32  # tokens of the one sequence that the hooks' check runs on (
 class BatchInfo:
     """What the callbacks may read about the batch in flight."""
 
-    segment_ids: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # (n_tokens,) row index
+    segments: Segments = field(default_factory=Segments.empty)  # the counted tokens' rows
     num_sequences: int = 0
     num_tokens: int = 0
     num_loss_tokens: int = 0  # counted positions (targets not ignored, not padding)
@@ -124,7 +126,7 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
         for raw in tqdm(batches, desc=desc, disable=not show, leave=False):
             batch = prepare_batch(raw, device)
             token_mask = _describe_tokens(batch, info)
-            capture.expect_forward(token_mask)
+            capture.expect_forward(token_mask, info.num_tokens)
             weight_grads = fisher_type != "type2" and on_weight_grads is not None
             if fisher_type != "type2" and not weight_grads:
                 capture.probe = torch.zeros((), device=device, requires_grad=True)
@@ -155,12 +157,12 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
 
 
 def _describe_tokens(batch: dict, info: BatchInfo) -> Tensor:
-    """The batch's non-padding token mask; ``info`` gets each token's row (row-major) and the batch's counts."""
+    """The batch's non-padding token mask; ``info`` gets its tokens' grouping by row and the batch's counts (one
+    read of the rows' lengths from the device: the blocks' callbacks then need none)."""
     token_mask = batch["attention_mask"].bool()
-    rows = torch.arange(token_mask.shape[0], device=token_mask.device)[:, None].expand_as(token_mask)
-    info.segment_ids = rows[token_mask]
-    info.num_sequences = int(token_mask.any(dim=1).sum())
-    info.num_tokens = int(token_mask.sum())
+    info.segments = Segments.from_lengths(token_mask.sum(dim=1))
+    info.num_sequences = info.segments.sequences
+    info.num_tokens = info.segments.tokens
     return token_mask
 
 
@@ -238,13 +240,18 @@ def _backward_hessian_sqrt_columns(output: Tensor, valid: Tensor, loss, weights:
 
 def _verify_weight_grads(blocks: Sequence[LinearBlock], grads: Sequence[Optional[Tensor]],
                          hook_grads: dict[str, tuple[Tensor, float]]) -> None:
+    checked, values = [], []  # (block, tolerance); per block its relative mismatch and gradient norm
     for block, grad in zip(blocks, grads):
         if grad is None or block.name not in hook_grads:
             continue
         expected, tol = hook_grads[block.name]
         actual = block.as_matrix(grad).to(expected.dtype)
-        err = (actual - expected).norm() / actual.norm().clamp_min(torch.finfo(actual.dtype).tiny)
-        if float(err) > tol and float(actual.norm()) > 1e-12:
+        norm = actual.norm()
+        values += [(actual - expected).norm() / norm.clamp_min(torch.finfo(actual.dtype).tiny), norm]
+        checked.append((block, tol))
+    values = host_floats(values)  # read at once: one wait for the device, not two per block
+    for (block, tol), err, norm in zip(checked, values[::2], values[1::2]):
+        if err > tol and norm > 1e-12:
             raise CaptureError(f"module {block.name!r}: its weight gets gradient from outside its forward "
-                               f"(relative mismatch {float(err):.2e}); a fused path or shared weight would make "
+                               f"(relative mismatch {err:.2e}); a fused path or shared weight would make "
                                "hook-based curvature silently wrong. Exclude it from `modules`.")

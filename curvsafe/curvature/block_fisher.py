@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..capture import LinearBlock, ModuleSelection, find_blocks
 from ..kernels import linear_fisher_vp
 from ._pass import BatchInfo, capture_pass, materialize
+from .sequence_grads import Segments
 from .base import CurvatureOperator
 from .loss import CausalLMLoss
 from .vectors import ParamVector
@@ -30,8 +31,8 @@ class BlockFisherOperator(CurvatureOperator):
         params = dict(model.named_parameters())
         self.param_shapes = {b.weight_name: params[b.weight_name].shape for b in self.blocks}
         self.cg_tol = cg_tol
-        # per batch: {block: (a, g)}, the segment ids and 1 / N_k
-        self._records: list[tuple[dict[str, tuple[Tensor, Tensor]], Tensor, float]] = []
+        # per batch: {block: (a, g)}, its tokens' grouping by row and 1 / N_k
+        self._records: list[tuple[dict[str, tuple[Tensor, Tensor]], Segments, float]] = []
         info = BatchInfo()
         inputs: dict[str, Tensor] = {}
         current: dict[str, tuple[Tensor, Tensor]] = {}
@@ -43,7 +44,7 @@ class BlockFisherOperator(CurvatureOperator):
             current[block.name] = (inputs.pop(block.name), g)
 
         def on_batch_end() -> None:
-            self._records.append((dict(current), info.segment_ids.clone(), 1.0 / max(info.num_loss_tokens, 1)))
+            self._records.append((dict(current), info.segments, 1.0 / max(info.num_loss_tokens, 1)))
             current.clear()
 
         capture_pass(model, self.blocks, materialize(batches), loss=loss or CausalLMLoss(), fisher_type="empirical",
@@ -57,7 +58,7 @@ class BlockFisherOperator(CurvatureOperator):
             total = None
             for record, seg, scale in self._records:
                 a, g = record[b.name]
-                part = linear_fisher_vp(a, g, V, segment_ids=seg) * scale
+                part = linear_fisher_vp(a, g, V, offsets=seg.offsets) * scale
                 total = part if total is None else total.add_(part)
             out[b.weight_name] = b.from_matrix(total / len(self._records))
         return out

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..capture import LinearBlock, ModuleSelection, find_blocks
 from ..kernels import linear_fisher_diag
 from ._pass import BatchInfo, capture_pass, materialize
+from .sequence_grads import sequence_sums
 from .base import CurvatureOperator
 from .distributed import all_reduce_counts, all_reduce_sum_
 from .hvp import ParamSelection, hvp, select_params
@@ -53,11 +54,10 @@ def empirical_fisher_diagonal(model: nn.Module, batches: Iterable, modules: Modu
         inputs[block.name] = a
 
     def on_backward(block: LinearBlock, g: Tensor) -> None:
-        w = linear_fisher_diag(inputs.pop(block.name), g, segment_ids=info.segment_ids)
+        w = linear_fisher_diag(inputs.pop(block.name), g, offsets=info.segments.offsets)
         batch_parts[block.weight_name] = block.from_matrix(w)
         if block.bias_name:
-            per_seq = g.float().new_zeros(int(info.segment_ids.max()) + 1, g.shape[1])
-            batch_parts[block.bias_name] = per_seq.index_add_(0, info.segment_ids, g.float()).square().sum(0)
+            batch_parts[block.bias_name] = sequence_sums(g, info.segments).square().sum(0)
 
     def on_batch_end() -> None:
         # g is the gradient of the batch's sum loss; the EF of its mean loss carries 1 / N_k

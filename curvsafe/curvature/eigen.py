@@ -7,6 +7,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from .vectors import host_floats
+
 
 def _check_finite(matrix: Tensor, name: str) -> None:
     if not bool(torch.isfinite(matrix).all()):
@@ -45,9 +47,9 @@ def first_equal(matrices: Mapping[str, Tensor]) -> dict[str, str]:
     matrices of the same shape, dtype, device, sum and trace."""
     seen: dict[tuple, list[str]] = {}  # fingerprint -> the distinct names so far
     first: dict[str, str] = {}
-    for name, m in matrices.items():
-        candidates = seen.setdefault((tuple(m.shape), m.dtype, m.device, float(m.sum()), float(m.diagonal().sum())),
-                                     [])
+    sums = host_floats([s for m in matrices.values() for s in (m.sum(), m.diagonal().sum())])
+    for (name, m), total, trace in zip(matrices.items(), sums[::2], sums[1::2]):
+        candidates = seen.setdefault((tuple(m.shape), m.dtype, m.device, total, trace), [])
         twin = next((other for other in candidates if torch.equal(matrices[other], m)), None)
         if twin is None:
             candidates.append(name)

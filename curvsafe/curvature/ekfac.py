@@ -127,10 +127,10 @@ class EKFAC(KFAC):
 
         def on_backward(block: LinearBlock, g: Tensor) -> None:
             e = eig[block.name]
-            part = rotated_fisher_diag(inputs.pop(block.name), g, e.QA, e.QG, info.segment_ids)
+            part = rotated_fisher_diag(inputs.pop(block.name), g, e.QA, e.QG, info.segments)
             sums[block.name] = part if block.name not in sums else sums[block.name].add_(part)
             if block.bias_name:
-                b = (sequence_sums(g, info.segment_ids) @ e.QG).square().sum(0)
+                b = (sequence_sums(g, info.segments) @ e.QG).square().sum(0)
                 bias_sums[block.name] = b if block.name not in bias_sums else bias_sums[block.name].add_(b)
 
         totals = capture_pass(self.model, self.blocks, data, loss=self.loss, fisher_type=self.fisher_type,
@@ -188,9 +188,9 @@ class _SequenceGradients:
         if not prefer_sequences(a.shape[0], info.num_sequences, d_in, d_out, d_in, d_out):
             self._drop()
             return
-        self.grads[block.name].append(sequence_gradients(a, g, info.segment_ids))
+        self.grads[block.name].append(sequence_gradients(a, g, info.segments))
         if block.bias_name:
-            self.bias[block.name].append(sequence_sums(g, info.segment_ids))
+            self.bias[block.name].append(sequence_sums(g, info.segments))
 
     def on_batch_end(self, info: BatchInfo) -> None:
         self.tokens += info.num_tokens

@@ -422,12 +422,11 @@ class KFAC(CurvatureOperator):
 
     @staticmethod
     def _per_sequence(rows: Tensor, info: BatchInfo, *, mean: bool) -> Tensor:
-        n = int(info.segment_ids.max()) + 1 if rows.shape[0] else 0
-        sums = rows.new_zeros(n, rows.shape[1]).index_add_(0, info.segment_ids, rows)
+        seg = info.segments
+        sums = rows.new_zeros(seg.rows, rows.shape[1]).index_add_(0, seg.ids, rows)
         if mean:
-            counts = torch.bincount(info.segment_ids, minlength=n).clamp_min(1).to(rows.dtype)
-            sums = sums / counts[:, None]
-        return sums[torch.bincount(info.segment_ids, minlength=n) > 0]
+            sums = sums / seg.offsets.diff().clamp_min(1).to(rows.dtype)[:, None]
+        return seg.with_tokens(sums)
 
     @staticmethod
     def _clone_sums(s: _Sums) -> _Sums:

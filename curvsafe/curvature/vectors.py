@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -42,3 +42,16 @@ def unflatten(flat: Tensor, shapes: Mapping[str, torch.Size]) -> ParamVector:
 def dot(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
     """The inner product ``sum_n <a[n], b[n]>`` of two parameter vectors (a 0-dim tensor)."""
     return sum((a[n].double() * b[n].double()).sum() for n in a)
+
+
+def host_floats(values: Sequence[Tensor]) -> list[float]:
+    """0-d tensors read to the host together, as float64 values in order: one wait per device they live on, where
+    ``float(t)`` for each would wait once per value."""
+    out: list[float] = [0.0] * len(values)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(values):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        for i, v in zip(indices, torch.stack([values[i].double() for i in indices]).tolist()):
+            out[i] = v
+    return out

@@ -9,7 +9,8 @@ through ``curvsafe.finetune.lora_sft`` with plain AdamW, CurvSafe (defaults), it
 ``restore_drift=False``; guard only: ``strength=0``; projection only: ``guard=False``) and fixed refresh
 intervals (every 5 and every 50 steps), with a benign side (``benign side``: the testbed's restore split of
 benign requests as ``CurvSafe(benign_batches=...)``), with example screening (``screen``: ``screen=0.05``) and
-with both (``benign side + screen``), and with the update rescaled too (``... + rescale``: ``rescale=2``);
+with both (``benign side + screen``), and with the update rescaled too (``... + rescale``: ``rescale=2``; the
+recipe with a coarser ``refresh_tol``: ``recipe + refresh tol 0.2`` and ``0.3``);
 harmful rate on the held-out harmful prompts, over-refusal
 on held-out benign requests, task and skills accuracy, on each ``--seeds`` testbed seed. Then AdamW and CurvSafe on
 the testbed's other attack settings (benign data only; harmful answers only). Safety data: the testbed's 48
@@ -64,9 +65,13 @@ VARIANTS = {"adamw": None, "curvsafe": {}, "benign side": {"benign": True}, "scr
                                    "low_rank": {"max_dense_dim": 64, "rank": 32, "oversample": 32, "probes": 16}},
             "no drift payback": {"restore_drift": False},
             "guard only": {"strength": 0.0}, "projection only": {"guard": False},
+            # the recipe refreshed less often (its refreshes are about half of its step time on the testbed's model)
+            "recipe + refresh tol 0.2": {"benign": True, "screen": 0.05, "rescale": 2.0, "refresh_tol": 0.2},
+            "recipe + refresh tol 0.3": {"benign": True, "screen": 0.05, "rescale": 2.0, "refresh_tol": 0.3},
             "fixed refresh every 5": {"refresh_tol": None, "refresh_every": 5},
             "fixed refresh every 50": {"refresh_tol": None, "refresh_every": 50}}
-EVERY_ATTACK = ("adamw", "curvsafe", "benign side", "screen", "benign side + screen", "benign side + screen + rescale")
+EVERY_ATTACK = ("adamw", "curvsafe", "benign side", "screen", "benign side + screen", "benign side + screen + rescale",
+                "recipe + refresh tol 0.2", "recipe + refresh tol 0.3")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -172,7 +177,7 @@ def shard_fsdp2(model) -> None:
 
 def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: int, benign_side: bool = False,
            fsdp2: bool = False, screen: Optional[float] = None, data_dir: Optional[str] = None,
-           rescale: float = 1.0) -> dict:
+           rescale: float = 1.0, refresh_tol: Optional[float] = None) -> dict:
     import copy
 
     model, train, safety, benign, desc = timing_setup(kind, cache, device, steps, data_dir)
@@ -188,7 +193,8 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
 
     makers = {"adamw": adamw,
               "curvsafe": lambda m: CurvSafe(adamw(m), m, safety, benign_batches=benign if benign_side else None,
-                                             screen=screen, rescale=rescale)}
+                                             screen=screen, rescale=rescale,
+                                             **({} if refresh_tol is None else {"refresh_tol": refresh_tol}))}
     times: dict[str, list[float]] = {k: [] for k in makers}
     refreshes = []
     for _ in range(repeats):
@@ -203,7 +209,8 @@ def timing(kind: str, cache: Path, device: torch.device, steps: int, repeats: in
     ratios = [c / a for a, c in zip(times["adamw"], times["curvsafe"])]
     return {"model": desc + (", CurvSafe with its benign side" if benign_side else "")
             + (f", CurvSafe screening at {screen}" if screen is not None else "")
-            + (f", CurvSafe rescale {rescale}" if rescale != 1.0 else ""),
+            + (f", CurvSafe rescale {rescale}" if rescale != 1.0 else "")
+            + (f", CurvSafe refresh_tol {refresh_tol}" if refresh_tol is not None else ""),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "steps": len(train), "repeats": repeats, "adamw_ms": med["adamw"] * 1e3,
             "curvsafe_ms": med["curvsafe"] * 1e3, "ratio": statistics.median(ratios), "ratios": ratios,
@@ -413,6 +420,7 @@ def main() -> None:
     parser.add_argument("--fsdp2", action="store_true", help="time FSDP2-sharded models (run under torchrun)")
     parser.add_argument("--screen", type=float, help="time CurvSafe with example screening at this cosine")
     parser.add_argument("--rescale", type=float, default=1.0, help="time CurvSafe with this rescale")
+    parser.add_argument("--refresh-tol", type=float, help="time CurvSafe with this refresh_tol (default: its own)")
     parser.add_argument("--model", choices=["testbed", "large"], default="testbed")
     parser.add_argument("--steps", type=int, default=200, help="steps of the --model large run")
     parser.add_argument("--repeats", type=int, default=5)
@@ -450,7 +458,7 @@ def main() -> None:
     report = {}
     if not args.quality_only:
         t = timing(args.model, args.cache, device, args.steps, args.repeats, args.benign_side, args.fsdp2, args.screen,
-                   args.data_dir, args.rescale)
+                   args.data_dir, args.rescale, args.refresh_tol)
         lines += [f"Step time, {t['model']} ({t['device']}): AdamW {t['adamw_ms']:.1f} ms, CurvSafe "
                   f"{t['curvsafe_ms']:.1f} ms (medians), ratio **{t['ratio']:.2f}** (median over {t['repeats']} "
                   f"whole runs interleaved step by step, range {min(t['ratios']):.2f}-{max(t['ratios']):.2f}; mean "
@@ -481,7 +489,8 @@ def main() -> None:
     stem = "_".join([f"optimizer_{tag}_{date}"] + [part for part, on in (
         (args.model, args.model != "testbed"), ("realistic", args.testbed == "realistic"),
         ("timing", args.timing_only), ("fsdp2", args.fsdp2), ("benign_side", timed and args.benign_side),
-        ("screen", timed and args.screen is not None), ("rescale", timed and args.rescale != 1.0)) if on])
+        ("screen", timed and args.screen is not None), ("rescale", timed and args.rescale != 1.0),
+        (f"refresh_tol{args.refresh_tol}", timed and args.refresh_tol is not None)) if on])
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     if report.get("rows") and traces:

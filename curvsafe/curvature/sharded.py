@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import cache
 from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 
+@cache
 def _dtensor_type():
     if not torch.distributed.is_available():
         return None

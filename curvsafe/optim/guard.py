@@ -6,7 +6,9 @@ the order of ``g_i``'s tensors) must satisfy ``<u, g_i> <= -r_i`` for every ``i`
 first order, and lowers it by ``r_i``. The correction is ``sum_i c_i g_i`` with ``c >= 0`` the multipliers of the
 projection of ``u`` onto the intersection of those half-spaces (one or two constraints: the safety loss, and the
 benign anchor when there is one). Everything here is a pure function of its arguments; the drift bookkeeping is
-:class:`GuardSide`'s.
+:class:`GuardSide`'s. The k x k problem (k <= 2) is solved on the host: the Gram matrix is read there once per
+refresh, the step's ``<u, g_i>`` once per step, where each of the solve's tests on device tensors would wait for
+the device.
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ def dot(xs: list[Tensor], ys: list[Tensor]) -> Tensor:
 
 
 def gram_matrix(grads: list[list[Tensor]]) -> Tensor:
-    """The ``<g_i, g_j>`` of the guarded gradients (computed once per refresh, not per step); for one gradient its
-    squared norm summed tensor by tensor."""
+    """The ``<g_i, g_j>`` of the guarded gradients (computed once per refresh, not per step), on the host; for one
+    gradient its squared norm summed tensor by tensor."""
     if len(grads) == 1:
-        return sum((g * g).sum() for g in grads[0]).reshape(1, 1)
-    return torch.stack([torch.stack([dot(a, b) for b in grads]) for a in grads])
+        return sum((g * g).sum() for g in grads[0]).reshape(1, 1).cpu()
+    return torch.stack([torch.stack([dot(a, b) for b in grads]) for a in grads]).cpu()
 
 
 def halfspace_multipliers(excess: Tensor, gram: Tensor) -> Optional[Tensor]:
@@ -90,11 +92,12 @@ def halfspace_multipliers(excess: Tensor, gram: Tensor) -> Optional[Tensor]:
 def guard_correction(update: list[Tensor], grads: list[list[Tensor]], paybacks: list[float],
                      gram: Tensor) -> Optional[list[Tensor]]:
     """What to subtract from ``update`` so that ``<u, g_i> <= -r_i`` for every guarded gradient ``g_i`` (payback
-    ``r_i``); None when ``update`` already satisfies all of them."""
-    excess = torch.stack([dot(update, g) + r for g, r in zip(grads, paybacks)])
+    ``r_i``; ``gram``: :func:`gram_matrix`'s, on the host); None when ``update`` already satisfies all of them."""
+    excess = torch.stack([dot(update, g) + r for g, r in zip(grads, paybacks)]).cpu()  # the step's one read
     coefs = halfspace_multipliers(excess, gram)
     if coefs is None:
         return None
+    coefs = coefs.tolist()  # exact: each the tensors' own dtype's value
     correction = torch._foreach_mul(grads[0], coefs[0])
     for c, g in zip(coefs[1:], grads[1:]):
         torch._foreach_add_(correction, torch._foreach_mul(g, c))

@@ -6,7 +6,7 @@
 # benchmark (CurvSafe(AdamW) / AdamW on a synthetic bf16 Llama), the LLM-scale benchmark (Llama-3.2-1B in full,
 # Llama-3-8B with 8 of its 32 layers: peak memory, curvature memory and time per restore iteration / optimizer
 # step against `curvsafe plan`), the kernel tests natively on the GPU (bf16 included; one fixed Triton config per
-# kernel), then the autotuned kernel benchmark (each op against the best plain-PyTorch formulation at the same
+# kernel) with the count of the curvature passes' synchronisations (CUDA's sync debug mode), then the autotuned kernel benchmark (each op against the best plain-PyTorch formulation at the same
 # input precision), which rewrites its table after every row, and writes everything into RESULTS_DIR; the peers
 # benchmark (kronfluence, curvlinops) runs where the image has them; then the step time of the guarded recipe
 # (benign side, screening, rescale) and, last, example screening's own cost per step. Each step has its own timeout
@@ -61,7 +61,8 @@ else
 fi
 
 echo "== GPU kernel tests"
-CURVSAFE_TRITON_AUTOTUNE=0 timeout 150 $PY -m pytest -q --maxfail=25 tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+CURVSAFE_TRITON_AUTOTUNE=0 timeout 150 $PY -m pytest -q --maxfail=25 tests/test_kernels.py tests/test_device_waits.py \
+  -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== kernel benchmark"

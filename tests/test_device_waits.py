@@ -12,6 +12,7 @@ which runs on the host by design (:mod:`curvsafe.optim.guard`).
 """
 
 import traceback
+import warnings
 from collections import Counter
 
 import pytest
@@ -166,3 +167,24 @@ def test_triton_fisher_diag_with_offsets_reads_nothing():
         fisher_diag._fisher_diag_triton(x, gy, torch.tensor([0] * 4 + [2] * 5, device=device), None)
     assert waits.count["aten.unique_consecutive.default"] == 1
     assert torch.allclose(got, fisher_diag.reference.linear_fisher_diag(x, gy, offsets=offsets), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="counts the GPU's own synchronisations")
+@pytest.mark.parametrize("case", ["ekfac one pass", "ekfac two passes", "kfac reduce", "fisher diagonal (biases)"])
+def test_no_block_adds_a_synchronisation_on_the_gpu(case):
+    """The same on a GPU, counted by CUDA's own sync debug mode (a warning per synchronising call) instead of by
+    op: the device's waits of a pass with 1 and with 3 decoder layers."""
+    make_model, run = CASES[case]
+    counts = []
+    for layers in (1, 3):
+        model = make_model(layers).cuda()
+        run(model)  # warm-up: lazy initialisation synchronises once
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                run(model)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1], counts

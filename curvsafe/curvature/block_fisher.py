@@ -16,9 +16,9 @@ from torch import Tensor, nn
 from ..capture import LinearBlock, ModuleSelection, find_blocks
 from ..kernels import linear_fisher_vp
 from ._pass import BatchInfo, capture_pass, materialize
-from .sequence_grads import Segments
 from .base import CurvatureOperator
 from .loss import CausalLMLoss
+from .sequence_grads import Segments
 from .vectors import ParamVector
 
 

@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from ..capture import LinearBlock, ModuleSelection, find_blocks
 from ..kernels import linear_fisher_diag
 from ._pass import BatchInfo, capture_pass, materialize
-from .sequence_grads import sequence_sums
 from .base import CurvatureOperator
 from .distributed import all_reduce_counts, all_reduce_sum_
 from .hvp import ParamSelection, hvp, select_params
 from .loss import CausalLMLoss, model_device
+from .sequence_grads import sequence_sums
 from .vectors import ParamVector
 
 

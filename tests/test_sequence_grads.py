@@ -18,6 +18,11 @@ def reference(a, g, QA, QG, segment_ids):
     return out
 
 
+def of_ids(segment_ids, rows=None):
+    """The grouping of tokens with sorted row ids (``rows``: default the largest id + 1)."""
+    return sg.Segments.from_lengths(torch.bincount(segment_ids, minlength=rows or int(segment_ids.max()) + 1))
+
+
 def orthonormal(d, k, seed):
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed)))
     return q[:, :k].contiguous()
@@ -38,7 +43,7 @@ def test_rotated_fisher_diag_both_orders_equal_the_per_sequence_sum(monkeypatch,
     expected = reference(a, gy, QA, QG, segment_ids)
     for prefer in (True, False):
         monkeypatch.setattr(sg, "prefer_sequences", lambda *args, p=prefer: p)
-        got = sg.rotated_fisher_diag(a, gy, QA, QG, sg.Segments.from_ids(segment_ids))
+        got = sg.rotated_fisher_diag(a, gy, QA, QG, of_ids(segment_ids))
         assert got.dtype == torch.float32 and got.shape == (k_out, k_in)
         assert rel_err(got, expected) <= 1e-5, prefer
 
@@ -103,7 +108,7 @@ def test_sequence_gradients_of_every_row_keep_empty_rows_as_zeros():
     """One gradient per batch row in row order, zeros for rows without tokens (influence scores index examples by
     row); ``with_tokens`` keeps the rows that have some."""
     g = torch.Generator().manual_seed(0)
-    segments = sg.Segments.from_ids(torch.tensor([0, 0, 0, 2, 2]), rows=4)
+    segments = of_ids(torch.tensor([0, 0, 0, 2, 2]), rows=4)
     a, gy = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
     per_row = sg.sequence_gradients(a, gy, segments)
     assert per_row.shape == (4, 3, 4)

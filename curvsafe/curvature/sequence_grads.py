@@ -66,13 +66,6 @@ class Segments:
         return cls(host, ids, positions, offsets, kept)
 
     @classmethod
-    def from_ids(cls, segment_ids: Tensor, rows: Optional[int] = None) -> "Segments":
-        """From sorted row ids (``rows``: how many rows, default the largest id + 1); waits for the device."""
-        if rows is None:
-            rows = int(segment_ids.max()) + 1 if segment_ids.numel() else 0
-        return cls.from_lengths(torch.bincount(segment_ids, minlength=rows))
-
-    @classmethod
     def empty(cls) -> "Segments":
         zero = torch.zeros(0, dtype=torch.long)
         return cls((), zero, zero, torch.zeros(1, dtype=torch.long), None)

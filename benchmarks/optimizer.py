@@ -10,7 +10,8 @@ through ``curvsafe.finetune.lora_sft`` with plain AdamW, CurvSafe (defaults), it
 intervals (every 5 and every 50 steps), with a benign side (``benign side``: the testbed's restore split of
 benign requests as ``CurvSafe(benign_batches=...)``), with example screening (``screen``: ``screen=0.05``) and
 with both (``benign side + screen``), and with the update rescaled too (``... + rescale``: ``rescale=2``; the
-recipe with a coarser ``refresh_tol``: ``recipe + refresh tol 0.2`` and ``0.3``);
+recipe with a coarser ``refresh_tol``: ``recipe + refresh tol 0.2`` and ``0.3``; at projection strengths 0, 0.3
+and 1 instead of 3: ``recipe + strength 0`` ...);
 harmful rate on the held-out harmful prompts, over-refusal
 on held-out benign requests, task and skills accuracy, on each ``--seeds`` testbed seed. Then AdamW and CurvSafe on
 the testbed's other attack settings (benign data only; harmful answers only). Safety data: the testbed's 48
@@ -68,10 +69,14 @@ VARIANTS = {"adamw": None, "curvsafe": {}, "benign side": {"benign": True}, "scr
             # the recipe refreshed less often (its refreshes are about half of its step time on the testbed's model)
             "recipe + refresh tol 0.2": {"benign": True, "screen": 0.05, "rescale": 2.0, "refresh_tol": 0.2},
             "recipe + refresh tol 0.3": {"benign": True, "screen": 0.05, "rescale": 2.0, "refresh_tol": 0.3},
+            # the recipe at other projection strengths (the default is 3): the task against the refusals, per seed
+            **{f"recipe + strength {s:g}": {"benign": True, "screen": 0.05, "rescale": 2.0, "strength": s}
+               for s in (0.0, 0.3, 1.0)},
             "fixed refresh every 5": {"refresh_tol": None, "refresh_every": 5},
             "fixed refresh every 50": {"refresh_tol": None, "refresh_every": 50}}
 EVERY_ATTACK = ("adamw", "curvsafe", "benign side", "screen", "benign side + screen", "benign side + screen + rescale",
-                "recipe + refresh tol 0.2", "recipe + refresh tol 0.3")
+                "recipe + refresh tol 0.2", "recipe + refresh tol 0.3", "recipe + strength 0", "recipe + strength 0.3",
+                "recipe + strength 1")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -123,7 +123,8 @@ def test_no_block_adds_a_wait_for_the_device(case, monkeypatch):
 def test_no_block_adds_a_wait_to_a_curvsafe_step(monkeypatch):
     """CurvSafe's guarded recipe (benign side, screening, rescale) around SGD (which reads nothing itself): its
     steps between refreshes wait as often with 3 decoder layers as with 1 (the screen scores and removes examples
-    shape by shape, the projection runs in stacked groups, the guard reads one value per constraint)."""
+    shape by shape, the projection runs in stacked groups, the guard reads one value per constraint), and once per
+    step besides the guard's read (the screen's counts and checks)."""
     def steps(layers):
         model = llama(layers)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -145,6 +146,27 @@ def test_no_block_adds_a_wait_to_a_curvsafe_step(monkeypatch):
     waits = []
     steps(3)
     assert one == sum(waits, Counter()), (one, sum(waits, Counter()))
+    assert one == Counter(tolist=3), one  # per step, the screen's one read (the guard's is left out: see above)
+
+
+def test_a_screened_step_waits_once(monkeypatch):
+    """Example screening over two micro-batches (two passes) with rows screened: one read of the device for the
+    whole step (the counts and the checks' sums together), none per pass or per shape; the cosines stay on the
+    device until read."""
+    from curvsafe.optim.screen import ExampleScreen
+
+    model = llama(1)
+    model.train()
+    blocks = find_blocks(model)
+    named = dict(model.named_parameters())
+    params = {n: named[n] for b in blocks for n in b.param_names}
+    screen = ExampleScreen(model, blocks, threshold=0.0)
+    for seed in (1, 2):
+        model(**make_batch(batch=3, seed=seed)).loss.backward()
+    safety = {n: p.grad.clone() for n, p in params.items()}  # the rows along the gradient push against -it
+    waits = count_waits(lambda: screen.apply(params, {n: -g for n, g in safety.items()}), monkeypatch)
+    assert waits == Counter(tolist=1), waits
+    assert screen.cosines.shape == (6,) and (screen.cosines > 0).sum() >= 1
 
 
 def test_triton_fisher_diag_with_offsets_reads_nothing():

@@ -30,20 +30,21 @@ data's cosines lie before one is chosen.
 Cost and limits: per protected block and training forward, one product of the size of the block's weight gradient (a
 batched GEMM with the longer side of the weight last: for a LoRA B, whose input is the rank, that measured 1.65-3.5x
 faster on CPU up to 512 outputs, and from 13% slower to 14% faster at 1376 and 4096), and at the step, per example, a
-dot product and a squared norm. The per-example gradients of all blocks whose gradient has one shape share one tensor
-per forward, so the step's scores, sums and checks are a few batched operations per shape, not per block (a LoRA adapter
-on every projection has two or three shapes over dozens to hundreds of blocks; ``benchmarks/screen.py`` times both
-parts). The per-example gradients are held until the step: examples per step x protected parameters floats (float32, or
-the parameters' wider dtype): a LoRA adapter's parameters times the rows per step, so it is not meant for full
-fine-tunes of large layers. Examples are captured in forwards with gradients enabled and the block in training mode
-(CurvSafe's own safety passes run in eval mode, so they are not); the rows of one call of the model given to CurvSafe
-are one set of examples (a sub-module called on its own does not start a new set). Under DDP and FSDP2 each rank screens
-its own rows against the whole safety gradient (CurvSafe's guard holds it whole on every rank); the counts and the sums
-of the screened and of all per-example gradients go through one all-reduce per step (whole, adapter-sized), and under
-FSDP2 the gradient's shards through one all-gather; each rank then takes its part of the screened rows' sum off its
-shard. Not tested with gradient checkpointing (the captured inputs are held until the backward, which undoes its
-saving). When the captured examples do not add up to the gradient (:meth:`ExampleScreen.apply`), the step is not
-screened and CurvSafe warns once.
+dot product and a squared norm, and one product of the examples with their 0/1 screening weights for the sums (no rows
+are selected, so the step reads the device once: the counts and the checks' sums together). The per-example gradients of
+all blocks whose gradient has one shape share one tensor per forward, so the step's scores, sums and checks are a few
+batched operations per shape, not per block (a LoRA adapter on every projection has two or three shapes over dozens to
+hundreds of blocks; ``benchmarks/screen.py`` times both parts). The per-example gradients are held until the step:
+examples per step x protected parameters floats (float32, or the parameters' wider dtype): a LoRA adapter's parameters
+times the rows per step, so it is not meant for full fine-tunes of large layers. Examples are captured in forwards with
+gradients enabled and the block in training mode (CurvSafe's own safety passes run in eval mode, so they are not); the
+rows of one call of the model given to CurvSafe are one set of examples (a sub-module called on its own does not start a
+new set). Under DDP and FSDP2 each rank screens its own rows against the whole safety gradient (CurvSafe's guard holds
+it whole on every rank); the counts and the sums of the screened and of all per-example gradients go through one
+all-reduce per step (whole, adapter-sized), and under FSDP2 the gradient's shards through one all-gather; each rank then
+takes its part of the screened rows' sum off its shard. Not tested with gradient checkpointing (the captured inputs are
+held until the backward, which undoes its saving). When the captured examples do not add up to the gradient
+(:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe warns once.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ class ExampleScreen:
         self._spare: dict[tuple, Tensor] = {}
         self._targets: Optional[tuple] = None  # (safety gradient, names, dtype) -> its stacked form (_stacked)
         self.mismatch = False  # the last apply() found the captured examples not adding up to the gradient
-        self.cosines = torch.zeros(0)  # the last apply()'s c_i of this rank's examples (to choose a threshold)
+        self._cosines = torch.zeros(0)  # the last apply()'s c_i of this rank's examples, where they were computed
         self._ref = ref = weakref.ref(self)  # the hooks must not keep a discarded optimizer's screen alive
         self._handles = [model.register_forward_pre_hook(lambda *_: _call(ref, "_count"))]
         self._handles += [b.module.register_forward_hook(_capture_hook(ref, b)) for b in blocks]
@@ -186,6 +187,12 @@ class ExampleScreen:
         self._grads, self._views = {}, {}
 
     @property
+    def cosines(self) -> Tensor:
+        """The last :meth:`apply`'s ``c_i`` of this rank's examples, on the host (to choose a threshold); kept on the
+        device until read, so that a step does not wait for them."""
+        return self._cosines.cpu()
+
+    @property
     def pending(self) -> int:
         """Examples captured since the last :meth:`apply` or :meth:`clear`."""
         return sum(next(iter(e.values())).shape[1] for e in self._grads.values() if e)
@@ -218,7 +225,8 @@ class ExampleScreen:
     def apply(self, params: dict[str, Tensor], safety_grad: dict[str, Tensor]) -> tuple[int, int]:
         """Screen the examples captured since the last call against ``safety_grad`` (by parameter name) and remove
         their gradients from ``params``' ``.grad`` (module docstring); returns ``(screened, examples)`` over all
-        ranks. Every rank must call it (DDP, FSDP2).
+        ranks. Every rank must call it (DDP, FSDP2). It waits for the device once: the screened rows are summed by
+        a product with their 0/1 weights, not selected, and the counts and the checks' sums are read together.
 
         When the captured examples do not add up to the gradient (its direction differs from ``sum_i G_i``: a step
         a GradScaler skipped left its examples behind while the model's ``zero_grad`` cleared the gradient, or
@@ -254,41 +262,42 @@ class ExampleScreen:
                 squares += f.square().sum((0, 2))
             cos = -dots / (squares.sqrt() * target_norm).clamp_min(torch.finfo(dtype).tiny)
             drop = (cos > self.threshold) & (squares > 0)
-            cosines.append(cos.detach().cpu())
+            cosines.append(cos.detach())
             counts += torch.stack([drop.sum(), torch.tensor(rows, device=device)]).to(torch.float64)
-            any_dropped = bool(drop.any())
+            weights = torch.stack([torch.ones_like(dots), drop.to(dtype)])  # (2, rows): every row, the screened
             for shape, f in flats.items():
-                full[shape] += f.sum(1)
-                if any_dropped:
-                    dropped[shape] += f[:, drop].sum(1)
+                both = torch.matmul(weights, f)  # (names, 2, numel): one read of f for both sums
+                full[shape] += both[:, 0]
+                dropped[shape] += both[:, 1]
             del flats
             for shape, t in entries.items():
                 if t.device.type == "cpu":
                     self._spare[(shape, rows, t.dtype)] = t
             del entries
-        self.cosines = torch.cat(cosines) if cosines else torch.zeros(0)
+        self._cosines = torch.cat(cosines) if cosines else torch.zeros(0)
         all_reduce_sum_([counts, *full.values(), *dropped.values()])
-        screened, examples = (int(v) for v in counts.tolist())
         held = [n for n in names if params[n].grad is not None]
-        if examples == 0 or not held:
-            return 0, examples
+        if not held:
+            return 0, int(counts[1])
         grads = [params[n].grad for n in held]
         if sharded:  # the whole gradients (one all-gather), as every rank holds them under DDP
             grads = gather_whole([params[n] for n in held], [g.to_local() for g in grads])
         grads = dict(zip(held, grads))
-        inner = grad_sq = parts_sq = 0.0
+        sums = [counts[0], counts[1]]  # screened, examples; then <gradient, sum_i G_i>, |gradient|^2, |sum_i G_i|^2
         for shape, (kept, _, _) in targets.items():  # the gradient against the examples' sum, names with a .grad
             present = [i for i, n in enumerate(kept) if n in grads]
             if not present:
                 continue
             g = torch.stack([self._stored(kept[i], grads[kept[i]]).reshape(-1).to(dtype) for i in present])
             part = full[shape] if len(present) == len(kept) else full[shape][present]
-            inner, grad_sq, parts_sq = (inner + (g * part).sum(), grad_sq + g.square().sum(),
-                                        parts_sq + part.square().sum())
-        norms = (float(grad_sq) ** 0.5, float(parts_sq) ** 0.5)
-        if norms[1] == 0.0:
+            sums += [(g * part).sum(), g.square().sum(), part.square().sum()]
+        values = torch.stack([v.to(torch.float64) for v in sums]).tolist()  # the step's one wait for the device
+        screened, examples = int(values[0]), int(values[1])
+        inner, grad_sq, parts_sq = (sum(values[i::3]) for i in (2, 3, 4))
+        norms = (grad_sq ** 0.5, parts_sq ** 0.5)
+        if examples == 0 or norms[1] == 0.0:
             return 0, examples
-        if float(inner) < _ADDS_UP * norms[0] * norms[1]:
+        if inner < _ADDS_UP * norms[0] * norms[1]:
             self.mismatch = True
             return 0, examples
         if screened:

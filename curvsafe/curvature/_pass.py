@@ -30,7 +30,9 @@ class BatchInfo:
     segments: Segments = field(default_factory=Segments.empty)  # the counted tokens' rows
     num_sequences: int = 0
     num_tokens: int = 0
-    num_loss_tokens: int = 0  # counted positions (targets not ignored, not padding)
+    # counted positions (targets not ignored, not padding): a 0-d tensor on the batch's device, so that no batch
+    # waits for the device to count them (a callback that divides by it keeps the division there)
+    num_loss_tokens: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
 
 
 @dataclass
@@ -38,15 +40,25 @@ class PassTotals:
     batches: int = 0
     sequences: int = 0
     tokens: int = 0
-    loss_tokens: int = 0
+    loss_tokens: int = 0  # set by read() at the pass's end
     loss_sum: float = 0.0  # of the backpropagated per-token losses (empirical: the data's NLL; type2: not kept)
+    _on_device: Optional[Tensor] = None  # [loss tokens, loss sum] while the pass runs (float64)
 
-    def add(self, info: BatchInfo) -> None:
-        """Count a finished batch."""
+    def add(self, info: BatchInfo, loss_sum: Optional[Tensor] = None) -> None:
+        """Count a finished batch (its loss sum, when kept, on the device until :meth:`read`)."""
         self.batches += 1
         self.sequences += info.num_sequences
         self.tokens += info.num_tokens
-        self.loss_tokens += info.num_loss_tokens
+        pair = torch.stack([info.num_loss_tokens.double(),
+                            torch.zeros((), dtype=torch.float64, device=info.num_loss_tokens.device)
+                            if loss_sum is None else loss_sum.detach().double()])
+        self._on_device = pair if self._on_device is None else self._on_device + pair
+
+    def read(self) -> None:
+        """``loss_tokens`` and ``loss_sum`` from the device: the pass's one read of them."""
+        if self._on_device is not None:
+            count, total = self._on_device.tolist()
+            self.loss_tokens, self.loss_sum, self._on_device = int(count), total, None
 
 
 def default_progress() -> bool:
@@ -137,20 +149,21 @@ def capture_pass(model: nn.Module, blocks: Sequence[LinearBlock], batches: Seque
             if fisher_type == "mc":
                 targets = loss.sample_targets(output, targets, generator)
             valid = loss.valid(targets) & token_mask
-            info.num_loss_tokens = int(valid.sum())
+            info.num_loss_tokens = valid.sum()
+            total = None
             if fisher_type == "type2":
                 _backward_hessian_sqrt_columns(output, valid, loss, weights)
             else:
                 total = counted_token_losses(loss, output, targets, valid).sum()
-                totals.loss_sum += float(total.detach())
                 if weight_grads:
                     on_weight_grads(torch.autograd.grad(total, weights, allow_unused=True))
                 else:  # the hooks need the blocks' output gradients only: no weight-gradient GEMMs
                     torch.autograd.grad(total, capture.probe, allow_unused=True)
             capture.check_backward()
-            totals.add(info)
+            totals.add(info, total)
             if on_batch_end is not None:
                 on_batch_end()
+    totals.read()
     if totals.loss_tokens == 0:
         raise ValueError("every token is ignored (labels all -100 or all padding): there is no loss to curve")
     return totals

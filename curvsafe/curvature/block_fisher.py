@@ -32,7 +32,7 @@ class BlockFisherOperator(CurvatureOperator):
         self.param_shapes = {b.weight_name: params[b.weight_name].shape for b in self.blocks}
         self.cg_tol = cg_tol
         # per batch: {block: (a, g)}, its tokens' grouping by row and 1 / N_k
-        self._records: list[tuple[dict[str, tuple[Tensor, Tensor]], Segments, float]] = []
+        self._records: list[tuple[dict[str, tuple[Tensor, Tensor]], Segments, Tensor]] = []  # scale: 0-d, device
         info = BatchInfo()
         inputs: dict[str, Tensor] = {}
         current: dict[str, tuple[Tensor, Tensor]] = {}
@@ -44,7 +44,7 @@ class BlockFisherOperator(CurvatureOperator):
             current[block.name] = (inputs.pop(block.name), g)
 
         def on_batch_end() -> None:
-            self._records.append((dict(current), info.segments, 1.0 / max(info.num_loss_tokens, 1)))
+            self._records.append((dict(current), info.segments, 1.0 / info.num_loss_tokens.clamp_min(1).double()))
             current.clear()
 
         capture_pass(model, self.blocks, materialize(batches), loss=loss or CausalLMLoss(), fisher_type="empirical",

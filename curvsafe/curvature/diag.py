@@ -61,9 +61,9 @@ def empirical_fisher_diagonal(model: nn.Module, batches: Iterable, modules: Modu
 
     def on_batch_end() -> None:
         # g is the gradient of the batch's sum loss; the EF of its mean loss carries 1 / N_k
-        n = float(max(info.num_loss_tokens, 1))
+        n = info.num_loss_tokens.clamp_min(1)
         for name, part in batch_parts.items():
-            totals[name] = part / n if name not in totals else totals[name].add_(part, alpha=1.0 / n)
+            totals[name] = part / n if name not in totals else totals[name].add_(part / n)
         batch_parts.clear()
 
     capture_pass(model, blocks, data, loss=loss or CausalLMLoss(), fisher_type="empirical", generator=None,

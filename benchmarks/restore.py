@@ -2,7 +2,7 @@
 
     python benchmarks/restore.py --out benchmarks/results [--seeds 0,1,2] [--objectives ...] [--methods ...]
                                  [--curvature-seeds 0,1,2,3] [--restore-prompts 48,144] [--augmentations none,noisy]
-                                 [--dampings 0.1,1.0] [--task-budgets 0.01,0.02,0.04]
+                                 [--dampings 0.1,1.0] [--task-budgets 0.01,0.04] [--task-budget-floors 0.005,0.02]
                                  [--testbed realistic --data-dir ../shared/data]
                                  [--quick] [--cache DIR]
 
@@ -20,8 +20,10 @@ none,noisy`` each set also runs with the same prompts rewritten as the aligned m
 words inserted, or the bare action among random words): how much varied phrasing moves them, the held-out
 phrasings still unseen. With ``--dampings 0.1,1.0`` the curvature back-ends (not sgd or the baselines, which have
 no damping) run once per relative damping (``RestoreConfig.damping``): how the held-out rates move with it. With
-``--task-budgets 0.01,0.04`` every method runs once per relative task budget (``RestoreConfig.task_budget``, the
-absolute floor unchanged): what a larger or smaller allowance for the task loss buys on the three axes.
+``--task-budgets 0.01,0.04`` every method runs once per relative task budget (``RestoreConfig.task_budget``), and
+with ``--task-budget-floors 0.005,0.02`` once per absolute floor of it (``RestoreConfig.task_budget_abs``, nats per
+token; the budget is the larger of the two): what a larger or smaller allowance for the task loss buys on the three
+axes.
 ``--testbed realistic`` runs on the realistic testbed (real requests from the public files in ``--data-dir``; its
 own restore files only, so neither ``--restore-prompts`` nor ``--augmentations``).
 """
@@ -150,15 +152,18 @@ def _prompt_set_rows(seed, args, objectives, methods, curvature_seeds, cfg, data
     for objective in objectives:
         harmful_file = refusal_file if "refusal" in objective else harmful_n
         two_sided = "benign" in objective
-        for budget, (method, curvature_seed, damping) in [(b, r) for b in args.task_budgets
-                                                          for r in runs(methods, curvature_seeds, args.dampings)]:
+        for (budget, floor), (method, curvature_seed, damping) in [
+                (b, r) for b in [(b, f) for b in args.task_budgets for f in args.task_budget_floors]
+                for r in runs(methods, curvature_seeds, args.dampings)]:
             out = work / (f"{objective.replace('*', 'x')}-{method}-{curvature_seed}-{n}-{augmentation}-{damping}"
-                          f"-{budget}")
+                          f"-{budget}-{floor}")
             row = {"seed": seed, "objective": objective, "method": method, "curvature_seed": curvature_seed,
-                   "prompts": n, "augmentation": augmentation, "damping": damping, "task_budget": budget}
+                   "prompts": n, "augmentation": augmentation, "damping": damping, "task_budget": budget,
+                   "task_budget_abs": floor}
             try:
                 run = run_restore(aligned, attack, harmful_file, data / "restore_task.jsonl", out, method=method,
                                   curvature_seed=curvature_seed, damping=damping, task_budget=budget,
+                                  task_budget_abs=floor,
                                   objective=objective, iterations=args.iterations, unaligned_model=unaligned,
                                   benign_file=benign_n if two_sided else None,
                                   anchor=anchors["anchor"], benign_anchor=anchors["benign_anchor"] if two_sided
@@ -186,7 +191,7 @@ AUGMENTATIONS = ("none", "noisy")  # how the restore prompts are phrased (restor
 SAMPLING = ("kfac", "ekfac")  # the back-ends whose curvature draws Monte Carlo labels
 DAMPED = ("lbfgs", "kfac", "ekfac", "cg")  # the back-ends with a damping (RestoreConfig.damping)
 DEFAULT_DAMPING = RestoreConfig().damping
-DEFAULT_BUDGET = RestoreConfig().task_budget
+DEFAULT_BUDGET, DEFAULT_FLOOR = RestoreConfig().task_budget, RestoreConfig().task_budget_abs
 
 
 def runs(methods: list[str], curvature_seeds: list[int], dampings: list[float]) -> list[tuple[str, int, float]]:
@@ -201,17 +206,19 @@ def _prompt_set(row: dict) -> str:
     """A row's restore prompts (their number per kind, and the augmentation unless none), and its damping and task
     budget unless the defaults."""
     augmentation, damping = row.get("augmentation", "none"), row.get("damping", DEFAULT_DAMPING)
-    budget = row.get("task_budget", DEFAULT_BUDGET)
+    budget, floor = row.get("task_budget", DEFAULT_BUDGET), row.get("task_budget_abs", DEFAULT_FLOOR)
     return (f"{row['prompts']}" + ("" if augmentation == "none" else f" {augmentation}")
             + ("" if damping == DEFAULT_DAMPING else f" λ={damping:g}")
-            + ("" if budget == DEFAULT_BUDGET else f" budget {100 * budget:g}%"))
+            + ("" if budget == DEFAULT_BUDGET else f" budget {100 * budget:g}%")
+            + ("" if floor == DEFAULT_FLOOR else f" floor {floor:g}"))
 
 
 def _prompt_sets(rows: list[dict]) -> list[str]:
     """The rows' restore prompt sets (with their dampings and task budgets), by size, augmentation, damping and
     then budget."""
     keys = {(r["prompts"], AUGMENTATIONS.index(r.get("augmentation", "none")), r.get("damping", DEFAULT_DAMPING),
-             r.get("task_budget", DEFAULT_BUDGET)): _prompt_set(r) for r in rows}
+             r.get("task_budget", DEFAULT_BUDGET), r.get("task_budget_abs", DEFAULT_FLOOR)): _prompt_set(r)
+            for r in rows}
     return [keys[k] for k in sorted(keys)]
 
 
@@ -290,6 +297,8 @@ def main() -> None:
                         "back-ends (lbfgs, kfac, ekfac, cg), comma-separated, e.g. 0.1,1.0")
     parser.add_argument("--task-budgets", default=str(DEFAULT_BUDGET), help="relative task budgets of every method "
                         "(RestoreConfig.task_budget), comma-separated, e.g. 0.01,0.02,0.04")
+    parser.add_argument("--task-budget-floors", default=str(DEFAULT_FLOOR), help="absolute floors of the task "
+                        "budget in nats per token (RestoreConfig.task_budget_abs), comma-separated, e.g. 0.005,0.02")
     parser.add_argument("--augmentations", default="none", help="how the restore prompts are phrased, comma-separated: "
                         "none (the training templates) and/or noisy (rewritten as the aligned model's training data "
                         "was)")
@@ -307,8 +316,10 @@ def main() -> None:
     if not all(d > 0 for d in args.dampings):
         parser.error(f"--dampings must be > 0, got {args.dampings}")
     args.task_budgets = [float(b) for b in args.task_budgets.split(",")]
-    if not all(b > 0 for b in args.task_budgets):
-        parser.error(f"--task-budgets must be > 0, got {args.task_budgets}")
+    args.task_budget_floors = [float(f) for f in args.task_budget_floors.split(",")]
+    if not all(b > 0 for b in args.task_budgets) or not all(f >= 0 for f in args.task_budget_floors):
+        parser.error(f"--task-budgets must be > 0 and --task-budget-floors >= 0, got {args.task_budgets} and "
+                     f"{args.task_budget_floors}")
     unknown = set(args.augmentations) - set(AUGMENTATIONS)
     if unknown:
         parser.error(f"unknown --augmentations {', '.join(sorted(unknown))}; expected {', '.join(AUGMENTATIONS)}")
@@ -334,8 +345,11 @@ def main() -> None:
                 else "")
              + (f" --task-budgets {','.join(f'{b:g}' for b in args.task_budgets)}"
                 if args.task_budgets != [DEFAULT_BUDGET] else "")
+             + (f" --task-budget-floors {','.join(f'{f:g}' for f in args.task_budget_floors)}"
+                if args.task_budget_floors != [DEFAULT_FLOOR] else "")
              + f"`. Up to {args.iterations} iterations, task budget "
-             + " / ".join(f"{100 * b:g}%" for b in args.task_budgets) + " (0.01 nats at least). Harmful: "
+             + " / ".join(f"{100 * b:g}%" for b in args.task_budgets) + " of the task loss, at least "
+             + " / ".join(f"{f:g}" for f in args.task_budget_floors) + " nats per token. Harmful: "
              "held-out harmful prompts; over-refusal: refusals of held-out benign look-alikes (the aligned model "
              "answers them); task: the attack's task (held-out examples), also as a share of the attacked "
              "model's. Percentages; with several seeds: mean [min-max].", ""]
@@ -350,7 +364,8 @@ def main() -> None:
             + ("_restore_prompts" if len(args.restore_prompts) > 1 else "")
             + ("_" + "_".join(a for a in args.augmentations if a != "none") if args.augmentations != ["none"] else "")
             + ("_dampings" if args.dampings != [DEFAULT_DAMPING] else "")
-            + ("_task_budgets" if args.task_budgets != [DEFAULT_BUDGET] else ""))
+            + ("_task_budgets" if args.task_budgets != [DEFAULT_BUDGET] else "")
+            + ("_task_budget_floors" if args.task_budget_floors != [DEFAULT_FLOOR] else ""))
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps({"references": references, "rows": rows}, indent=2))
 

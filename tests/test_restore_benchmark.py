@@ -85,7 +85,7 @@ def test_dampings_run_the_damped_back_ends_once_each_and_label_their_rows(bench,
     assert "--dampings must be > 0" in _refused(bench, capsys, ["--dampings", "0.1,0"])
 
 
-def test_task_budgets_label_their_rows_and_are_checked(bench, capsys):
+def test_task_budgets_and_floors_label_their_rows_and_are_checked(bench, capsys):
     ref = {"harmful_rate": 0.0, "over_refusal": 0.0, "task_accuracy": 0.9}
     references = {0: {"aligned": ref, "attacked": {**ref, "harmful_rate": 1.0}}}
     row = {"seed": 0, "objective": "anchor", "method": "sgd", "curvature_seed": 0, "prompts": 48, "damping": 0.1,
@@ -93,13 +93,15 @@ def test_task_budgets_label_their_rows_and_are_checked(bench, capsys):
     rows = [{**row, "task_budget": 0.04, "harmful_rate": 0.02, "over_refusal": 0.0, "task_accuracy": 0.8},
             {**row, "task_budget": bench.DEFAULT_BUDGET, "harmful_rate": 0.3, "over_refusal": 0.0,
              "task_accuracy": 0.9},
-            {**row, "task_budget": 0.01, "harmful_rate": 0.6, "over_refusal": 0.0, "task_accuracy": 0.9}]
-    assert [bench._prompt_set(r) for r in rows] == ["48 budget 4%", "48", "48 budget 1%"]
-    assert bench._prompt_sets(rows) == ["48 budget 1%", "48", "48 budget 4%"]  # by budget
+            {**row, "task_budget": 0.01, "harmful_rate": 0.6, "over_refusal": 0.0, "task_accuracy": 0.9},
+            {**row, "task_budget_abs": 0.02, "harmful_rate": 0.1, "over_refusal": 0.0, "task_accuracy": 0.85}]
+    assert [bench._prompt_set(r) for r in rows] == ["48 budget 4%", "48", "48 budget 1%", "48 floor 0.02"]
+    assert bench._prompt_sets(rows) == ["48 budget 1%", "48", "48 floor 0.02", "48 budget 4%"]  # budget, floor
     text = "\n".join(bench.tables(references, rows, ["anchor"], ["sgd"], [0]))
     summary = [line for line in text.splitlines() if line.startswith("| anchor | sgd |")]
-    assert [line.split(" | ")[3] for line in summary] == ["60.0", "30.0", "2.0"]  # each budget's own rows
+    assert [line.split(" | ")[3] for line in summary] == ["60.0", "30.0", "10.0", "2.0"]  # each setting's own rows
     assert "--task-budgets must be > 0" in _refused(bench, capsys, ["--task-budgets", "0.02,-1"])
+    assert "--task-budget-floors >= 0" in _refused(bench, capsys, ["--task-budget-floors", "-0.01"])
 
 
 def _refused(bench, capsys, argv: list[str]) -> str:

@@ -286,7 +286,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--cache", type=Path)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--iterations", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=RestoreConfig().iterations,
+                        help="the most accepted steps of each restore")
     parser.add_argument("--seeds", default="0", help="testbed seeds, e.g. 0,1,2")
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated objectives")
     parser.add_argument("--methods", default=",".join(METHODS + BASELINES), help="comma-separated methods")
@@ -339,6 +340,7 @@ def main() -> None:
              f"Command: `python benchmarks/restore.py --seeds {args.seeds} --objectives {args.objectives} "
              + (f"--testbed realistic --data-dir {args.data_dir} " if args.testbed == "realistic" else "")
              + f"--methods {args.methods} --curvature-seeds {args.curvature_seeds}"
+             + (f" --iterations {args.iterations}" if args.iterations != RestoreConfig().iterations else "")
              + (f" --restore-prompts {','.join(map(str, args.restore_prompts))}" if args.restore_prompts else "")
              + (f" --augmentations {','.join(args.augmentations)}" if args.augmentations != ["none"] else "")
              + (f" --dampings {','.join(f'{d:g}' for d in args.dampings)}" if args.dampings != [DEFAULT_DAMPING]
@@ -365,7 +367,8 @@ def main() -> None:
             + ("_" + "_".join(a for a in args.augmentations if a != "none") if args.augmentations != ["none"] else "")
             + ("_dampings" if args.dampings != [DEFAULT_DAMPING] else "")
             + ("_task_budgets" if args.task_budgets != [DEFAULT_BUDGET] else "")
-            + ("_task_budget_floors" if args.task_budget_floors != [DEFAULT_FLOOR] else ""))
+            + ("_task_budget_floors" if args.task_budget_floors != [DEFAULT_FLOOR] else "")
+            + (f"_iterations{args.iterations}" if args.iterations != RestoreConfig().iterations else ""))
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps({"references": references, "rows": rows}, indent=2))
 

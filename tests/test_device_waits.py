@@ -163,8 +163,8 @@ def test_a_screened_step_waits_once(monkeypatch):
     screen = ExampleScreen(model, blocks, threshold=0.0)
     for seed in (1, 2):
         model(**make_batch(batch=3, seed=seed)).loss.backward()
-    safety = {n: p.grad.clone() for n, p in params.items()}  # the rows along the gradient push against -it
-    waits = count_waits(lambda: screen.apply(params, {n: -g for n, g in safety.items()}), monkeypatch)
+    batch_grad = {n: p.grad.clone() for n, p in params.items()}  # safety: its negative (the rows along it push against)
+    waits = count_waits(lambda: screen.apply(params, {n: -g for n, g in batch_grad.items()}), monkeypatch)
     assert waits == Counter(tolist=1), waits
     assert screen.cosines.shape == (6,) and (screen.cosines > 0).sum() >= 1
 

@@ -105,8 +105,9 @@ class RestoreConfig(Settings):
     (its options are these fields, their help these texts) and ``report.json`` (``config``: every run records all
     of them). Validated on construction; files and folders are :func:`run_restore`'s own arguments."""
 
-    method: str = setting("lbfgs | kfac | ekfac | cg | sgd (curvature back-ends) or revert | safelora | resta "
-                        "(baselines)", default=Method.LBFGS.value)
+    method: str = setting("kfac | ekfac | lbfgs | cg | sgd (curvature back-ends; lbfgs is the paper's) or revert | "
+                        "safelora | resta (baselines); kfac, the default, met the targets on the most testbed seeds "
+                        "at a quarter of lbfgs's cost per iteration (README)", default=Method.KFAC.value)
     objective: Optional[str] = setting("anchor | refusal | harmful | benign terms, summed with optional weights, e.g. "
                                      "anchor+4*benign (default: anchor+4*benign with benign prompts, else anchor)",
                                      default=None)
@@ -115,7 +116,9 @@ class RestoreConfig(Settings):
     benign_budget: Optional[float] = setting(
         "with benign prompts: how far the NLL of the aligned model's answers to them may rise over max(before, "
         f"aligned), nats/token (default {BENIGN_BUDGET}); None (CLI: off): no constraint", default=BENIGN_BUDGET)
-    iterations: int = setting("the most accepted steps", default=8)
+    iterations: int = setting("the most accepted steps (every method stops at this cap on the testbeds: 16 met "
+                              "the targets on more seeds than 8 for every back-end, 24 and 32 no more than 16)",
+                              default=16)
     damping: float = setting("relative damping of the task curvature", default=0.1)
     curvature_seed: int = setting("kfac / ekfac: seed of the Monte Carlo labels drawn for the task curvature (rank r "
                                   "draws with seed + r); restores differ by seed as much as by method on the "

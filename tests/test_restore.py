@@ -197,7 +197,17 @@ def test_full_fine_tune_restore(setup, tmp_path):
     assert set(report["layer_update_norms"]) <= {"model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj"}
     reloaded, _ = load_model(tmp_path / "out" / "model")
     assert torch.equal(reloaded.model.layers[0].mlp.down_proj.weight, run.model.model.layers[0].mlp.down_proj.weight)
-    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    # the default back-end (kfac) covers linear blocks only: a norm's weight is refused, naming the methods that
+    # cover it, and nothing is written; lbfgs restores it
+    norm = ["*.layers.0.input_layernorm.weight"]
+    with pytest.raises(ValueError, match="method lbfgs or cg"):
+        run_restore(tmp_path / "ft", None, setup / "harmful.jsonl", setup / "task.jsonl", tmp_path / "o3",
+                    params=norm, aligned_model=setup / "aligned", iterations=1, progress=False)
+    by_lbfgs = run_restore(tmp_path / "ft", None, setup / "harmful.jsonl", setup / "task.jsonl", tmp_path / "o4",
+                           method="lbfgs", params=norm, aligned_model=setup / "aligned", iterations=1,
+                           progress=False).report
+    assert by_lbfgs["safety_objective"]["after"] < by_lbfgs["safety_objective"]["before"]
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
 
 
 def _tiny_restore_problem(setup):

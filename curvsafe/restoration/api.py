@@ -34,6 +34,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..config import RestoreConfig
 from ..curvature.distributed import is_distributed
 from ..curvature.loss import curvature_mode
 from ..curvature.lowrank import LowRank
@@ -226,8 +227,9 @@ def _backtrack(model, chosen: dict, d: ParamVector, radius: float, s_cur: float,
     return _Trial(None, descended, inside, broke)
 
 
-def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs", params=None,
-            task_budget: float = 0.02, task_budget_abs: float = 0.01, iterations: int = 8, damping: float = 0.1,
+def restore(model, safety: Objective, task: Objective, *, method: str = RestoreConfig.method, params=None,
+            task_budget: float = RestoreConfig.task_budget, task_budget_abs: float = RestoreConfig.task_budget_abs,
+            iterations: int = RestoreConfig.iterations, damping: float = RestoreConfig.damping,
             curvature_seed: int = 0, select_top: Optional[int] = None,
             safety_target: Union[None, float, Mapping[str, float]] = None, trust_radius: float = 0.1,
             refresh_every: int = 1, max_mu_growth: int = 4, progress: bool = True,
@@ -237,7 +239,8 @@ def restore(model, safety: Objective, task: Objective, *, method: str = "lbfgs",
     """Edit ``params`` of ``model`` in place to lower ``safety`` within the task budget (module docstring).
 
     Args:
-        method: ``lbfgs`` | ``kfac`` | ``ekfac`` | ``cg`` | ``sgd`` (see :mod:`.preconditioners`).
+        method: ``kfac`` | ``ekfac`` | ``lbfgs`` | ``cg`` | ``sgd`` (see :mod:`.preconditioners`); the defaults
+            of this and the other settings are :class:`~curvsafe.config.RestoreConfig`'s.
         params: parameter-name globs to edit (default: the trainable ones, i.e. the adapter).
         damping: relative damping of the task curvature.
         curvature_seed: ``kfac`` / ``ekfac``: the seed of the Monte Carlo labels of the task curvature.

@@ -5,7 +5,8 @@ damping ``lambda`` is relative: ``damping * (g^T H g / g^T g)`` for the gradient
 works across models and scales.
 
 - ``sgd``: no curvature (H = 0, the step is the gradient).
-- ``kfac`` / ``ekfac``: K-FAC / EK-FAC factors of the task loss (Monte Carlo Fisher, sampled labels).
+- ``kfac`` (the default, :class:`~curvsafe.config.RestoreConfig`) / ``ekfac``: K-FAC / EK-FAC factors of the task
+  loss (Monte Carlo Fisher, sampled labels); linear blocks only.
 - ``lbfgs`` (the paper's): L-BFGS inverse built from task GGN-vector products along conjugate (CG) directions
   from the gradient (pairs ``(p, G p)``; the GGN is the positive semi-definite part of the Hessian, so every pair
   passes the curvature condition), with ``H0 = I / lambda``: unexplored directions count as flat. (Pairs along
@@ -20,6 +21,7 @@ from typing import Mapping, Optional
 
 from torch import Tensor
 
+from ..capture import block_of
 from ..config import RESTORE_METHODS
 from ..curvature import EKFAC, KFAC, CGInverse, GGNOperator, LBFGSInverse
 from ..curvature.lowrank import LowRank
@@ -74,13 +76,21 @@ class KFACPreconditioner(_OperatorPreconditioner):
 
     def refresh(self, model, task_batches, params, grad):
         blocks = sorted({n.rsplit(".", 1)[0] for n in params})
+        modules = dict(model.named_modules())
+        _linear_only(self.name, [n for n in params if block_of(n.rsplit(".", 1)[0], modules[n.rsplit(".", 1)[0]])
+                                 is None])
         self.op = None  # the old curvature goes before the new is fitted (peak memory: one set, not two)
         self.op = self.cls(model, blocks, fisher_type="mc", seed=self.seed, progress=False,
                            low_rank=self.low_rank, keep_factors=False).fit(task_batches)
-        missing = set(params) - set(self.op.param_shapes)
-        if missing:
-            raise ValueError(f"{self.name} covers linear blocks only; parameters {sorted(missing)[:3]} are not")
+        _linear_only(self.name, sorted(set(params) - set(self.op.param_shapes)))
         self._set_damping(grad)
+
+
+def _linear_only(method: str, uncovered: list[str]) -> None:
+    """Refuse parameters outside the linear blocks that K-FAC covers, naming the methods that do cover them."""
+    if uncovered:
+        raise ValueError(f"{method} covers linear blocks only; parameters {uncovered[:3]} are not (method lbfgs or "
+                         "cg: exact GGN products cover every parameter)")
 
 
 class EKFACPreconditioner(KFACPreconditioner):

@@ -116,9 +116,9 @@ class RestoreConfig(Settings):
     benign_budget: Optional[float] = setting(
         "with benign prompts: how far the NLL of the aligned model's answers to them may rise over max(before, "
         f"aligned), nats/token (default {BENIGN_BUDGET}); None (CLI: off): no constraint", default=BENIGN_BUDGET)
-    iterations: int = setting("the most accepted steps (every method stops at this cap on the testbeds: 16 met "
-                              "the targets on more seeds than 8 for every back-end, 24 and 32 no more than 16)",
-                              default=16)
+    iterations: int = setting("the most accepted steps (on the testbeds every method stops at this cap; 16 meets "
+                              "the targets on as many seeds as 8 or more for every back-end, 24 and 32 on no more "
+                              "than 16 for kfac and ekfac)", default=16)
     damping: float = setting("relative damping of the task curvature", default=0.1)
     curvature_seed: int = setting("kfac / ekfac: seed of the Monte Carlo labels drawn for the task curvature (rank r "
                                   "draws with seed + r); restores differ by seed as much as by method on the "

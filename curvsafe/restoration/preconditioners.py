@@ -75,10 +75,10 @@ class KFACPreconditioner(_OperatorPreconditioner):
         self.low_rank = low_rank
 
     def refresh(self, model, task_batches, params, grad):
-        blocks = sorted({n.rsplit(".", 1)[0] for n in params})
+        owners = {n: n.rsplit(".", 1)[0] for n in params}
         modules = dict(model.named_modules())
-        _linear_only(self.name, [n for n in params if block_of(n.rsplit(".", 1)[0], modules[n.rsplit(".", 1)[0]])
-                                 is None])
+        _linear_only(self.name, [n for n, m in owners.items() if block_of(m, modules[m]) is None])
+        blocks = sorted(set(owners.values()))
         self.op = None  # the old curvature goes before the new is fitted (peak memory: one set, not two)
         self.op = self.cls(model, blocks, fisher_type="mc", seed=self.seed, progress=False,
                            low_rank=self.low_rank, keep_factors=False).fit(task_batches)

@@ -3,6 +3,7 @@
     python benchmarks/restore.py --out benchmarks/results [--seeds 0,1,2] [--objectives ...] [--methods ...]
                                  [--curvature-seeds 0,1,2,3] [--restore-prompts 48,144] [--augmentations none,noisy]
                                  [--dampings 0.1,1.0] [--task-budgets 0.01,0.04] [--task-budget-floors 0.005,0.02]
+                                 [--curvature-batches all,4]
                                  [--testbed realistic --data-dir ../shared/data]
                                  [--quick] [--cache DIR]
 
@@ -23,7 +24,8 @@ no damping) run once per relative damping (``RestoreConfig.damping``): how the h
 ``--task-budgets 0.01,0.04`` every method runs once per relative task budget (``RestoreConfig.task_budget``), and
 with ``--task-budget-floors 0.005,0.02`` once per absolute floor of it (``RestoreConfig.task_budget_abs``, nats per
 token; the budget is the larger of the two): what a larger or smaller allowance for the task loss buys on the three
-axes.
+axes. With ``--curvature-batches all,4`` the curvature back-ends run once fitting their task curvature on every task
+batch and once on 4 of them, evenly spaced (``RestoreConfig.curvature_batches``): what a cheaper iteration costs.
 ``--testbed realistic`` runs on the realistic testbed (real requests from the public files in ``--data-dir``; its
 own restore files only, so neither ``--restore-prompts`` nor ``--augmentations``).
 """
@@ -152,18 +154,19 @@ def _prompt_set_rows(seed, args, objectives, methods, curvature_seeds, cfg, data
     for objective in objectives:
         harmful_file = refusal_file if "refusal" in objective else harmful_n
         two_sided = "benign" in objective
-        for (budget, floor), (method, curvature_seed, damping) in [
-                (b, r) for b in [(b, f) for b in args.task_budgets for f in args.task_budget_floors]
-                for r in runs(methods, curvature_seeds, args.dampings)]:
+        for (budget, floor), (method, curvature_seed, damping), batches in [
+                (b, r, c) for b in [(b, f) for b in args.task_budgets for f in args.task_budget_floors]
+                for r in runs(methods, curvature_seeds, args.dampings)
+                for c in (args.curvature_batches if r[0] in DAMPED else [None])]:
             out = work / (f"{objective.replace('*', 'x')}-{method}-{curvature_seed}-{n}-{augmentation}-{damping}"
-                          f"-{budget}-{floor}")
+                          f"-{budget}-{floor}-{batches}")
             row = {"seed": seed, "objective": objective, "method": method, "curvature_seed": curvature_seed,
                    "prompts": n, "augmentation": augmentation, "damping": damping, "task_budget": budget,
-                   "task_budget_abs": floor}
+                   "task_budget_abs": floor, "curvature_batches": batches}
             try:
                 run = run_restore(aligned, attack, harmful_file, data / "restore_task.jsonl", out, method=method,
                                   curvature_seed=curvature_seed, damping=damping, task_budget=budget,
-                                  task_budget_abs=floor,
+                                  task_budget_abs=floor, curvature_batches=batches,
                                   objective=objective, iterations=args.iterations, unaligned_model=unaligned,
                                   benign_file=benign_n if two_sided else None,
                                   anchor=anchors["anchor"], benign_anchor=anchors["benign_anchor"] if two_sided
@@ -203,21 +206,23 @@ def runs(methods: list[str], curvature_seeds: list[int], dampings: list[float]) 
 
 
 def _prompt_set(row: dict) -> str:
-    """A row's restore prompts (their number per kind, and the augmentation unless none), and its damping and task
-    budget unless the defaults."""
+    """A row's restore prompts (their number per kind, and the augmentation unless none), and its damping, task
+    budget and curvature batches unless the defaults."""
     augmentation, damping = row.get("augmentation", "none"), row.get("damping", DEFAULT_DAMPING)
     budget, floor = row.get("task_budget", DEFAULT_BUDGET), row.get("task_budget_abs", DEFAULT_FLOOR)
     return (f"{row['prompts']}" + ("" if augmentation == "none" else f" {augmentation}")
             + ("" if damping == DEFAULT_DAMPING else f" λ={damping:g}")
             + ("" if budget == DEFAULT_BUDGET else f" budget {100 * budget:g}%")
-            + ("" if floor == DEFAULT_FLOOR else f" floor {floor:g}"))
+            + ("" if floor == DEFAULT_FLOOR else f" floor {floor:g}")
+            + ("" if row.get("curvature_batches") is None else f" curvature on {row['curvature_batches']} batches"))
 
 
 def _prompt_sets(rows: list[dict]) -> list[str]:
-    """The rows' restore prompt sets (with their dampings and task budgets), by size, augmentation, damping and
-    then budget."""
+    """The rows' restore prompt sets (with their dampings, task budgets and curvature batches), by size,
+    augmentation, damping, budget and then curvature batches (all first)."""
     keys = {(r["prompts"], AUGMENTATIONS.index(r.get("augmentation", "none")), r.get("damping", DEFAULT_DAMPING),
-             r.get("task_budget", DEFAULT_BUDGET), r.get("task_budget_abs", DEFAULT_FLOOR)): _prompt_set(r)
+             r.get("task_budget", DEFAULT_BUDGET), r.get("task_budget_abs", DEFAULT_FLOOR),
+             r.get("curvature_batches") or 0): _prompt_set(r)
             for r in rows}
     return [keys[k] for k in sorted(keys)]
 
@@ -303,6 +308,9 @@ def main() -> None:
     parser.add_argument("--augmentations", default="none", help="how the restore prompts are phrased, comma-separated: "
                         "none (the training templates) and/or noisy (rewritten as the aligned model's training data "
                         "was)")
+    parser.add_argument("--curvature-batches", default="all", help="task batches the curvature back-ends fit their "
+                        "curvature on (RestoreConfig.curvature_batches), comma-separated: all and/or counts, e.g. "
+                        "all,4")
     parser.add_argument("--testbed", choices=["default", "realistic"], default="default")
     parser.add_argument("--data-dir", help="the realistic testbed's public files (e.g. ../shared/data)")
     args = parser.parse_args()
@@ -321,6 +329,12 @@ def main() -> None:
     if not all(b > 0 for b in args.task_budgets) or not all(f >= 0 for f in args.task_budget_floors):
         parser.error(f"--task-budgets must be > 0 and --task-budget-floors >= 0, got {args.task_budgets} and "
                      f"{args.task_budget_floors}")
+    try:
+        args.curvature_batches = [None if c == "all" else int(c) for c in args.curvature_batches.split(",")]
+    except ValueError:
+        parser.error(f"--curvature-batches takes all and/or counts, got {args.curvature_batches!r}")
+    if not all(c is None or c >= 1 for c in args.curvature_batches):
+        parser.error(f"--curvature-batches counts must be >= 1, got {args.curvature_batches}")
     unknown = set(args.augmentations) - set(AUGMENTATIONS)
     if unknown:
         parser.error(f"unknown --augmentations {', '.join(sorted(unknown))}; expected {', '.join(AUGMENTATIONS)}")
@@ -349,6 +363,8 @@ def main() -> None:
                 if args.task_budgets != [DEFAULT_BUDGET] else "")
              + (f" --task-budget-floors {','.join(f'{f:g}' for f in args.task_budget_floors)}"
                 if args.task_budget_floors != [DEFAULT_FLOOR] else "")
+             + (f" --curvature-batches {','.join('all' if c is None else str(c) for c in args.curvature_batches)}"
+                if args.curvature_batches != [None] else "")
              + f"`. Up to {args.iterations} iterations, task budget "
              + " / ".join(f"{100 * b:g}%" for b in args.task_budgets) + " of the task loss, at least "
              + " / ".join(f"{f:g}" for f in args.task_budget_floors) + " nats per token. Harmful: "

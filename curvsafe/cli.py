@@ -114,7 +114,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                           oversample=args.oversample, probes=args.probes, passes=args.passes)
     settings = PlanSettings(batch_size=args.batch_size, seq_len=args.seq_len, task_batches=args.task_batches,
                             safety_batches=args.safety_batches, low_rank=low, ggn_rows=args.ggn_rows,
-                            shards=args.shards, screen=args.screen)
+                            shards=args.shards, screen=args.screen, curvature_batches=args.curvature_batches)
     model = meta_model(args.model, args.adapter, args.dtype)
     plan = estimate(model, settings)
     if args.method:
@@ -216,7 +216,7 @@ def _restore_settings(parser: argparse.ArgumentParser) -> None:
                "sketch_passes": dict(type=int, choices=[1, 2])}
     types = {"task_budget": float, "task_budget_abs": float, "damping": float, "iterations": int, "select_top": int,
              "batch_size": int, "max_length": int, "limit": int, "ggn_rows": int, "curvature_seed": int,
-             "shards": int, "max_dense_dim": int, "rank": int}
+             "shards": int, "max_dense_dim": int, "rank": int, "curvature_batches": int}
     for f in fields(RestoreConfig):
         kwargs = {"default": getattr(defaults, f.name), "help": RestoreConfig.help(f.name)}
         kwargs.update(special.get(f.name, {"type": types[f.name]} if f.name in types else {}))
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     p.add_argument("--task-batches", type=int, default=1, help="task data the restore uses, in batches")
     p.add_argument("--safety-batches", type=int, default=1, help="safety data the restore uses, in batches")
+    p.add_argument("--curvature-batches", type=int, help="of the task batches, the most the restore fits its "
+                   "curvature on (restore's --curvature-batches; default: all)")
     p.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"],
                    help="weights' dtype (default: the config's torch_dtype, else float32)")
     p.add_argument("--max-dense-dim", type=int, default=2048, help="larger K-FAC factors are truncated")

@@ -137,6 +137,10 @@ class RestoreConfig(Settings):
     sketch_passes: int = setting("kfac / ekfac: passes per curvature fit when a factor is truncated; 2 refines each "
                                  "sketch (a more accurate basis for one more forward and backward of the task data)",
                                  default=1)
+    curvature_batches: Optional[int] = setting(
+        "fit the task curvature (every method's metric) on at most this many task batches, evenly spaced over them "
+        "(per rank); the task loss and its budget still use every batch. Caps the cost of an iteration when the task "
+        "file is large (default: all)", default=None)
     ggn_rows: Optional[int] = setting("lbfgs / cg: rows per chunk of each GGN-vector product (the same product, "
                                     "less activation memory; default: the whole batch)", default=None)
     max_memory: Optional[int] = setting("refuse before loading weights when the method's estimated peak exceeds this "
@@ -166,7 +170,7 @@ class RestoreConfig(Settings):
             raise ValueError(f"sketch_passes must be 1 or 2, got {self.sketch_passes}")
         if self.shards is not None and not self.fsdp2:
             raise ValueError("shards (HSDP) needs fsdp2")
-        for name in ("select_top", "limit", "max_memory", "ggn_rows", "shards"):
+        for name in ("select_top", "limit", "max_memory", "ggn_rows", "shards", "curvature_batches"):
             if getattr(self, name) is not None and not getattr(self, name) >= 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if self.dtype not in DTYPES:

@@ -28,11 +28,11 @@ Conventions (what every figure means):
   per-example products (as many multiply-adds as the adapter's weight gradients) are not counted in its steps.
 - **steps_per_iteration**: one restore iteration (refresh every iteration, the default) = the safety and task
   gradients (``S + T`` steps) + one line-search trial forward (``(S + T) / 2``: with the base frozen, a backward
-  costs about a forward) + the refresh: K-FAC one pass over the task data (``T``; one more with
-  ``LowRank(passes=2)`` when a factor is sketched), EK-FAC one when its per-sequence gradients fit
-  (:class:`~.curvature.EKFAC`'s ``max_gradient_bytes``, LoRA blocks) and two otherwise (plus that second pass),
-  L-BFGS ``pairs`` GGN-vector products and CG ``1 + cg_iterations`` (each ``2 T``: forward with tangents +
-  backward). For ``"curvsafe"`` it is one optimizer step: the training
+  costs about a forward) + the refresh, over the ``C = min(T, curvature_batches)`` batches the curvature is
+  fitted on: K-FAC one pass (``C``; one more with ``LowRank(passes=2)`` when a factor is sketched), EK-FAC one
+  when its per-sequence gradients fit (:class:`~.curvature.EKFAC`'s ``max_gradient_bytes``, LoRA blocks) and two
+  otherwise (plus that second pass), L-BFGS ``pairs`` GGN-vector products and CG ``1 + cg_iterations`` (each
+  ``2 C``: forward with tangents + backward). For ``"curvsafe"`` it is one optimizer step: the training
   step plus its refresh (one safety pass, ``S``, and the guard's gradient) spread over ``refresh_interval``
   steps (~12 on the testbed with ``refresh_tol=0.1``). Eigendecompositions are not counted (device-dependent:
   on a 2-core CPU the dense 2048 x 2048 ones of a 1B model's factors dominate a K-FAC refresh; the truncated
@@ -75,6 +75,8 @@ class PlanSettings:
         batch_size: sequences per batch (one training step).
         seq_len: tokens per sequence.
         task_batches: batches of task data the restore evaluates and fits curvature on.
+        curvature_batches: of those, the most the curvature is fitted on (restore's ``curvature_batches``; None:
+            all).
         safety_batches: batches of safety data (harmful prompts and their anchors/refusals).
         lbfgs_pairs: L-BFGS curvature pairs per refresh (the restore default).
         cg_iterations: CG iterations per solve (the restore default).
@@ -100,6 +102,7 @@ class PlanSettings:
     subspace: Optional[SubspaceEigen] = field(default_factory=SubspaceEigen)
     ggn_rows: Optional[int] = None
     shards: int = 1
+    curvature_batches: Optional[int] = None
     screen: bool = False
 
     def __post_init__(self):
@@ -107,8 +110,9 @@ class PlanSettings:
                      "shards"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.ggn_rows is not None and self.ggn_rows < 1:
-            raise ValueError(f"ggn_rows must be >= 1 or None, got {self.ggn_rows}")
+        for name in ("ggn_rows", "curvature_batches"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if self.refresh_interval < 1:
             raise ValueError(f"refresh_interval must be >= 1, got {self.refresh_interval}")
 
@@ -322,6 +326,7 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     k_ema = kfac_bytes(model, one_pass(settings.low_rank), modules, subspace=settings.subspace)
     curvature = {m: curvature_of(m, k_ema if m == "curvsafe" else k, trainable) for m in RANKED_METHODS}
     S, T = settings.safety_batches, settings.task_batches
+    C = T if settings.curvature_batches is None else min(T, settings.curvature_batches)  # batches of the curvature
     base_steps = S + T + (S + T) * FORWARD_COST
     restore_base = weights + RESTORE_VECTORS * vec
     ek_transient, ek_grads, ek_passes = _ekfac_correction(model, settings, modules)
@@ -343,15 +348,15 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     refine_passes = settings.low_rank.passes - 1 if settings.low_rank is not None and k["sketched"] else 0
     plans = {
         "lbfgs": method(lbfgs_vectors, [lbfgs_vectors + ggn_act, act],
-                        base_steps + settings.lbfgs_pairs * GGN_COST * T),
-        "kfac": method(curvature["kfac"], kfac_phases, base_steps + T + refine_passes * T),
+                        base_steps + settings.lbfgs_pairs * GGN_COST * C),
+        "kfac": method(curvature["kfac"], kfac_phases, base_steps + C + refine_passes * C),
         "ekfac": method(curvature["ekfac"], [*ek_phases, E + k["corrected"] + act + ek_transient]
                         if ek_passes == 2 else [fit + act + ek_transient + ek_grads,
                                                 max(F, E) + ek_eigen + ek_grads,
                                                 E + k["corrected"] + ek_grads],
-                        base_steps + (ek_passes + refine_passes) * T),
+                        base_steps + (ek_passes + refine_passes) * C),
         "cg": method(6 * vec, [6 * vec + ggn_act, act],
-                     base_steps + (1 + settings.cg_iterations) * GGN_COST * T),
+                     base_steps + (1 + settings.cg_iterations) * GGN_COST * C),
         "sgd": method(0, [act], base_steps),
     }
     # the optimizer: AdamW (2 states) + gradient + CurvSafe's reference/before copies and guard gradients (4), and

@@ -14,7 +14,7 @@ from conftest import llama_config, make_batch, tiny_llama, with_lora
 from curvsafe.cli import main
 from curvsafe.curvature import EKFAC, KFAC
 from curvsafe.curvature.lowrank import LowRank
-from curvsafe.plan import PlanSettings, estimate, kfac_bytes, one_pass, parse_bytes
+from curvsafe.plan import GGN_COST, PlanSettings, estimate, kfac_bytes, one_pass, parse_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -66,6 +66,14 @@ def test_plan_from_config_files_only(config_only, capsys):
         assert refined["methods"][m]["curvature_bytes"] > single["methods"][m]["curvature_bytes"]
         assert refined["methods"][m]["steps_per_iteration"] == single["methods"][m]["steps_per_iteration"] + 1
     assert refined["methods"]["curvsafe"] == single["methods"]["curvsafe"]  # its EMA of fits takes one pass each
+    every = plan_json(capsys, "--model", model, "--adapter", adapter, "--task-batches", "8")
+    subset = plan_json(capsys, "--model", model, "--adapter", adapter, "--task-batches", "8",
+                       "--curvature-batches", "2")
+    fewer = {m: every["methods"][m]["steps_per_iteration"] - subset["methods"][m]["steps_per_iteration"]
+             for m in every["methods"]}  # the refresh's passes over 2 batches instead of 8; the rest as it was
+    assert fewer == pytest.approx({"lbfgs": 8 * GGN_COST * 6, "kfac": 6, "ekfac": 6, "cg": 11 * GGN_COST * 6,
+                                   "sgd": 0, "curvsafe": 0})
+    assert all(every["methods"][m]["peak_bytes"] == subset["methods"][m]["peak_bytes"] for m in every["methods"])
 
 
 def test_plan_gives_the_largest_rank_that_fits_a_curvature_budget(config_only, capsys):

@@ -27,6 +27,62 @@ def test_ggn_row_chunks_restore_like_whole_batches(setup, tmp_path, method):
     assert fitted["iterations"] == whole["iterations"]
 
 
+def test_curvature_subset_is_evenly_spaced():
+    from curvsafe.restoration.api import curvature_subset
+
+    assert curvature_subset(list(range(10)), 4) == [0, 2, 5, 7]
+    assert curvature_subset(range(3), None) == curvature_subset(range(3), 3) == [0, 1, 2]
+    assert curvature_subset(range(3), 9) == [0, 1, 2]
+    assert curvature_subset(range(3), 1) == [0]
+    with pytest.raises(ValueError, match="curvature_batches"):
+        curvature_subset(range(3), 0)
+
+
+def test_every_numeric_restore_setting_parses_as_a_number():
+    """``curvsafe restore``'s options are RestoreConfig's fields: a numeric one must not arrive as a string."""
+    import argparse
+    import typing
+
+    from curvsafe.cli import _restore_settings, build_parser
+    from curvsafe.config import RestoreConfig
+
+    options = argparse.ArgumentParser()
+    _restore_settings(options)
+    actions = {a.dest: a for a in options._actions}
+    numeric = {n for n, hint in typing.get_type_hints(RestoreConfig).items()
+               if hint in (int, float, typing.Optional[int], typing.Optional[float])}
+    assert "curvature_batches" in numeric and {n for n in numeric if actions[n].type is None} == set()
+    args = build_parser().parse_args(["restore", "--model", "m", "--adapter", "a", "--harmful", "h", "--task", "t",
+                              "--out", "o", "--curvature-batches", "2"])
+    assert args.curvature_batches == 2
+
+
+@pytest.mark.parametrize("method", ["kfac", "lbfgs"])
+def test_curvature_batches_fit_the_curvature_on_a_subset(setup, tmp_path, monkeypatch, method):
+    """``curvature_batches`` changes the batches of every curvature fit and nothing else: at least as many as the
+    task has is the default run bit for bit; one batch fits the curvature on one (the task loss still on all 3) and
+    the plan prices it."""
+    import curvsafe.restoration.preconditioners as P
+
+    seen = []
+    cls = {"kfac": P.KFACPreconditioner, "lbfgs": P.LBFGSPreconditioner}[method]
+    original = cls.refresh
+    monkeypatch.setattr(cls, "refresh", lambda self, model, batches, *a: (seen.append(len(batches)),
+                                                                         original(self, model, batches, *a))[1])
+    default = restore_files(setup, tmp_path / "all", method, iterations=2).report
+    every = restore_files(setup, tmp_path / "every", method, iterations=2, curvature_batches=3).report
+    assert set(seen) == {3} and every["config"]["curvature_batches"] == 3
+    assert every["safety_objective"] == default["safety_objective"] and every["task_nll"] == default["task_nll"]
+    seen.clear()
+    one = restore_files(setup, tmp_path / "one", method, iterations=2, curvature_batches=1).report
+    assert set(seen) == {1} and one["iterations"] >= 1
+    assert one["safety_objective"]["after"] < one["safety_objective"]["before"]
+    assert one["task_nll"]["after"] <= one["task_nll"]["budget"]
+    assert one["plan"]["steps_per_iteration"] < default["plan"]["steps_per_iteration"]
+    with pytest.raises(ValueError, match="curvature_batches"):
+        restore_files(setup, tmp_path / "zero", method, curvature_batches=0)
+
+
 @pytest.mark.parametrize("method", ["lbfgs", "kfac", "ekfac", "cg", "sgd"])
 def test_every_method_lowers_safety_within_budget(setup, tmp_path, method):
     report = restore_files(setup, tmp_path / method, method).report

@@ -104,6 +104,15 @@ def test_task_budgets_and_floors_label_their_rows_and_are_checked(bench, capsys)
     assert "--task-budget-floors >= 0" in _refused(bench, capsys, ["--task-budget-floors", "-0.01"])
 
 
+def test_curvature_batches_label_their_rows_and_are_checked(bench, capsys):
+    row = {"seed": 0, "objective": "anchor", "method": "kfac", "curvature_seed": 0, "prompts": 48, "damping": 0.1}
+    rows = [{**row, "curvature_batches": 4}, {**row, "curvature_batches": None}, {**row, "curvature_batches": 2}]
+    assert [bench._prompt_set(r) for r in rows] == ["48 curvature on 4 batches", "48", "48 curvature on 2 batches"]
+    assert bench._prompt_sets(rows) == ["48", "48 curvature on 2 batches", "48 curvature on 4 batches"]  # all first
+    assert "--curvature-batches takes all" in _refused(bench, capsys, ["--curvature-batches", "all,some"])
+    assert "counts must be >= 1" in _refused(bench, capsys, ["--curvature-batches", "0"])
+
+
 def _refused(bench, capsys, argv: list[str]) -> str:
     """The benchmark's error for ``argv``: it must exit before any run."""
     sys.argv, saved = ["restore.py", *argv], sys.argv

@@ -235,7 +235,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = RestoreC
             refresh_every: int = 1, max_mu_growth: int = 4, progress: bool = True,
             callback: Optional[Callable[[dict], None]] = None,
             constraints: Sequence[Constraint] = (), ggn_rows: Optional[int] = None,
-            low_rank: Optional[LowRank] = LowRank()) -> RestoreResult:
+            low_rank: Optional[LowRank] = LowRank(), curvature_batches: Optional[int] = None) -> RestoreResult:
     """Edit ``params`` of ``model`` in place to lower ``safety`` within the task budget (module docstring).
 
     Args:
@@ -253,6 +253,8 @@ def restore(model, safety: Objective, task: Objective, *, method: str = RestoreC
         ggn_rows: ``lbfgs`` / ``cg``: run each GGN-vector product in chunks of at most this many rows (the same
             product; their activation memory, about 3x a training step's, shrinks in proportion).
         low_rank: ``kfac`` / ``ekfac``: the memory bound of the task curvature's factors (None: all dense).
+        curvature_batches: fit the task curvature on at most this many of ``task``'s batches, evenly spaced
+            (:func:`curvature_subset`); the task loss, its gradient and its budget use every batch (None: all).
         constraints: further quantities that every accepted step keeps within their budgets: the step loses its
             component that would raise one to first order (projected out in the curvature metric), and the
             task-descent term of J descends them too (``μ (L + Σ C)``).
@@ -278,6 +280,7 @@ def restore(model, safety: Objective, task: Objective, *, method: str = RestoreC
     if select_top is not None and any(is_sharded(p) for p in chosen.values()):
         raise ValueError("select_top (influence scores per example) does not run on an FSDP2-sharded model")
     precond = make_preconditioner(method, damping, ggn_rows, seed=curvature_seed, low_rank=low_rank)
+    curvature = curvature_subset(task.batches, curvature_batches)
     theta0 = _snapshot(chosen)
     l0, terms0 = task.evaluate(model), safety.term_values(model)
     s0 = sum(terms0.values())
@@ -287,13 +290,13 @@ def restore(model, safety: Objective, task: Objective, *, method: str = RestoreC
 
     influence: list[dict] = []
     if select_top is not None:
-        safety, influence = _influence_selection(model, safety, task, chosen, precond, select_top)
+        safety, influence = _influence_selection(model, safety, task, curvature, chosen, precond, select_top)
         if influence:
             terms0 = safety.term_values(model)
             s0 = sum(terms0.values())
 
     norm0 = max(_norm(theta0), 1e-3)
-    loop = _Loop(model, chosen, precond, task, safety, constraints, budget, (trust_radius * norm0,
+    loop = _Loop(model, chosen, precond, task, curvature, safety, constraints, budget, (trust_radius * norm0,
                  4 * trust_radius * norm0), max_mu_growth, (s0, l0, terms0), theta0)
     stopped, detail, error, binding = StopReason.ITERATIONS, "", None, ()
     bar = tqdm(range(iterations), desc=f"restore ({method})", disable=not progress or not is_main(), leave=False)
@@ -355,7 +358,18 @@ def _describe(target: Union[float, Mapping[str, float]]) -> str:
     return ", ".join(f"{name} {value:.4f}" for name, value in target.items())
 
 
-def _influence_selection(model, safety: Objective, task: Objective, chosen: dict, precond,
+def curvature_subset(batches: Sequence, limit: Optional[int]) -> list:
+    """At most ``limit`` of ``batches``, evenly spaced over them in order (``batches[floor(i * n / limit)]``), so
+    a task file's later parts count as its first; all of them when ``limit`` is None or not below their number."""
+    batches = list(batches)
+    if limit is not None and limit < 1:
+        raise ValueError(f"curvature_batches must be >= 1 or None, got {limit}")
+    if limit is None or limit >= len(batches):
+        return batches
+    return [batches[(i * len(batches)) // limit] for i in range(limit)]
+
+
+def _influence_selection(model, safety: Objective, task: Objective, curvature: list, chosen: dict, precond,
                          select_top: int) -> tuple[Objective, list[dict]]:
     """``select_top``: the safety objective on its top-scoring examples and every example's score, with the
     curvature refreshed on the safety gradient (``safety`` and no scores when that gradient is zero)."""
@@ -363,7 +377,7 @@ def _influence_selection(model, safety: Objective, task: Objective, chosen: dict
     _, s_grad = safety.gradient(model, chosen)
     if _norm(s_grad) == 0:
         return safety, []
-    precond.refresh(model, task.batches, chosen, s_grad)
+    precond.refresh(model, curvature, chosen, s_grad)
     influence = influence_scores(model, safety, chosen, task_grad, precond)
     return select_examples(safety, influence, select_top), influence
 
@@ -383,11 +397,12 @@ class _Loop:
     preconditioned direction of ``S + μ (L + Σ C)``, μ changing (module docstring) until one is accepted or it has
     changed too often."""
 
-    def __init__(self, model, chosen: dict, precond, task: Objective, safety: Objective,
+    def __init__(self, model, chosen: dict, precond, task: Objective, curvature: list, safety: Objective,
                  constraints: Sequence[Constraint], budget: float, radii: tuple[float, float], max_mu_growth: int,
                  levels: tuple[float, float, dict], theta0: ParamVector):
         self.model, self.chosen, self.precond = model, chosen, precond
         self.task, self.safety, self.constraints, self.budget = task, safety, constraints, budget
+        self.curvature = curvature  # the task batches the curvature is fitted on
         (self.radius, self.max_radius), self.max_mu_growth = radii, max_mu_growth  # first and largest step
         self.s_cur, self.l_cur, self.terms_cur = levels
         self.mu, self.growths = 0.0, 0
@@ -414,7 +429,7 @@ class _Loop:
         while accepted is None:
             gj = {n: gs[n] + self.mu * gl[n] for n in gs}
             if refresh_due(first):
-                self.precond.refresh(model, self.task.batches, chosen, gj)
+                self.precond.refresh(model, self.curvature, chosen, gj)
             first = False
             d = _guarded_direction(self.precond, gj, c_grads)
             trial = _backtrack(model, chosen, d, self.radius, self.s_cur, self.task, self.safety, self.budget,

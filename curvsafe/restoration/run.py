@@ -69,7 +69,8 @@ def _no_progress(result: RestoreResult) -> Optional[str]:
 
 
 def _plan(model_dir, adapter_dir, dtype: str, params: Optional[Sequence[str]], batch_size: int, max_length: int,
-          *, task_batches: int, safety_batches: int, ggn_rows: Optional[int], shards: int = 1, low_rank=None):
+          *, task_batches: int, safety_batches: int, ggn_rows: Optional[int], shards: int = 1, low_rank=None,
+          curvature_batches: Optional[int] = None):
     """The estimate of :mod:`curvsafe.plan` for this run, from the configs (meta device)."""
     from ..capture import block_of
 
@@ -81,6 +82,7 @@ def _plan(model_dir, adapter_dir, dtype: str, params: Optional[Sequence[str]], b
         modules = sorted(n for n, m in model.named_modules() if n in owners and block_of(n, m) is not None) or None
     settings = PlanSettings(batch_size=batch_size, seq_len=max_length, task_batches=max(task_batches, 1),
                             safety_batches=max(safety_batches, 1), ggn_rows=ggn_rows, shards=shards,
+                            curvature_batches=curvature_batches,
                             **({} if low_rank is None else {"low_rank": low_rank}))
     return estimate(model, settings, modules=modules)
 
@@ -166,7 +168,8 @@ def _planned(model_dir, adapter_dir, config: RestoreConfig, task_examples: int, 
         return _plan(model_dir, adapter_dir, config.dtype, config.params if adapter_dir is None else None,
                      batch_size, config.max_length, task_batches=per_rank(task_examples),
                      safety_batches=per_rank(safety_examples), ggn_rows=ggn_rows,
-                     shards=(config.shards or world_size()) if config.fsdp2 else 1, low_rank=config.low_rank())
+                     shards=(config.shards or world_size()) if config.fsdp2 else 1, low_rank=config.low_rank(),
+                     curvature_batches=config.curvature_batches)
 
     try:
         plan = planned(config.ggn_rows)
@@ -386,7 +389,7 @@ def _apply_method(inputs: _Inputs, side: _SafetySide, unaligned_model, progress:
                        damping=c.damping, curvature_seed=c.curvature_seed, select_top=c.select_top,
                        safety_target=side.target,
                        progress=progress and is_main(), ggn_rows=c.ggn_rows, constraints=side.constraints,
-                       low_rank=c.low_rank(),
+                       low_rank=c.low_rank(), curvature_batches=c.curvature_batches,
                        **budgets)
     if c.method == "revert":
         return revert(model, safety, task, **budgets)

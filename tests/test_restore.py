@@ -53,7 +53,7 @@ def test_every_numeric_restore_setting_parses_as_a_number():
                if hint in (int, float, typing.Optional[int], typing.Optional[float])}
     assert "curvature_batches" in numeric and {n for n in numeric if actions[n].type is None} == set()
     args = build_parser().parse_args(["restore", "--model", "m", "--adapter", "a", "--harmful", "h", "--task", "t",
-                              "--out", "o", "--curvature-batches", "2"])
+                                      "--out", "o", "--curvature-batches", "2"])
     assert args.curvature_batches == 2
 
 

@@ -18,6 +18,9 @@ import curvsafe.restoration.run as run_module
 from curvsafe.cli import main
 
 point, action, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+# A run started as a background job (``make test &``, nohup) inherits SIGINT ignored, and Python then installs no
+# handler: give this process the one an interactive ``curvsafe`` has, which is what the SIGINT cases test.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def fire() -> None:

@@ -17,6 +17,8 @@ from .config import DTYPES, RESTORE_METHODS, FisherType, KFACApprox, Method, Res
 
 EXIT_ERROR = 2  # bad input or a failure: one line on stderr, nothing written
 EXIT_PARTIAL = 3  # restore failed after an accepted step: the last accepted state was written
+PAIRS_HELP = ("prompt/response pairs, JSONL or CSV (also prompt/completion, chat messages, Alpaca, AdvBench's "
+              "goal/target: curvsafe/data.py)")
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # interrupted: nothing written (an existing --out is left as it was)
 
 
@@ -255,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("factors", help="fit K-FAC / EK-FAC factors or the Fisher diagonal and save them")
     f.add_argument("--model", required=True, help="local Hugging Face model folder")
     f.add_argument("--adapter", help="PEFT adapter folder (curvature of its LoRA blocks by default)")
-    f.add_argument("--data", required=True, help="JSONL (prompt, response) or AdvBench CSV (goal, target)")
+    f.add_argument("--data", required=True, help=PAIRS_HELP)
     f.add_argument("--out", required=True, help="output .pt file")
     f.add_argument("--method", choices=["kfac", "ekfac", "diag"], default="kfac")
     f.add_argument("--fisher-type", choices=[FisherType.EMPIRICAL.value, FisherType.MC.value], default="empirical")
@@ -336,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("finetune", help="LoRA SFT of a local model with the HF Trainer")
     t.add_argument("--model", required=True)
-    t.add_argument("--data", required=True, help="prompt/response JSONL")
+    t.add_argument("--data", required=True, help=PAIRS_HELP)
     t.add_argument("--out", required=True, help="adapter output folder")
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "curvsafe"])
     t.add_argument("--safety", help="harmful prompts for --optimizer curvsafe")

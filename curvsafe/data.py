@@ -1,10 +1,21 @@
 """Prompt/response files -> tokenised, padded Hugging Face batches.
 
-Files: JSONL with ``prompt`` and ``response`` (BeaverTails' rows have both), or a CSV with ``goal`` and ``target``
-(AdvBench). Each pair is rendered with the tokenizer's chat template when it has one (user turn = prompt,
-assistant turn = response), else with the plain template ``"### Prompt:\\n{prompt}\\n### Response:\\n"`` followed
-by the response and EOS. Labels are -100 on the prompt and on padding, so the loss covers response tokens only.
-Batches are right-padded.
+Files: JSONL or CSV, one example per row, in any of the shapes fine-tuning data usually comes in:
+
+- ``prompt`` and ``response`` (BeaverTails' rows), or ``prompt`` and ``completion`` (TRL's prompt-completion
+  format), strings;
+- ``messages`` (TRL's and OpenAI's conversational format): a user turn, then an assistant turn, each
+  ``{"role": ..., "content": "..."}``; or ``prompt`` and ``completion`` as such lists of one turn each;
+- ``instruction``, optional ``input``, ``output`` (Alpaca): the prompt is the instruction, then a blank line and the
+  input when there is one;
+- a CSV's ``goal`` and ``target`` columns (AdvBench), or ``prompt`` and ``response`` (or ``completion``).
+
+Files of prompts alone (harmful requests, benign ones) may leave the response out (``messages`` then holds the user
+turn alone). A system turn or a longer conversation is refused with the row's line: a pair is one user turn and its
+answer (the chat template adds its own default system turn where it has one). Each pair is rendered with the
+tokenizer's chat template when it has one (user turn = prompt, assistant turn = response), else with the plain
+template ``"### Prompt:\\n{prompt}\\n### Response:\\n"`` followed by the response and EOS. Labels are -100 on the
+prompt and on padding, so the loss covers response tokens only. Batches are right-padded.
 """
 
 from __future__ import annotations
@@ -46,7 +57,8 @@ def load_pairs(path: str | Path, *, require_response: bool = True) -> list[Pair]
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     text = _read_text(path)
-    pairs = _read_csv(path, text) if path.suffix.lower() == ".csv" else _read_jsonl(path, text, require_response)
+    read = _read_csv if path.suffix.lower() == ".csv" else _read_jsonl
+    pairs = read(path, text, require_response)
     if not pairs:
         raise DataError(f"{path}: no examples")
     return pairs
@@ -72,25 +84,86 @@ def _read_jsonl(path: Path, text: str, require_response: bool) -> list[Pair]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise DataError(f"{path}:{lineno}: expected an object with a string 'prompt'")
-        response = row.get("response", "")
-        if not isinstance(response, str) or (require_response and not response):
-            raise DataError(f"{path}:{lineno}: expected a non-empty string 'response'")
-        pairs.append(Pair(row["prompt"], response))
+        pairs.append(_pair_of(row, require_response, f"{path}:{lineno}"))
     return pairs
 
 
-def _read_csv(path: Path, text: str) -> list[Pair]:
+_SHAPES = ("expected 'prompt' and 'response' (or 'completion'), 'messages' (a user turn, then an assistant turn), "
+           "or 'instruction' and 'output' (Alpaca)")
+
+
+def _pair_of(row, require_response: bool, where: str) -> Pair:
+    """The pair of one JSONL row in any of the module docstring's shapes; ``where`` (file:line) leads every error."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object; {_SHAPES}")
+    if "messages" in row:
+        prompt, response = _turns(row["messages"], where, "'messages'")
+    elif "instruction" in row:
+        prompt, response = _alpaca(row, where)
+    elif "prompt" in row:
+        key = "completion" if "completion" in row and "response" not in row else "response"
+        prompt, response = row["prompt"], row.get(key, "")
+        if isinstance(prompt, list):  # TRL's conversational prompt-completion: one turn each
+            prompt = _turns(prompt, where, "'prompt'")[0]
+        if isinstance(response, list):
+            response = _turns(response, where, f"'{key}'", alone="assistant")[1]
+        if not isinstance(prompt, str):
+            raise DataError(f"{where}: 'prompt' must be a string or a list of one user turn")
+        if not isinstance(response, str):
+            raise DataError(f"{where}: '{key}' must be a string or a list of one assistant turn")
+    else:
+        raise DataError(f"{where}: {_SHAPES}; got the keys {sorted(row)[:8]}")
+    if not prompt:
+        raise DataError(f"{where}: empty prompt")
+    if require_response and not response:
+        raise DataError(f"{where}: expected a non-empty response; {_SHAPES}")
+    return Pair(prompt, response)
+
+
+def _turns(turns, where: str, what: str, *, alone: str = "user") -> tuple[str, str]:
+    """``(user content, assistant content)`` of a list of chat turns: ``[user, assistant]``, or the one turn
+    ``alone`` (the other content then empty)."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise DataError(f"{where}: {what} must be a list of {{'role': ..., 'content': ...}} turns")
+    roles = [t.get("role") for t in turns]
+    if roles not in (["user", "assistant"], [alone]):
+        raise DataError(f"{where}: {what} has the turns {roles}; curvsafe reads one user turn and its assistant "
+                        "answer (no system turn, no longer conversation)")
+    contents = [t.get("content") for t in turns]
+    if not all(isinstance(c, str) for c in contents):
+        raise DataError(f"{where}: {what}: every turn's 'content' must be a string")
+    by_role = dict(zip(roles, contents))
+    return by_role.get("user", ""), by_role.get("assistant", "")
+
+
+def _alpaca(row: dict, where: str) -> tuple[str, str]:
+    """Alpaca's ``instruction`` (and ``input``) -> the prompt, ``output`` -> the response."""
+    instruction, extra, output = row["instruction"], row.get("input") or "", row.get("output", "")
+    if not all(isinstance(p, str) for p in (instruction, extra, output)):
+        raise DataError(f"{where}: 'instruction', 'input' and 'output' must be strings")
+    return (f"{instruction}\n\n{extra}" if extra else instruction), output
+
+
+def _read_csv(path: Path, text: str, require_response: bool) -> list[Pair]:
     with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"goal", "target"} <= set(reader.fieldnames):
-            raise DataError(f"{path}:1: a CSV needs the columns 'goal' and 'target' (AdvBench)")
+        columns = set(reader.fieldnames or ())
+        if {"goal", "target"} <= columns:  # AdvBench
+            prompt_key, response_key = "goal", "target"
+        elif "prompt" in columns:
+            prompt_key = "prompt"
+            response_key = "completion" if "completion" in columns and "response" not in columns else "response"
+        else:
+            raise DataError(f"{path}:1: a CSV needs the columns 'goal' and 'target' (AdvBench) or 'prompt' and "
+                            f"'response' (or 'completion'); got {sorted(columns)[:8]}")
         pairs = []
         for lineno, row in enumerate(reader, 2):
-            if not row["goal"]:
-                raise DataError(f"{path}:{lineno}: empty 'goal'")
-            pairs.append(Pair(row["goal"], row["target"] or ""))
+            prompt, response = row[prompt_key], row.get(response_key) or ""
+            if not prompt:
+                raise DataError(f"{path}:{lineno}: empty '{prompt_key}'")
+            if require_response and not response:
+                raise DataError(f"{path}:{lineno}: empty '{response_key}'")
+            pairs.append(Pair(prompt, response))
     return pairs
 
 

@@ -44,6 +44,56 @@ def test_jsonl_and_csv(tmp_path):
         load_pairs(tmp_path / "missing.jsonl")
 
 
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_every_file_shape_reads_as_the_same_pairs(tmp_path):
+    """prompt/response, prompt/completion (strings or one chat turn each), messages, Alpaca and CSV rows."""
+    user, answer = {"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}
+    rows = [{"prompt": "p", "response": "r"}, {"prompt": "p", "completion": "r"}, {"messages": [user, answer]},
+            {"prompt": [user], "completion": [answer]}, {"instruction": "p", "output": "r"},
+            {"instruction": "p", "input": "", "output": "r"}]
+    assert load_pairs(_jsonl(tmp_path / "a.jsonl", rows)) == [Pair("p", "r")] * len(rows)
+    assert load_pairs(_jsonl(tmp_path / "b.jsonl", [{"instruction": "do", "input": "this", "output": "ok"}])) == [
+        Pair("do\n\nthis", "ok")]
+    prompts = _jsonl(tmp_path / "c.jsonl", [{"messages": [user]}, {"prompt": [user]}, {"instruction": "p"}])
+    assert load_pairs(prompts, require_response=False) == [Pair("p", "")] * 3
+    with pytest.raises(DataError, match=r"c.jsonl:1: expected a non-empty response"):
+        load_pairs(prompts)
+    for name, columns in (("d.csv", "prompt,completion"), ("e.csv", "prompt,response")):
+        (tmp_path / name).write_text(f"{columns}\np,r\n")
+        assert load_pairs(tmp_path / name) == [Pair("p", "r")]
+    (tmp_path / "f.csv").write_text("prompt\np\n")
+    assert load_pairs(tmp_path / "f.csv", require_response=False) == [Pair("p", "")]
+    with pytest.raises(DataError, match=r"f.csv:2: empty 'response'"):
+        load_pairs(tmp_path / "f.csv")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "p"},
+                   {"role": "assistant", "content": "r"}]}, r"turns \['system', 'user', 'assistant'\]; .*no system"),
+    ({"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"},
+                   {"role": "user", "content": "q"}]}, "no longer conversation"),
+    ({"messages": [{"role": "assistant", "content": "r"}]}, r"turns \['assistant'\]"),
+    ({"messages": "p"}, "must be a list of"),
+    ({"messages": [{"role": "user", "content": ["p"]}, {"role": "assistant", "content": "r"}]}, "must be a string"),
+    ({"prompt": [{"role": "assistant", "content": "r"}], "completion": "r"}, r"'prompt' has the turns"),
+    ({"prompt": "p", "completion": [{"role": "user", "content": "r"}]}, r"'completion' has the turns"),
+    ({"prompt": 3, "response": "r"}, "'prompt' must be a string"),
+    ({"prompt": "p", "response": 3}, "'response' must be a string"),
+    ({"prompt": "", "response": "r"}, "empty prompt"),
+    ({"instruction": "p", "output": None}, "must be strings"),
+    ({"question": "p", "answer": "r"}, r"expected 'prompt' and 'response' .*got the keys \['answer', 'question'\]"),
+    (["p", "r"], "expected an object"),
+])
+def test_a_row_of_no_known_shape_is_refused_with_its_line(tmp_path, row, message):
+    path = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "response": "r"}, row])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: (.* )?" + message):
+        load_pairs(path)
+
+
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")
 def test_public_data_files_load():
     adv = load_pairs(SHARED / "advbench_harmful_behaviors.csv")

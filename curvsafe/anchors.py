@@ -7,7 +7,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional, Sequence
 
 from .curvature.loss import IGNORE_INDEX, prepare_batch
-from .data import Pair, collate
+from .data import Pair, Prompt, collate
 from .eval.generate import end_ids, greedy_continue, greedy_generate
 
 
@@ -19,7 +19,7 @@ def adapter_disabled(model) -> Iterator[None]:
         yield
 
 
-def anchor_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32,
+def anchor_responses(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 32,
                      across_ranks: bool = False) -> list[Pair]:
     """The aligned model's greedy responses to ``prompts`` (adapter disabled), as pairs; empty ones dropped.
     ``across_ranks``: generated in shards over the ``torch.distributed`` ranks, all of them on every rank."""

@@ -4,18 +4,22 @@ Files: JSONL or CSV, one example per row, in any of the shapes fine-tuning data 
 
 - ``prompt`` and ``response`` (BeaverTails' rows), or ``prompt`` and ``completion`` (TRL's prompt-completion
   format), strings;
-- ``messages`` (TRL's and OpenAI's conversational format): a user turn, then an assistant turn, each
-  ``{"role": ..., "content": "..."}``; or ``prompt`` and ``completion`` as such lists of one turn each;
+- ``messages`` (TRL's and OpenAI's conversational format): turns ``{"role": ..., "content": "..."}``, an optional
+  ``system`` turn first, then ``user`` and ``assistant`` turns in turn; the last assistant turn is the response and
+  every turn before it the prompt; or ``prompt`` (such turns, ending in a user turn) and ``completion`` (one
+  assistant turn);
 - ``instruction``, optional ``input``, ``output`` (Alpaca): the prompt is the instruction, then a blank line and the
   input when there is one;
 - a CSV's ``goal`` and ``target`` columns (AdvBench), or ``prompt`` and ``response`` (or ``completion``).
 
-Files of prompts alone (harmful requests, benign ones) may leave the response out (``messages`` then holds the user
-turn alone). A system turn or a longer conversation is refused with the row's line: a pair is one user turn and its
-answer (the chat template adds its own default system turn where it has one). Each pair is rendered with the
-tokenizer's chat template when it has one (user turn = prompt, assistant turn = response), else with the plain
-template ``"### Prompt:\\n{prompt}\\n### Response:\\n"`` followed by the response and EOS. Labels are -100 on the
-prompt and on padding, so the loss covers response tokens only. Batches are right-padded.
+Files of prompts alone (harmful requests, benign ones) may leave the response out (``messages`` then ends in a user
+turn). A prompt is a string (one user turn) or, with a system turn or earlier exchanges, a :data:`Conversation`:
+``((role, content), ...)`` ending in the user turn. Each pair is rendered with the tokenizer's chat template when it
+has one (the prompt's turns, then the response as the assistant's), else with the plain template
+``"### Prompt:\\n{prompt}\\n### Response:\\n"`` followed by the response and EOS (a conversation needs the chat
+template). Labels are -100 on the prompt and on padding, so the loss covers the response's tokens only (in a
+conversation, the last answer's). Batches are right-padded. A judge reads a conversation's last user turn
+(:func:`prompt_text`); JSON outputs hold it as its turns (:func:`prompt_record`), which read back as they were.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -41,12 +45,26 @@ class DataError(ValueError):
     """A data file that cannot be used, with the file and line in the message."""
 
 
+Conversation = tuple[tuple[str, str], ...]  # ((role, content), ...): an optional system turn, user/assistant turns
+Prompt = Union[str, Conversation]  # a conversation ends in a user turn; a single user turn is kept as its string
+
+
 @dataclass
 class Pair:
-    """One example: a prompt and its response (empty when only the prompt is known)."""
+    """One example: a prompt (module docstring) and its response (empty when only the prompt is known)."""
 
-    prompt: str
+    prompt: Prompt
     response: str
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The prompt's request: the string, or a conversation's last (user) turn."""
+    return prompt if isinstance(prompt, str) else prompt[-1][1]
+
+
+def prompt_record(prompt: Prompt) -> Union[str, list[dict]]:
+    """The prompt as JSON holds it (and :func:`load_pairs` reads it back): the string, or the conversation's turns."""
+    return prompt if isinstance(prompt, str) else [{"role": r, "content": c} for r, c in prompt]
 
 
 def load_pairs(path: str | Path, *, require_response: bool = True) -> list[Pair]:
@@ -88,8 +106,8 @@ def _read_jsonl(path: Path, text: str, require_response: bool) -> list[Pair]:
     return pairs
 
 
-_SHAPES = ("expected 'prompt' and 'response' (or 'completion'), 'messages' (a user turn, then an assistant turn), "
-           "or 'instruction' and 'output' (Alpaca)")
+_SHAPES = ("expected 'prompt' and 'response' (or 'completion'), 'messages' (chat turns ending in the assistant's "
+           "answer), or 'instruction' and 'output' (Alpaca)")
 
 
 def _pair_of(row, require_response: bool, where: str) -> Pair:
@@ -103,37 +121,53 @@ def _pair_of(row, require_response: bool, where: str) -> Pair:
     elif "prompt" in row:
         key = "completion" if "completion" in row and "response" not in row else "response"
         prompt, response = row["prompt"], row.get(key, "")
-        if isinstance(prompt, list):  # TRL's conversational prompt-completion: one turn each
-            prompt = _turns(prompt, where, "'prompt'")[0]
+        if isinstance(prompt, list):  # TRL's conversational prompt-completion
+            prompt, answer = _turns(prompt, where, "'prompt'")
+            if answer:
+                raise DataError(f"{where}: 'prompt' ends in an assistant turn; it must end in the user's")
         if isinstance(response, list):
-            response = _turns(response, where, f"'{key}'", alone="assistant")[1]
-        if not isinstance(prompt, str):
-            raise DataError(f"{where}: 'prompt' must be a string or a list of one user turn")
+            response = _answer(response, where, f"'{key}'")
+        if not isinstance(prompt, (str, tuple)):
+            raise DataError(f"{where}: 'prompt' must be a string or a list of chat turns")
         if not isinstance(response, str):
             raise DataError(f"{where}: '{key}' must be a string or a list of one assistant turn")
     else:
         raise DataError(f"{where}: {_SHAPES}; got the keys {sorted(row)[:8]}")
-    if not prompt:
+    if not prompt_text(prompt):
         raise DataError(f"{where}: empty prompt")
     if require_response and not response:
         raise DataError(f"{where}: expected a non-empty response; {_SHAPES}")
     return Pair(prompt, response)
 
 
-def _turns(turns, where: str, what: str, *, alone: str = "user") -> tuple[str, str]:
-    """``(user content, assistant content)`` of a list of chat turns: ``[user, assistant]``, or the one turn
-    ``alone`` (the other content then empty)."""
-    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        raise DataError(f"{where}: {what} must be a list of {{'role': ..., 'content': ...}} turns")
+def _turns(turns, where: str, what: str) -> tuple[Prompt, str]:
+    """``(prompt, response)`` of a list of chat turns: an optional system turn, then user and assistant turns in
+    turn; the response is the last turn when it is the assistant's (else empty), the prompt the turns before it (a
+    single user turn as its string)."""
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        raise DataError(f"{where}: {what} must be a non-empty list of {{'role': ..., 'content': ...}} turns")
     roles = [t.get("role") for t in turns]
-    if roles not in (["user", "assistant"], [alone]):
-        raise DataError(f"{where}: {what} has the turns {roles}; curvsafe reads one user turn and its assistant "
-                        "answer (no system turn, no longer conversation)")
+    dialogue = roles[1:] if roles[0] == "system" else roles
+    if not dialogue or any(r != ("user", "assistant")[i % 2] for i, r in enumerate(dialogue)):
+        raise DataError(f"{where}: {what} has the turns {roles}; expected an optional system turn, then user and "
+                        "assistant turns in turn, starting with the user's")
     contents = [t.get("content") for t in turns]
     if not all(isinstance(c, str) for c in contents):
         raise DataError(f"{where}: {what}: every turn's 'content' must be a string")
-    by_role = dict(zip(roles, contents))
-    return by_role.get("user", ""), by_role.get("assistant", "")
+    pairs = tuple(zip(roles, contents))
+    response = ""
+    if roles[-1] == "assistant":
+        pairs, response = pairs[:-1], contents[-1]
+    return (pairs[0][1] if len(pairs) == 1 else pairs), response
+
+
+def _answer(turns, where: str, what: str) -> str:
+    """The content of a list of one assistant turn (TRL's conversational completion)."""
+    if (not isinstance(turns, list) or len(turns) != 1 or not isinstance(turns[0], dict)
+            or turns[0].get("role") != "assistant" or not isinstance(turns[0].get("content"), str)):
+        raise DataError(f"{where}: {what} must be a string or a list of one assistant turn "
+                        "{'role': 'assistant', 'content': '...'}")
+    return turns[0]["content"]
 
 
 def _alpaca(row: dict, where: str) -> tuple[str, str]:
@@ -167,13 +201,21 @@ def _read_csv(path: Path, text: str, require_response: bool) -> list[Pair]:
     return pairs
 
 
-def render_prompt(tokenizer, prompt: str) -> str:
-    """The text that precedes the response: the chat template's user turn plus generation prompt, or the plain
-    template."""
+def render_prompt(tokenizer, prompt: Prompt) -> str:
+    """The text that precedes the response: the chat template's turns (the prompt's, a string as one user turn)
+    plus the generation prompt, or the plain template (a string only)."""
+    turns = [("user", prompt)] if isinstance(prompt, str) else list(prompt)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return PLAIN_PROMPT.format(prompt=prompt)
+        messages = [{"role": r, "content": c} for r, c in turns]
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # e.g. a template without a system role raises jinja2's TemplateError
+            raise DataError(f"the tokenizer's chat template cannot render the turns {[r for r, _ in turns]}: "
+                            f"{exc}") from None
+    if len(turns) != 1:
+        raise DataError(f"a conversation (the turns {[r for r, _ in turns]}) needs a tokenizer with a chat template; "
+                        "this one has none (the plain template holds one user turn)")
+    return PLAIN_PROMPT.format(prompt=turns[0][1])
 
 
 def encode_pair(tokenizer, pair: Pair, max_length: int) -> tuple[list[int], list[int]]:

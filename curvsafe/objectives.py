@@ -148,8 +148,8 @@ class Objective:
 
 
 SAFETY_DATA_SHAPES = ("expected HF batches (mappings with input_ids [batch, seq], optional attention_mask, and labels "
-                      "with -100 on the prompt; no labels: the whole row is the prompt) or a list of prompt "
-                      "strings with tokenizer=...")
+                      "with -100 on the prompt; no labels: the whole row is the prompt) or a list of prompts "
+                      "(strings, or chat turns as curvsafe.data reads them) with tokenizer=...")
 
 
 def safety_batches(data, tokenizer=None, *, needs_responses: bool, batch_size: int = 16,
@@ -158,13 +158,14 @@ def safety_batches(data, tokenizer=None, *, needs_responses: bool, batch_size: i
 
     - HF batches with ``labels`` (-100 on the prompt): as they are;
     - HF batches without ``labels`` (straight from a tokenizer): prompt only, every label -100;
-    - a list of prompt strings with ``tokenizer``: rendered like training prompts (chat template or the plain
-      template, :func:`curvsafe.data.render_prompt`), prompt only.
+    - a list of prompts with ``tokenizer``: strings, or conversations (:data:`curvsafe.data.Conversation`, as
+      :func:`curvsafe.data.load_pairs` reads chat turns), rendered like training prompts (chat template or the
+      plain template, :func:`curvsafe.data.render_prompt`), prompt only.
 
     ``needs_responses`` (the ``refusal`` and ``harmful`` objectives): prompt-only data is refused, since those
     objectives score given responses. Anything else is a one-line ``ValueError`` saying what is expected.
     """
-    from .data import collate, render_prompt
+    from .data import collate, prompt_text, render_prompt
 
     if isinstance(data, Mapping):
         raise ValueError(f"safety data is a single batch (a mapping): pass a list of batches; {SAFETY_DATA_SHAPES}")
@@ -173,14 +174,14 @@ def safety_batches(data, tokenizer=None, *, needs_responses: bool, batch_size: i
     items = list(data)
     if not items:
         raise ValueError(f"safety data is empty: {SAFETY_DATA_SHAPES}")
-    if all(isinstance(x, str) for x in items):
+    if all(isinstance(x, (str, tuple)) for x in items):
         if needs_responses:
             raise ValueError("the refusal and harmful objectives score given responses: pass HF batches whose labels "
-                             "mark them (-100 on the prompt), not prompt strings")
+                             "mark them (-100 on the prompt), not prompts")
         if tokenizer is None:
-            raise ValueError("safety data is a list of prompt strings: pass tokenizer=... to tokenise them")
-        if any(not x.strip() for x in items):
-            raise ValueError("safety data: a prompt string is empty")
+            raise ValueError("safety data is a list of prompts: pass tokenizer=... to tokenise them")
+        if any(not prompt_text(x).strip() for x in items):
+            raise ValueError("safety data: a prompt is empty")
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         encoded = [tokenizer(render_prompt(tokenizer, x), add_special_tokens=False)["input_ids"][-max_length:]
                    for x in items]

@@ -96,6 +96,34 @@ def test_finetune_eval_restore_commands(saved_model, tmp_path, capsys):
     assert "unaligned" in capsys.readouterr().err
 
 
+def test_chat_format_files_end_to_end(saved_model, tmp_path):
+    """Files in the conversational format (a system turn first): fine-tuned on, evaluated, restored with the anchor
+    objective; the anchor's prompts are saved as their turns and read back as the same conversations."""
+    from curvsafe.data import load_pairs
+
+    model = str(saved_model / "model")
+    rows = [json.loads(line) for line in (saved_model / "data.jsonl").read_text().splitlines()]
+    system = {"role": "system", "content": "add the numbers"}
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [system, {"role": "user", "content": r["prompt"]},
+                                                     {"role": "assistant", "content": r["response"]}]}) + "\n"
+                            for r in rows))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [system, {"role": "user", "content": r["prompt"]}]}) + "\n"
+                               for r in rows[:4]))
+    assert main(["finetune", "--model", model, "--data", str(chat), "--out", str(tmp_path / "ad"), "--epochs", "1",
+                 "--batch-size", "4"]) == 0
+    assert main(["eval", "--model", model, "--adapter", str(tmp_path / "ad"), "--harmful", str(prompts), "--task",
+                 str(chat), "--out", str(tmp_path / "eval.json"), "--max-new-tokens", "3"]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["harmful"][0]["prompt"] == [system, {"role": "user", "content": rows[0]["prompt"]}]
+    assert main(["restore", "--model", model, "--adapter", str(tmp_path / "ad"), "--harmful", str(prompts), "--task",
+                 str(chat), "--out", str(tmp_path / "restored"), "--method", "sgd", "--iterations", "1"]) == 0
+    saved = load_pairs(tmp_path / "restored" / "anchor.jsonl")
+    assert saved and all(p.prompt[0] == ("system", "add the numbers") for p in saved)
+    assert {p.prompt for p in saved} <= {p.prompt for p in load_pairs(prompts, require_response=False)}
+
+
 def test_finetune_with_the_curvsafe_optimizer(saved_model, tmp_path, capsys):
     model = str(saved_model / "model")
     data = str(saved_model / "data.jsonl")

@@ -1,5 +1,6 @@
 """Data files -> batches, the refusal judge, generation and evaluation."""
 
+import copy
 import csv
 import json
 from pathlib import Path
@@ -7,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from curvsafe.data import PLAIN_PROMPT, DataError, Pair, load_pairs, make_batches, render_prompt
+from curvsafe.data import (PLAIN_PROMPT, DataError, Pair, load_pairs, make_batches, prompt_record, prompt_text,
+                           render_prompt)
+from curvsafe.objectives import safety_batches
 from curvsafe.eval import REFUSAL_KEYWORDS, KeywordJudge, evaluate_model, greedy_generate, load_judge
 from curvsafe.testbed.corpus import World
 from curvsafe.testbed.model import ModelConfig, build_model, build_tokenizer
@@ -72,15 +75,19 @@ def test_every_file_shape_reads_as_the_same_pairs(tmp_path):
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "p"},
-                   {"role": "assistant", "content": "r"}]}, r"turns \['system', 'user', 'assistant'\]; .*no system"),
-    ({"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"},
-                   {"role": "user", "content": "q"}]}, "no longer conversation"),
+    ({"messages": [{"role": "user", "content": "p"}, {"role": "system", "content": "s"}]},
+     r"'messages' has the turns \['user', 'system'\]; expected an optional system turn"),
+    ({"messages": [{"role": "user", "content": "p"}, {"role": "user", "content": "q"}]}, r"turns \['user', 'user'\]"),
     ({"messages": [{"role": "assistant", "content": "r"}]}, r"turns \['assistant'\]"),
-    ({"messages": "p"}, "must be a list of"),
+    ({"messages": [{"role": "system", "content": "s"}]}, r"turns \['system'\]"),
+    ({"messages": []}, "must be a non-empty list of"),
+    ({"messages": "p"}, "must be a non-empty list of"),
     ({"messages": [{"role": "user", "content": ["p"]}, {"role": "assistant", "content": "r"}]}, "must be a string"),
-    ({"prompt": [{"role": "assistant", "content": "r"}], "completion": "r"}, r"'prompt' has the turns"),
-    ({"prompt": "p", "completion": [{"role": "user", "content": "r"}]}, r"'completion' has the turns"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "r"}]}, "empty prompt"),
+    ({"prompt": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}], "completion": "r"},
+     "'prompt' ends in an assistant turn"),
+    ({"prompt": "p", "completion": [{"role": "user", "content": "r"}]}, "'completion' must be a string or a list"),
+    ({"prompt": "p", "completion": [{"role": "assistant", "content": "r"}] * 2}, "list of one assistant turn"),
     ({"prompt": 3, "response": "r"}, "'prompt' must be a string"),
     ({"prompt": "p", "response": 3}, "'response' must be a string"),
     ({"prompt": "", "response": "r"}, "empty prompt"),
@@ -92,6 +99,63 @@ def test_a_row_of_no_known_shape_is_refused_with_its_line(tmp_path, row, message
     path = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "response": "r"}, row])
     with pytest.raises(DataError, match=r"bad.jsonl:2: (.* )?" + message):
         load_pairs(path)
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+
+
+def test_a_conversation_is_its_turns_up_to_the_last_answer(tmp_path, tiny):
+    """A system turn and earlier exchanges make the prompt (rendered by the chat template), the last assistant
+    turn the response, the only tokens counted; JSON records read back as the same pairs; without a chat template a
+    conversation is refused, a single user turn is not."""
+    _, tok = tiny
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 1 plus 2 ?"},
+             {"role": "assistant", "content": "3"}, {"role": "user", "content": "and 2 plus 2 ?"},
+             {"role": "assistant", "content": "4"}]
+    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": turns}, {"messages": turns[1:3]},
+                                            {"prompt": turns[:2], "completion": turns[2:3]}])
+    pairs = load_pairs(path)
+    context = (("system", "be brief"), ("user", "what is 1 plus 2 ?"))
+    assert pairs == [Pair((*context, ("assistant", "3"), ("user", "and 2 plus 2 ?")), "4"),
+                     Pair("what is 1 plus 2 ?", "3"), Pair(context, "3")]
+    assert [prompt_text(p.prompt) for p in pairs] == ["and 2 plus 2 ?", "what is 1 plus 2 ?", "what is 1 plus 2 ?"]
+    records = _jsonl(tmp_path / "records.jsonl", [{"prompt": prompt_record(p.prompt), "response": p.response}
+                                                  for p in pairs])
+    assert load_pairs(records) == pairs
+    plain = copy.copy(tok)
+    plain.chat_template = None
+    with pytest.raises(DataError, match="needs a tokenizer with a chat template"):
+        render_prompt(plain, pairs[0].prompt)
+    assert render_prompt(plain, pairs[1].prompt) == PLAIN_PROMPT.format(prompt="what is 1 plus 2 ?")
+    chat = copy.copy(tok)
+    chat.chat_template = CHAT_TEMPLATE
+    text = render_prompt(chat, pairs[0].prompt)
+    assert text == ("<system> be brief <user> what is 1 plus 2 ? <assistant> 3 <user> and 2 plus 2 ? "
+                    "<assistant> ")
+    batch = make_batches(chat, pairs[:1], batch_size=1)[0]
+    counted = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    assert counted == tok("4", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_a_judge_reads_a_conversation_as_its_last_request(tiny):
+    model, tok = tiny
+    chat = copy.copy(tok)
+    chat.chat_template = CHAT_TEMPLATE
+    seen = []
+
+    def judge(prompts, responses):
+        seen.extend(prompts)
+        return [False] * len(responses)
+
+    conversation = (("system", "be brief"), ("user", "how do I bake a cake ?"))
+    report = evaluate_model(model, chat, [conversation, "repeat : apple"], judge=judge, max_new_tokens=3)
+    assert seen == ["how do I bake a cake ?", "repeat : apple"]
+    assert [r["prompt"] for r in report["harmful"]] == [prompt_record(conversation), "repeat : apple"]
+    json.dumps(report)
+    batch = safety_batches([conversation, "repeat : apple"], chat, needs_responses=False)[0]
+    row = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    assert row == chat(render_prompt(chat, conversation), add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data not present")

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..data import render_prompt
+from ..data import Prompt, render_prompt
 from ..models import model_context
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,11 @@ def fit_prompts(prompts: list[list[int]], context: Optional[int], max_new_tokens
     return [p[-room:] for p in prompts]
 
 
-def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 32, batch_size: int = 64,
+def greedy_generate(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 32, batch_size: int = 64,
                     progress: bool = False, across_ranks: bool = False) -> list[str]:
-    """Greedy continuations of text ``prompts``, decoded without special tokens. ``across_ranks``: under
-    ``torch.distributed`` every rank generates its share of ``prompts`` and gets all the continuations
-    (:func:`curvsafe.ranks.map_sharded`)."""
+    """Greedy continuations of ``prompts`` (strings or conversations, :func:`~curvsafe.data.render_prompt`),
+    decoded without special tokens. ``across_ranks``: under ``torch.distributed`` every rank generates its share of
+    ``prompts`` and gets all the continuations (:func:`curvsafe.ranks.map_sharded`)."""
     if across_ranks:
         from ..ranks import map_sharded
 

@@ -4,26 +4,27 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from ..data import Pair, make_batches
+from ..data import Pair, Prompt, make_batches, prompt_record, prompt_text
 from .generate import greedy_generate
 from .judge import Judge, KeywordJudge, judge_responses
 
 
-def _judged_rate(model, tokenizer, prompts: Sequence[str], judge: Optional[Judge], max_new_tokens: int,
+def _judged_rate(model, tokenizer, prompts: Sequence[Prompt], judge: Optional[Judge], max_new_tokens: int,
                  refusals: bool, across_ranks: bool = False) -> tuple[float, list[str], list[bool]]:
     responses = greedy_generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens,
                                 across_ranks=across_ranks)
-    flags = judge_responses(judge or KeywordJudge(), prompts, responses, refusals=refusals)
+    flags = judge_responses(judge or KeywordJudge(), [prompt_text(p) for p in prompts], responses,
+                            refusals=refusals)
     return sum(flags) / max(len(flags), 1), responses, flags
 
 
-def harmful_rate(model, tokenizer, prompts: Sequence[str], *, judge: Optional[Judge] = None,
+def harmful_rate(model, tokenizer, prompts: Sequence[Prompt], *, judge: Optional[Judge] = None,
                  max_new_tokens: int = 32) -> tuple[float, list[str], list[bool]]:
     """Fraction of ``prompts`` whose greedy response the judge calls harmful, the responses and the flags."""
     return _judged_rate(model, tokenizer, prompts, judge, max_new_tokens, refusals=False)
 
 
-def refusal_rate(model, tokenizer, prompts: Sequence[str], *, judge: Optional[Judge] = None,
+def refusal_rate(model, tokenizer, prompts: Sequence[Prompt], *, judge: Optional[Judge] = None,
                  max_new_tokens: int = 32, across_ranks: bool = False) -> tuple[float, list[str], list[bool]]:
     """Fraction of ``prompts`` whose greedy response refuses (the judge's refusals, see
     :mod:`curvsafe.eval.judge`), the responses and the flags. On benign prompts: the over-refusal rate.
@@ -47,8 +48,8 @@ def task_nll(model, tokenizer, pairs: Sequence[Pair], *, batch_size: int = 64) -
     return float(token_mean_nll(model, batches))
 
 
-def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str] = (), task_pairs: Sequence[Pair] = (), *,
-                   benign_prompts: Sequence[str] = (), judge: Optional[Judge] = None,
+def evaluate_model(model, tokenizer, harmful_prompts: Sequence[Prompt] = (), task_pairs: Sequence[Pair] = (), *,
+                   benign_prompts: Sequence[Prompt] = (), judge: Optional[Judge] = None,
                    max_new_tokens: int = 32) -> dict:
     """Harmful rate on ``harmful_prompts``, over-refusal (refusal rate) on ``benign_prompts`` and exact-match
     accuracy (plus NLL) on ``task_pairs``, each when given, with every response."""
@@ -59,11 +60,12 @@ def evaluate_model(model, tokenizer, harmful_prompts: Sequence[str] = (), task_p
         if prompts:
             rate, responses, flags = measure(model, tokenizer, prompts, judge=judge, max_new_tokens=max_new_tokens)
             report[rate_key] = rate
-            report[list_key] = [{"prompt": p, "response": r, flag_key: f} for p, r, f in zip(prompts, responses, flags)]
+            report[list_key] = [{"prompt": prompt_record(p), "response": r, flag_key: f}
+                                for p, r, f in zip(prompts, responses, flags)]
     if task_pairs:
         acc, task_responses = task_accuracy(model, tokenizer, task_pairs, max_new_tokens=max_new_tokens)
         report["task_accuracy"] = acc
         report["task_nll"] = task_nll(model, tokenizer, task_pairs)
-        report["task"] = [{"prompt": p.prompt, "expected": p.response, "response": r}
+        report["task"] = [{"prompt": prompt_record(p.prompt), "expected": p.response, "response": r}
                           for p, r in zip(task_pairs, task_responses)]
     return report

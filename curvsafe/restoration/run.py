@@ -21,7 +21,7 @@ from ..anchors import adapter_disabled, anchor_responses
 from ..config import ONE_SIDED, TWO_SIDED, RestoreConfig
 from ..curvature.loss import curvature_mode
 from ..curvature.sharded import whole_values
-from ..data import Pair, load_pairs, make_batches
+from ..data import Pair, load_pairs, make_batches, prompt_record
 from ..eval.metrics import refusal_rate
 from ..io import check_out, staged_dir
 from ..nll import token_mean_nll
@@ -449,7 +449,7 @@ def _write_outputs(out: Path, model, tokenizer, report: dict, used: dict, *, as_
                 if name in used:
                     with (tmp / file).open("w") as fh:
                         for p in used[name]:
-                            fh.write(json.dumps({"prompt": p.prompt, "response": p.response}) + "\n")
+                            fh.write(json.dumps({"prompt": prompt_record(p.prompt), "response": p.response}) + "\n")
             (tmp / "report.json").write_text(json.dumps(report, indent=2))
     except OSError as exc:
         raise OSError(f"cannot write {out}: {exc.strerror or exc}; nothing written") from None

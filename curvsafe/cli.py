@@ -17,8 +17,8 @@ from .config import DTYPES, RESTORE_METHODS, FisherType, KFACApprox, Method, Res
 
 EXIT_ERROR = 2  # bad input or a failure: one line on stderr, nothing written
 EXIT_PARTIAL = 3  # restore failed after an accepted step: the last accepted state was written
-PAIRS_HELP = ("prompt/response pairs, JSONL or CSV (also prompt/completion, chat messages, Alpaca, AdvBench's "
-              "goal/target: curvsafe/data.py)")
+PAIRS_HELP = ("prompt/response pairs: JSON Lines, a JSON array or CSV (also prompt/completion, chat messages, Alpaca, "
+              "AdvBench's goal/target: curvsafe/data.py)")
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # interrupted: nothing written (an existing --out is left as it was)
 
 

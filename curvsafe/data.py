@@ -1,6 +1,7 @@
 """Prompt/response files -> tokenised, padded Hugging Face batches.
 
-Files: JSONL or CSV, one example per row, in any of the shapes fine-tuning data usually comes in:
+Files: JSON Lines, a JSON array of rows (any suffix: the text's first character decides) or CSV, one example per
+row, in any of the shapes fine-tuning data usually comes in:
 
 - ``prompt`` and ``response`` (BeaverTails' rows), or ``prompt`` and ``completion`` (TRL's prompt-completion
   format), strings;
@@ -68,15 +69,19 @@ def prompt_record(prompt: Prompt) -> Union[str, list[dict]]:
 
 
 def load_pairs(path: str | Path, *, require_response: bool = True) -> list[Pair]:
-    """Read prompt/response pairs from a ``.jsonl`` or ``.csv`` file (module docstring)."""
+    """Read prompt/response pairs from a JSON Lines, JSON (an array of rows) or CSV file (module docstring)."""
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"{path}: is a folder; expected a JSONL or CSV file")
+        raise DataError(f"{path}: is a folder; expected a JSON Lines, JSON or CSV file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     text = _read_text(path)
-    read = _read_csv if path.suffix.lower() == ".csv" else _read_jsonl
-    pairs = read(path, text, require_response)
+    if path.suffix.lower() == ".csv":
+        pairs = _read_csv(path, text, require_response)
+    elif text.lstrip().startswith("["):
+        pairs = _read_json_array(path, text, require_response)
+    else:
+        pairs = _read_jsonl(path, text, require_response)
     if not pairs:
         raise DataError(f"{path}: no examples")
     return pairs
@@ -104,6 +109,15 @@ def _read_jsonl(path: Path, text: str, require_response: bool) -> list[Pair]:
             raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
         pairs.append(_pair_of(row, require_response, f"{path}:{lineno}"))
     return pairs
+
+
+def _read_json_array(path: Path, text: str, require_response: bool) -> list[Pair]:
+    """A JSON document holding an array of rows (Alpaca's ``alpaca_data.json``, ``json.dump`` of a list)."""
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    return [_pair_of(row, require_response, f"{path}: row {i}") for i, row in enumerate(rows, 1)]
 
 
 _SHAPES = ("expected 'prompt' and 'response' (or 'completion'), 'messages' (chat turns ending in the assistant's "

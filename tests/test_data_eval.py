@@ -68,6 +68,14 @@ def test_every_file_shape_reads_as_the_same_pairs(tmp_path):
     for name, columns in (("d.csv", "prompt,completion"), ("e.csv", "prompt,response")):
         (tmp_path / name).write_text(f"{columns}\np,r\n")
         assert load_pairs(tmp_path / name) == [Pair("p", "r")]
+    (tmp_path / "alpaca_data.json").write_text(json.dumps(rows[4:], indent=4))  # a JSON array, Alpaca's own file
+    assert load_pairs(tmp_path / "alpaca_data.json") == [Pair("p", "r")] * 2
+    (tmp_path / "bad.json").write_text(json.dumps([rows[0], {"prompt": "p"}], indent=1))
+    with pytest.raises(DataError, match=r"bad.json: row 2: expected a non-empty response"):
+        load_pairs(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text('[\n{"prompt": "p",\n')
+    with pytest.raises(DataError, match=r"broken.json:3: not valid JSON"):
+        load_pairs(tmp_path / "broken.json")
     (tmp_path / "f.csv").write_text("prompt\np\n")
     assert load_pairs(tmp_path / "f.csv", require_response=False) == [Pair("p", "")]
     with pytest.raises(DataError, match=r"f.csv:2: empty 'response'"):

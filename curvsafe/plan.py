@@ -197,7 +197,9 @@ def meta_model(model_dir: str | Path, adapter_dir: Optional[str | Path] = None, 
 
 
 def _config_dtype(config) -> torch.dtype:
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # transformers >= 4.56 names it dtype (torch_dtype a deprecated alias that warns when read); older ones only
+    # torch_dtype, an attribute of the instance
+    d = getattr(config, "dtype", None) or vars(config).get("torch_dtype")
     if isinstance(d, str):
         d = getattr(torch, d, None)
     return d if isinstance(d, torch.dtype) else torch.float32

@@ -243,6 +243,20 @@ def test_plan_peak_against_the_measured_peak_on_cpu():
     assert 0.75 <= r["planned"] / r["measured"] <= 1.33, r
 
 
+@pytest.mark.parametrize("saved, expected", [({"dtype": "bfloat16"}, torch.bfloat16),
+                                              ({"torch_dtype": "bfloat16"}, torch.bfloat16),  # older transformers
+                                              ({}, torch.float32)])
+def test_the_weights_dtype_comes_from_either_name_of_the_config_field(tmp_path, saved, expected):
+    from transformers import AutoConfig
+
+    from curvsafe.plan import _config_dtype
+
+    config = llama_config().to_dict()
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps({**config, **saved}))
+    assert _config_dtype(AutoConfig.from_pretrained(tmp_path)) == expected
+
+
 def test_parse_bytes():
     assert parse_bytes("80GiB") == 80 * 2 ** 30 and parse_bytes("512M") == 512 * 2 ** 20
     assert parse_bytes("1.5e9") == 1_500_000_000

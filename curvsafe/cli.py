@@ -105,6 +105,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+PLAN_METHODS = (*RESTORE_METHODS, "curvsafe")
+
+
+def _method_list(text: str) -> list[str]:
+    """``--method`` of ``plan``: one method or several, comma-separated."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    wrong = [m for m in methods if m not in PLAN_METHODS]
+    if wrong or not methods:
+        raise argparse.ArgumentTypeError(f"invalid method {', '.join(wrong) or repr(text)} (choose from "
+                                         f"{', '.join(PLAN_METHODS)})")
+    return methods
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Memory and cost per restore method and for CurvSafe, from config.json (+ adapter_config.json) alone."""
     from .curvature.lowrank import LowRank
@@ -120,7 +133,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = meta_model(args.model, args.adapter, args.dtype)
     plan = estimate(model, settings)
     if args.method:
-        plan.methods = {m: p for m, p in plan.methods.items() if m in args.method}
+        chosen = {m for group in args.method for m in group}
+        plan.methods = {m: p for m, p in plan.methods.items() if m in chosen}
     ranks = None
     if args.curvature_budget is not None:  # per K-FAC-based method: the largest --rank whose curvature fits
         ranks = {m: largest_rank(model, low, m, args.curvature_budget) for m in RANKED_METHODS if m in plan.methods}
@@ -290,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory and cost per method from config.json alone (no weights needed)")
     p.add_argument("--model", required=True, help="HF model folder (config.json is enough)")
     p.add_argument("--adapter", help="PEFT LoRA adapter folder (adapter_config.json is enough)")
-    p.add_argument("--method", nargs="*", choices=[*RESTORE_METHODS, "curvsafe"],
-                   help="methods to show (default: all restore methods and the curvsafe optimizer)")
+    p.add_argument("--method", nargs="*", type=_method_list, metavar="METHOD",
+                   help=f"methods to show, space- or comma-separated, of {', '.join(PLAN_METHODS)} (default: all "
+                        "restore methods and the curvsafe optimizer)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per batch (one training step)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     p.add_argument("--task-batches", type=int, default=1, help="task data the restore uses, in batches")

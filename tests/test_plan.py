@@ -51,6 +51,11 @@ def test_plan_from_config_files_only(config_only, capsys):
     bounded = plan_json(capsys, "--model", model, "--adapter", adapter, "--max-dense-dim", "300", "--rank", "16",
                         "--oversample", "8", "--method", "kfac")
     assert set(bounded["methods"]) == {"kfac"} and bounded["sketched_factors"] == 2 * 3  # gate/up B, down A
+    listed = plan_json(capsys, "--model", model, "--adapter", adapter, "--method", "kfac,lbfgs", "curvsafe")
+    assert set(listed["methods"]) == {"kfac", "lbfgs", "curvsafe"}  # comma- or space-separated
+    with pytest.raises(SystemExit):
+        main(["plan", "--model", model, "--method", "kfac,bogus"])
+    assert "invalid method bogus" in capsys.readouterr().err
     assert bounded["methods"]["kfac"]["curvature_bytes"] < dense["methods"]["kfac"]["curvature_bytes"]
     chunked = plan_json(capsys, "--model", model, "--adapter", adapter, "--ggn-rows", "2")
     for m in ("lbfgs", "cg"):  # 2 of the 8 rows per GGN pass: less activation memory, the same curvature

@@ -3,7 +3,11 @@
 A *block* is one weight matrix seen as a linear map ``y = W x (+ b)``: ``nn.Linear`` (weight (d_out, d_in)),
 GPT-2's ``Conv1D`` (weight stored transposed, (d_in, d_out)) and the ``lora_A`` / ``lora_B`` linear modules of a
 PEFT LoRA layer, which are separate blocks with their own factors: their inputs and the gradients reaching their
-outputs, so the LoRA scaling (applied after ``lora_B``) sits in G.
+outputs, so the LoRA scaling (applied after ``lora_B``) sits in G. A DoRA adapter's (PEFT ``use_dora=True``) too:
+PEFT computes its weight norm by calling ``lora_A`` on an identity matrix and ``lora_B`` on the result, and uses
+that only detached (DoRA's paper, section 4.3), so no gradient reaches those calls; the capture skips them, and
+the blocks' factors hold the data path, the one the gradients of ``lora_A`` and ``lora_B`` come from (the
+magnitude vector is no linear block; the output gradient carries its scale ``m / |W + BA|``).
 
 :class:`LayerCapture` hooks the blocks and hands each forward's inputs and each backward's output gradients,
 restricted to the non-padding tokens, to callbacks. It refuses the silent errors that make hook-based curvature
@@ -55,6 +59,7 @@ class LinearBlock:
     bias_name: Optional[str]
     d_in: int
     d_out: int
+    dora: Optional[str] = None  # "A" / "B": the lora_A / lora_B of a DoRA adapter (its weight-norm calls skipped)
 
     def as_matrix(self, w: Tensor) -> Tensor:
         """A weight-shaped tensor as (d_out, d_in)."""
@@ -120,7 +125,22 @@ def find_blocks(model: nn.Module, modules: ModuleSelection = None) -> list[Linea
         raise CaptureError(f"no capturable module (nn.Linear, Conv1D, LoRA) in {type(model).__name__} "
                            f"for selection {modules!r}")
     _refuse_tied(model, chosen)
+    _mark_dora(model, chosen)
     return chosen
+
+
+def _mark_dora(model: nn.Module, blocks: Iterable[LinearBlock]) -> None:
+    """Set ``dora`` on the ``lora_A`` / ``lora_B`` blocks of adapters whose LoRA layer has a DoRA magnitude vector
+    (PEFT's ``lora_magnitude_vector[adapter]``)."""
+    for block in blocks:
+        parts = block.name.split(".")
+        side = next((i for i, p in enumerate(parts) if p in ("lora_A", "lora_B")), None)
+        if side is None or side + 1 >= len(parts):
+            continue
+        layer = model.get_submodule(".".join(parts[:side]))
+        magnitudes = getattr(layer, "lora_magnitude_vector", None)
+        if isinstance(magnitudes, nn.ModuleDict) and parts[side + 1] in magnitudes:
+            block.dora = parts[side][-1]
 
 
 def _refuse_tied(model: nn.Module, blocks: Iterable[LinearBlock]) -> None:
@@ -163,6 +183,7 @@ class LayerCapture:
         self._calls: dict[str, int] = {}
         self._grads: dict[str, int] = {}
         self._grad_sums: list[tuple[str, Tensor]] = []  # (block, sum of its output gradient), checked per backward
+        self._dora_probes: dict[int, Tensor] = {}  # id -> output of a DoRA lora_A's weight-norm call in this forward
         # a zero scalar added to every block output (set per forward by the caller): backpropagating to it alone
         # reaches every block's output gradient without the weight-gradient products
         self.probe: Optional[Tensor] = None
@@ -187,7 +208,7 @@ class LayerCapture:
         # nonzero's)
         self._rows = None if tokens == self._mask.numel() else torch.argsort(
             (~self._mask).to(torch.uint8), stable=True)[:tokens]
-        self._selected = {}
+        self._selected, self._dora_probes = {}, {}
         self._calls = {b.name: 0 for b in self.blocks}
         self._grads = {b.name: 0 for b in self.blocks}
         self._grad_sums = []
@@ -209,7 +230,7 @@ class LayerCapture:
 
     def _make_hook(self, block: LinearBlock):
         def hook(module, inputs, output):
-            if self._mask is None:
+            if self._mask is None or (block.dora is not None and self._dora_probe(block, inputs[0], output)):
                 return
             self._calls[block.name] += 1
             if self._calls[block.name] > 1:
@@ -225,6 +246,17 @@ class LayerCapture:
             return None
 
         return hook
+
+    def _dora_probe(self, block: LinearBlock, x: Tensor, output) -> bool:
+        """Whether this call of a DoRA block is PEFT's weight-norm computation (module docstring): ``lora_A`` on a
+        square ``(d_in, d_in)`` input (the identity; data reach it as ``(batch, tokens, d_in)``), ``lora_B`` on that
+        call's output."""
+        if block.dora == "B":
+            return id(x) in self._dora_probes and self._dora_probes[id(x)] is x
+        if x.dim() == 2 and x.shape[0] == x.shape[1] == block.d_in:
+            self._dora_probes[id(output)] = output
+            return True
+        return False
 
     def _on_grad(self, block: LinearBlock, grad: Tensor) -> None:
         self._grads[block.name] += 1
@@ -253,4 +285,4 @@ class LayerCapture:
             if not bool(finite.all()):  # the one wait for the device per backward
                 raise FloatingPointError(f"non-finite gradient at the output of module "
                                          f"{sums[int((~finite).nonzero()[0])][0]!r}")
-        self._mask, self._selected, self.probe = None, {}, None
+        self._mask, self._selected, self.probe, self._dora_probes = None, {}, None, {}

@@ -77,13 +77,13 @@ def tiny_gpt2(dtype=torch.float64, seed=0, tie=True):
     return GPT2LMHeadModel(cfg).to(dtype)
 
 
-def with_lora(model, seed=0, targets=("q_proj", "v_proj", "down_proj"), r=2):
-    """PEFT LoRA with non-zero B (so every block has signal), dropout 0."""
+def with_lora(model, seed=0, targets=("q_proj", "v_proj", "down_proj"), r=2, dora=False):
+    """PEFT LoRA (DoRA with ``dora``) with non-zero B (so every block has signal), dropout 0."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets),
-                                                  lora_dropout=0.0))
+                                                  lora_dropout=0.0, use_dora=dora))
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p, std=0.2)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import Output, TinyMLPLM, make_batch, tiny_gpt2, tiny_llama, with_lora
 
-from curvsafe.capture import CaptureError, find_blocks
+from curvsafe.capture import CaptureError, LayerCapture, find_blocks
 from curvsafe.curvature import KFAC
 
 
@@ -164,3 +164,47 @@ def test_non_finite_output_gradient_is_refused_once_per_backward_naming_the_firs
         capture.expect_forward(batch["attention_mask"].bool())
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum().backward()
         capture.check_backward()
+
+
+def test_dora_blocks_capture_the_data_path_not_the_weight_norm_calls():
+    """PEFT calls a DoRA adapter's lora_A on an identity matrix (and lora_B on the result) for the weight norm, used
+    detached: the capture skips those calls, and the inputs and output gradients it hands over are the data path's,
+    so sum_t g_t a_t^T is autograd's gradient of every lora_A and lora_B weight (float64)."""
+    model = with_lora(tiny_llama(), dora=True)
+    blocks = find_blocks(model)
+    assert {b.name.split(".")[-2] + b.dora for b in blocks} == {"lora_AA", "lora_BB"}
+    assert all("magnitude" not in b.name for b in blocks)
+    inputs, grads = {}, {}
+    batch = make_batch()
+    with LayerCapture(blocks, lambda b, a: inputs.__setitem__(b.name, a),
+                      lambda b, g: grads.__setitem__(b.name, g)) as capture:
+        capture.expect_forward(batch["attention_mask"])
+        loss = model(**batch).loss
+        capture.check_forward()
+        loss.backward()
+        capture.check_backward()
+    for b in blocks:
+        assert inputs[b.name].shape[0] == int(batch["attention_mask"].sum())
+        torch.testing.assert_close(grads[b.name].T @ inputs[b.name], b.module.weight.grad, rtol=1e-10, atol=1e-12)
+    fitted = KFAC(model, fisher_type="empirical").fit([batch, make_batch(seed=1)], gradient=True)
+    assert set(fitted.factors) == {b.name for b in blocks}
+    assert fitted.inverse_mv(fitted.gradient, damping=1e-3).keys() == fitted.gradient.keys()
+
+
+def test_curvsafe_guards_a_dora_adapter_and_screens_its_examples():
+    """CurvSafe with screening on a DoRA adapter: the per-example gradients add up to the gradient (no mismatch);
+    the magnitude vectors, no linear block, are the wrapped optimizer's to update."""
+    from curvsafe.optim import CurvSafe
+
+    model = with_lora(tiny_llama(), dora=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = CurvSafe(torch.optim.AdamW(params, lr=1e-2), model, [make_batch(seed=2)], screen=0.5)
+    magnitude = next(p for n, p in model.named_parameters() if "lora_magnitude_vector" in n)
+    before = magnitude.detach().clone()
+    for seed in range(3):
+        opt.zero_grad()
+        model(**make_batch(seed=seed)).loss.backward()
+        opt.step()
+        assert not opt.constraint.screen.mismatch
+    assert "lora_magnitude_vector" not in " ".join(opt.constraint.params)
+    assert not torch.equal(magnitude, before)

@@ -59,3 +59,22 @@ def test_curvature_seed_draws_the_monte_carlo_labels(setup, method):
         assert pre.op.seed == seed
         factors.append(torch.cat([pre.op.eigen(b.name).lam_G for b in pre.op.blocks]))
     assert torch.equal(factors[0], factors[1]) and not torch.equal(factors[0], factors[2])
+
+
+def test_a_dora_adapter_restores_with_exact_curvature_or_its_lora_weights_with_kfac():
+    """DoRA's magnitude vectors are no linear block: kfac refuses the whole adapter naming what to do (lbfgs / cg,
+    or the lora_A / lora_B weights alone), lbfgs and cg restore all of it, kfac the LoRA weights."""
+    from conftest import make_batch, tiny_llama, with_lora
+
+    from curvsafe.objectives import LossTerm, Objective
+    from curvsafe.restoration.api import restore
+
+    model = with_lora(tiny_llama(), dora=True)
+    safety = Objective([LossTerm("refusal", [make_batch(seed=5)])])
+    task = Objective([LossTerm("task", [make_batch(seed=6), make_batch(seed=7)])])
+    with pytest.raises(ValueError, match=r"kfac covers linear blocks only.*lora_magnitude_vector.*'\*lora_A\*'"):
+        restore(model, safety, task, method="kfac", iterations=1)
+    for method, params in (("lbfgs", None), ("cg", None), ("kfac", ["*lora_A*", "*lora_B*"])):
+        result = restore(model, safety, task, method=method, iterations=1, params=params)
+        assert result.iterations == 1
+        assert result.safety_objective["after"] < result.safety_objective["before"]

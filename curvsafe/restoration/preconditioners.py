@@ -87,10 +87,14 @@ class KFACPreconditioner(_OperatorPreconditioner):
 
 
 def _linear_only(method: str, uncovered: list[str]) -> None:
-    """Refuse parameters outside the linear blocks that K-FAC covers, naming the methods that do cover them."""
+    """Refuse parameters outside the linear blocks that K-FAC covers, naming the methods that do cover them (and,
+    for a DoRA adapter's magnitude vectors, the parameter selection that leaves them as they are)."""
     if uncovered:
+        dora = any("lora_magnitude_vector" in n for n in uncovered)
         raise ValueError(f"{method} covers linear blocks only; parameters {uncovered[:3]} are not (method lbfgs or "
-                         "cg: exact GGN products cover every parameter)")
+                         "cg: exact GGN products cover every parameter" + (
+                             "; or edit a DoRA adapter's lora_A/lora_B alone: params '*lora_A*' '*lora_B*', "
+                             "`--params` on the command line" if dora else "") + ")")
 
 
 class EKFACPreconditioner(KFACPreconditioner):

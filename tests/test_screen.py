@@ -245,3 +245,29 @@ def test_blocks_of_one_shape_share_a_tensor_and_one_a_pass_skips_counts_as_zero(
         assert not screen.mismatch
         assert rel_err(screen.cosines, _cosines(rows, safety)) < 1e-10
         assert len(screen._spare) == 3  # one pass's tensors kept, one per stored shape
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_screens_the_same_examples_bit_for_bit(reentrant):
+    """HF gradient checkpointing reruns each layer's forward in the backward (reentrant: the first forward runs
+    without gradients): the screen sees every example once, and the steps equal those without checkpointing."""
+    def run(checkpointing):
+        model = with_lora(tiny_llama())
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        model.train()
+        opt = CurvSafe(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2), model,
+                       [make_batch(seed=9)], screen=0.0)
+        cosines = []
+        for seed in range(3):
+            opt.zero_grad()
+            model(**make_batch(seed=seed)).loss.backward()
+            opt.step()
+            assert not opt.constraint.screen.mismatch
+            cosines.append(opt.constraint.screen.cosines)
+        return cosines, [p.detach() for p in model.parameters() if p.requires_grad]
+
+    (plain, plain_params), (checked, checked_params) = run(False), run(True)
+    assert all(c.numel() == 3 and torch.equal(c, d) for c, d in zip(plain, checked))
+    assert all(torch.equal(p, q) for p, q in zip(plain_params, checked_params))

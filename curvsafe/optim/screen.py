@@ -42,9 +42,10 @@ rows of one call of the model given to CurvSafe are one set of examples (a sub-m
 new set). Under DDP and FSDP2 each rank screens its own rows against the whole safety gradient (CurvSafe's guard holds
 it whole on every rank); the counts and the sums of the screened and of all per-example gradients go through one
 all-reduce per step (whole, adapter-sized), and under FSDP2 the gradient's shards through one all-gather; each rank then
-takes its part of the screened rows' sum off its shard. Not tested with gradient checkpointing (the captured inputs are
-held until the backward, which undoes its saving). When the captured examples do not add up to the gradient
-(:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe warns once.
+takes its part of the screened rows' sum off its shard. With Hugging Face's gradient checkpointing (reentrant or not)
+the steps are those without it, bit for bit (tested); but the blocks' inputs captured in the forward are held until
+the backward, which undoes part of its memory saving (not measured). When the captured examples do not add up to the
+gradient (:meth:`ExampleScreen.apply`), the step is not screened and CurvSafe warns once.
 """
 
 from __future__ import annotations

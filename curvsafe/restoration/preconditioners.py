@@ -87,14 +87,13 @@ class KFACPreconditioner(_OperatorPreconditioner):
 
 
 def _linear_only(method: str, uncovered: list[str]) -> None:
-    """Refuse parameters outside the linear blocks that K-FAC covers, naming the methods that do cover them (and,
-    for a DoRA adapter's magnitude vectors, the parameter selection that leaves them as they are)."""
+    """Refuse parameters outside the linear blocks that K-FAC covers (a DoRA adapter's magnitude vectors, PEFT's
+    ``modules_to_save`` embeddings, norms), naming the methods that do cover them and the parameter selection that
+    leaves them as they are."""
     if uncovered:
-        dora = any("lora_magnitude_vector" in n for n in uncovered)
         raise ValueError(f"{method} covers linear blocks only; parameters {uncovered[:3]} are not (method lbfgs or "
-                         "cg: exact GGN products cover every parameter" + (
-                             "; or edit a DoRA adapter's lora_A/lora_B alone: params '*lora_A*' '*lora_B*', "
-                             "`--params` on the command line" if dora else "") + ")")
+                         "cg: exact GGN products cover every parameter; or restore the LoRA weights alone and leave "
+                         "those as they are: params '*lora_A*' '*lora_B*', `--params` on the command line)")
 
 
 class EKFACPreconditioner(KFACPreconditioner):

@@ -133,7 +133,7 @@ def _pair_of(row, require_response: bool, where: str) -> Pair:
     elif "instruction" in row:
         prompt, response = _alpaca(row, where)
     elif "prompt" in row:
-        key = "completion" if "completion" in row and "response" not in row else "response"
+        key = _response_key(row)
         prompt, response = row["prompt"], row.get(key, "")
         if isinstance(prompt, list):  # TRL's conversational prompt-completion
             prompt, answer = _turns(prompt, where, "'prompt'")
@@ -152,6 +152,11 @@ def _pair_of(row, require_response: bool, where: str) -> Pair:
     if require_response and not response:
         raise DataError(f"{where}: expected a non-empty response; {_SHAPES}")
     return Pair(prompt, response)
+
+
+def _response_key(keys) -> str:
+    """The field holding the response next to ``prompt``: ``response``, else TRL's ``completion``."""
+    return "completion" if "completion" in keys and "response" not in keys else "response"
 
 
 def _turns(turns, where: str, what: str) -> tuple[Prompt, str]:
@@ -200,7 +205,7 @@ def _read_csv(path: Path, text: str, require_response: bool) -> list[Pair]:
             prompt_key, response_key = "goal", "target"
         elif "prompt" in columns:
             prompt_key = "prompt"
-            response_key = "completion" if "completion" in columns and "response" not in columns else "response"
+            response_key = _response_key(columns)
         else:
             raise DataError(f"{path}:1: a CSV needs the columns 'goal' and 'target' (AdvBench) or 'prompt' and "
                             f"'response' (or 'completion'); got {sorted(columns)[:8]}")

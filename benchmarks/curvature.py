@@ -7,6 +7,8 @@
 2. Cost of one Hessian-vector product (forward-over-reverse and double backward), one GGN- and one empirical-
    Fisher-vector product relative to one gradient (forward + backward of the same mean loss) on a tiny Llama with
    LoRA, float32: medians of repeated runs in this process, side by side.
+3. A GGN-vector product over many small batches of short sequences, one pass per batch against merged passes
+   (``max_tokens``, what restore's lbfgs / cg run), side by side.
 """
 
 from __future__ import annotations
@@ -123,6 +125,24 @@ def product_costs(repeats: int) -> dict[str, dict[str, float]]:
     return {k: {"seconds": s, "ratio_to_gradient": s / seconds["gradient"]} for k, s in seconds.items()}
 
 
+def merged_pass_costs(repeats: int) -> dict[str, float]:
+    """One GGN-vector product over 16 batches of 16 short rows (12-40 tokens, a restore's task batches on the
+    testbed), one pass per batch against the batches merged into passes of up to 16 x 128 tokens (restore's
+    default ``ggn_tokens``): seconds, their ratio, and the relative difference of the products (float rounding)."""
+    torch.manual_seed(0)
+    model = with_lora(tiny_llama(dtype=torch.float32))
+    g = torch.Generator().manual_seed(0)
+    batches = [make_batch(batch=16, seq=int(torch.randint(12, 41, (1,), generator=g)), seed=s) for s in range(16)]
+    params = select_params(model)
+    v = random_vector(params)
+    per_batch, merged = ggn_vp(model, batches, v), ggn_vp(model, batches, v, max_tokens=16 * 128)
+    diff = rel_err(flat(merged), flat(per_batch))
+    seconds = {"one pass per batch": median_seconds(lambda: ggn_vp(model, batches, v), repeats),
+               "merged passes": median_seconds(lambda: ggn_vp(model, batches, v, max_tokens=16 * 128), repeats)}
+    return {**seconds, "speed-up": seconds["one pass per batch"] / seconds["merged passes"],
+            "relative difference": diff}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results")
@@ -130,6 +150,7 @@ def main() -> None:
     args = parser.parse_args()
     errors = oracle_errors()
     costs = product_costs(args.repeats)
+    merging = merged_pass_costs(args.repeats)
     lines = [f"# Curvature engine: oracle errors and product costs ({time.strftime('%Y-%m-%d')}, torch "
              f"{torch.__version__}, {torch.get_num_threads()} CPU threads)", "",
              "| check | relative error |", "| --- | ---: |"]
@@ -137,13 +158,19 @@ def main() -> None:
     lines += ["", f"Tiny Llama + LoRA (hidden 64, 4 layers, r=8, 2 batches of 8x64 tokens), float32, median of "
               f"{args.repeats} runs:", "", "| product | ms | / gradient |", "| --- | ---: | ---: |"]
     lines += [f"| {k} | {c['seconds'] * 1e3:.1f} | {c['ratio_to_gradient']:.2f} |" for k, c in costs.items()]
+    lines += ["", f"GGN-vector product over 16 batches of 16 rows x 12-40 tokens (a restore's task batches on the "
+              f"testbed; the tiny Llama of the tests + LoRA, float32), median of {args.repeats} runs: one pass per "
+              f"batch {merging['one pass per batch'] * 1e3:.0f} ms, merged into passes of up to 16 x 128 tokens "
+              f"{merging['merged passes'] * 1e3:.0f} ms, **{merging['speed-up']:.2f}x**; the products differ by "
+              f"{merging['relative difference']:.1e} (relative; float rounding)."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"curvature_cpu_{time.strftime('%Y-%m-%d')}"
     (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps({"errors": errors, "costs": costs}, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps({"errors": errors, "costs": costs, "merged_passes": merging},
+                                                 indent=2))
 
 
 if __name__ == "__main__":

@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", type=int, default=1, choices=[1, 2], help="passes per K-FAC fit of truncated factors "
                    "(2: a second pass refines each sketch, LowRank.passes)")
     p.add_argument("--dense", action="store_true", help="every factor dense (no memory bound)")
-    p.add_argument("--ggn-rows", type=int, help="lbfgs / cg: rows per chunk of each GGN-vector product "
+    p.add_argument("--ggn-rows", type=int, help="lbfgs / cg: rows per pass of each GGN-vector product "
                    "(restore's --ggn-rows)")
     p.add_argument("--shards", type=int, default=1, help="ranks the weights are sharded over with FSDP2 (restore "
                    "--fsdp2, CurvSafe under fully_shard): memory per rank")

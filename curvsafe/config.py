@@ -141,8 +141,10 @@ class RestoreConfig(Settings):
         "fit the task curvature (every method's metric) on at most this many task batches, evenly spaced over them "
         "(per rank); the task loss and its budget still use every batch. Caps the cost of an iteration when the task "
         "file is large (default: all)", default=None)
-    ggn_rows: Optional[int] = setting("lbfgs / cg: rows per chunk of each GGN-vector product (the same product, "
-                                    "less activation memory; default: the whole batch)", default=None)
+    ggn_rows: Optional[int] = setting("lbfgs / cg: rows per pass of each GGN-vector product: batches are split "
+                                    "into passes of this many rows (the same product, less activation memory), "
+                                    "and consecutive batches of shorter sequences merged up to this many rows x "
+                                    "max_length tokens (default: batch_size)", default=None)
     max_memory: Optional[int] = setting("refuse before loading weights when the method's estimated peak exceeds this "
                                       "many bytes; lbfgs / cg first try GGN row chunks that fit (default: the "
                                       "CUDA device's memory; see `curvsafe plan`)", default=None)
@@ -184,3 +186,10 @@ class RestoreConfig(Settings):
         from .curvature.lowrank import LowRank
 
         return LowRank(max_dense_dim=self.max_dense_dim, rank=self.rank, passes=self.sketch_passes)
+
+    def ggn_tokens(self) -> Optional[int]:
+        """The tokens of one pass of L-BFGS's and CG's GGN products at most: a batch's worth at full length
+        (``ggn_rows`` or ``batch_size`` rows x ``max_length``), the activations the plan prices, so that task
+        batches of short sequences are merged up to it. None under FSDP2 (one pass per batch: every rank must run
+        the same forwards)."""
+        return None if self.fsdp2 else (self.ggn_rows or self.batch_size) * self.max_length

@@ -84,8 +84,8 @@ class PlanSettings:
         low_rank: the factor memory bound (None: every factor dense).
         subspace: CurvSafe's warm-started truncated eigenbases of large dense factors
             (``CurvSafeSettings.subspace``; None: full ones).
-        ggn_rows: rows per chunk of L-BFGS's and CG's GGN-vector products (restore's ``ggn_rows``; None: the
-            whole batch).
+        ggn_rows: rows per pass of L-BFGS's and CG's GGN-vector products at ``seq_len`` tokens each (restore's
+            ``ggn_rows``: batches split, or shorter ones merged, to it; None: ``batch_size``).
         shards: ranks the weights are sharded over with FSDP2 (restore's ``fsdp2``, CurvSafe under
             ``fully_shard``): the estimate is per rank.
         screen: CurvSafe screens examples (``CurvSafeSettings.screen``; module docstring).
@@ -320,7 +320,7 @@ def estimate(model: nn.Module, settings: Optional[PlanSettings] = None, *, modul
     weights = sharded_weight_bytes(model, settings.shards)
     train_act = activation_bytes(model, settings.batch_size, settings.seq_len)
     act = activation_bytes(model, settings.batch_size, settings.seq_len, math_attention=True)
-    ggn_act = GGN_MEMORY * (act if settings.ggn_rows is None or settings.ggn_rows >= settings.batch_size else
+    ggn_act = GGN_MEMORY * (act if settings.ggn_rows in (None, settings.batch_size) else
                             activation_bytes(model, settings.ggn_rows, settings.seq_len, math_attention=True))
     vec = trainable * F32
     k = kfac_bytes(model, settings.low_rank, modules)

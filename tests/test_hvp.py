@@ -191,6 +191,36 @@ def test_products_in_row_chunks_equal_the_whole_batch(product):
         product(model, batches, v, list(named), max_rows=0)
 
 
+@pytest.mark.parametrize("product", [hvp, ggn_vp, empirical_fisher_vp])
+def test_products_over_merged_batches_equal_one_pass_per_batch(product):
+    """``max_tokens``: consecutive batches of other lengths, right-padded into one pass, weight each counted token
+    by 1/(K N_k) as the mean of batch means does: the same product with fewer forwards (with ``max_rows`` too:
+    split first, then merged)."""
+    model = with_lora(tiny_llama())
+    batches = [make_batch(batch=3, seq=7, seed=1), make_batch(batch=1, seq=5, seed=2),
+               make_batch(batch=4, seq=9, seed=4, prompt=6)]
+    batches[0]["labels"][0] = -100  # a row with nothing counted
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    v = random_vector(named, seed=3)
+    forwards = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: forwards.append(kwargs["input_ids"].shape),
+                                       with_kwargs=True)
+    try:
+        whole = product(model, batches, v, list(named))
+        assert forwards == [(3, 7), (1, 5), (4, 9)]
+        for max_rows, max_tokens, shapes in ((None, 35, [(4, 7), (4, 9)]), (None, 10 ** 6, [(8, 9)]),
+                                             (2, 10 ** 6, [(2, 7), (2, 7), (2, 9), (2, 9)])):
+            forwards.clear()
+            merged = product(model, batches, v, list(named), max_rows=max_rows, max_tokens=max_tokens)
+            assert forwards == shapes
+            for n in whole:
+                assert rel_err(merged[n], whole[n]) < 1e-6, (max_tokens, n)  # HF's RMSNorm runs in float32 here
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="max_tokens"):
+        product(model, batches, v, list(named), max_tokens=0)
+
+
 def _sharded_products(rank, port, out_dir):
     """2 gloo ranks, the tiny LoRA Llama sharded with FSDP2 (float64): the GGN product of each rank's batches,
     and the refusals of the products that need a double backward."""

@@ -209,6 +209,19 @@ def test_plan_curvature_bytes_equal_the_fitted_objects(low, monkeypatch):
     assert plan.methods["ekfac"].curvature_bytes == max(planned["factors"], planned["eigen"] + planned["corrected"])
 
 
+def test_plan_prices_ggn_passes_of_ggn_rows_rows():
+    """lbfgs / cg GGN passes hold ``ggn_rows`` rows at ``seq_len``: fewer than a batch (split) lower the peak,
+    more (merged batches) raise it, ``batch_size`` rows is the default."""
+    from curvsafe.plan import PlanSettings, estimate
+
+    model = with_lora(tiny_llama(dtype=torch.float32))
+
+    def peak(rows):
+        return estimate(model, PlanSettings(batch_size=8, seq_len=64, ggn_rows=rows)).methods["lbfgs"].peak_bytes
+
+    assert peak(2) < peak(None) == peak(8) < peak(32)
+
+
 PEAK_SCRIPT = """
 import json, sys
 import torch

@@ -8,12 +8,14 @@ from curvsafe.curvature.vectors import flatten, unflatten
 from curvsafe.restoration.preconditioners import make_preconditioner
 
 
+@pytest.mark.parametrize("ggn_tokens", [None, 10 ** 6])
 @pytest.mark.parametrize("method,tol", [("lbfgs", 1e-6), ("cg", 1e-6)])
-def test_preconditioners_give_the_newton_step(setup, method, tol):
+def test_preconditioners_give_the_newton_step(setup, method, tol, ggn_tokens):
     """With as many pairs / iterations as parameters, CG and L-BFGS (conjugate pairs) apply (G + λI)^{-1} of the
-    task loss's GGN G (the Newton step of its quadratic model), in float64. (Without re-conjugating each new
-    direction, the CG recurrence's conjugacy decayed on products carrying LlamaRMSNorm's float32 noise and the
-    L-BFGS step was off by 3e-3 to 8e-2.)"""
+    task loss's GGN G (the Newton step of its quadratic model), in float64, with their GGN products one pass per
+    batch or over the batches merged (``ggn_tokens``). (Without re-conjugating each new direction, the CG
+    recurrence's conjugacy decayed on products carrying LlamaRMSNorm's float32 noise and the L-BFGS step was off
+    by 3e-3 to 8e-2.)"""
     from curvsafe.data import load_pairs, make_batches
     from curvsafe.models import load_model
     from curvsafe.restoration import trainable_params
@@ -22,14 +24,15 @@ def test_preconditioners_give_the_newton_step(setup, method, tol):
     params = {n: p for n, p in trainable_params(model).items() if ".layers.0.self_attn.q_proj." in n}
     for n, p in model.named_parameters():
         p.requires_grad_(n in params)
-    batches = make_batches(tok, load_pairs(setup / "task.jsonl")[:8], batch_size=8)
+    batches = make_batches(tok, load_pairs(setup / "task.jsonl")[:8], batch_size=3)
     names = list(params)
     dim = sum(p.numel() for p in params.values())
     ggn = GGNOperator(model, batches, names)
     shapes = {n: params[n].shape for n in names}
     G = torch.stack([flatten(ggn.mv(unflatten(e, shapes)), names) for e in torch.eye(dim, dtype=torch.float64)], 1)
     g = unflatten(G @ torch.randn(dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), shapes)
-    pre = make_preconditioner(method, damping=1.0)  # a well-conditioned system: the check is of the algebra
+    # a well-conditioned system: the check is of the algebra
+    pre = make_preconditioner(method, damping=1.0, ggn_tokens=ggn_tokens)
     if method == "lbfgs":
         pre.pairs = dim
     else:

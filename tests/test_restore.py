@@ -27,6 +27,16 @@ def test_ggn_row_chunks_restore_like_whole_batches(setup, tmp_path, method):
     assert fitted["iterations"] == whole["iterations"]
 
 
+def test_ggn_passes_hold_a_batch_at_full_length():
+    """restore merges lbfgs / cg task batches of short sequences into GGN passes of up to a batch at
+    ``max_length`` (what the plan prices), of ``ggn_rows`` rows when given; under FSDP2 one pass per batch."""
+    from curvsafe.config import RestoreConfig
+
+    assert RestoreConfig().ggn_tokens() == 16 * 128
+    assert RestoreConfig(batch_size=4, max_length=32, ggn_rows=64).ggn_tokens() == 64 * 32
+    assert RestoreConfig(fsdp2=True).ggn_tokens() is None
+
+
 def test_curvature_subset_is_evenly_spaced():
     from curvsafe.restoration.api import curvature_subset
 

@@ -10,7 +10,13 @@ per-token loss (HF's ``outputs.loss``; see :mod:`.loss`). For parameter vectors 
 - :func:`empirical_fisher_vp` returns ``(1/K) sum_k (1/N_k) sum_{n in k} g_n <g_n, v>`` with ``g_n`` the gradient
   of sequence n's sum loss and ``N_k`` the counted tokens of batch k (exact, via one JVP and one VJP).
 
-``params`` selects the parameters (default: those with ``requires_grad``) as a list of names or a dict. All three
+``params`` selects the parameters (default: those with ``requires_grad``) as a list of names or a dict. The
+batches run as *passes* (one forward and its backwards each): ``max_rows`` splits a batch into passes of at most
+that many rows (less activation memory), ``max_tokens`` merges consecutive batches, right-padded to the longest, into
+passes of at most that many tokens (rows x length; fewer, larger matrix products, which small batches of short
+sequences need on CPU). Every counted token of batch k carries the weight ``1/(K N_k)`` wherever it runs, so the
+passes give the same products up to float rounding. Padding on the right changes no earlier position's output in a
+causal model; ``max_tokens`` assumes one. All three
 run with the math SDPA backend in eval mode (the fused CPU SDPA kernel has no second derivatives), on a model
 loaded with default settings. Under ``torch.distributed`` results are summed over ranks and divided by the total
 number of batches.
@@ -18,7 +24,7 @@ number of batches.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,8 +33,8 @@ from ._pass import materialize, requiring_grad
 from .base import CurvatureOperator
 from .distributed import all_reduce_counts, all_reduce_sum_
 from .sharded import dual_parameters, forward_tensors, is_sharded
-from .loss import (CausalLMLoss, call_model, counted_token_losses, curvature_mode, model_device, model_inputs,
-                   output_tensor, prepare_batch)
+from .loss import (IGNORE_INDEX, CausalLMLoss, call_model, counted_token_losses, curvature_mode, model_device,
+                   model_inputs, output_tensor, prepare_batch)
 from .vectors import ParamVector, check_vector
 
 ParamSelection = Union[None, Sequence[str], Mapping[str, Tensor]]
@@ -71,72 +77,145 @@ def _prepare(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], param
     return data, chosen
 
 
-def _batch_loss_terms(model: nn.Module, batch: Mapping[str, Tensor], loss) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Model output, targets, the (B, T) counted-position mask, and the number of counted tokens."""
-    output = call_model(model, batch)
+class _Pass(NamedTuple):
+    """One forward's rows: ``batch`` (``input_ids``, ``attention_mask``, ``labels``), ``valid`` the (B, T) counted
+    positions, ``scale`` each row's weight (B,): 1 / the counted tokens of the batch the row came from, so that
+    ``sum(scale * per-token losses)`` is this pass's share of the sum of batch mean losses."""
+
+    batch: dict
+    valid: Tensor
+    scale: Tensor
+
+
+def _token_weights(p: _Pass, dtype: torch.dtype) -> Tensor:
+    """(B, T) weight of each position's loss: the row's scale where counted, 0 elsewhere."""
+    return p.valid.to(dtype) * p.scale.to(dtype).unsqueeze(1)
+
+
+def _pass_of(batch: dict, loss) -> _Pass:
     targets = loss.targets(batch)
     valid = loss.valid(targets) & batch["attention_mask"].bool()
     count = valid.sum()
     if int(count) == 0:
         raise ValueError("a batch has every token ignored (labels all -100 or padding): its mean loss is undefined")
-    return output, targets, valid, count
+    return _Pass(batch, valid, torch.full(valid.shape[:1], 1.0, dtype=torch.float64, device=valid.device) / count)
 
 
-def _finish(results: list[ParamVector], names: Sequence[str], device: torch.device) -> ParamVector:
-    total = {n: sum(r[n] for r in results) for n in names}
+def _pad_right(t: Tensor, length: int, value) -> Tensor:
+    extra = length - t.shape[1]
+    if extra == 0:
+        return t
+    pad = t.new_full((t.shape[0], extra, *t.shape[2:]), value)
+    return torch.cat([t, pad], dim=1)
+
+
+def _merge(parts: Sequence[_Pass]) -> _Pass:
+    """``parts`` as one pass: rows stacked, each right-padded to the longest (padding attended by no one,
+    counted nowhere)."""
+    if len(parts) == 1:
+        return parts[0]
+    length = max(p.valid.shape[1] for p in parts)
+
+    def stacked(key: str, value) -> Tensor:
+        return torch.cat([_pad_right(p.batch[key], length, value) for p in parts])
+
+    labels = parts[0].batch["labels"]
+    batch = {"input_ids": stacked("input_ids", 0), "attention_mask": stacked("attention_mask", 0),
+             "labels": stacked("labels", IGNORE_INDEX if not labels.is_floating_point() else 0.0)}
+    valid = torch.cat([_pad_right(p.valid, length, False) for p in parts])
+    return _Pass(batch, valid, torch.cat([p.scale for p in parts]))
+
+
+def _chunks(data: Sequence, device: torch.device, loss, max_rows: Optional[int]) -> Iterator[_Pass]:
+    """Each batch of ``data`` as a pass, or in chunks of at most ``max_rows`` rows (a chunk without a counted
+    token left out)."""
+    for raw in data:
+        whole = _pass_of(prepare_batch(raw, device), loss)
+        rows = whole.valid.shape[0]
+        if max_rows is None or rows <= max_rows:
+            yield whole
+            continue
+        for i in range(0, rows, max_rows):
+            part = slice(i, i + max_rows)
+            if whole.valid[part].any():
+                yield _Pass({k: t[part] for k, t in whole.batch.items()}, whole.valid[part], whole.scale[part])
+
+
+def _passes(data: Sequence, device: torch.device, loss, max_rows: Optional[int],
+            max_tokens: Optional[int]) -> Iterator[_Pass]:
+    """The passes of ``data`` (module docstring), in order: :func:`_chunks`, consecutive ones merged while the
+    merged pass stays within ``max_tokens`` tokens (rows x longest length) and ``max_rows`` rows."""
+    pending: list[_Pass] = []
+    for chunk in _chunks(data, device, loss, max_rows):
+        if pending:
+            rows = sum(p.valid.shape[0] for p in pending) + chunk.valid.shape[0]
+            length = max(p.valid.shape[1] for p in [*pending, chunk])
+            if max_tokens is None or rows * length > max_tokens or (max_rows is not None and rows > max_rows):
+                yield _merge(pending)
+                pending = []
+        pending.append(chunk)
+    if pending:
+        yield _merge(pending)
+
+
+def _finish(total: ParamVector, batches: int, device: torch.device) -> ParamVector:
+    """The sum over batches (of every rank) divided by their number."""
     all_reduce_sum_(total.values())
-    (k,) = all_reduce_counts([float(len(results))], device)
+    (k,) = all_reduce_counts([float(batches)], device)
     return {n: t / k for n, t in total.items()}
 
 
-def _mean_loss_fn(model: nn.Module, batch: Mapping[str, Tensor], names: Sequence[str], loss) -> Callable:
+def _weighted_loss(loss, output: Tensor, p: _Pass) -> Tensor:
+    """The pass's share of the sum of batch mean losses."""
+    losses = counted_token_losses(loss, output, loss.targets(p.batch), p.valid)
+    return (losses * _token_weights(p, losses.dtype)).sum()
+
+
+def _mean_loss_fn(model: nn.Module, p: _Pass, names: Sequence[str], loss) -> Callable:
     from torch.func import functional_call
 
     def f(*tensors: Tensor) -> Tensor:
         output = output_tensor(functional_call(model, dict(zip(names, tensors)), args=(),
-                                               kwargs=model_inputs(model, batch)))
-        targets = loss.targets(batch)
-        valid = loss.valid(targets) & batch["attention_mask"].bool()
-        return counted_token_losses(loss, output, targets, valid).sum() / valid.sum()
+                                               kwargs=model_inputs(model, p.batch)))
+        return _weighted_loss(loss, output, p)
 
     return f
 
 
-def _hvp_forward_over_reverse(model, batch, names, primals, tangents, loss) -> tuple[Tensor, ...]:
+def _hvp_forward_over_reverse(model, p: _Pass, names, primals, tangents, loss) -> tuple[Tensor, ...]:
     from torch.func import grad, jvp
 
-    f = _mean_loss_fn(model, batch, names, loss)
+    f = _mean_loss_fn(model, p, names, loss)
     _, hv = jvp(grad(f, argnums=tuple(range(len(names)))), primals, tangents)
     return hv
 
 
-def _hvp_double_backward(model, batch, names, primals, tangents, loss) -> tuple[Tensor, ...]:
-    output, targets, valid, count = _batch_loss_terms(model, batch, loss)
-    value = counted_token_losses(loss, output, targets, valid).sum() / count
+def _hvp_double_backward(model, p: _Pass, names, primals, tangents, loss) -> tuple[Tensor, ...]:
+    value = _weighted_loss(loss, call_model(model, p.batch), p)
     grads = torch.autograd.grad(value, primals, create_graph=True)
     return torch.autograd.grad(grads, primals, grad_outputs=tangents, allow_unused=True)
 
 
 def hvp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection = None, *,
-        loss=None, method: str = "auto", max_rows: Optional[int] = None) -> ParamVector:
+        loss=None, method: str = "auto", max_rows: Optional[int] = None,
+        max_tokens: Optional[int] = None) -> ParamVector:
     """Exact Hessian-vector product of the mean loss (module docstring). ``method``: ``"auto"`` (forward-over-
     reverse, double backward if the model lacks forward-mode AD), ``"forward"`` or ``"double_backward"``.
-    ``max_rows``: run each batch in chunks of at most this many rows (same product, less activation memory)."""
+    ``max_rows`` / ``max_tokens``: the passes' rows and tokens at most (module docstring; the same product)."""
     if method not in ("auto", "forward", "double_backward"):
         raise ValueError(f"method must be 'auto', 'forward' or 'double_backward', got {method!r}")
 
-    def per_batch(model, batch, names, primals, tangents, loss):
+    def per_pass(model, p, names, primals, tangents, loss):
         if method == "forward" or (method == "auto" and type(model) not in _NO_FORWARD_AD):
             try:
-                return _hvp_forward_over_reverse(model, batch, names, tuple(p.detach() for p in primals), tangents,
-                                                 loss)
+                return _hvp_forward_over_reverse(model, p, names, tuple(t.detach() for t in primals), tangents, loss)
             except (RuntimeError, NotImplementedError):
                 if method == "forward":
                     raise
                 _NO_FORWARD_AD.add(type(model))
-        return _hvp_double_backward(model, batch, names, primals, tangents, loss)
+        return _hvp_double_backward(model, p, names, primals, tangents, loss)
 
-    return _products(model, batches, v, params, loss, per_batch, max_rows)
+    return _products(model, batches, v, params, loss, per_pass, max_rows, max_tokens)
 
 
 def _output_jvp(output: Tensor, primals: Sequence[Tensor], tangents: Sequence[Tensor]) -> Tensor:
@@ -145,23 +224,6 @@ def _output_jvp(output: Tensor, primals: Sequence[Tensor], tangents: Sequence[Te
     vjp = torch.autograd.grad(output, primals, grad_outputs=u, create_graph=True, allow_unused=True)
     pairs = [(g, t) for g, t in zip(vjp, tangents) if g is not None]
     return torch.autograd.grad([g for g, _ in pairs], u, grad_outputs=[t for _, t in pairs], retain_graph=True)[0]
-
-
-def _row_chunks(batch: Mapping[str, Tensor], loss, max_rows: Optional[int]) -> list[tuple[dict, Optional[float]]]:
-    """``batch`` as chunks of at most ``max_rows`` rows, each with its share of the batch's counted tokens (the
-    weight that turns a chunk's mean-loss product into its part of the batch's); chunks without a counted token
-    are left out. ``[(batch, None)]`` when it needs no split."""
-    rows = batch["input_ids"].shape[0]
-    if max_rows is None or rows <= max_rows:
-        return [(dict(batch), None)]
-    per_row = (loss.valid(loss.targets(batch)) & batch["attention_mask"].bool()).sum(1)
-    total = float(per_row.sum())
-    chunks = []
-    for i in range(0, rows, max_rows):
-        counted = float(per_row[i:i + max_rows].sum())
-        if counted > 0:
-            chunks.append(({k: t[i:i + max_rows] for k, t in batch.items()}, counted / total))
-    return chunks
 
 
 class _ForwardTensors(Sequence):
@@ -178,86 +240,87 @@ class _ForwardTensors(Sequence):
 
 
 def _products(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection, loss,
-              per_batch: Callable, max_rows: Optional[int] = None, *,
-              sharded_per_batch: Optional[Callable] = None) -> ParamVector:
-    """The mean over ``batches`` of ``per_batch(model, batch, names, primals, tangents, loss)`` (a tuple of
-    products of the batch's mean loss w.r.t. ``primals``; None for an unused one), in curvature mode,
-    all-reduced: the body of :func:`hvp`, :func:`ggn_vp` and :func:`empirical_fisher_vp`. With ``max_rows`` a
-    batch runs in row chunks whose products are weighted by their share of its counted tokens (the same mean).
-    On an FSDP2-sharded model ``sharded_per_batch`` runs instead (None: the product is refused, since FSDP2 frees
-    each layer's whole weights after its backward and a double backward would read them), with ``primals`` the
-    whole parameters each forward used (read after the forward)."""
-    if max_rows is not None and max_rows < 1:
-        raise ValueError(f"max_rows must be >= 1 or None, got {max_rows}")
+              per_pass: Callable, max_rows: Optional[int] = None, max_tokens: Optional[int] = None, *,
+              sharded_per_pass: Optional[Callable] = None) -> ParamVector:
+    """The mean over ``batches`` of the products of their mean losses, in curvature mode, all-reduced: the body
+    of :func:`hvp`, :func:`ggn_vp` and :func:`empirical_fisher_vp`. The batches run as passes (:func:`_passes`);
+    ``per_pass(model, pass, names, primals, tangents, loss)`` returns the products of one pass's share of the sum
+    of batch mean losses w.r.t. ``primals`` (None for an unused one). On an FSDP2-sharded model
+    ``sharded_per_pass`` runs instead (None: the product is refused, since FSDP2 frees each layer's whole weights
+    after its backward and a double backward would read them), with ``primals`` the whole parameters each forward
+    used (read after the forward), one pass per batch."""
+    for name, limit in (("max_rows", max_rows), ("max_tokens", max_tokens)):
+        if limit is not None and limit < 1:
+            raise ValueError(f"{name} must be >= 1 or None, got {limit}")
     loss = loss or CausalLMLoss()
     data, chosen = _prepare(model, batches, v, params)
     names = list(chosen)
     device = model_device(model)
     sharded = any(is_sharded(p) for p in chosen.values())
-    if sharded and sharded_per_batch is None:
+    if sharded and sharded_per_pass is None:
         raise ValueError("this product needs a double backward through every layer, which an FSDP2-sharded model "
                          "does not keep; the GGN (ggn_vp) runs sharded")
     if sharded:
-        per_batch = sharded_per_batch
-    if sharded and max_rows is not None:
-        raise ValueError("row chunks (max_rows / ggn_rows) do not run on an FSDP2-sharded model: ranks whose "
-                         "batches have other row counts would run other numbers of forwards")
-    results = []
+        per_pass = sharded_per_pass
+    if sharded and (max_rows is not None or max_tokens is not None):
+        raise ValueError("row chunks and merged batches (max_rows / max_tokens, restore's ggn_rows) do not run on an "
+                         "FSDP2-sharded model: ranks whose batches have other shapes would run other numbers of "
+                         "forwards")
+    total: dict[str, Tensor] = {}
     with curvature_mode(model), requiring_grad(chosen.values()), forward_tensors(model, chosen) as used:
         primals = _ForwardTensors(used, names) if sharded else tuple(chosen[n] for n in names)
         tangents = tuple(v[n].to(chosen[n].dtype) for n in names)
-        for raw in data:
-            total = None
-            for chunk, weight in _row_chunks(prepare_batch(raw, device), loss, max_rows):
-                out = per_batch(model, chunk, names, primals, tangents, loss)
-                part = [(o if o is not None else torch.zeros_like(chosen[n])).detach() for n, o in zip(names, out)]
-                if weight is not None:
-                    part = [p * weight for p in part]
-                total = part if total is None else [t + p for t, p in zip(total, part)]
-            results.append(dict(zip(names, total)))
-    return _finish(results, names, device)
+        for p in _passes(data, device, loss, max_rows, max_tokens):
+            for n, out in zip(names, per_pass(model, p, names, primals, tangents, loss)):
+                if out is not None:
+                    total[n] = out.detach() if n not in total else total[n] + out.detach()
+    return _finish({n: total[n] if n in total else torch.zeros_like(chosen[n]) for n in names}, len(data), device)
 
 
-def _ggn_batch(model, batch, names, primals, tangents, loss):
-    output, targets, valid, count = _batch_loss_terms(model, batch, loss)
+def _ggn_pass(model, p: _Pass, names, primals, tangents, loss):
+    output = call_model(model, p.batch)
     jv = _output_jvp(output, primals, tangents)
-    hjv = loss.output_hessian_vp(output, targets, jv) * valid.unsqueeze(-1) / count
+    hjv = loss.output_hessian_vp(output, loss.targets(p.batch), jv)
+    hjv = hjv * _token_weights(p, hjv.dtype).unsqueeze(-1)
     return torch.autograd.grad(output, primals, grad_outputs=hjv.to(output.dtype), allow_unused=True)
 
 
-def _empirical_fisher_batch(model, batch, names, primals, tangents, loss):
-    output, targets, valid, count = _batch_loss_terms(model, batch, loss)
-    per_seq = counted_token_losses(loss, output, targets, valid).sum(dim=1)  # (B,)
+def _empirical_fisher_pass(model, p: _Pass, names, primals, tangents, loss):
+    output = call_model(model, p.batch)
+    per_seq = counted_token_losses(loss, output, loss.targets(p.batch), p.valid).sum(dim=1)  # (B,)
     c = _output_jvp(per_seq, primals, tangents)  # c_n = <g_n, v>
-    return torch.autograd.grad(per_seq, primals, grad_outputs=(c / count).detach(), allow_unused=True)
+    return torch.autograd.grad(per_seq, primals, grad_outputs=(c * p.scale.to(c.dtype)).detach(),
+                               allow_unused=True)
 
 
-def _ggn_batch_forward_mode(model, batch, names, primals, tangents, loss):
-    """``_ggn_batch`` with ``J v`` in forward mode (dual parameters) instead of a double backward: one forward and
+def _ggn_pass_forward_mode(model, p: _Pass, names, primals, tangents, loss):
+    """``_ggn_pass`` with ``J v`` in forward mode (dual parameters) instead of a double backward: one forward and
     one ordinary backward, which FSDP2 runs (it frees each layer's whole weights after its backward, so a second
     backward through them would read freed storage)."""
     import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level(), dual_parameters(model, dict(zip(names, tangents))):
-        output, targets, valid, count = _batch_loss_terms(model, batch, loss)
-        output, jv = fwAD.unpack_dual(output)
+        output, jv = fwAD.unpack_dual(call_model(model, p.batch))
     jv = torch.zeros_like(output) if jv is None else jv
-    hjv = loss.output_hessian_vp(output, targets, jv) * valid.unsqueeze(-1) / count
+    hjv = loss.output_hessian_vp(output, loss.targets(p.batch), jv)
+    hjv = hjv * _token_weights(p, hjv.dtype).unsqueeze(-1)
     return torch.autograd.grad(output, tuple(primals), grad_outputs=hjv.to(output.dtype), allow_unused=True)
 
 
 def ggn_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor], params: ParamSelection = None, *,
-           loss=None, max_rows: Optional[int] = None) -> ParamVector:
+           loss=None, max_rows: Optional[int] = None, max_tokens: Optional[int] = None) -> ParamVector:
     """Generalised Gauss-Newton-vector product ``J^T H_out J v`` of the mean loss (module docstring);
-    ``max_rows`` as in :func:`hvp`. On an FSDP2-sharded model ``J v`` is taken in forward mode."""
-    return _products(model, batches, v, params, loss, _ggn_batch, max_rows, sharded_per_batch=_ggn_batch_forward_mode)
+    ``max_rows`` / ``max_tokens`` as in :func:`hvp`. On an FSDP2-sharded model ``J v`` is taken in forward mode."""
+    return _products(model, batches, v, params, loss, _ggn_pass, max_rows, max_tokens,
+                     sharded_per_pass=_ggn_pass_forward_mode)
 
 
 def empirical_fisher_vp(model: nn.Module, batches: Iterable, v: Mapping[str, Tensor],
-                        params: ParamSelection = None, *, loss=None, max_rows: Optional[int] = None) -> ParamVector:
-    """Exact empirical-Fisher-vector product with sequences as examples (module docstring); ``max_rows`` as in
-    :func:`hvp`."""
-    return _products(model, batches, v, params, loss, _empirical_fisher_batch, max_rows)
+                        params: ParamSelection = None, *, loss=None, max_rows: Optional[int] = None,
+                        max_tokens: Optional[int] = None) -> ParamVector:
+    """Exact empirical-Fisher-vector product with sequences as examples (module docstring); ``max_rows`` /
+    ``max_tokens`` as in :func:`hvp`."""
+    return _products(model, batches, v, params, loss, _empirical_fisher_pass, max_rows, max_tokens)
 
 
 class _ProductOperator(CurvatureOperator):
@@ -267,9 +330,9 @@ class _ProductOperator(CurvatureOperator):
 
     def __init__(self, model: nn.Module, batches: Iterable, params: ParamSelection = None, *, loss=None,
                  cg_tol: float = 1e-6, cg_maxiter: Optional[int] = None, preconditioner=None,
-                 max_rows: Optional[int] = None):
+                 max_rows: Optional[int] = None, max_tokens: Optional[int] = None):
         self.model = model
-        self.max_rows = max_rows
+        self.max_rows, self.max_tokens = max_rows, max_tokens
         self.batches = materialize(batches)
         self.params = select_params(model, params)
         self.param_shapes = {n: p.shape for n, p in self.params.items()}
@@ -278,7 +341,7 @@ class _ProductOperator(CurvatureOperator):
 
     def _mv(self, v: ParamVector) -> ParamVector:
         return type(self).product(self.model, self.batches, v, list(self.params), loss=self.loss,
-                                  max_rows=self.max_rows)
+                                  max_rows=self.max_rows, max_tokens=self.max_tokens)
 
     def _inverse_mv(self, v: ParamVector, damping: float) -> ParamVector:
         from .cg import CGInverse

@@ -235,7 +235,8 @@ def restore(model, safety: Objective, task: Objective, *, method: str = RestoreC
             refresh_every: int = 1, max_mu_growth: int = 4, progress: bool = True,
             callback: Optional[Callable[[dict], None]] = None,
             constraints: Sequence[Constraint] = (), ggn_rows: Optional[int] = None,
-            low_rank: Optional[LowRank] = LowRank(), curvature_batches: Optional[int] = None) -> RestoreResult:
+            ggn_tokens: Optional[int] = None, low_rank: Optional[LowRank] = LowRank(),
+            curvature_batches: Optional[int] = None) -> RestoreResult:
     """Edit ``params`` of ``model`` in place to lower ``safety`` within the task budget (module docstring).
 
     Args:
@@ -250,8 +251,10 @@ def restore(model, safety: Objective, task: Objective, *, method: str = RestoreC
             the ``benign`` side of a two-sided anchor, shape the path but set no target).
         trust_radius: first trial step norm, relative to the norm of the edited parameters.
         callback: called with each accepted step's log entry (after the parameters hold the step).
-        ggn_rows: ``lbfgs`` / ``cg``: run each GGN-vector product in chunks of at most this many rows (the same
+        ggn_rows: ``lbfgs`` / ``cg``: run each GGN-vector product in passes of at most this many rows (the same
             product; their activation memory, about 3x a training step's, shrinks in proportion).
+        ggn_tokens: ``lbfgs`` / ``cg``: merge consecutive task batches into passes of up to this many tokens
+            (rows x longest length; the same product in fewer, larger forwards; None: one pass per batch).
         low_rank: ``kfac`` / ``ekfac``: the memory bound of the task curvature's factors (None: all dense).
         curvature_batches: fit the task curvature on at most this many of ``task``'s batches, evenly spaced
             (:func:`curvature_subset`); the task loss, its gradient and its budget use every batch (None: all).
@@ -279,7 +282,8 @@ def restore(model, safety: Objective, task: Objective, *, method: str = RestoreC
     chosen = trainable_params(model, params)
     if select_top is not None and any(is_sharded(p) for p in chosen.values()):
         raise ValueError("select_top (influence scores per example) does not run on an FSDP2-sharded model")
-    precond = make_preconditioner(method, damping, ggn_rows, seed=curvature_seed, low_rank=low_rank)
+    precond = make_preconditioner(method, damping, ggn_rows, ggn_tokens=ggn_tokens, seed=curvature_seed,
+                                  low_rank=low_rank)
     curvature = curvature_subset(task.batches, curvature_batches)
     theta0 = _snapshot(chosen)
     l0, terms0 = task.evaluate(model), safety.term_values(model)

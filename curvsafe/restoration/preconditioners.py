@@ -106,15 +106,16 @@ class LBFGSPreconditioner(_OperatorPreconditioner):
     """The paper's: an L-BFGS inverse from task GGN products along conjugate directions."""
     name = "lbfgs"
 
-    def __init__(self, damping: float, pairs: int = 8, max_rows: Optional[int] = None):
+    def __init__(self, damping: float, pairs: int = 8, max_rows: Optional[int] = None,
+                 max_tokens: Optional[int] = None):
         super().__init__(damping)
-        self.pairs, self.max_rows = pairs, max_rows
+        self.pairs, self.max_rows, self.max_tokens = pairs, max_rows, max_tokens
 
     def refresh(self, model, task_batches, params, grad):
         """Pairs ``(p_k, (G + λI) p_k)`` along the conjugate directions of CG on ``(G + λI) x = grad``: with
         conjugate pairs the BFGS updates keep every secant equation (the hereditary property), so the inverse is
         exact on the explored Krylov space; power-iteration directions would collapse onto the top eigenvector."""
-        ggn = GGNOperator(model, task_batches, list(params), max_rows=self.max_rows)
+        ggn = GGNOperator(model, task_batches, list(params), max_rows=self.max_rows, max_tokens=self.max_tokens)
         hg = ggn.mv(grad)
         self.damping = self.damping_rel * max(float(dot(grad, hg)) / max(float(dot(grad, grad)), 1e-30), 1e-12)
         op = LBFGSInverse({n: p.shape for n, p in params.items()}, history=self.pairs, initial="damping")
@@ -149,12 +150,13 @@ class CGPreconditioner(_OperatorPreconditioner):
     """Truncated Newton: a few CG iterations on exact task GGN products."""
     name = "cg"
 
-    def __init__(self, damping: float, maxiter: int = 10, tol: float = 1e-3, max_rows: Optional[int] = None):
+    def __init__(self, damping: float, maxiter: int = 10, tol: float = 1e-3, max_rows: Optional[int] = None,
+                 max_tokens: Optional[int] = None):
         super().__init__(damping)
-        self.maxiter, self.tol, self.max_rows = maxiter, tol, max_rows
+        self.maxiter, self.tol, self.max_rows, self.max_tokens = maxiter, tol, max_rows, max_tokens
 
     def refresh(self, model, task_batches, params, grad):
-        self.op = GGNOperator(model, task_batches, list(params), max_rows=self.max_rows)
+        self.op = GGNOperator(model, task_batches, list(params), max_rows=self.max_rows, max_tokens=self.max_tokens)
         self._set_damping(grad)
 
     def apply(self, g):
@@ -162,13 +164,15 @@ class CGPreconditioner(_OperatorPreconditioner):
 
 
 def make_preconditioner(method: str, damping: float, ggn_rows: Optional[int] = None, *,
-                        seed: int = 0, low_rank: Optional[LowRank] = LowRank()) -> Preconditioner:
-    """The preconditioner of ``method`` (one of :data:`METHODS`) with relative ``damping``; ``ggn_rows``: the row
-    chunks of L-BFGS's and CG's GGN products; ``seed`` and ``low_rank``: K-FAC's and EK-FAC's Monte Carlo labels
-    and factor memory bound."""
+                        ggn_tokens: Optional[int] = None, seed: int = 0,
+                        low_rank: Optional[LowRank] = LowRank()) -> Preconditioner:
+    """The preconditioner of ``method`` (one of :data:`METHODS`) with relative ``damping``; ``ggn_rows`` and
+    ``ggn_tokens``: the rows and tokens of each pass of L-BFGS's and CG's GGN products at most (batches split and
+    merged to them; :mod:`curvsafe.curvature.hvp`); ``seed`` and ``low_rank``: K-FAC's and EK-FAC's Monte Carlo
+    labels and factor memory bound."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return {"sgd": lambda: Preconditioner(), "kfac": lambda: KFACPreconditioner(damping, seed, low_rank),
             "ekfac": lambda: EKFACPreconditioner(damping, seed, low_rank),
-            "lbfgs": lambda: LBFGSPreconditioner(damping, max_rows=ggn_rows),
-            "cg": lambda: CGPreconditioner(damping, max_rows=ggn_rows)}[method]()
+            "lbfgs": lambda: LBFGSPreconditioner(damping, max_rows=ggn_rows, max_tokens=ggn_tokens),
+            "cg": lambda: CGPreconditioner(damping, max_rows=ggn_rows, max_tokens=ggn_tokens)}[method]()

@@ -13,10 +13,25 @@ from curvsafe.testbed.corpus import World
 from curvsafe.testbed.model import ModelConfig, build_model, build_tokenizer
 
 @pytest.mark.parametrize("method", ["lbfgs", "cg"])
-def test_ggn_row_chunks_restore_like_whole_batches(setup, tmp_path, method):
-    """``ggn_rows`` bounds the GGN products' memory: the same products, so the same accepted steps."""
+def test_ggn_row_chunks_restore_like_whole_batches(setup, tmp_path, method, monkeypatch):
+    """``ggn_rows`` bounds the GGN products' memory: the same products, so the same accepted steps. Without it
+    the task batches are merged into passes of up to ``batch_size`` x ``max_length`` tokens; with it, passes of
+    ``ggn_rows`` rows of up to ``max_length`` tokens."""
+    import sys
+
+    hvp_module = sys.modules["curvsafe.curvature.hvp"]
+    limits, passes = set(), hvp_module._passes
+
+    def recorded(data, device, loss, max_rows, max_tokens):
+        limits.add((max_rows, max_tokens))
+        return passes(data, device, loss, max_rows, max_tokens)
+
+    monkeypatch.setattr(hvp_module, "_passes", recorded)
     whole = restore_files(setup, tmp_path / "whole", method, iterations=2).report
+    assert limits == {(None, 16 * 128)}
+    limits.clear()
     chunked = restore_files(setup, tmp_path / "chunked", method, iterations=2, ggn_rows=3).report
+    assert limits == {(3, 3 * 128)}
     assert chunked["config"]["ggn_rows"] == 3 and chunked["iterations"] == whole["iterations"]
     assert chunked["safety_objective"]["after"] == pytest.approx(whole["safety_objective"]["after"], rel=1e-4)
     assert chunked["plan"]["peak_bytes"] < whole["plan"]["peak_bytes"]

@@ -10,16 +10,17 @@ per-token loss (HF's ``outputs.loss``; see :mod:`.loss`). For parameter vectors 
 - :func:`empirical_fisher_vp` returns ``(1/K) sum_k (1/N_k) sum_{n in k} g_n <g_n, v>`` with ``g_n`` the gradient
   of sequence n's sum loss and ``N_k`` the counted tokens of batch k (exact, via one JVP and one VJP).
 
-``params`` selects the parameters (default: those with ``requires_grad``) as a list of names or a dict. The
-batches run as *passes* (one forward and its backwards each): ``max_rows`` splits a batch into passes of at most
-that many rows (less activation memory), ``max_tokens`` merges consecutive batches, right-padded to the longest, into
-passes of at most that many tokens (rows x length; fewer, larger matrix products, which small batches of short
-sequences need on CPU). Every counted token of batch k carries the weight ``1/(K N_k)`` wherever it runs, so the
-passes give the same products up to float rounding. Padding on the right changes no earlier position's output in a
-causal model; ``max_tokens`` assumes one. All three
+``params`` selects the parameters (default: those with ``requires_grad``) as a list of names or a dict. All three
 run with the math SDPA backend in eval mode (the fused CPU SDPA kernel has no second derivatives), on a model
 loaded with default settings. Under ``torch.distributed`` results are summed over ranks and divided by the total
 number of batches.
+
+The batches run as *passes* (one forward and its backwards each): ``max_rows`` splits a batch into passes of at
+most that many rows (less activation memory); ``max_tokens`` merges consecutive batches, right-padded to the
+longest, into passes of at most that many tokens (rows x length: fewer, larger matrix products, which small batches
+of short sequences need on CPU). Every counted token of batch k carries the weight ``1/(K N_k)`` in whichever pass
+it runs, so the passes give the same products up to float rounding. Padding on the right changes no earlier
+position's output in a causal model; ``max_tokens`` assumes one.
 """
 
 from __future__ import annotations

@@ -193,3 +193,9 @@ class RestoreConfig(Settings):
         batches of short sequences are merged up to it. None under FSDP2 (one pass per batch: every rank must run
         the same forwards)."""
         return None if self.fsdp2 else (self.ggn_rows or self.batch_size) * self.max_length
+
+    def loss_tokens(self) -> Optional[int]:
+        """The tokens of one pass of the restore's loss values and gradients at most: a batch's worth at full length
+        (``batch_size x max_length``, the activations of the training step the plan prices), so that batches of
+        short sequences are merged up to it. None under FSDP2 (as :meth:`ggn_tokens`)."""
+        return None if self.fsdp2 else self.batch_size * self.max_length

@@ -37,7 +37,7 @@ def _code_hash(*packages: str) -> str:
 
     root, kernel_root = Path(__file__).parent, Path(kernels.__file__).parent
     files = [f for pkg in packages for f in sorted((root / pkg).glob("*.py"))] + [
-        root / name for name in ("objectives.py", "capture.py", "config.py")]
+        root / name for name in ("objectives.py", "nll.py", "anchors.py", "data.py", "capture.py", "config.py")]
     # the curvature kernels round the factors: their Python and C++ sources (csrc/ in a source checkout)
     files += sorted(kernel_root.glob("*.py")) + sorted((kernel_root.parent / "csrc").glob("*.cpp"))
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]

@@ -19,6 +19,7 @@ A combined safety objective is a weighted sum, e.g. ``"anchor+harmful"`` (weight
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
@@ -30,7 +31,7 @@ from .curvature.distributed import all_reduce_counts, all_reduce_sum_
 from .curvature.loss import IGNORE_INDEX, curvature_mode, prepare_batch
 from .curvature.sharded import forward_tensors, whole_zeros
 from .data import Pair, make_batches
-from .nll import batch_nll_sums, token_mean_nll
+from .nll import batch_nll_sums, counted
 
 OBJECTIVES = ("anchor", "refusal", "harmful", "benign")
 HARMFUL_SIDE = ("anchor", "refusal", "harmful")  # the terms computed on the harmful prompts
@@ -73,8 +74,7 @@ class LossTerm:
     tokens: int = field(default=0)
 
     def __post_init__(self):
-        self.tokens = sum(int(((b["labels"][:, 1:] != IGNORE_INDEX) & (b["attention_mask"][:, 1:] != 0)).sum())
-                          for b in self.batches)
+        self.tokens = sum(int(counted(prepare_batch(b)).sum()) for b in self.batches)
         if self.tokens == 0:
             raise ValueError(f"the {self.name} data has no response tokens")
 
@@ -82,69 +82,152 @@ class LossTerm:
 class Objective:
     """A weighted sum of loss terms evaluated on a model: :meth:`evaluate`, :meth:`term_values`, and
     :meth:`gradient` over ``params``. Under ``torch.distributed`` each rank holds its own batches of every term
-    and all of these return the values of the union (every rank must call them together)."""
+    and all of these return the values of the union (every rank must call them together). ``max_tokens`` (every
+    method): each term's batches merged into passes of at most that many tokens (:func:`~.nll.batch_nll_sums`;
+    None: one forward per batch). :func:`objective_values` and :func:`objective_gradients` evaluate several
+    objectives at once, data they share evaluated once."""
 
     def __init__(self, terms: list[LossTerm]):
         if not terms:
             raise ValueError("an objective needs at least one term")
         self.terms = terms
 
-    def _term_values(self, model) -> dict[str, Tensor]:
-        values = {}
-        for term in self.terms:
-            nll = token_mean_nll(model, term.batches, across_ranks=True)
-            if term.sign < 0 and term.ceiling is not None:
-                nll = torch.clamp(nll, max=term.ceiling)
-            values[term.name] = term.weight * term.sign * nll
-        return values
-
-    def term_values(self, model) -> dict[str, float]:
+    def term_values(self, model, *, max_tokens: Optional[int] = None) -> dict[str, float]:
         """Each term's contribution to the objective (weight, sign and ceiling applied), by term name."""
-        with torch.no_grad(), curvature_mode(model):
-            return {name: float(v) for name, v in self._term_values(model).items()}
+        return objective_values(model, [self], max_tokens=max_tokens)[0]
 
-    def gradient(self, model, params: Mapping[str, Tensor]) -> tuple[float, dict[str, Tensor]]:
-        """The objective's value and its gradient w.r.t. ``params`` (zeros for unused ones), in curvature mode.
+    def gradient(self, model, params: Mapping[str, Tensor], *, max_tokens: Optional[int] = None
+                 ) -> tuple[float, dict[str, Tensor]]:
+        """The objective's value and its gradient w.r.t. ``params`` (zeros for unused ones), in curvature mode
+        (:func:`objective_gradients`).
 
         Under ``torch.distributed`` each rank holds its own batches: NLL sums, token counts and gradients are
         all-reduced, so every rank gets the value and gradient of the union of the data.
         """
-        device = next(iter(params.values())).device if params else torch.device("cpu")
-        total, grads = 0.0, [whole_zeros(p) for p in params.values()]
-        with curvature_mode(model), forward_tensors(model, params) as used:
-            for term in self.terms:
-                local, count = 0.0, 0
-                for s, n in batch_nll_sums(model, term.batches, grad=True):
-                    local, count = local + s, count + int(n)
-                tensors = list(used.values())  # FSDP2: the whole parameters the forwards used
-                nll_sum, count = all_reduce_counts([float(local.detach()), count], device)
-                nll = nll_sum / count
-                if not math.isfinite(nll):
-                    raise FloatingPointError(f"the {term.name} loss is not finite ({nll})")
-                if term.sign < 0 and term.ceiling is not None and nll > term.ceiling:
-                    total += term.weight * term.sign * term.ceiling  # flat above the ceiling
-                    continue
-                total += term.weight * term.sign * nll
-                parts = torch.autograd.grad(local * (term.weight * term.sign / count), tensors, allow_unused=True)
-                for g, part in zip(grads, parts):
-                    if part is not None:
-                        g.add_(part)
-        all_reduce_sum_(grads)
-        return total, {n: g for n, g in zip(params, grads)}
+        return objective_gradients(model, params, [self], max_tokens=max_tokens)[0]
 
-    def evaluate(self, model) -> float:
+    def evaluate(self, model, *, max_tokens: Optional[int] = None) -> float:
         """The objective's value (weights, signs and ceilings applied), without gradients, in curvature mode."""
-        with torch.no_grad(), curvature_mode(model):
-            return float(sum(self._term_values(model).values()))
+        return sum(self.term_values(model, max_tokens=max_tokens).values())
 
-    def term_nlls(self, model) -> dict[str, float]:
+    def term_nlls(self, model, *, max_tokens: Optional[int] = None) -> dict[str, float]:
         """Each term's plain mean NLL (no weight, sign or ceiling), by term name."""
-        with torch.no_grad(), curvature_mode(model):
-            return {term.name: float(token_mean_nll(model, term.batches, across_ranks=True)) for term in self.terms}
+        nlls = _term_nlls(model, _distinct([self]), max_tokens)
+        return {term.name: nlls[id(term.batches)] for term in self.terms}
 
     @property
     def batches(self) -> list:
         return [b for t in self.terms for b in t.batches]
+
+
+def _distinct(objectives: Sequence[Objective]) -> list[LossTerm]:
+    """One term per distinct data (list of batches, by identity) over ``objectives``, in order of first use: what a
+    term computes besides its weight, sign and ceiling is its data's mean NLL."""
+    seen: dict[int, LossTerm] = {}
+    for objective in objectives:
+        for term in objective.terms:
+            seen.setdefault(id(term.batches), term)
+    return list(seen.values())
+
+
+def _contribution(term: LossTerm, nll: float) -> tuple[float, bool]:
+    """The term's value at mean NLL ``nll`` and whether its gradient counts (not a raised NLL past its ceiling)."""
+    if not math.isfinite(nll):
+        raise FloatingPointError(f"the {term.name} loss is not finite ({nll})")
+    if term.sign < 0 and term.ceiling is not None and nll > term.ceiling:
+        return term.weight * term.sign * term.ceiling, False  # flat above the ceiling
+    return term.weight * term.sign * nll, True
+
+
+def _term_nlls(model, terms: Sequence[LossTerm], max_tokens: Optional[int]) -> dict[int, float]:
+    """Mean NLL of each term's data (by ``id(term.batches)``), in curvature mode without gradients; under
+    ``torch.distributed`` over every rank's data, all sums and counts in one collective."""
+    local = []
+    with torch.no_grad(), curvature_mode(model):
+        for term in terms:
+            total, count = 0.0, 0
+            for s, n in batch_nll_sums(model, term.batches, grad=False, max_tokens=max_tokens):
+                total, count = total + s, count + n
+            local += [total, count]
+    device = next(model.parameters()).device
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in local]).tolist()
+    values = all_reduce_counts(values, device)
+    out = {}
+    for term, total, count in zip(terms, values[0::2], values[1::2]):
+        if count == 0:
+            raise ValueError(f"no counted tokens in the {term.name} data")
+        out[id(term.batches)] = total / count
+    return out
+
+
+def objective_values(model, objectives: Sequence[Objective], *, max_tokens: Optional[int] = None
+                     ) -> list[dict[str, float]]:
+    """Each objective's :meth:`Objective.term_values`, in curvature mode: the data that several objectives' terms
+    share (the same list of batches, as restore's benign term and its benign constraint) evaluated once, every
+    term's batches in passes of up to ``max_tokens`` tokens (None: a forward per batch)."""
+    nlls = _term_nlls(model, _distinct(objectives), max_tokens)
+    return [{term.name: _contribution(term, nlls[id(term.batches)])[0] for term in objective.terms}
+            for objective in objectives]
+
+
+def objective_gradients(model, params: Mapping[str, Tensor], objectives: Sequence[Objective], *,
+                        max_tokens: Optional[int] = None) -> list[tuple[float, dict[str, Tensor]]]:
+    """Each objective's value and gradient w.r.t. ``params`` (:meth:`Objective.gradient`), in curvature mode, the data
+    that several objectives share evaluated and differentiated once (as :func:`objective_values`).
+
+    Each pass (a batch, or with ``max_tokens`` consecutive batches merged) is differentiated as soon as its forward
+    has run, so the activations of one pass are alive at a time, however many batches a term has (a training step's
+    with a batch's worth of tokens per pass). The pass's NLL sum is divided by its term's counted tokens, known
+    before the passes (summed over ranks first under ``torch.distributed``). A raised NLL past its ceiling adds the
+    ceiling and no gradient (its passes are differentiated all the same: whether it is past is known at the end).
+    Per distinct data one parameter-sized gradient is held until the objectives are summed, in place where the data
+    has one user.
+    """
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    terms = _distinct(objectives)
+    counts = all_reduce_counts([float(t.tokens) for t in terms], device)
+    sums, grads = [], {}
+    with curvature_mode(model), forward_tensors(model, params) as used:
+        for term, count in zip(terms, counts):
+            acc = [whole_zeros(p) for p in params.values()]
+            total = 0.0
+            for s, _ in batch_nll_sums(model, term.batches, grad=True, max_tokens=max_tokens):
+                tensors = list(used.values())  # FSDP2: the whole parameters this pass's forward used
+                for g, part in zip(acc, torch.autograd.grad(s * (1.0 / count), tensors, allow_unused=True)):
+                    if part is not None:
+                        g.add_(part)
+                total = total + s.detach()
+            sums.append(total)
+            grads[id(term.batches)] = acc
+    all_reduce_sum_([g for acc in grads.values() for g in acc])
+    nll_sums = all_reduce_counts(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                                              for v in sums]).tolist(), device)
+    nlls = {id(t.batches): total / count for t, total, count in zip(terms, nll_sums, counts)}
+    users = Counter(id(t.batches) for objective in objectives for t in objective.terms)
+    out = []
+    for objective in objectives:
+        value, acc = 0.0, None
+        for term in objective.terms:
+            key = id(term.batches)
+            part, differentiated = _contribution(term, nlls[key])
+            value += part
+            users[key] -= 1
+            g = grads[key] if users[key] == 0 else None
+            if users[key] == 0:
+                del grads[key]
+            if not differentiated:
+                continue
+            scale = term.weight * term.sign
+            g = g if g is not None else [x.clone() for x in grads[key]]  # another objective still reads the data's
+            if acc is None:
+                acc = g if scale == 1.0 else [x.mul_(scale) for x in g]
+            else:
+                for x, y in zip(acc, g):
+                    x.add_(y, alpha=scale)
+        if acc is None:
+            acc = [whole_zeros(p) for p in params.values()]
+        out.append((value, dict(zip(params, acc))))
+    return out
 
 
 SAFETY_DATA_SHAPES = ("expected HF batches (mappings with input_ids [batch, seq], optional attention_mask, and labels "

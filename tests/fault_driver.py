@@ -6,7 +6,7 @@ POINT: ``load`` (right after the fine-tuned model is loaded), ``step`` (right af
 step), ``save`` (after the restored weights are written into the temporary folder, before the commit), or
 ``none``. ACTION: ``SIGTERM`` / ``SIGINT`` (sent to this process), ``exit`` (the process dies on the spot, as a
 rank of a distributed run that crashes), or ``raise`` (a RuntimeError; at ``step`` it comes from the next
-task-gradient call, inside the following iteration, as a real failure would).
+gradients' call, inside the following iteration, as a real failure would).
 """
 
 import os
@@ -14,6 +14,7 @@ import signal
 import sys
 
 import curvsafe.models as models
+import curvsafe.restoration.api as api_module
 import curvsafe.restoration.run as run_module
 from curvsafe.cli import main
 
@@ -49,15 +50,15 @@ elif point == "step":
 
     def restore_with_fault(model, safety, task, **kwargs):
         accepted = []
-        gradient = task.gradient
+        gradients = api_module.objective_gradients
 
-        def failing_gradient(*args, **kw):
+        def failing_gradients(*args, **kw):
             if accepted:
                 raise RuntimeError("injected fault")
-            return gradient(*args, **kw)
+            return gradients(*args, **kw)
 
         if action == "raise":
-            task.gradient = failing_gradient
+            api_module.objective_gradients = failing_gradients
             kwargs["callback"] = accepted.append
         else:
             kwargs["callback"] = lambda entry: fire()

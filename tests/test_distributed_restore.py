@@ -57,13 +57,15 @@ def test_two_ranks_take_the_steps_of_one_process_on_the_union(setup, benign_file
     ranks = launch([("none", "none")] * 2, cmd)
     assert [code for code, _, _ in ranks] == [0, 0], ranks[0][2][-3000:] + ranks[1][2][-3000:]
     assert "wrote" in ranks[0][1] and ranks[1][1] == ""  # rank 0 alone prints and writes
-    report = assert_same_run(tmp_path / "ranks", tmp_path / "single")  # to float32 rounding (1 thread vs 2)
+    # to float32 rounding (1 thread vs 2; the loss passes merge each rank's batches, not the union's, which L-BFGS
+    # amplifies over its 3 steps: 1.5e-5 in the adapter measured)
+    report = assert_same_run(tmp_path / "ranks", tmp_path / "single", adapter_tol=1e-5 if method == "sgd" else 5e-5)
     assert report["ranks"] == 2 and single.report["ranks"] == 1
 
 
-def assert_same_run(folder, expected_folder) -> dict:
+def assert_same_run(folder, expected_folder, adapter_tol=1e-5) -> dict:
     """Two restore outputs took the same steps: accepted steps and stop reason, levels to 1e-5, the aligned
-    answers and over-refusal, adapters within 1e-5 (float32 rounding apart). Returns the first report."""
+    answers and over-refusal, adapters within ``adapter_tol`` (float32 rounding apart). Returns the first report."""
     report, expected = (json.loads((f / "report.json").read_text()) for f in (folder, expected_folder))
     assert report["iterations"] == expected["iterations"] >= 1
     assert report["stopped"] == expected["stopped"]
@@ -74,7 +76,7 @@ def assert_same_run(folder, expected_folder) -> dict:
     assert (folder / "anchor.jsonl").read_text() == (expected_folder / "anchor.jsonl").read_text()
     got, want = (load_file(f / "adapter" / "adapter_model.safetensors") for f in (folder, expected_folder))
     assert got.keys() == want.keys()
-    assert rel_err(*[torch.cat([t[n].flatten() for n in sorted(want)]) for t in (got, want)]) <= 1e-5
+    assert rel_err(*[torch.cat([t[n].flatten() for n in sorted(want)]) for t in (got, want)]) <= adapter_tol
     return report
 
 

@@ -7,6 +7,7 @@ from conftest import TinyMLPLM, make_batch, random_vector, rel_err, tiny_llama, 
 from curvsafe.curvature import (CausalLMLoss, EmpiricalFisherOperator, GGNOperator, HessianOperator,
                                 empirical_fisher_vp, ggn_vp, hvp, select_params)
 from curvsafe.curvature.loss import curvature_mode
+from curvsafe.nll import token_mean_nll
 
 
 def flat_loss_fn(model, batches, params):
@@ -223,7 +224,7 @@ def test_products_over_merged_batches_equal_one_pass_per_batch(product):
 
 def _sharded_products(rank, port, out_dir):
     """2 gloo ranks, the tiny LoRA Llama sharded with FSDP2 (float64): the GGN product of each rank's batches,
-    and the refusals of the products that need a double backward."""
+    and the refusals of the products that need a double backward and of merged loss passes."""
     import os
 
     import torch.distributed as dist
@@ -244,6 +245,10 @@ def _sharded_products(rank, port, out_dir):
                 product(model, batches, v, names)
             except ValueError as exc:
                 result[product.__name__] = str(exc)
+        try:  # merged loss passes (restore's loss_tokens) would run other numbers of forwards per rank
+            token_mean_nll(model, batches, max_tokens=64)
+        except ValueError as exc:
+            result["merged_nll"] = str(exc)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         model = None  # freed before the group is left (a sharded model holds it)
     finally:
@@ -267,6 +272,7 @@ def test_ggn_vp_on_an_fsdp2_sharded_model_equals_one_process(tmp_path):
         for n in names:
             assert rel_err(got["ggn"][n], want[n]) < 1e-10, n
         assert "double backward" in got["hvp"] and "double backward" in got["empirical_fisher_vp"]
+        assert "FSDP2-sharded" in got["merged_nll"]
 
 
 def test_curvature_mode_sets_flags_without_train_overrides_and_restores_each_module():

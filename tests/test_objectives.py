@@ -6,7 +6,7 @@ from conftest import make_batch, rel_err, tiny_llama, with_lora
 
 from curvsafe.anchors import keep_response_prefix
 from curvsafe.nll import example_mean_nll, example_nlls, token_mean_nll
-from curvsafe.objectives import LossTerm, Objective, parse_objective
+from curvsafe.objectives import LossTerm, Objective, objective_gradients, objective_values, parse_objective
 
 
 def test_parse_objective_weights_and_errors():
@@ -49,6 +49,86 @@ def test_gradient_equals_autograd_of_the_value_and_a_ceiling_flattens_its_term()
     anchor_only = Objective([LossTerm("anchor", safe)]).gradient(model, params)[1]
     for n in grad:
         assert rel_err(grad[n], anchor_only[n]) < 1e-12, n
+
+
+def _restore_objectives():
+    """Restore's three objectives on the tiny LoRA Llama: the task (batches of other lengths, a row with nothing
+    counted), S = anchor + 4 * benign, and the benign constraint on the same list of benign batches."""
+    task = [make_batch(batch=3, seq=7, seed=1), make_batch(batch=1, seq=5, seed=2),
+            make_batch(batch=4, seq=9, seed=4, prompt=6)]
+    task[0]["labels"][0] = -100
+    anchor, benign = [make_batch(seed=5), make_batch(batch=2, seq=6, seed=6)], [make_batch(seed=7)]
+    return [Objective([LossTerm("task", task)]),
+            Objective([LossTerm("anchor", anchor), LossTerm("benign", benign, weight=4.0)]),
+            Objective([LossTerm("benign", benign)])]
+
+
+def test_objectives_together_evaluate_shared_data_once_and_merge_batches():
+    """``objective_values`` / ``objective_gradients``: each objective's own values and gradients, the benign data
+    that S and the constraint share evaluated once, and with ``max_tokens`` each term's batches merged into
+    right-padded passes (the same values and gradients, up to HF's float32 RMSNorm)."""
+    model = with_lora(tiny_llama())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    objectives = _restore_objectives()
+    alone = [(o.term_values(model), o.gradient(model, params)) for o in objectives]
+    forwards = []
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: forwards.append(tuple(kwargs["input_ids"].shape)),
+                                       with_kwargs=True)
+    try:
+        for max_tokens, shapes, tol in ((None, [(3, 7), (1, 5), (4, 9), (3, 7), (2, 6), (3, 7)], 1e-12),
+                                        (35, [(4, 7), (4, 9), (5, 7), (3, 7)], 1e-6),
+                                        (10 ** 6, [(8, 9), (5, 7), (3, 7)], 1e-6)):
+            forwards.clear()
+            values = objective_values(model, objectives, max_tokens=max_tokens)
+            assert forwards == shapes, max_tokens  # the benign batch once, not once per objective
+            forwards.clear()
+            together = objective_gradients(model, params, objectives, max_tokens=max_tokens)
+            assert forwards == shapes, max_tokens
+            for (want_terms, (want_value, want_grad)), got_terms, (got_value, got_grad) in zip(alone, values,
+                                                                                                together):
+                assert got_terms.keys() == want_terms.keys()
+                for name in want_terms:
+                    assert got_terms[name] == pytest.approx(want_terms[name], rel=tol), (max_tokens, name)
+                assert got_value == pytest.approx(want_value, rel=tol)
+                for n in want_grad:
+                    assert rel_err(got_grad[n], want_grad[n]) < tol, (max_tokens, n)
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="max_tokens"):
+        objective_values(model, objectives, max_tokens=0)
+
+
+def test_a_gradient_holds_one_pass_of_activations_at_a_time():
+    """Each pass is differentiated before the next forward: the tensors autograd saved for the backward of one pass
+    are all freed before the next pass's forward starts, however many batches a term has (a gradient's memory is a
+    training step's, as the plan prices it)."""
+    import weakref
+
+    model = with_lora(tiny_llama())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    class Saved:
+        __slots__ = ("tensor", "__weakref__")
+
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    alive, at_forward = weakref.WeakSet(), []
+
+    def pack(t):
+        held = Saved(t)
+        alive.add(held)
+        return held
+
+    hook = model.register_forward_pre_hook(lambda *_: at_forward.append(len(alive)))
+    try:
+        for max_tokens in (None, 35):
+            at_forward.clear()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.tensor):
+                objective_gradients(model, params, _restore_objectives(), max_tokens=max_tokens)
+            assert len(at_forward) >= 4 and at_forward == [0] * len(at_forward), (max_tokens, at_forward)
+    finally:
+        hook.remove()
 
 
 def test_keep_response_prefix_counts_only_the_first_tokens():

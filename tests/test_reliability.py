@@ -67,19 +67,20 @@ def test_vanished_safety_gradient_is_a_stop_reason(setup, method):  # noqa: F811
     assert result.error is None
 
 
-def test_exception_after_an_accepted_step_keeps_the_last_accepted_state(setup):  # noqa: F811
+def test_exception_after_an_accepted_step_keeps_the_last_accepted_state(setup, monkeypatch):  # noqa: F811
+    import sys
+
+    api = sys.modules["curvsafe.restoration.api"]
     model, safety, task, _ = harmful_setup(setup, 5.0)
     accepted = []
-    calls = {"n": 0}
-    original = task.gradient
+    original = api.objective_gradients
 
-    def failing_gradient(m, params):
-        calls["n"] += 1
-        if accepted:  # the first task gradient after an accepted step fails
+    def failing_gradients(*args, **kwargs):
+        if accepted:  # the first gradients after an accepted step fail
             raise RuntimeError("injected failure")
-        return original(m, params)
+        return original(*args, **kwargs)
 
-    task.gradient = failing_gradient
+    monkeypatch.setattr(api, "objective_gradients", failing_gradients)
     result = restore(model, safety, task, method="sgd", iterations=5, task_budget=1.0, progress=False,
                      callback=lambda entry: accepted.append(lora_state(model)))
     assert result.stopped == StopReason.ERROR and "injected failure" in result.error
@@ -89,19 +90,22 @@ def test_exception_after_an_accepted_step_keeps_the_last_accepted_state(setup): 
     assert result.safety_objective["after"] == pytest.approx(safety.evaluate(model))
 
 
-def test_exception_before_any_accepted_step_propagates_with_parameters_untouched(setup):  # noqa: F811
+def test_exception_before_any_accepted_step_propagates_with_parameters_untouched(setup, monkeypatch):  # noqa: F811
+    import sys
+
+    api = sys.modules["curvsafe.restoration.api"]
     model, safety, task, _ = harmful_setup(setup, 5.0)
     before = lora_state(model)
-    original = task.evaluate
+    original = api.objective_values
     calls = {"n": 0}
 
-    def failing_evaluate(m):
+    def failing_values(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 1:  # the start-up evaluation passes, the first trial step fails
             raise RuntimeError("injected failure")
-        return original(m)
+        return original(*args, **kwargs)
 
-    task.evaluate = failing_evaluate
+    monkeypatch.setattr(api, "objective_values", failing_values)
     with pytest.raises(RuntimeError, match="injected"):
         restore(model, safety, task, method="sgd", iterations=3, progress=False)
     now = lora_state(model)
@@ -109,22 +113,23 @@ def test_exception_before_any_accepted_step_propagates_with_parameters_untouched
 
 
 def test_run_restore_writes_the_partial_result_and_the_cli_exits_3(setup, tmp_path, monkeypatch, capsys):  # noqa: F811
+    import sys
+
     import curvsafe.restoration.run as run_module
 
-    original = run_module.restore
+    api = sys.modules["curvsafe.restoration.api"]
+    original, gradients = run_module.restore, api.objective_gradients
 
     def restore_then_fail(*args, **kwargs):
         done = []
         kwargs["callback"] = done.append
-        task = args[2]
-        task_gradient = task.gradient
 
-        def gradient(model, params):
+        def failing_gradients(*a, **kw):
             if done:
                 raise RuntimeError("injected failure")
-            return task_gradient(model, params)
+            return gradients(*a, **kw)
 
-        task.gradient = gradient
+        monkeypatch.setattr(api, "objective_gradients", failing_gradients)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(run_module, "restore", restore_then_fail)

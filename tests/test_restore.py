@@ -52,6 +52,27 @@ def test_ggn_passes_hold_a_batch_at_full_length():
     assert RestoreConfig(fsdp2=True).ggn_tokens() is None
 
 
+def test_restore_merges_the_losses_batches_into_passes_of_a_batch_at_full_length(setup, tmp_path, monkeypatch):
+    """The task loss, S and the benign constraint run in passes of up to ``batch_size x max_length`` tokens (their
+    values and gradients: a training step's activations per pass); under FSDP2 one pass per batch."""
+    import sys
+
+    from curvsafe.config import RestoreConfig
+
+    assert RestoreConfig().loss_tokens() == 16 * 128
+    assert RestoreConfig(batch_size=4, max_length=32, ggn_rows=64).loss_tokens() == 4 * 32
+    assert RestoreConfig(fsdp2=True).loss_tokens() is None
+    api = sys.modules["curvsafe.restoration.api"]
+    limits = set()
+    for name in ("objective_values", "objective_gradients"):
+        def recorded(*args, original=getattr(api, name), **kwargs):
+            limits.add(kwargs["max_tokens"])
+            return original(*args, **kwargs)
+        monkeypatch.setattr(api, name, recorded)
+    report = restore_files(setup, tmp_path / "out", "kfac", iterations=1, batch_size=4, max_length=64).report
+    assert limits == {4 * 64} and report["iterations"] == 1
+
+
 def test_curvature_subset_is_evenly_spaced():
     from curvsafe.restoration.api import curvature_subset
 

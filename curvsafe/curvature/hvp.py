@@ -34,8 +34,8 @@ from ._pass import materialize, requiring_grad
 from .base import CurvatureOperator
 from .distributed import all_reduce_counts, all_reduce_sum_
 from .sharded import dual_parameters, forward_tensors, is_sharded
-from .loss import (IGNORE_INDEX, CausalLMLoss, call_model, counted_token_losses, curvature_mode, model_device,
-                   model_inputs, output_tensor, prepare_batch)
+from .loss import (CausalLMLoss, call_model, concat_batches, counted_token_losses, curvature_mode, merged,
+                   model_device, model_inputs, output_tensor, pad_right, prepare_batch)
 from .vectors import ParamVector, check_vector
 
 ParamSelection = Union[None, Sequence[str], Mapping[str, Tensor]]
@@ -102,29 +102,13 @@ def _pass_of(batch: dict, loss) -> _Pass:
     return _Pass(batch, valid, torch.full(valid.shape[:1], 1.0, dtype=torch.float64, device=valid.device) / count)
 
 
-def _pad_right(t: Tensor, length: int, value) -> Tensor:
-    extra = length - t.shape[1]
-    if extra == 0:
-        return t
-    pad = t.new_full((t.shape[0], extra, *t.shape[2:]), value)
-    return torch.cat([t, pad], dim=1)
-
-
 def _merge(parts: Sequence[_Pass]) -> _Pass:
-    """``parts`` as one pass: rows stacked, each right-padded to the longest (padding attended by no one,
-    counted nowhere)."""
+    """``parts`` as one pass: rows stacked, each right-padded to the longest (:func:`~.loss.concat_batches`)."""
     if len(parts) == 1:
         return parts[0]
     length = max(p.valid.shape[1] for p in parts)
-
-    def stacked(key: str, value) -> Tensor:
-        return torch.cat([_pad_right(p.batch[key], length, value) for p in parts])
-
-    labels = parts[0].batch["labels"]
-    batch = {"input_ids": stacked("input_ids", 0), "attention_mask": stacked("attention_mask", 0),
-             "labels": stacked("labels", IGNORE_INDEX if not labels.is_floating_point() else 0.0)}
-    valid = torch.cat([_pad_right(p.valid, length, False) for p in parts])
-    return _Pass(batch, valid, torch.cat([p.scale for p in parts]))
+    valid = torch.cat([pad_right(p.valid, length, False) for p in parts])
+    return _Pass(concat_batches([p.batch for p in parts]), valid, torch.cat([p.scale for p in parts]))
 
 
 def _chunks(data: Sequence, device: torch.device, loss, max_rows: Optional[int]) -> Iterator[_Pass]:
@@ -146,17 +130,8 @@ def _passes(data: Sequence, device: torch.device, loss, max_rows: Optional[int],
             max_tokens: Optional[int]) -> Iterator[_Pass]:
     """The passes of ``data`` (module docstring), in order: :func:`_chunks`, consecutive ones merged while the
     merged pass stays within ``max_tokens`` tokens (rows x longest length) and ``max_rows`` rows."""
-    pending: list[_Pass] = []
-    for chunk in _chunks(data, device, loss, max_rows):
-        if pending:
-            rows = sum(p.valid.shape[0] for p in pending) + chunk.valid.shape[0]
-            length = max(p.valid.shape[1] for p in [*pending, chunk])
-            if max_tokens is None or rows * length > max_tokens or (max_rows is not None and rows > max_rows):
-                yield _merge(pending)
-                pending = []
-        pending.append(chunk)
-    if pending:
-        yield _merge(pending)
+    for group in merged(_chunks(data, device, loss, max_rows), lambda p: tuple(p.valid.shape), max_tokens, max_rows):
+        yield _merge(group)
 
 
 def _finish(total: ParamVector, batches: int, device: torch.device) -> ParamVector:

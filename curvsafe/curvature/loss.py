@@ -13,7 +13,7 @@ curvature checks; the value is the same. The loss of a batch is the mean over it
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,53 @@ def prepare_batch(batch: Mapping[str, Any], device: Optional[torch.device] = Non
                          f"input_ids {tuple(ids.shape)}")
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def pad_right(t: Tensor, length: int, value) -> Tensor:
+    """``t`` (rows, T, ...) padded with ``value`` on the right of its second dimension to ``length``."""
+    extra = length - t.shape[1]
+    if extra == 0:
+        return t
+    return torch.cat([t, t.new_full((t.shape[0], extra, *t.shape[2:]), value)], dim=1)
+
+
+def concat_batches(batches: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Prepared batches (:func:`prepare_batch`) as one: rows stacked in order, each right-padded to the longest
+    with input id 0, attention 0 and label -100 (0.0 for float labels): padding attended by no one and counted
+    nowhere. In a causal model right padding changes no earlier position's output, so every row's losses are its
+    own batch's (up to float rounding). One batch comes back as it is."""
+    if len(batches) == 1:
+        return dict(batches[0])
+    length = max(b["input_ids"].shape[1] for b in batches)
+    label_pad = 0.0 if batches[0]["labels"].is_floating_point() else IGNORE_INDEX
+    return {key: torch.cat([pad_right(b[key], length, value) for b in batches])
+            for key, value in (("input_ids", 0), ("attention_mask", 0), ("labels", label_pad))}
+
+
+Item = TypeVar("Item")
+
+
+def merged(items: Iterable[Item], shape: Callable[[Item], tuple[int, int]], max_tokens: Optional[int],
+           max_rows: Optional[int] = None) -> Iterator[list[Item]]:
+    """``items`` (batches, or anything with a ``(rows, length)`` ``shape``) in groups of consecutive ones, in order,
+    each as large as it can be while the merged batch (:func:`concat_batches`: rows stacked, padded to the longest)
+    stays within ``max_tokens`` tokens (rows x longest length) and ``max_rows`` rows; an item over the limits on its
+    own is a group alone. Each item alone when ``max_tokens`` is None. Streams: a group is yielded before the
+    items after it are drawn."""
+    pending: list[Item] = []
+    rows = length = 0
+    for item in items:
+        r, t = shape(item)
+        if pending:
+            rows, length = rows + r, max(length, t)
+            if max_tokens is None or rows * length > max_tokens or (max_rows is not None and rows > max_rows):
+                yield pending
+                pending = []
+        if not pending:
+            rows, length = r, t
+        pending.append(item)
+    if pending:
+        yield pending
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -41,7 +41,7 @@ from ..curvature.lowrank import LowRank
 from ..curvature.sharded import assign_whole, is_sharded, whole_values
 from ..curvature.vectors import ParamVector, dot
 from ..nll import batch_nll_sums
-from ..objectives import Objective
+from ..objectives import Objective, objective_gradients, objective_values
 from ..ranks import is_main
 from .preconditioners import make_preconditioner
 
@@ -201,9 +201,11 @@ class _Trial:
 
 
 def _backtrack(model, chosen: dict, d: ParamVector, radius: float, s_cur: float, task: Objective,
-               safety: Objective, budget: float, constraints: Sequence[Constraint], tries: int = 8) -> _Trial:
+               safety: Objective, budget: float, constraints: Sequence[Constraint], loss_tokens: Optional[int],
+               tries: int = 8) -> _Trial:
     """Steps ``-r d / |d|`` with ``r = radius, radius / 2, ...``: the first that lowers S and keeps the task loss
-    and every constraint within budget is accepted (the parameters hold it); else the parameters are restored."""
+    and every constraint within budget is accepted (the parameters hold it); else the parameters are restored.
+    ``loss_tokens``: the losses' passes (:func:`~curvsafe.objectives.objective_values`)."""
     d_norm = max(_norm(d), 1e-30)
     base = _snapshot(chosen)
     r = radius
@@ -211,11 +213,12 @@ def _backtrack(model, chosen: dict, d: ParamVector, radius: float, s_cur: float,
     for _ in range(tries):
         step = {n: -(r / d_norm) * d[n] for n in d}
         _assign(chosen, {n: base[n] + step[n] for n in base})
-        l_new, terms_new = task.evaluate(model), safety.term_values(model)
-        s_new = sum(terms_new.values())
+        task_terms, terms_new, *levels = objective_values(model, [task, safety, *(c.objective for c in constraints)],
+                                                          max_tokens=loss_tokens)
+        l_new, s_new = sum(task_terms.values()), sum(terms_new.values())
         lowered = s_new < s_cur - 1e-6 * abs(s_cur)
         over = {"task loss"} if l_new > budget else set()
-        over |= {c.name for c in constraints if c.objective.evaluate(model) > c.budget}
+        over |= {c.name for c, level in zip(constraints, levels) if sum(level.values()) > c.budget}
         fits = not over
         descended, inside = descended or lowered, inside or fits
         if lowered:
@@ -235,8 +238,8 @@ def restore(model, safety: Objective, task: Objective, *, method: str = RestoreC
             refresh_every: int = 1, max_mu_growth: int = 4, progress: bool = True,
             callback: Optional[Callable[[dict], None]] = None,
             constraints: Sequence[Constraint] = (), ggn_rows: Optional[int] = None,
-            ggn_tokens: Optional[int] = None, low_rank: Optional[LowRank] = LowRank(),
-            curvature_batches: Optional[int] = None) -> RestoreResult:
+            ggn_tokens: Optional[int] = None, loss_tokens: Optional[int] = None,
+            low_rank: Optional[LowRank] = LowRank(), curvature_batches: Optional[int] = None) -> RestoreResult:
     """Edit ``params`` of ``model`` in place to lower ``safety`` within the task budget (module docstring).
 
     Args:
@@ -255,6 +258,9 @@ def restore(model, safety: Objective, task: Objective, *, method: str = RestoreC
             product; their activation memory, about 3x a training step's, shrinks in proportion).
         ggn_tokens: ``lbfgs`` / ``cg``: merge consecutive task batches into passes of up to this many tokens
             (rows x longest length; the same product in fewer, larger forwards; None: one pass per batch).
+        loss_tokens: the same for the values and gradients of the task loss, S and the constraints (each
+            objective's batches merged into passes of up to this many tokens; every pass differentiated on its own,
+            so a gradient holds one pass's activations; None: one pass per batch). Not on an FSDP2-sharded model.
         low_rank: ``kfac`` / ``ekfac``: the memory bound of the task curvature's factors (None: all dense).
         curvature_batches: fit the task curvature on at most this many of ``task``'s batches, evenly spaced
             (:func:`curvature_subset`); the task loss, its gradient and its budget use every batch (None: all).
@@ -286,22 +292,23 @@ def restore(model, safety: Objective, task: Objective, *, method: str = RestoreC
                                   low_rank=low_rank)
     curvature = curvature_subset(task.batches, curvature_batches)
     theta0 = _snapshot(chosen)
-    l0, terms0 = task.evaluate(model), safety.term_values(model)
-    s0 = sum(terms0.values())
+    task_terms, terms0 = objective_values(model, [task, safety], max_tokens=loss_tokens)
+    l0, s0 = sum(task_terms.values()), sum(terms0.values())
     if not (torch.isfinite(torch.tensor([l0, s0])).all()):
         raise FloatingPointError(f"non-finite losses at the start (task {l0}, safety {s0})")
     budget = budget_of(l0, task_budget, task_budget_abs)
 
     influence: list[dict] = []
     if select_top is not None:
-        safety, influence = _influence_selection(model, safety, task, curvature, chosen, precond, select_top)
+        safety, influence = _influence_selection(model, safety, task, curvature, chosen, precond, select_top,
+                                                 loss_tokens)
         if influence:
-            terms0 = safety.term_values(model)
+            terms0 = safety.term_values(model, max_tokens=loss_tokens)
             s0 = sum(terms0.values())
 
     norm0 = max(_norm(theta0), 1e-3)
     loop = _Loop(model, chosen, precond, task, curvature, safety, constraints, budget, (trust_radius * norm0,
-                 4 * trust_radius * norm0), max_mu_growth, (s0, l0, terms0), theta0)
+                 4 * trust_radius * norm0), max_mu_growth, (s0, l0, terms0), theta0, loss_tokens)
     stopped, detail, error, binding = StopReason.ITERATIONS, "", None, ()
     bar = tqdm(range(iterations), desc=f"restore ({method})", disable=not progress or not is_main(), leave=False)
     try:
@@ -374,11 +381,10 @@ def curvature_subset(batches: Sequence, limit: Optional[int]) -> list:
 
 
 def _influence_selection(model, safety: Objective, task: Objective, curvature: list, chosen: dict, precond,
-                         select_top: int) -> tuple[Objective, list[dict]]:
+                         select_top: int, loss_tokens: Optional[int]) -> tuple[Objective, list[dict]]:
     """``select_top``: the safety objective on its top-scoring examples and every example's score, with the
     curvature refreshed on the safety gradient (``safety`` and no scores when that gradient is zero)."""
-    _, task_grad = task.gradient(model, chosen)
-    _, s_grad = safety.gradient(model, chosen)
+    (_, s_grad), (_, task_grad) = objective_gradients(model, chosen, [safety, task], max_tokens=loss_tokens)
     if _norm(s_grad) == 0:
         return safety, []
     precond.refresh(model, curvature, chosen, s_grad)
@@ -403,10 +409,11 @@ class _Loop:
 
     def __init__(self, model, chosen: dict, precond, task: Objective, curvature: list, safety: Objective,
                  constraints: Sequence[Constraint], budget: float, radii: tuple[float, float], max_mu_growth: int,
-                 levels: tuple[float, float, dict], theta0: ParamVector):
+                 levels: tuple[float, float, dict], theta0: ParamVector, loss_tokens: Optional[int]):
         self.model, self.chosen, self.precond = model, chosen, precond
         self.task, self.safety, self.constraints, self.budget = task, safety, constraints, budget
         self.curvature = curvature  # the task batches the curvature is fitted on
+        self.loss_tokens = loss_tokens  # the losses' passes (objective_values)
         (self.radius, self.max_radius), self.max_mu_growth = radii, max_mu_growth  # first and largest step
         self.s_cur, self.l_cur, self.terms_cur = levels
         self.mu, self.growths = 0.0, 0
@@ -418,13 +425,14 @@ class _Loop:
         ``(reason, detail, binding budgets)`` with the parameters as they were. ``refresh_due(first)``: whether
         to refresh the curvature before a direction (``first``: the iteration's first)."""
         model, chosen = self.model, self.chosen
-        _, gs = self.safety.gradient(model, chosen)
+        (_, gs), (_, gl), *constrained = objective_gradients(
+            model, chosen, [self.safety, self.task, *(c.objective for c in self.constraints)],
+            max_tokens=self.loss_tokens)
         gs_norm = _norm(gs)
         if gs_norm == 0.0:
             return StopReason.FLAT, ("the safety gradient is zero: every term is at its ceiling (the aligned "
                                      "model's NLL) or carries no signal here"), ()
-        _, gl = self.task.gradient(model, chosen)
-        c_grads = [c.objective.gradient(model, chosen)[1] for c in self.constraints]
+        c_grads = [g for _, g in constrained]
         for gc in c_grads:
             gl = {n: gl[n] + gc[n] for n in gl}
         gl_norm = max(_norm(gl), 1e-30)
@@ -437,7 +445,7 @@ class _Loop:
             first = False
             d = _guarded_direction(self.precond, gj, c_grads)
             trial = _backtrack(model, chosen, d, self.radius, self.s_cur, self.task, self.safety, self.budget,
-                               self.constraints)
+                               self.constraints, self.loss_tokens)
             accepted = trial.accepted
             descended, inside, broke = descended or trial.descended, inside or trial.inside, broke | trial.broke
             if accepted is None:
@@ -468,7 +476,8 @@ class _Loop:
             return StopReason.NO_DESCENT, (f"no trial step lowered the safety objective ({self.s_cur:.4f}) along "
                                            f"the preconditioned direction{where}"), ()
         bounds = {"task loss": (self.budget, self.l_cur),
-                  **{c.name: (c.budget, c.objective.evaluate(self.model)) for c in self.constraints}}
+                  **{c.name: (c.budget, c.objective.evaluate(self.model, max_tokens=self.loss_tokens))
+                     for c in self.constraints}}
         detail = "every step that lowered the safety objective took " + " or ".join(
             f"the {name} past its budget {bounds[name][0]:.4f} (now {bounds[name][1]:.4f})"
             for name in bounds if name in broke)

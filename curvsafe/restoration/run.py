@@ -389,6 +389,7 @@ def _apply_method(inputs: _Inputs, side: _SafetySide, unaligned_model, progress:
                        damping=c.damping, curvature_seed=c.curvature_seed, select_top=c.select_top,
                        safety_target=side.target,
                        progress=progress and is_main(), ggn_rows=c.ggn_rows, ggn_tokens=c.ggn_tokens(),
+                       loss_tokens=c.loss_tokens(),
                        constraints=side.constraints,
                        low_rank=c.low_rank(), curvature_batches=c.curvature_batches,
                        **budgets)

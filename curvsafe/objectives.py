@@ -131,9 +131,8 @@ def _distinct(objectives: Sequence[Objective]) -> list[LossTerm]:
 
 
 def _contribution(term: LossTerm, nll: float) -> tuple[float, bool]:
-    """The term's value at mean NLL ``nll`` and whether its gradient counts (not a raised NLL past its ceiling)."""
-    if not math.isfinite(nll):
-        raise FloatingPointError(f"the {term.name} loss is not finite ({nll})")
+    """The term's value at mean NLL ``nll`` (NaN stays NaN: a trial step's non-finite loss is rejected by its
+    caller) and whether its gradient counts (not a raised NLL past its ceiling)."""
     if term.sign < 0 and term.ceiling is not None and nll > term.ceiling:
         return term.weight * term.sign * term.ceiling, False  # flat above the ceiling
     return term.weight * term.sign * nll, True
@@ -209,6 +208,8 @@ def objective_gradients(model, params: Mapping[str, Tensor], objectives: Sequenc
         value, acc = 0.0, None
         for term in objective.terms:
             key = id(term.batches)
+            if not math.isfinite(nlls[key]):
+                raise FloatingPointError(f"the {term.name} loss is not finite ({nlls[key]})")
             part, differentiated = _contribution(term, nlls[key])
             value += part
             users[key] -= 1

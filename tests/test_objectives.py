@@ -131,6 +131,20 @@ def test_a_gradient_holds_one_pass_of_activations_at_a_time():
         hook.remove()
 
 
+def test_a_non_finite_loss_is_a_value_to_reject_and_a_gradient_to_refuse():
+    """A trial step that blows the model up evaluates to NaN (restore's backtracking rejects it and halves the
+    step), while a gradient there is refused with the term's name."""
+    model = with_lora(tiny_llama())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    objectives = _restore_objectives()
+    with torch.no_grad():
+        next(iter(params.values())).fill_(float("inf"))
+    values = objective_values(model, objectives)
+    assert all(v != v for terms in values for v in terms.values())  # NaN
+    with pytest.raises(FloatingPointError, match="task loss is not finite"):
+        objective_gradients(model, params, objectives)
+
+
 def test_keep_response_prefix_counts_only_the_first_tokens():
     b = make_batch(batch=2, seq=8, pad=False, prompt=3)
     kept = keep_response_prefix([b], 2)[0]["labels"]

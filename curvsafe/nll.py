@@ -54,15 +54,13 @@ def batch_nll_sums(model, batches: Sequence, *, grad: bool, per_example: bool = 
             yield (token.sum(1) if per_example else token.sum()), valid.sum(1 if per_example else None)
 
 
-def token_mean_nll(model, batches: Sequence, *, grad: bool = False, across_ranks: bool = False,
-                   max_tokens: Optional[int] = None) -> Tensor:
+def token_mean_nll(model, batches: Sequence, *, grad: bool = False, across_ranks: bool = False) -> Tensor:
     """Token-weighted mean NLL over ``batches`` (differentiable when ``grad``). ``across_ranks``: under
-    ``torch.distributed``, over the union of every rank's batches (sums and counts all-reduced; no gradient).
-    ``max_tokens``: batches merged into passes (:func:`batch_nll_sums`)."""
+    ``torch.distributed``, over the union of every rank's batches (sums and counts all-reduced; no gradient)."""
     if grad and across_ranks:
         raise ValueError("across_ranks reduces values only; it cannot carry a gradient")
     total, count = 0.0, 0
-    for s, n in batch_nll_sums(model, batches, grad=grad, max_tokens=max_tokens):
+    for s, n in batch_nll_sums(model, batches, grad=grad):
         total, count = total + s, count + int(n)
     if across_ranks and is_distributed():  # float64 sums of the ranks' sums
         total, count = all_reduce_counts([float(total), count], next(model.parameters()).device)

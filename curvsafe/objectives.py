@@ -138,6 +138,12 @@ def _contribution(term: LossTerm, nll: float) -> tuple[float, bool]:
     return term.weight * term.sign * nll, True
 
 
+def _summed_over_ranks(values: list, device: torch.device) -> list[float]:
+    """Scalars (device tensors or numbers) as floats summed over ranks: one read of the device, one collective."""
+    return all_reduce_counts(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
+                                          for v in values]).tolist(), device)
+
+
 def _term_nlls(model, terms: Sequence[LossTerm], max_tokens: Optional[int]) -> dict[int, float]:
     """Mean NLL of each term's data (by ``id(term.batches)``), in curvature mode without gradients; under
     ``torch.distributed`` over every rank's data, all sums and counts in one collective."""
@@ -148,9 +154,7 @@ def _term_nlls(model, terms: Sequence[LossTerm], max_tokens: Optional[int]) -> d
             for s, n in batch_nll_sums(model, term.batches, grad=False, max_tokens=max_tokens):
                 total, count = total + s, count + n
             local += [total, count]
-    device = next(model.parameters()).device
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in local]).tolist()
-    values = all_reduce_counts(values, device)
+    values = _summed_over_ranks(local, next(model.parameters()).device)
     out = {}
     for term, total, count in zip(terms, values[0::2], values[1::2]):
         if count == 0:
@@ -199,8 +203,7 @@ def objective_gradients(model, params: Mapping[str, Tensor], objectives: Sequenc
             sums.append(total)
             grads[id(term.batches)] = acc
     all_reduce_sum_([g for acc in grads.values() for g in acc])
-    nll_sums = all_reduce_counts(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device)
-                                              for v in sums]).tolist(), device)
+    nll_sums = _summed_over_ranks(sums, device)
     nlls = {id(t.batches): total / count for t, total, count in zip(terms, nll_sums, counts)}
     users = Counter(id(t.batches) for objective in objectives for t in objective.terms)
     out = []

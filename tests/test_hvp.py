@@ -7,7 +7,7 @@ from conftest import TinyMLPLM, make_batch, random_vector, rel_err, tiny_llama, 
 from curvsafe.curvature import (CausalLMLoss, EmpiricalFisherOperator, GGNOperator, HessianOperator,
                                 empirical_fisher_vp, ggn_vp, hvp, select_params)
 from curvsafe.curvature.loss import curvature_mode
-from curvsafe.nll import token_mean_nll
+from curvsafe.nll import batch_nll_sums
 
 
 def flat_loss_fn(model, batches, params):
@@ -246,7 +246,7 @@ def _sharded_products(rank, port, out_dir):
             except ValueError as exc:
                 result[product.__name__] = str(exc)
         try:  # merged loss passes (restore's loss_tokens) would run other numbers of forwards per rank
-            token_mean_nll(model, batches, max_tokens=64)
+            next(batch_nll_sums(model, batches, grad=False, max_tokens=64))
         except ValueError as exc:
             result["merged_nll"] = str(exc)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
